@@ -1,0 +1,40 @@
+"""The asyncio bridge: psycopg's async API runs on a trio-asyncio loop.
+
+DESIGN.md: one store operation = one asyncio coroutine entered once from Trio,
+so a transaction begins and ends inside that coroutine and a cancellation never
+leaves a connection mid-transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, ParamSpec, TypeVar
+
+import trio_asyncio
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Bridge:
+    """Runs asyncio coroutine functions on one trio-asyncio loop, from any Trio task."""
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+
+    async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call `fn(*args, **kwargs)` as one asyncio coroutine and return its result."""
+        result: T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
+        return result
+
+
+@asynccontextmanager
+async def asyncio_bridge() -> AsyncIterator[Bridge]:
+    """Reuse the trio-asyncio loop of the current context, or open one for this block."""
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None:
+        yield Bridge(loop)
+        return
+    async with trio_asyncio.open_loop() as opened:
+        yield Bridge(opened)

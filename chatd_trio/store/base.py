@@ -1,0 +1,242 @@
+"""The Store port: use-case sized, atomic operations (one transaction each).
+
+Both adapters (memory, PostgreSQL) pass the same contract suite in
+`tests/contract/`. Every statement has a name; `statement_counts()` returns how
+many times each ran, counted where the statement executes.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from chatd_trio.domain import (
+    Chat,
+    Message,
+    NewMessage,
+    Part,
+    QueuedMessage,
+    Workspace,
+    WorkspaceAgent,
+    WorkspaceBuild,
+)
+
+
+class TurnOutcome(enum.StrEnum):
+    """How a turn ended; decides the final transition (SPEC section 1)."""
+
+    DONE = "done"  # loop finished normally -> waiting (or pending with a promoted message)
+    INTERRUPTED = "interrupted"  # user interrupt -> waiting (queued message still promoted)
+    ERROR = "error"  # run failed -> error with last_error
+    SHUTDOWN = "shutdown"  # replica closing -> pending, no error
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """Outcome of sending a user message: inserted (chat now pending) or queued."""
+
+    chat: Chat
+    message: Message | None
+    queued: QueuedMessage | None
+    queue: tuple[QueuedMessage, ...]
+
+
+@dataclass(frozen=True)
+class EditResult:
+    chat: Chat
+    message: Message
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    """Outcome of the final transition.
+
+    `changed` is False when another replica owns the row (nothing changed, the
+    caller publishes nothing) or when the row stays as it was (already pending).
+    """
+
+    chat: Chat
+    changed: bool
+    owned_elsewhere: bool
+    promoted: Message | None
+    queue: tuple[QueuedMessage, ...]
+
+
+@dataclass(frozen=True)
+class StatementCounter:
+    """Counts statement executions per name."""
+
+    counts: Counter[str]
+
+    @classmethod
+    def new(cls) -> StatementCounter:
+        return cls(Counter())
+
+    def hit(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Persistence and coordination. All methods are atomic."""
+
+    # -- chats and messages ---------------------------------------------------
+    async def create_chat(
+        self,
+        owner_id: uuid.UUID,
+        title: str,
+        parts: Sequence[Part],
+        *,
+        workspace_id: uuid.UUID | None = None,
+        build_id: uuid.UUID | None = None,
+        agent_id: uuid.UUID | None = None,
+        parent_chat_id: uuid.UUID | None = None,
+        mcp_servers: Sequence[str] = (),
+        system_prompt: str | None = None,
+    ) -> tuple[Chat, Message]:
+        """Create a chat with its first user message; the chat starts `pending`.
+
+        With `parent_chat_id`, root_chat_id is the parent's root (or the parent).
+        With `system_prompt`, a system message is inserted before the user message.
+        """
+        ...
+
+    async def get_chat(self, chat_id: uuid.UUID) -> Chat:
+        """Raises ChatNotFound."""
+        ...
+
+    async def list_chats(self, owner_id: uuid.UUID) -> list[Chat]:
+        """The owner's chats, newest first."""
+        ...
+
+    async def send_message(
+        self, chat_id: uuid.UUID, parts: Sequence[Part], *, max_queued: int
+    ) -> SendResult:
+        """Insert a user message (chat -> pending) or queue it.
+
+        Queued when the chat is running or pending or a queue exists; QueueFull
+        beyond `max_queued`. Inserting clears worker, started, heartbeat, last_error.
+        """
+        ...
+
+    async def edit_message(
+        self, chat_id: uuid.UUID, message_id: int, parts: Sequence[Part]
+    ) -> EditResult:
+        """Soft-delete the user message and every later one, insert the replacement,
+        clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
+        ...
+
+    async def interrupt(self, chat_id: uuid.UUID) -> Chat:
+        """Set `waiting` and clear the worker, unless the chat is `pending`."""
+        ...
+
+    async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
+        """User-visible, non-deleted messages with id > after_id, in id order."""
+        ...
+
+    async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
+        """Model-visible, non-deleted history after the compaction boundary (SPEC 3.1):
+        uncompressed system messages + the latest compressed summary + everything newer."""
+        ...
+
+    async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
+        """The latest non-blank user-visible assistant text (a subagent's report)."""
+        ...
+
+    # -- the queue ------------------------------------------------------------
+    async def list_queued(self, chat_id: uuid.UUID) -> list[QueuedMessage]: ...
+
+    async def promote_queued(self, chat_id: uuid.UUID, queued_id: int) -> SendResult:
+        """Move one queued message into the history now (chat -> pending) if the chat is
+        not running; otherwise move it to the front of the queue."""
+        ...
+
+    async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
+        """Delete one queued message; returns the remaining queue."""
+        ...
+
+    # -- ownership ------------------------------------------------------------
+    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement."""
+        ...
+
+    async def release(self, worker_id: uuid.UUID, chat_ids: Sequence[uuid.UUID]) -> None:
+        """Hand chats this worker owns straight back to `pending` (closing server)."""
+        ...
+
+    async def heartbeat(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> bool:
+        """Refresh heartbeat_at; False when this worker no longer owns the running chat."""
+        ...
+
+    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
+        """Running chats with heartbeat older than `stale_after` seconds -> pending."""
+        ...
+
+    async def persist_step(
+        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+    ) -> list[Message]:
+        """Insert a step's messages in one transaction; PersistRefused unless this worker
+        owns the running chat or the chat is `waiting`."""
+        ...
+
+    async def persist_compaction(
+        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+    ) -> list[Message]:
+        """Insert the three compaction messages; same ownership rule as persist_step."""
+        ...
+
+    async def finish_turn(
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+    ) -> FinishResult:
+        """The final transition under a row lock (SPEC section 1)."""
+        ...
+
+    # -- workspaces -----------------------------------------------------------
+    async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace: ...
+
+    async def get_workspace(self, workspace_id: uuid.UUID) -> Workspace | None: ...
+
+    async def create_build(self, workspace_id: uuid.UUID) -> WorkspaceBuild:
+        """A new latest build (no agents yet: the workspace looks stopped)."""
+        ...
+
+    async def create_agent(
+        self, build_id: uuid.UUID, name: str, address: str, token: str, directory: str = ""
+    ) -> WorkspaceAgent: ...
+
+    async def latest_build_agents(self, workspace_id: uuid.UUID) -> list[WorkspaceAgent]:
+        """Agents of the workspace's latest build, oldest first."""
+        ...
+
+    async def agent_by_id(self, agent_id: uuid.UUID) -> WorkspaceAgent | None: ...
+
+    async def update_binding(
+        self,
+        chat_id: uuid.UUID,
+        workspace_id: uuid.UUID | None,
+        build_id: uuid.UUID | None,
+        agent_id: uuid.UUID | None,
+    ) -> None: ...
+
+    # -- subagents ------------------------------------------------------------
+    async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]: ...
+
+    async def parent_of(self, chat_id: uuid.UUID) -> uuid.UUID | None:
+        """The chat's parent id; ChatNotFound when the row is missing."""
+        ...
+
+    # -- accounting -----------------------------------------------------------
+    def statement_counts(self) -> dict[str, int]:
+        """Executions per statement name since the store was opened."""
+        ...
