@@ -240,3 +240,39 @@ class Store(Protocol):
     def statement_counts(self) -> dict[str, int]:
         """Executions per statement name since the store was opened."""
         ...
+
+
+# Canonical statement names. Both adapters count exactly these names, per
+# statement executed (the memory adapter counts the statement the PostgreSQL
+# adapter would run on the same branch), so counts compare across adapters.
+STATEMENTS: dict[str, str] = {
+    "InsertChat": "insert a chat row",
+    "InsertChatMessages": "insert one or more chat messages (one statement)",
+    "GetChatByID": "read one chat",
+    "GetChatsByOwner": "list an owner's chats",
+    "LockChatForUpdate": "SELECT ... FOR UPDATE of one chat row inside a transaction",
+    "UpdateChatStatus": "set status/worker/timestamps/last_error of one chat",
+    "InsertQueuedMessage": "append to a chat's queue",
+    "GetQueuedMessages": "read a chat's queue",
+    "DeleteQueuedMessage": "delete one queued message",
+    "DeleteQueuedMessages": "clear a chat's queue",
+    "PopQueuedMessage": "delete and return the oldest queued message",
+    "SoftDeleteMessagesFrom": "mark a message and every later one deleted",
+    "GetChatMessageByID": "read one message",
+    "GetChatMessagesAfter": "user-visible messages after a cursor (stream catch-up)",
+    "GetPromptMessages": "model-visible history after the compaction boundary",
+    "GetLatestAssistantText": "latest assistant message of a chat (subagent report)",
+    "AcquireChats": "claim pending chats FOR UPDATE SKIP LOCKED",
+    "ReleaseChats": "hand owned chats back to pending",
+    "HeartbeatChat": "refresh heartbeat_at of an owned running chat",
+    "RecoverStaleChats": "running chats with a stale heartbeat back to pending",
+    "InsertWorkspace": "insert a workspace",
+    "GetWorkspaceByID": "read a workspace",
+    "InsertWorkspaceBuild": "insert a build",
+    "InsertWorkspaceAgent": "insert an agent",
+    "GetWorkspaceAgentsInLatestBuild": "agents of a workspace's latest build",
+    "GetWorkspaceAgentByID": "read one agent",
+    "UpdateChatBinding": "set workspace/build/agent of a chat",
+    "GetChildChats": "children of a chat",
+    "GetChatParent": "parent id of a chat (descendant walk)",
+}
