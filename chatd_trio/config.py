@@ -56,6 +56,9 @@ class CompactionConfig:
         "alone: goals, decisions, files touched, open questions and next steps."
     )
     summary_prefix: str = "Summary of the conversation so far:\n"
+    # The visible tool call/result pair that shows "summarising..." and the summary to users.
+    tool_name: str = "chat_summarized"
+    summary_source: str = "automatic"
 
     @property
     def effective_threshold(self) -> int:
@@ -76,6 +79,8 @@ class LoopConfig:
     parallel_tools: bool = True
     # The interrupted-step write is shielded; this deadline keeps a dead store from hanging it.
     cleanup_timeout: float = 10.0
+    # The synthetic result of a tool call cut short by an interrupt (SPEC section 3).
+    interrupted_tool_result: str = "tool call was interrupted before it produced a result"
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class WorkspaceConfig:
 
     # Validate the binding only when a dial has not finished within 5 s.
     dial_validation_delay: float = 5.0
+    # Releasing an unwanted connection runs shielded; 10 s keeps a dead agent from hanging it.
+    dial_release_timeout: float = 10.0
     instruction_timeout: float = 5.0
     mcp_discovery_timeout: float = 5.0
     instruction_file_max_bytes: int = 64 * 1024
@@ -138,16 +145,126 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class PostgresConfig:
+    """The PostgreSQL store: connection pool, timeouts, migrations (SPEC section 7)."""
+
+    # One idle connection keeps a quiet replica cheap; 10 bounds what one replica takes
+    # from the server's max_connections when many turns persist at once.
+    min_size: int = 1
+    max_size: int = 10
+    # Recycle idle connections after 5 min and every connection after 30 min, before a
+    # managed database's idle or lifetime limit kills one silently (DESIGN rule 8).
+    max_idle: float = 300.0
+    max_lifetime: float = 1800.0
+    # Waiting 10 s for a pooled connection means the database is gone or saturated:
+    # fail the operation (StoreUnavailable) instead of hanging the caller.
+    pool_timeout: float = 10.0
+    # libpq connect_timeout (whole seconds): an unreachable host fails a connect on its own.
+    connect_timeout: int = 5
+    # Opening the store (migrations, then min_size connections) gives up after 30 s.
+    open_timeout: float = 30.0
+    # Closing the pool waits this long for borrowed connections to come back.
+    close_timeout: float = 5.0
+    # Tags the store's sessions in pg_stat_activity (operators and tests find them by it).
+    application_name: str = "chatd_trio-store"
+    # pg_advisory_xact_lock key serialising migrations across replicas ("chatdmig").
+    migration_lock_key: int = 0x63686174646D6967
+
+
+@dataclass(frozen=True)
+class ModelHTTPConfig:
+    """HTTP model adapters (OpenAI-compatible Chat Completions)."""
+
+    # 10 s to open TCP+TLS: a provider that cannot by then is down; the retry policy takes over.
+    connect_timeout: float = 10.0
+    # 600 s between two bytes (the OpenAI SDK's default): reasoning models may think for
+    # minutes before their first token, so a shorter gap would cut healthy streams.
+    read_timeout: float = 600.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 60.0
+    # An SSE line beyond 4 MiB is a broken stream, not a chunk: refuse it before it eats memory.
+    max_sse_line_chars: int = 4 * 1024 * 1024
+    # Provider error messages end up in events and logs: keep them readable.
+    max_error_message_chars: int = 2000
+    # Closing a response is shielded from cancellation; 5 s bounds a wedged socket.
+    close_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The workspace agent: its TCP server and the connection to it (SPEC section 5)."""
+
+    # A dead address must fail a dial on its own; the dial driver's 5 s validation runs alongside.
+    connect_timeout: float = 10.0
+    # The first frame must carry the token; a silent unauthenticated socket is dropped.
+    auth_timeout: float = 10.0
+    # 8 MiB per frame holds a 1 MiB file even with worst-case JSON escaping (6x).
+    max_frame_bytes: int = 8 * 1024 * 1024
+    read_chunk_bytes: int = 64 * 1024
+    # Frames are small; a peer that does not read for 30 s is treated as gone.
+    send_timeout: float = 30.0
+    # Requests served concurrently on one connection (parallel tools share it).
+    max_inflight_per_connection: int = 64
+    # read_file returns at most 1 MiB (flagged truncated), write_file accepts at most 1 MiB.
+    max_file_bytes: int = 1024 * 1024
+    max_dir_entries: int = 10_000
+    # 64 KiB of command output by default is plenty for a model; callers may ask up to 1 MiB.
+    default_output_limit: int = 64 * 1024
+    max_output_limit: int = 1024 * 1024
+    max_exec_timeout: float = 3600.0
+    # After a timeout kill, a command's pipes must close within this grace (orphaned daemons).
+    kill_grace: float = 5.0
+    instruction_file_name: str = "AGENTS.md"
+    # Spawning an MCP server and its initialize handshake; npx-style servers can be slow.
+    mcp_start_timeout: float = 30.0
+    mcp_call_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class PubSubConfig:
+    """PubSub adapters: in-memory and PostgreSQL LISTEN/NOTIFY (SPEC section 4)."""
+
+    # NOTIFY refuses payloads of 8000 bytes or more, so the largest accepted is 7999 bytes;
+    # the memory adapter uses the same limit so both behave identically.
+    payload_limit: int = 7999
+    # Channel names are PostgreSQL identifiers: longer ones would be silently truncated.
+    max_channel_bytes: int = 63
+    # Reconnect the LISTEN connection after 0.1 s, doubling up to 5 s: quick after a blip,
+    # gentle with a database that is down.
+    reconnect_backoff_initial: float = 0.1
+    reconnect_backoff_max: float = 5.0
+    # Entering subscribe() waits for its LISTEN; 10 s means the listener is wedged.
+    subscribe_timeout: float = 10.0
+    # libpq connect_timeout (whole seconds) for the listener and publisher connections.
+    connect_timeout: int = 5
+    # Publishing uses its own small pool so it never waits behind the listener.
+    publish_pool_min_size: int = 1
+    publish_pool_max_size: int = 4
+    # A publish (pool wait + pg_notify) taking 10 s means the database is gone or saturated.
+    publish_timeout: float = 10.0
+    # Closing connections is shielded from cancellation; 5 s bounds a wedged socket.
+    close_timeout: float = 5.0
+    # Prefix of the sessions' application_name (operators and tests find them by it).
+    application_name: str = "chatd_trio-pubsub"
+    # TCP keepalives detect a silently dead LISTEN connection within ~1 min (30 + 3 x 10 s).
+    keepalives_idle: int = 30
+    keepalives_interval: int = 10
+    keepalives_count: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     """All configuration of one replica."""
 
     acquire: AcquireConfig = field(default_factory=AcquireConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     streams: StreamConfig = field(default_factory=StreamConfig)
+    pubsub: PubSubConfig = field(default_factory=PubSubConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
     subagents: SubagentConfig = field(default_factory=SubagentConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def replace(self, **changes: object) -> Config:
         """A copy with some sections replaced."""

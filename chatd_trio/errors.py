@@ -36,6 +36,14 @@ class QueuedMessageNotFound(NotFound):
     """No queued message with that id in that chat."""
 
 
+class WorkspaceNotFound(NotFound):
+    """No workspace with that id."""
+
+
+class BuildNotFound(NotFound):
+    """No workspace build with that id."""
+
+
 class PermissionDenied(ChatdError):
     """The acting user does not own the chat."""
 
@@ -114,3 +122,28 @@ class ToolError(ChatdError):
 
 class SubagentError(ChatdError):
     """A subagent operation failed (not a descendant, child in error, timeout)."""
+
+
+class AgentError(ChatdError):
+    """A workspace agent connection or operation failed."""
+
+
+class AgentUnavailable(AgentError):
+    """The workspace agent cannot be reached (refused, timed out, connection closed)."""
+
+
+class AgentConnectionLost(AgentUnavailable):
+    """The agent connection closed with a request in flight; it may or may not have run."""
+
+
+class AgentAuthError(AgentError):
+    """The workspace agent refused the connection's token."""
+
+
+class AgentOperationError(AgentError):
+    """The workspace agent answered a request with an error; `kind` classifies it."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message

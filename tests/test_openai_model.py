@@ -1,0 +1,627 @@
+"""The OpenAI-compatible adapter against a real local HTTP server (tests/fake_openai.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chatd_trio.domain import (
+    ContextFilePart,
+    NewMessage,
+    ReasoningPart,
+    Role,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    Usage,
+)
+from chatd_trio.errors import ModelError
+from chatd_trio.models.base import (
+    Delta,
+    Finish,
+    Model,
+    PromptMessage,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    ToolSpec,
+)
+from chatd_trio.models.openai import OpenAIChatModel, _SSELines
+from tests.fake_openai import (
+    FakeOpenAI,
+    JSONDict,
+    Reply,
+    chunk,
+    completion_reply,
+    error_reply,
+    text_stream,
+    unused_port,
+    usage_chunk,
+)
+
+HELLO = (NewMessage(Role.USER, (TextPart("hi"),)),)
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI()
+    await nursery.start(server.serve)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def model(fake: FakeOpenAI) -> AsyncIterator[OpenAIChatModel]:
+    async with OpenAIChatModel(
+        fake.base_url,
+        "sk-test",
+        "gpt-test",
+        context_limit=128_000,
+        extra_headers={"x-team": "chatd"},
+    ) as m:
+        yield m
+
+
+async def collect(
+    model: OpenAIChatModel,
+    messages: Sequence[PromptMessage] = HELLO,
+    tools: Sequence[ToolSpec] = (),
+    into: list[Delta] | None = None,
+) -> list[Delta]:
+    out = into if into is not None else []
+    async with model.stream(messages, tools) as deltas:
+        async for d in deltas:
+            out.append(d)
+    return out
+
+
+def finishes(deltas: list[Delta]) -> list[Finish]:
+    return [d for d in deltas if isinstance(d, Finish)]
+
+
+# ---------------------------------------------------------------------------
+# streaming success
+
+
+async def test_text_stream_yields_text_then_one_finish_with_usage(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(text_stream(["Hel", "lo", " world"], prompt=100, completion=5, cached=40))
+    deltas = await collect(model)
+    assert deltas[:-1] == [TextDelta("Hel"), TextDelta("lo"), TextDelta(" world")]
+    assert finishes(deltas) == [deltas[-1]]
+    finish = deltas[-1]
+    assert isinstance(finish, Finish)
+    assert finish.finish_reason == "stop"
+    assert finish.context_limit == 128_000
+    assert finish.usage == Usage(
+        input_tokens=60, output_tokens=5, cache_read_tokens=40, total_tokens=105
+    )
+    # prompt_tokens already includes the cached ones: no double counting.
+    assert finish.usage.context_tokens() == 100
+    assert fake.pending == 0
+
+
+async def test_model_satisfies_the_port(model: OpenAIChatModel) -> None:
+    assert isinstance(model, Model)
+    assert (model.name, model.provider) == ("gpt-test", "openai")
+
+
+async def test_request_converts_messages_tools_and_stream_options(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    agent = uuid.uuid4()
+    messages = [
+        NewMessage(
+            Role.SYSTEM,
+            (
+                TextPart("You are helpful."),
+                ContextFilePart(agent, "AGENTS.md", "run make test"),
+                ContextFilePart(agent),  # the sentinel carries no text
+            ),
+        ),
+        NewMessage(Role.USER, (TextPart("list files"),)),
+        NewMessage(
+            Role.ASSISTANT,
+            (
+                ReasoningPart("I should call ls"),
+                TextPart("Let me look."),
+                ToolCallPart("call_1", "ls", '{"path": "."}'),
+                ToolCallPart("call_2", "pwd", ""),
+            ),
+        ),
+        NewMessage(
+            Role.TOOL,
+            (
+                ToolResultPart("call_1", "ls", {"files": ["a.py"]}),
+                ToolResultPart("call_2", "pwd", "permission denied", is_error=True),
+            ),
+        ),
+        NewMessage(Role.ASSISTANT, (ReasoningPart("only thoughts"),)),
+    ]
+    tools = [
+        ToolSpec("ls", "List files", {"type": "object", "properties": {"path": {"type": "string"}}})
+    ]
+    fake.enqueue(text_stream(["ok"]))
+    await collect(model, messages, tools)
+
+    [req] = fake.requests
+    assert (req.method, req.path) == ("POST", "/v1/chat/completions")
+    assert req.headers["authorization"] == "Bearer sk-test"
+    assert req.headers["x-team"] == "chatd"
+    assert req.headers["accept"] == "text/event-stream"
+    body = req.body
+    assert body["model"] == "gpt-test"
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "ls",
+                "description": "List files",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+            },
+        }
+    ]
+    assert body["messages"] == [
+        {
+            "role": "system",
+            "content": 'You are helpful.\n\n<context_file path="AGENTS.md">\n'
+            "run make test\n</context_file>",
+        },
+        {"role": "user", "content": "list files"},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "ls", "arguments": '{"path": "."}'},
+                },
+                {
+                    "id": "call_2",
+                    "type": "function",
+                    "function": {"name": "pwd", "arguments": "{}"},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"files": ["a.py"]}'},
+        {"role": "tool", "tool_call_id": "call_2", "content": "Error: permission denied"},
+    ]
+
+
+async def test_no_tools_omits_the_tools_key(fake: FakeOpenAI, model: OpenAIChatModel) -> None:
+    fake.enqueue(text_stream(["x"]))
+    await collect(model)
+    assert "tools" not in fake.requests[0].body
+
+
+async def test_parallel_tool_calls_split_mid_json_are_accumulated(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    def call(index: int, args: str, *, cid: str | None = None, name: str | None = None) -> JSONDict:
+        tc: JSONDict = {"index": index, "function": {"arguments": args}}
+        if cid:
+            tc["id"], tc["type"], tc["function"]["name"] = cid, "function", name
+        return chunk({"tool_calls": [tc]})
+
+    fake.enqueue(
+        Reply(
+            events=[
+                chunk({"role": "assistant", "content": None}),
+                call(0, "", cid="call_a", name="read_file"),
+                call(0, '{"pa'),
+                call(1, "", cid="call_b", name="run"),
+                call(1, '{"cmd": "ma'),
+                call(0, 'th": "x.py"'),
+                call(1, 'ke test"}'),
+                call(0, "}"),
+                chunk(finish_reason="tool_calls"),
+                usage_chunk(50, 20),
+                "[DONE]",
+            ]
+        )
+    )
+    deltas = await collect(model, tools=[ToolSpec("read_file", "", {}), ToolSpec("run", "", {})])
+
+    fragments = [d for d in deltas if isinstance(d, ToolCallDelta)]
+    assert fragments == [
+        ToolCallDelta(0, "call_a", "read_file", ""),
+        ToolCallDelta(0, None, None, '{"pa'),
+        ToolCallDelta(1, "call_b", "run", ""),
+        ToolCallDelta(1, None, None, '{"cmd": "ma'),
+        ToolCallDelta(0, None, None, 'th": "x.py"'),
+        ToolCallDelta(1, None, None, 'ke test"}'),
+        ToolCallDelta(0, None, None, "}"),
+    ]
+    done = [d for d in deltas if isinstance(d, ToolCallDone)]
+    assert done == [
+        ToolCallDone(0, "call_a", "read_file", '{"path": "x.py"}'),
+        ToolCallDone(1, "call_b", "run", '{"cmd": "make test"}'),
+    ]
+    assert [json.loads(d.arguments) for d in done] == [{"path": "x.py"}, {"cmd": "make test"}]
+    # Every call is done before the step finishes; Finish comes last and once.
+    assert deltas.index(done[-1]) < len(deltas) - 1
+    assert finishes(deltas) == [deltas[-1]]
+    assert deltas[-1] == Finish(
+        Usage(input_tokens=50, output_tokens=20, total_tokens=70), "tool_calls", 128_000
+    )
+    assert not any(isinstance(d, TextDelta) for d in deltas)
+
+
+async def test_tool_calls_are_done_when_the_finish_reason_arrives(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    tc = {"index": 0, "id": "c", "type": "function", "function": {"name": "ls", "arguments": "{}"}}
+    # The server stalls before the usage chunk: Done must not wait for it.
+    events: list[JSONDict | str] = [
+        chunk({"tool_calls": [tc]}),
+        chunk(finish_reason="tool_calls"),
+        usage_chunk(1, 1),
+    ]
+    fake.enqueue(Reply(events=events, stall_after=2))
+    got: list[Delta] = []
+    with trio.fail_after(5):  # a hang guard only; the Done arrives without waiting
+        async with model.stream(HELLO, ()) as deltas:
+            async for d in deltas:
+                got.append(d)
+                if isinstance(d, ToolCallDone):
+                    break
+    assert got[-1] == ToolCallDone(0, "c", "ls", "{}")
+
+
+async def test_reasoning_content_becomes_reasoning_deltas(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(
+            events=[
+                chunk({"role": "assistant", "reasoning_content": "think"}),
+                chunk({"reasoning_content": "ing"}),
+                chunk({"reasoning": "!"}),  # OpenRouter spelling
+                chunk({"content": "answer"}),
+                chunk(finish_reason="stop"),
+                "[DONE]",
+            ]
+        )
+    )
+    deltas = await collect(model)
+    assert deltas[:-1] == [
+        ReasoningDelta("think"),
+        ReasoningDelta("ing"),
+        ReasoningDelta("!"),
+        TextDelta("answer"),
+    ]
+    # No usage chunk: the Finish still comes, with zero usage.
+    assert deltas[-1] == Finish(Usage(), "stop", 128_000)
+
+
+async def test_finish_without_done_marker_is_complete(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(events=[chunk({"content": "a"}), chunk(finish_reason="length")]))
+    deltas = await collect(model)
+    assert deltas == [TextDelta("a"), Finish(Usage(), "length", 128_000)]
+
+
+async def test_connection_is_reused_after_a_consumer_stops_early(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(text_stream([str(i) for i in range(50)]), text_stream(["second"]))
+    async with model.stream(HELLO, ()) as deltas:
+        async for d in deltas:
+            assert d == TextDelta("0")
+            break
+    deltas2 = await collect(model)
+    assert deltas2[0] == TextDelta("second")
+    assert len(fake.requests) == 2
+
+
+# ---------------------------------------------------------------------------
+# HTTP status errors
+
+
+async def open_error(model: OpenAIChatModel) -> ModelError:
+    with pytest.raises(ModelError) as info:
+        await collect(model)
+    return info.value
+
+
+async def test_429_is_retryable_rate_limit_with_retry_after_seconds(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(error_reply(429, "Rate limit reached", err_type="requests", retry_after="3"))
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.status_code, err.retry_after) == (
+        True,
+        "rate_limit",
+        429,
+        3.0,
+    )
+    assert err.provider == "openai"
+    assert "Rate limit reached" in str(err)
+
+
+async def test_retry_after_http_date(fake: FakeOpenAI, model: OpenAIChatModel) -> None:
+    when = datetime.now(UTC) + timedelta(seconds=120)
+    fake.enqueue(error_reply(503, "busy", retry_after=format_datetime(when, usegmt=True)))
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.status_code) == (True, "server_error", 503)
+    assert err.retry_after is not None
+    assert 60 < err.retry_after <= 120
+
+
+async def test_retry_after_ms_wins(fake: FakeOpenAI, model: OpenAIChatModel) -> None:
+    reply = error_reply(529, "overloaded", retry_after="30")
+    reply.headers.append(("retry-after-ms", "1500"))
+    fake.enqueue(reply)
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.retry_after) == (True, "overloaded", 1.5)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(408, "timeout"), (500, "server_error"), (502, "server_error"), (504, "server_error")],
+)
+async def test_retryable_statuses(
+    fake: FakeOpenAI, model: OpenAIChatModel, status: int, kind: str
+) -> None:
+    fake.enqueue(error_reply(status, "upstream trouble", err_type="server_error"))
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.status_code, err.retry_after) == (
+        True,
+        kind,
+        status,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "message"),
+    [
+        (400, "bad_request", "Invalid value for 'messages'"),
+        (401, "auth", "Incorrect API key provided"),
+        (403, "permission", "Country not supported"),
+        (404, "not_found", "The model `gpt-test` does not exist"),
+        (422, "client_error", "Unprocessable"),
+        (501, "server_error", "Not implemented"),
+    ],
+)
+async def test_non_retryable_statuses_carry_the_provider_message(
+    fake: FakeOpenAI, model: OpenAIChatModel, status: int, kind: str, message: str
+) -> None:
+    fake.enqueue(error_reply(status, message))
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.status_code) == (False, kind, status)
+    assert message in err.message
+    assert fake.pending == 0
+
+
+async def test_context_length_error_gets_its_own_kind(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    reply = error_reply(400, "This model's maximum context length is 128000 tokens")
+    assert isinstance(reply.body, dict)
+    reply.body["error"]["code"] = "context_length_exceeded"
+    fake.enqueue(reply)
+    err = await open_error(model)
+    assert (err.retryable, err.kind) == (False, "context_length_exceeded")
+
+
+async def test_non_json_error_body_is_reported_verbatim(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(status=502, body="<html>Bad Gateway</html>"))
+    err = await open_error(model)
+    assert (err.retryable, err.kind) == (True, "server_error")
+    assert "<html>Bad Gateway</html>" in err.message
+
+
+# ---------------------------------------------------------------------------
+# transport failures and broken streams
+
+
+async def test_stream_cut_midway_is_retryable_after_partial_deltas(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(events=text_stream(["a", "b", "c"]).events, cut_after=3))
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [TextDelta("a"), TextDelta("b")]
+    assert (info.value.retryable, info.value.kind) == (True, "stream_cut")
+    assert not finishes(got)
+
+
+async def test_body_ending_cleanly_before_finish_is_a_stream_cut(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(events=[chunk({"content": "a"})]))
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [TextDelta("a")]
+    assert (info.value.retryable, info.value.kind) == (True, "stream_cut")
+
+
+async def test_tool_call_cut_before_finish_emits_no_done(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    tc = {"index": 0, "id": "c", "type": "function", "function": {"name": "ls", "arguments": "{"}}
+    fake.enqueue(Reply(events=[chunk({"tool_calls": [tc]}), chunk({"content": "x"})], cut_after=1))
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [ToolCallDelta(0, "c", "ls", "{")]
+    assert info.value.kind == "stream_cut"
+
+
+async def test_malformed_chunk_is_not_retryable(fake: FakeOpenAI, model: OpenAIChatModel) -> None:
+    fake.enqueue(Reply(events=[chunk({"content": "ok"}), "{not json", chunk({"content": "x"})]))
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [TextDelta("ok")]
+    assert (info.value.retryable, info.value.kind) == (False, "malformed_response")
+
+
+async def test_chunk_of_the_wrong_shape_is_malformed(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(events=[{"choices": "nope"}, "[DONE]"]))
+    err = await open_error(model)
+    assert (err.retryable, err.kind) == (False, "malformed_response")
+
+
+async def test_json_body_instead_of_an_event_stream_is_malformed(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(completion_reply("not streamed"))
+    err = await open_error(model)
+    assert (err.retryable, err.kind) == (False, "malformed_response")
+
+
+async def test_error_event_inside_the_stream_is_retryable(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(
+            events=[
+                chunk({"content": "a"}),
+                {"error": {"message": "The server had an error", "type": "server_error"}},
+            ]
+        )
+    )
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [TextDelta("a")]
+    assert (info.value.retryable, info.value.kind) == (True, "server_error")
+    assert "The server had an error" in info.value.message
+
+
+async def test_connect_error_is_retryable_connection() -> None:
+    async with OpenAIChatModel(f"http://127.0.0.1:{unused_port()}/v1", "k", "m") as m:
+        with pytest.raises(ModelError) as info:
+            await collect(m)
+    assert (info.value.retryable, info.value.kind, info.value.status_code) == (
+        True,
+        "connection",
+        None,
+    )
+
+
+async def test_reset_before_response_is_retryable_connection(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(reset=True))
+    err = await open_error(model)
+    assert (err.retryable, err.kind) == (True, "connection")
+    assert len(fake.requests) == 1
+
+
+async def test_read_timeout_is_retryable_timeout(fake: FakeOpenAI) -> None:
+    fake.enqueue(Reply(stall=True))
+    async with OpenAIChatModel(fake.base_url, "k", "m", timeout=0.2) as m:
+        with pytest.raises(ModelError) as info:
+            await collect(m)
+    assert (info.value.retryable, info.value.kind) == (True, "timeout")
+
+
+async def test_cancelling_a_stream_raises_cancelled_not_model_error(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(events=[chunk({"content": "a"}), chunk({"content": "b"})], stall_after=1))
+    fake.enqueue(text_stream(["next"]))
+    got: list[Delta] = []
+    with trio.CancelScope() as scope:
+        async with model.stream(HELLO, ()) as deltas:
+            async for d in deltas:
+                got.append(d)
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert got == [TextDelta("a")]
+    # The interrupted response was released: the next step works.
+    assert (await collect(model))[0] == TextDelta("next")
+
+
+# ---------------------------------------------------------------------------
+# generate()
+
+
+async def test_generate_returns_text_and_usage(fake: FakeOpenAI, model: OpenAIChatModel) -> None:
+    fake.enqueue(completion_reply("A summary.", prompt=300, completion=12))
+    result = await model.generate(HELLO)
+    assert result.text == "A summary."
+    assert result.usage == Usage(input_tokens=300, output_tokens=12, total_tokens=312)
+    body = fake.requests[0].body
+    assert body["stream"] is False
+    assert "tools" not in body
+    assert "stream_options" not in body
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+async def test_generate_classifies_errors(fake: FakeOpenAI, model: OpenAIChatModel) -> None:
+    fake.enqueue(
+        error_reply(429, "slow down", retry_after="7"),
+        error_reply(401, "bad key"),
+        Reply(body={"choices": []}),
+    )
+    with pytest.raises(ModelError) as info:
+        await model.generate(HELLO)
+    assert (info.value.retryable, info.value.kind, info.value.retry_after) == (
+        True,
+        "rate_limit",
+        7.0,
+    )
+    with pytest.raises(ModelError) as info:
+        await model.generate(HELLO)
+    assert (info.value.retryable, info.value.kind) == (False, "auth")
+    assert "bad key" in info.value.message
+    with pytest.raises(ModelError) as info:
+        await model.generate(HELLO)
+    assert (info.value.retryable, info.value.kind) == (False, "malformed_response")
+
+
+# ---------------------------------------------------------------------------
+# SSE line splitting
+
+
+def _events(text: str, cuts: list[int]) -> list[str]:
+    lines = _SSELines(1_000)
+    out: list[str] = []
+    bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
+    for a, b in itertools.pairwise(bounds):
+        out += lines.feed(text[a:b])
+    return out + lines.flush()
+
+
+@given(
+    payloads=st.lists(st.text(alphabet='ab{}:" ', max_size=8), min_size=1, max_size=5),
+    newline=st.sampled_from(["\n", "\r\n", "\r"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+)
+def test_sse_lines_do_not_depend_on_chunk_boundaries(
+    payloads: list[str], newline: str, cuts: list[int]
+) -> None:
+    text = "".join(f"data: {p}{newline}{newline}" for p in payloads)
+    assert _events(text, cuts) == _events(text, [])
+    assert [line for line in _events(text, []) if line] == [f"data: {p}" for p in payloads]
+
+
+def test_sse_line_limit_refuses_runaway_lines() -> None:
+    lines = _SSELines(10)
+    with pytest.raises(ValueError, match="longer than 10"):
+        lines.feed("data: " + "x" * 20)
