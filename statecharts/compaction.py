@@ -1,0 +1,216 @@
+"""The agent loop's step budget, compaction and re-entry (SPEC.md 3 and 3.1) as a statechart.
+
+Every decision of a turn's control flow lives in this file, as data. The driver
+(`chatd_trio.loop`) runs the activity the current state names (`ACTIVITIES`),
+reports facts as events, and reads the next state. A turn is one or more
+*passes*; a pass steps until the model stops (no tool calls) or the shared
+`max_steps` budget runs out, then runs the post-run check:
+
+- stepping -step_persisted-> stepping while the model calls tools and steps remain;
+  -> compacting when the step's context crossed the threshold (inline compaction);
+  -> checking when the model stopped or the budget ran out.
+- compacting -summary_ok-> reloading (the model called tools: continue on the
+  reloaded history) or checking (the model had stopped: "compacted on the final
+  step"); -summary_failed-> as if below the threshold: the turn goes on uncompacted.
+- reloading -reloaded-> stepping.
+- checking -post_run_check-> safety_compacting (nothing compacted in this pass and
+  the last step's usage crosses the threshold: the post-run safety net), or
+  reentering (compacted on the model's final step, re-entries left), or exhausted
+  (same, but `max_reentries` used up), or done.
+- safety_compacting -summary_ok-> reentering / exhausted when the model had
+  stopped, else done; -summary_failed-> done.
+- reentering -reloaded-> stepping (a new pass) or, with no step left, checking
+  (the new pass runs only its post-run check).
+
+Pinned consequence: with `max_steps=1` and one above-threshold text step the path
+is stepping, compacting, checking, reentering, checking, safety_compacting, done:
+the model streams once and compaction persists twice.
+
+Interrupts, shutdowns and errors end a turn outside the chart; its trace is then a
+prefix of a valid path.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from statemachine import State
+
+from statecharts.base import TracedChart
+
+
+class Activity(enum.Enum):
+    """What the driver does while the chart is in a state, then reports as an event."""
+
+    STEP = "step"
+    """Stream one model step, run its tools, persist it; report `step_persisted`."""
+    COMPACT = "compact"
+    """Summarise and persist the compaction; report `summary_ok` or `summary_failed`."""
+    RELOAD = "reload"
+    """Reload the prompt history from the store; report `reloaded`."""
+    CHECK = "check"
+    """Measure the last step's usage against the threshold; report `post_run_check`."""
+
+
+def usage_percent(context_tokens: int, context_limit: int) -> float:
+    """Context usage in percent of the limit (0 when the limit is unknown)."""
+    if context_limit <= 0:
+        return 0.0
+    return context_tokens / context_limit * 100
+
+
+def over_threshold(context_tokens: int, context_limit: int, threshold_percent: int) -> bool:
+    """SPEC 3.1: `tokens / limit x 100 >= threshold`; 100 % (or more) disables compaction,
+    and a step without usage never triggers it."""
+    if threshold_percent >= 100 or context_tokens <= 0 or context_limit <= 0:
+        return False
+    return usage_percent(context_tokens, context_limit) >= threshold_percent
+
+
+class CompactionChart(TracedChart):
+    """Decides a turn's next move: step, compact, reload, re-enter or finish.
+
+    Events carry facts as keyword arguments: `step_persisted(tool_calls=...,
+    over_threshold=...)` and `post_run_check(over_threshold=...)`. Counters:
+    `steps_used` (steps started, shared across passes), `reentries`, `compactions`.
+    """
+
+    # An event the table does not allow is a driver bug: fail loudly.
+    allow_event_without_transition = False
+    catch_errors_as_events = False
+
+    stepping = State("stepping", initial=True)
+    compacting = State("compacting")
+    reloading = State("reloading")
+    checking = State("checking")
+    safety_compacting = State("safety_compacting")
+    reentering = State("reentering")
+    done = State("done", final=True)
+    exhausted = State("exhausted", final=True)
+
+    step_persisted = (
+        stepping.to(compacting, cond="crossed_threshold")
+        | stepping.to(stepping, cond=["tool_calls", "budget_left"], on="continue_with_tools")
+        | stepping.to(checking, cond="tool_calls", on="stop_at_budget")
+        | stepping.to(checking, on="stop_by_model")
+    )
+    summary_ok = (
+        compacting.to(reloading, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
+        | compacting.to(checking, cond="last_had_tools", on="stop_at_budget")
+        | compacting.to(checking, on="compacted_final_step")
+        | safety_compacting.to(reentering, cond=["stopped_by_model", "reentry_left"])
+        | safety_compacting.to(exhausted, cond="stopped_by_model")
+        | safety_compacting.to(done)
+    )
+    summary_failed = (
+        compacting.to(stepping, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
+        | compacting.to(checking, cond="last_had_tools", on="stop_at_budget")
+        | compacting.to(checking, on="stop_by_model")
+        | safety_compacting.to(done)
+    )
+    reloaded = (
+        reloading.to(stepping)
+        | reentering.to(stepping, cond="budget_left", on="begin_pass")
+        | reentering.to(checking, on="begin_pass")
+    )
+    post_run_check = (
+        checking.to(safety_compacting, cond="safety_net_due")
+        | checking.to(reentering, cond=["reentry_due", "reentry_left"])
+        | checking.to(exhausted, cond="reentry_due")
+        | checking.to(done)
+    )
+
+    def __init__(self, max_steps: int, max_reentries: int) -> None:
+        self.max_steps = max(1, max_steps)
+        self.max_reentries = max(0, max_reentries)
+        self.steps_used = 0
+        self.reentries = 0
+        self.compactions = 0
+        self.last_had_tools = False
+        # Per pass (SPEC 3.1): did this pass compact, did the model stop by itself,
+        # and did the compaction happen on the model's final step.
+        self.compacted_this_pass = False
+        self.stopped_by_model = False
+        self.compacted_on_final_step = False
+        super().__init__()
+
+    # -- guards ---------------------------------------------------------------
+    def crossed_threshold(self, over_threshold: bool = False) -> bool:
+        return over_threshold
+
+    def tool_calls(self, tool_calls: bool = False) -> bool:
+        return tool_calls
+
+    def budget_left(self) -> bool:
+        return self.steps_used < self.max_steps
+
+    def reentry_left(self) -> bool:
+        return self.reentries < self.max_reentries
+
+    def reentry_due(self) -> bool:
+        return self.compacted_on_final_step and self.stopped_by_model
+
+    def safety_net_due(self, over_threshold: bool = False) -> bool:
+        return not self.compacted_this_pass and over_threshold
+
+    # -- actions (bookkeeping only) ---------------------------------------------
+    def on_enter_stepping(self) -> None:
+        self.steps_used += 1
+
+    def before_step_persisted(self, tool_calls: bool = False) -> None:
+        self.last_had_tools = tool_calls
+
+    def before_summary_ok(self) -> None:
+        self.compactions += 1
+        self.compacted_this_pass = True
+
+    def continue_with_tools(self) -> None:
+        # A continuing step consumes any compacted context: no re-entry needed for it.
+        self.compacted_on_final_step = False
+
+    def stop_at_budget(self) -> None:
+        self.stopped_by_model = False
+        self.compacted_on_final_step = False
+
+    def stop_by_model(self) -> None:
+        self.stopped_by_model = True
+
+    def compacted_final_step(self) -> None:
+        self.stopped_by_model = True
+        self.compacted_on_final_step = True
+
+    def begin_pass(self) -> None:
+        self.reentries += 1
+        self.compacted_this_pass = False
+        self.stopped_by_model = False
+        self.compacted_on_final_step = False
+
+    # -- reading --------------------------------------------------------------
+    @property
+    def activity(self) -> Activity | None:
+        """What the driver must do now; None in a final state."""
+        return ACTIVITIES.get(self.state_id)
+
+
+ACTIVITIES: Mapping[str, Activity] = {
+    "stepping": Activity.STEP,
+    "compacting": Activity.COMPACT,
+    "safety_compacting": Activity.COMPACT,
+    "reloading": Activity.RELOAD,
+    "reentering": Activity.RELOAD,
+    "checking": Activity.CHECK,
+}
+
+FINAL_STATES: frozenset[str] = frozenset({"done", "exhausted"})
+
+DESCRIPTION: Mapping[str, str] = {
+    "stepping": "stream a step, run its tools, persist it",
+    "compacting": "inline compaction after a persisted step",
+    "reloading": "reload the compacted history, keep stepping",
+    "checking": "post-run check: safety-net compaction or re-entry",
+    "safety_compacting": "post-run safety-net compaction",
+    "reentering": "reload and re-enter the step loop with the summary",
+    "done": "turn finished",
+    "exhausted": "re-entry limit reached",
+}

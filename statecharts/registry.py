@@ -1,0 +1,94 @@
+"""Every chart the docs describe: name (file stem), class, and prose.
+
+`python -m statecharts.render` draws each entry into `docs/statecharts/` and
+`docs/statecharts.md`. Adding a chart is one line in `CHARTS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from statemachine import StateChart
+
+from statecharts.compaction import CompactionChart
+from statecharts.dial import DialChart
+from statecharts.lifecycle import ChatLifecycleChart
+
+
+class ChartEntry(NamedTuple):
+    """One documented chart."""
+
+    name: str
+    chart: type[StateChart[Any]]
+    description: str
+
+
+DIAL_PROSE = """\
+Decides the lazy-validation dial of SPEC.md section 5.1; `chatd_trio.dial` drives it.
+
+The chart starts in `dialing`: the bound agent is dialled and the validation delay
+(5 s by default) is running. A dial that connects first ends in `connected` and no
+validation ever runs. A dial that fails first asks the workspace for its current
+agent (`validating_after_failure`): the same agent is dialled once more
+(`redialing_same`), another agent is dialled instead (`dialing_other`, ending in
+`switched`), no agent ends in `no_agent` (the caller gets `NoWorkspaceAgent`,
+unwrapped) and a validation error ends in `failed`.
+
+When the delay passes first, the bound dial keeps going while the binding is
+checked (`validating_while_dialing`). If the dial finishes during the check it
+decides the outcome (a failure then waits for the validation's answer, as above).
+If the validation answers first, the same agent or a validation error keeps
+waiting for the bound dial (`awaiting_bound`); no agent or another agent abandons
+the bound dial at once - it is cancelled and, if it ignores that, finishes in the
+background where a late connection is released.
+
+Each state lists the activities the driver keeps running (`ACTIVITIES`): entering
+a state starts what it lists, leaving it cancels what the next state drops. Every
+waiting state has a `cancel` transition: the caller was cancelled. `failed` wraps
+the deciding error as "dial with lazy validation: <error>".
+"""
+
+LIFECYCLE_PROSE = """\
+The statuses of one chat (SPEC.md section 1) and every change between them; tests
+use it as an oracle (`statecharts.lifecycle.check_status_path`).
+
+A chat is created `pending` with its first message. A replica acquires it
+(`running`). A run that finishes goes back to `waiting`, or to `pending` when a
+queued message was promoted; a failed run goes to `error`. A user interrupt ends
+in `waiting` (or `pending` when a queued message is promoted); a replica shutting
+down and stale recovery put the chat back to `pending` with no error, so another
+replica retries it.
+
+A message sent to a `waiting` or `error` chat makes it `pending`; one sent while
+the chat is `pending` or `running` is queued and changes nothing. An edit always
+leaves the chat `pending`, even mid-run: the run's next persist is refused.
+"""
+
+COMPACTION_PROSE = """\
+Decides a turn's control flow in the agent loop (SPEC.md sections 3 and 3.1):
+step, compact, reload, re-enter or finish; `chatd_trio.loop` drives it.
+
+A turn starts in `stepping`: one model step is streamed, its tools run and the
+step is persisted. The model calling tools keeps the loop in `stepping` while the
+shared `max_steps` budget lasts. A step whose context tokens reach the threshold
+(70 % of the context limit by default) goes to `compacting`: the summary is
+generated and persisted. After a tool-calling step the loop then `reloading`s the
+compacted history and steps on; after the model's final step (no tool calls) it
+goes to `checking` remembering that it compacted on the final step. A failed
+summary is reported and the turn goes on uncompacted.
+
+`checking` is the post-run check of one pass: if nothing was compacted in the
+pass and the last step's usage crosses the threshold, the safety net compacts once
+(`safety_compacting`). Compacting on the model's final step re-enters the step
+loop with the summarised context (`reentering`), at most three times; then the
+chart ends in `exhausted` instead of `done`. A re-entry with no step left runs only
+the post-run check, which is why `max_steps = 1` with one above-threshold text
+step streams once and compacts twice.
+"""
+
+CHARTS: tuple[ChartEntry, ...] = (
+    ChartEntry("dial", DialChart, DIAL_PROSE),
+    ChartEntry("lifecycle", ChatLifecycleChart, LIFECYCLE_PROSE),
+    ChartEntry("compaction", CompactionChart, COMPACTION_PROSE),
+)
+"""The charts to render, in documentation order."""
