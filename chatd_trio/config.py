@@ -121,6 +121,25 @@ class WorkspaceConfig:
     instruction_file_max_bytes: int = 64 * 1024
     # Persisted binding + turn-local context; False only for the baseline benchmark.
     use_binding: bool = True
+    # The `execute` tool's command limit when the model gives none: long enough for a build
+    # step, short enough that a hung command does not stall the turn for an hour.
+    default_exec_timeout: float = 120.0
+    # MCP tools are offered as `<server>__<tool>`: unique across servers, legal in tool names.
+    mcp_tool_separator: str = "__"
+    # OpenAI-compatible APIs refuse a request whose tool names exceed 64 characters or use
+    # anything but [A-Za-z0-9_-]; such MCP tools are left out rather than break the turn.
+    tool_name_max_chars: int = 64
+    # Replica-level caches (MCP tools per agent, which chats hold an agent's instruction
+    # files) are LRU-bounded so a long-lived replica's memory stays flat.
+    mcp_cache_max_agents: int = 4096
+    instruction_ledger_max_entries: int = 100_000
+    # LocalProvisioner: in-process agents for the demo and tests, one per workspace.
+    local_agent_host: str = "127.0.0.1"
+    local_agent_name: str = "main"
+    # 32 random bytes (256 bits): an agent token that cannot be guessed.
+    local_agent_token_bytes: int = 32
+    # Stopping an in-process agent waits this long for its server (and MCP children) to exit.
+    local_agent_stop_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,8 @@ class SubagentConfig:
     poll_interval_no_pubsub: float = 0.2
     title_words: int = 6
     title_max_chars: int = 80
+    # The title of a chat whose prompt has no words.
+    fallback_title: str = "New Chat"
     # Wake on the child's notify; False polls only (baseline benchmark).
     use_pubsub: bool = True
 
@@ -163,7 +184,7 @@ class PostgresConfig:
     connect_timeout: int = 5
     # Opening the store (migrations, then min_size connections) gives up after 30 s.
     open_timeout: float = 30.0
-    # Closing the pool waits this long for borrowed connections to come back.
+    # Closing the pool waits this long for borrowed connections and its workers (shielded).
     close_timeout: float = 5.0
     # Tags the store's sessions in pg_stat_activity (operators and tests find them by it).
     application_name: str = "chatd_trio-store"

@@ -97,3 +97,15 @@ def drop_database(admin_dsn: str, name: str) -> None:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+def truncate_all(dsn: str) -> None:
+    """Empty every table of the store's schema (not `schema_migrations`), restarting ids."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables"
+            " WHERE schemaname = current_schema() AND tablename <> 'schema_migrations'"
+        ).fetchall()
+        if rows:
+            tables = sql.SQL(", ").join(sql.Identifier(r[0]) for r in rows)
+            conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(tables))
