@@ -86,7 +86,10 @@ def _float(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False)
     v = _get(d, key, path)
     if not isinstance(v, int | float) or isinstance(v, bool):
         raise DecodeError(f"{path}.{key}", f"expected a number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:
+        raise DecodeError(f"{path}.{key}", "number out of range") from None
 
 
 def _bool(d: Mapping[str, Any], key: str, path: str, *, default: bool | None = None) -> bool:
@@ -140,6 +143,12 @@ def _dt(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) ->
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _str_or(d: Mapping[str, Any], key: str, path: str, default: str) -> str:
+    # Only an absent (or null) field takes the default: "" must survive a round trip.
+    v = _str(d, key, path, optional=True)
+    return default if v is None else str(v)
+
+
 def _list(d: Mapping[str, Any], key: str, path: str) -> list[Any]:
     v = _get(d, key, path)
     if not isinstance(v, list):
@@ -157,13 +166,17 @@ def _opt(v: uuid.UUID | None) -> str | None:
 
 def loads(raw: str | bytes, *, limit: int = MAX_JSON_BYTES, what: str = "payload") -> JSON:
     """Parse JSON text, refusing oversized or malformed input with `DecodeError`."""
-    size = len(raw.encode() if isinstance(raw, str) else raw)
+    # surrogatepass: a lone surrogate must be measured (and then refused as JSON), not crash.
+    size = len(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw)
     if size > limit:
         raise PayloadTooLarge(what, f"{size} bytes exceeds the limit of {limit}")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(what, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        # Deeply nested arrays exhaust the parser's recursion budget before the size limit.
+        raise DecodeError(what, "malformed JSON: nested too deeply") from None
 
 
 def dumps(data: JSON) -> str:
@@ -620,7 +633,7 @@ class ErrorPayload:
         d = _obj(data, path)
         return cls(
             message=_str(d, "message", path),
-            kind=_str(d, "kind", path, optional=True) or "unknown",
+            kind=_str_or(d, "kind", path, "unknown"),
             provider=_str(d, "provider", path, optional=True) or "",
             retryable=_bool(d, "retryable", path, default=False),
             status_code=_int(d, "status_code", path, optional=True),
@@ -663,7 +676,7 @@ class RetryPayload:
             attempt=_int(d, "attempt", path),
             delay_s=_float(d, "delay_s", path),
             error=_str(d, "error", path),
-            kind=_str(d, "kind", path, optional=True) or "unknown",
+            kind=_str_or(d, "kind", path, "unknown"),
             status_code=_int(d, "status_code", path, optional=True),
             retrying_at=_dt(d, "retrying_at", path, optional=True),
         )

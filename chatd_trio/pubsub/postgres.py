@@ -1,0 +1,505 @@
+"""PubSub over PostgreSQL LISTEN/NOTIFY, driven from Trio through trio-asyncio.
+
+One dedicated LISTEN connection per instance serves every subscription. Its
+notifications cross into Trio as return values of one asyncio coroutine per
+batch (`notifies(stop_after=1)`), and the listener task dispatches them to the
+subscriptions' queues. psycopg's `notifies()` holds the connection lock while it
+waits, so LISTEN/UNLISTEN cannot run beside it: a subscription change cancels
+the pending wait, the listener applies the change, then waits again. Cancelling
+that wait is safe: the connection is idle (no query to cancel) and a batch
+that was already read is returned, never dropped (trio-asyncio keeps waiting
+for the coroutine's result, and nothing awaits after the batch is collected);
+notifications that arrive while LISTEN runs wait in psycopg's backlog.
+
+Publishing uses a separate small pool, so it never waits behind the listener.
+On connection loss the listener reconnects with exponential backoff,
+re-LISTENs every channel, then delivers `Resync()` to every subscription: a
+notify may have been missed while disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import psycopg.waiting
+import trio
+import trio_asyncio
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from chatd_trio._aio import Bridge, asyncio_bridge
+from chatd_trio.config import PubSubConfig
+from chatd_trio.errors import PubSubError
+from chatd_trio.pubsub.base import Resync
+from chatd_trio.pubsub.memory import (
+    PubSubStatistics,
+    QueueSubscription,
+    check_channel,
+    check_publish,
+)
+
+__all__ = ["PostgresPubSub"]
+
+log = logging.getLogger(__name__)
+
+_NOTIFY = "SELECT pg_notify(%s, %s)"
+
+
+def _bind_running_loop_lookup() -> None:
+    """Make psycopg find the trio-asyncio loop.
+
+    psycopg.waiting binds `asyncio.get_running_loop` by name at import, while
+    trio-asyncio replaces that function when it is imported: if psycopg came first
+    (a test helper, another module) it would see "no running event loop".
+    """
+    assert trio_asyncio is not None  # imported for its asyncio patch
+    namespace = vars(psycopg.waiting)
+    if namespace.get("get_running_loop") is not asyncio.get_running_loop:
+        namespace["get_running_loop"] = asyncio.get_running_loop
+
+
+_bind_running_loop_lookup()
+
+
+# -- asyncio side: each function is one coroutine entered once from Trio --------------
+
+
+async def _connect(conninfo: str, kwargs: dict[str, Any]) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
+
+
+async def _fetch_batch(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:
+    """Wait for the next batch of notifications (those of one network packet)."""
+    batch: list[tuple[str, str]] = []
+    # stop_after=1 ends the generator by itself after the first batch: breaking out of
+    # the loop here would leave it holding the connection lock until finalised.
+    async for note in conn.notifies(stop_after=1):
+        batch.append((note.channel, note.payload))
+    return batch
+
+
+async def _execute(conn: psycopg.AsyncConnection[Any], query: sql.Composed) -> None:
+    await conn.execute(query)
+
+
+async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.close()
+
+
+async def _open_pool(pool: AsyncConnectionPool[Any], wait_s: float) -> None:
+    await pool.open(wait=True, timeout=wait_s)
+
+
+async def _close_pool(pool: AsyncConnectionPool[Any], wait_s: float) -> None:
+    await pool.close(timeout=wait_s)
+
+
+async def _notify(pool: AsyncConnectionPool[Any], channel: str, payload: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(_NOTIFY, (channel, payload))
+
+
+# -- Trio side ------------------------------------------------------------------------------
+
+
+class PostgresPubSub:
+    """PubSub over LISTEN/NOTIFY; create it with `PostgresPubSub.open(dsn)`."""
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        dsn: str,
+        config: PubSubConfig,
+        pool: AsyncConnectionPool[Any],
+        instance: str,
+    ) -> None:
+        self._bridge = bridge
+        self._dsn = dsn
+        self._config = config
+        self._pool = pool
+        self._app_name = f"{config.application_name}-listen-{instance}"
+        self._subs: dict[str, set[QueueSubscription]] = {}
+        # Channels LISTENed on the current connection: a channel is added once its LISTEN
+        # has completed and removed before its UNLISTEN starts, so a subscriber never
+        # trusts a LISTEN that is being undone.
+        self._listening: set[str] = set()
+        self._connected = False
+        self._closed = False
+        self._backend_pid: int | None = None
+        self._dirty = False
+        self._fetch_scope: trio.CancelScope | None = None
+        # Replaced after every listener round: waiters re-check the state when it fires.
+        self._round = trio.Event()
+        self._published = 0
+        self._delivered = 0
+        self._resyncs = 0
+        self._listens = 0
+        self._unlistens = 0
+        self._reconnects = 0
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        reconnect_backoff_initial: float | None = None,
+        reconnect_backoff_max: float | None = None,
+        config: PubSubConfig | None = None,
+    ) -> AsyncIterator[PostgresPubSub]:
+        """Connect the listener and the publish pool; closing the block cancels everything.
+
+        The backoff arguments override `config` (defaults 0.1 s and 5 s). Raises
+        `PubSubError` when the database cannot be reached at start.
+        """
+        cfg = config or PubSubConfig()
+        overrides: dict[str, float] = {}
+        if reconnect_backoff_initial is not None:
+            overrides["reconnect_backoff_initial"] = reconnect_backoff_initial
+        if reconnect_backoff_max is not None:
+            overrides["reconnect_backoff_max"] = reconnect_backoff_max
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
+        # Raised after leaving the nurseries (ours and the bridge's), which would wrap it in
+        # an exception group: the caller sees its own exception, as with the memory adapter.
+        failure: Exception | None = None
+        instance = uuid.uuid4().hex[:8]
+        async with asyncio_bridge() as bridge:
+            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+                dsn,
+                min_size=cfg.publish_pool_min_size,
+                max_size=cfg.publish_pool_max_size,
+                timeout=cfg.publish_timeout,
+                kwargs={
+                    "autocommit": True,
+                    **_conn_kwargs(cfg, f"{cfg.application_name}-publish-{instance}"),
+                },
+                open=False,
+            )
+            pubsub = cls(bridge, dsn, cfg, pool, instance)
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                # The listener first: a refused connection fails at once, while the pool
+                # would retry until its timeout.
+                conn = await pubsub._connect()
+                await bridge.run(_open_pool, pool, float(cfg.connect_timeout))
+            except (psycopg.Error, OSError) as exc:
+                if conn is not None:
+                    await pubsub._close_conn(conn)
+                await pubsub._close_pool()
+                failure = PubSubError(f"cannot connect the pubsub: {exc}")
+                failure.__cause__ = exc
+            except BaseException:
+                if conn is not None:
+                    await pubsub._close_conn(conn)
+                await pubsub._close_pool()
+                raise
+            else:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        # start(): no subscriber may arrive before the first LISTEN round.
+                        await nursery.start(pubsub._listen_forever, conn)
+                        try:
+                            yield pubsub
+                        except Exception as exc:
+                            failure = exc
+                        finally:
+                            nursery.cancel_scope.cancel()
+                finally:
+                    pubsub._shutdown()
+                    await pubsub._close_pool()
+        if failure is not None:
+            raise failure
+
+    # -- the PubSub port --------------------------------------------------------------
+
+    @property
+    def payload_limit(self) -> int:
+        """Largest payload in bytes (NOTIFY refuses 8000 bytes and more)."""
+        return self._config.payload_limit
+
+    async def publish(self, channel: str, payload: str) -> None:
+        """NOTIFY `payload` on `channel`; raises PayloadTooLarge or PubSubError."""
+        check_publish(channel, payload, self._config)
+        if self._closed:
+            raise PubSubError("the pubsub is closed")
+        try:
+            with trio.fail_after(self._config.publish_timeout):
+                await self._bridge.run(_notify, self._pool, channel, payload)
+        except psycopg.Error as exc:
+            raise PubSubError(f"publish on {channel!r} failed: {exc}") from exc
+        except trio.TooSlowError:
+            raise PubSubError(f"publish on {channel!r} timed out") from None
+        self._published += 1
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[QueueSubscription]:
+        """Subscribe for the duration of the block.
+
+        On entry the channel is LISTENed (or, while the listener is reconnecting,
+        a `Resync` is guaranteed to follow the reconnect). Raises `PubSubError`
+        when the pubsub is closed or the LISTEN does not complete in time.
+        """
+        check_channel(channel, self._config)
+        if self._closed:
+            raise PubSubError("the pubsub is closed")
+        sub = QueueSubscription(channel)
+        self._subs.setdefault(channel, set()).add(sub)
+        try:
+            await self._until_listening(sub)
+            yield sub
+        finally:
+            self._remove(sub)
+
+    # -- introspection (operators and tests) ------------------------------------------------
+
+    @property
+    def listener_application_name(self) -> str:
+        """The `application_name` of the LISTEN session (find it in pg_stat_activity)."""
+        return self._app_name
+
+    @property
+    def listener_pid(self) -> int | None:
+        """Backend pid of the current LISTEN session; None while disconnected."""
+        return self._backend_pid
+
+    @property
+    def connected(self) -> bool:
+        """True while the LISTEN connection is up."""
+        return self._connected
+
+    @property
+    def listening_channels(self) -> frozenset[str]:
+        """Channels whose LISTEN has completed on the current connection."""
+        return frozenset(self._listening)
+
+    async def settle(self) -> None:
+        """Wait until LISTEN/UNLISTEN match the subscriptions (returns at once if disconnected)."""
+        while self._connected and not self._closed and self._needs_round():
+            event = self._round
+            self._wake()
+            await event.wait()
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> PubSubStatistics:
+        """Counters since `open()`."""
+        return PubSubStatistics(
+            channels=sum(1 for s in self._subs.values() if s),
+            subscriptions=sum(len(s) for s in self._subs.values()),
+            published=self._published,
+            delivered=self._delivered,
+            resyncs=self._resyncs,
+            listens=self._listens,
+            unlistens=self._unlistens,
+            reconnects=self._reconnects,
+        )
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    def _desired(self) -> set[str]:
+        return {channel for channel, subs in self._subs.items() if subs}
+
+    def _needs_round(self) -> bool:
+        return self._dirty or self._desired() != self._listening
+
+    async def _until_listening(self, sub: QueueSubscription) -> None:
+        try:
+            with trio.fail_after(self._config.subscribe_timeout):
+                while True:
+                    if sub.failed or not self._connected or sub.channel in self._listening:
+                        # Disconnected: the reconnect re-LISTENs and then sends a Resync.
+                        break
+                    if self._closed:
+                        raise PubSubError("the pubsub is closed")
+                    event = self._round
+                    self._wake()
+                    await event.wait()
+        except trio.TooSlowError:
+            raise PubSubError(f"LISTEN {sub.channel!r} did not complete in time") from None
+        await trio.lowlevel.checkpoint()
+
+    def _remove(self, sub: QueueSubscription) -> None:
+        subs = self._subs.get(sub.channel)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.channel]
+                # UNLISTEN happens in the background: leaving a subscription never blocks.
+                self._wake()
+        sub.close()
+
+    def _wake(self) -> None:
+        self._dirty = True
+        if self._fetch_scope is not None:
+            self._fetch_scope.cancel()
+
+    def _end_round(self) -> None:
+        self._round.set()
+        self._round = trio.Event()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        self._connected = False
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.fail(PubSubError("the pubsub is closed"))
+        self._subs.clear()
+        self._end_round()
+
+    # -- the listener ----------------------------------------------------------------------
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await self._bridge.run(
+            _connect, self._dsn, _conn_kwargs(self._config, self._app_name)
+        )
+
+    async def _reconnect(self) -> psycopg.AsyncConnection[Any]:
+        delay = self._config.reconnect_backoff_initial
+        while True:
+            await trio.sleep(delay)
+            try:
+                return await self._connect()
+            except (psycopg.Error, OSError) as exc:
+                log.warning(
+                    "pubsub listener reconnect failed",
+                    extra={"error": str(exc), "retry_in": delay, "app": self._app_name},
+                )
+            delay = min(delay * 2, self._config.reconnect_backoff_max)
+
+    async def _listen_forever(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        first = True
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            try:
+                await self._serve(conn, resync=not first, started=mark_started)
+            except psycopg.Error as exc:
+                log.warning(
+                    "pubsub listener connection lost",
+                    extra={"error": str(exc), "app": self._app_name},
+                )
+            finally:
+                self._connected = False
+                self._backend_pid = None
+                self._listening.clear()
+                self._end_round()
+                await self._close_conn(conn)
+            # Subscribers arriving from now on enter at once; the reconnect resyncs them.
+            mark_started()
+            first = False
+            conn = await self._reconnect()
+            self._reconnects += 1
+            log.info("pubsub listener reconnected", extra={"app": self._app_name})
+
+    async def _serve(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        resync: bool,
+        started: Callable[[], None],
+    ) -> None:
+        # Connected before the first round: a subscriber arriving during it waits for the
+        # next round; one that arrived while disconnected is LISTENed now, then resynced.
+        self._connected = True
+        self._backend_pid = conn.info.backend_pid
+        self._dirty = False
+        await self._apply(conn)
+        if resync:
+            self._resync_all()
+        self._end_round()
+        started()
+        while True:
+            if self._dirty:
+                self._dirty = False
+                await self._apply(conn)
+                self._end_round()
+                continue
+            batch: list[tuple[str, str]] = []
+            with trio.CancelScope() as scope:
+                self._fetch_scope = scope
+                try:
+                    batch = await self._bridge.run(_fetch_batch, conn)
+                finally:
+                    self._fetch_scope = None
+            if scope.cancelled_caught:
+                continue
+            for channel, payload in batch:
+                for sub in list(self._subs.get(channel, ())):
+                    if sub.deliver(payload):
+                        self._delivered += 1
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """LISTEN/UNLISTEN until the connection listens to exactly the subscribed channels."""
+        desired = self._desired()
+        for channel in sorted(self._listening - desired):
+            self._listening.discard(channel)
+            await self._bridge.run(_execute, conn, _statement("UNLISTEN", channel))
+            self._unlistens += 1
+        for channel in sorted(desired - self._listening):
+            try:
+                await self._bridge.run(_execute, conn, _statement("LISTEN", channel))
+            except psycopg.Error as exc:
+                if conn.closed:
+                    raise
+                self._fail_channel(channel, exc)
+                continue
+            self._listens += 1
+            self._listening.add(channel)
+
+    def _fail_channel(self, channel: str, exc: psycopg.Error) -> None:
+        log.error(
+            "pubsub cannot listen to a channel",
+            extra={"channel": channel, "error": str(exc), "app": self._app_name},
+        )
+        for sub in self._subs.pop(channel, set()):
+            error = PubSubError(f"cannot listen to {channel!r}: {exc}")
+            error.__cause__ = exc
+            sub.fail(error)
+
+    def _resync_all(self) -> None:
+        for subs in self._subs.values():
+            for sub in subs:
+                if sub.deliver(Resync()):
+                    self._resyncs += 1
+
+    async def _close_conn(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout):
+            await self._bridge.run(_close, conn)
+
+    async def _close_pool(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout):
+            await self._bridge.run(_close_pool, self._pool, self._config.close_timeout)
+
+
+def _statement(verb: str, channel: str) -> sql.Composed:
+    # Channel names such as chat:stream:<uuid> need quoting as identifiers.
+    return sql.SQL(verb + " {}").format(sql.Identifier(channel))
+
+
+def _conn_kwargs(cfg: PubSubConfig, application_name: str) -> dict[str, Any]:
+    return {
+        "application_name": application_name,
+        "connect_timeout": cfg.connect_timeout,
+        "keepalives": 1,
+        "keepalives_idle": cfg.keepalives_idle,
+        "keepalives_interval": cfg.keepalives_interval,
+        "keepalives_count": cfg.keepalives_count,
+    }
