@@ -1,0 +1,377 @@
+"""Compaction (SPEC 3.1): the chart on its own, then driven by the agent loop."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import pytest
+from statemachine.exceptions import TransitionNotAllowed
+
+from chatd_trio.config import CompactionConfig, LoopConfig
+from chatd_trio.domain import (
+    Message,
+    NewMessage,
+    Role,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    Visibility,
+)
+from chatd_trio.errors import StoreError
+from chatd_trio.loop import run_turn
+from chatd_trio.models.base import PromptMessage
+from chatd_trio.models.scripted import (
+    ScriptedModel,
+    model_error,
+    text_step,
+    tool_step,
+    usage_of,
+)
+from chatd_trio.store.base import TurnOutcome
+from chatd_trio.store.memory import MemoryStore
+from chatd_trio.tools import ToolRegistry
+from statecharts.base import Step
+from statecharts.compaction import CompactionChart, over_threshold, usage_percent
+from tests.test_loop import Recorder, echo, start_chat
+
+LIMIT = 1000
+PREFIX = CompactionConfig().summary_prefix
+OVER = usage_of(800)  # 80 % of LIMIT: above the default 70 % threshold
+UNDER = usage_of(100)
+
+
+def config(max_steps: int = 50, **compaction: object) -> LoopConfig:
+    return LoopConfig(
+        max_steps=max_steps,
+        compaction=CompactionConfig(context_limit=LIMIT, **compaction),  # type: ignore[arg-type]
+    )
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that logs its compaction writes (and can fail them)."""
+
+    def __init__(self, log: list[str] | None = None, *, fail_compaction: bool = False) -> None:
+        super().__init__()
+        self.log = log if log is not None else []
+        self.compaction_writes = 0
+        self.fail_compaction = fail_compaction
+
+    async def persist_compaction(
+        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+    ) -> list[Message]:
+        self.log.append("persist_compaction")
+        self.compaction_writes += 1
+        if self.fail_compaction:
+            raise StoreError("disk full")
+        return await super().persist_compaction(chat_id, worker_id, messages)
+
+
+async def compressed(store: MemoryStore, chat_id: uuid.UUID) -> list[Message]:
+    """The compressed messages: the latest (hidden) summary and every visible one."""
+    messages = await store.prompt_messages(chat_id) + await store.messages_after(chat_id, 0)
+    by_id = {m.id: m for m in messages if m.compressed}
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def summarized_parts(rec: Recorder) -> list[ToolCallPart | ToolResultPart]:
+    return [
+        e.part
+        for e in rec.parts
+        if isinstance(e.part, ToolCallPart | ToolResultPart) and e.part.name == "chat_summarized"
+    ]
+
+
+def is_summary(message: PromptMessage, summary: str) -> bool:
+    return message.role is Role.USER and message.parts == (TextPart(PREFIX + summary),)
+
+
+# -- the chart ---------------------------------------------------------------------
+
+
+def test_usage_percent_and_threshold_rule() -> None:
+    assert usage_percent(700, 1000) == 70.0
+    assert over_threshold(700, 1000, 70)
+    assert not over_threshold(699, 1000, 70)
+    assert not over_threshold(5000, 1000, 100)  # 100 % disables compaction
+    assert not over_threshold(0, 1000, 1)  # no usage reported: nothing to measure
+    assert not over_threshold(10, 0, 70)
+    assert CompactionConfig(threshold_percent=0).effective_threshold == 70
+    assert CompactionConfig(threshold_percent=150).effective_threshold == 70
+    assert CompactionConfig(threshold_percent=100).effective_threshold == 100
+
+
+def test_chart_pinned_path_for_one_step() -> None:
+    chart = CompactionChart(max_steps=1, max_reentries=3)
+    chart.send("step_persisted", tool_calls=False, over_threshold=True)
+    chart.send("summary_ok")
+    chart.send("post_run_check", over_threshold=True)
+    chart.send("reloaded")
+    chart.send("post_run_check", over_threshold=True)
+    chart.send("summary_ok")
+
+    assert [s.target for s in chart.trace] == [
+        "compacting",
+        "checking",
+        "reentering",
+        "checking",
+        "safety_compacting",
+        "done",
+    ]
+    assert (chart.steps_used, chart.compactions, chart.reentries) == (1, 2, 1)
+
+
+def test_chart_refuses_events_its_table_does_not_allow() -> None:
+    chart = CompactionChart(max_steps=3, max_reentries=3)
+    with pytest.raises(TransitionNotAllowed):
+        chart.send("summary_ok")
+    chart.send("step_persisted", tool_calls=True, over_threshold=False)
+    assert chart.trace == [Step("stepping", "step_persisted", "stepping")]
+    assert chart.steps_used == 2
+
+
+# -- compaction driven by the loop -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reported_limit", "expected_limit"), [(None, LIMIT), (800, 800)], ids=["config", "model"]
+)
+async def test_threshold_reached_persists_summary_with_tokens_limit_percent(
+    reported_limit: int | None, expected_limit: int
+) -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    usage = usage_of(600)  # 60 % of 1000 (no compaction) but 75 % of 800
+    model = ScriptedModel(
+        [text_step("answer", usage=usage, context_limit=reported_limit), text_step("more")],
+        summaries=["the summary"],
+    )
+
+    result = await run_turn(store, chat_id, worker, model, config=config(threshold_percent=60))
+
+    assert result.outcome is TurnOutcome.DONE
+    assert result.compactions == 1
+    summary, call, report = await compressed(store, chat_id)
+    assert (summary.role, summary.visibility) == (Role.USER, Visibility.MODEL)
+    assert summary.parts == (TextPart(PREFIX + "the summary"),)
+    assert (call.role, call.visibility) == (Role.ASSISTANT, Visibility.USER)
+    assert call.parts == (ToolCallPart(call.parts[0].call_id, "chat_summarized", "{}"),)  # type: ignore[union-attr]
+    assert (report.role, report.visibility) == (Role.TOOL, Visibility.USER)
+    (part,) = report.parts
+    assert isinstance(part, ToolResultPart) and not part.is_error
+    assert part.result == {
+        "summary": "the summary",
+        "source": "automatic",
+        "threshold_percent": 60,
+        "usage_percent": pytest.approx(600 / expected_limit * 100),
+        "context_tokens": 600,
+        "context_limit_tokens": expected_limit,
+    }
+
+
+async def test_below_threshold_at_configured_limit_does_not_compact() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel([text_step("answer", usage=usage_of(600))], summaries=["never"])
+
+    result = await run_turn(store, chat_id, worker, model, config=config())
+
+    assert (result.compactions, model.generate_count) == (0, 0)
+
+
+async def test_publish_order_tool_call_part_generate_persist_tool_result_part() -> None:
+    log: list[str] = []
+    store = CountingStore(log)
+    chat_id, worker = await start_chat(store)
+    rec = Recorder(log=log)
+
+    def summarise(prompt: Sequence[PromptMessage], index: int) -> str:
+        log.append("generate")
+        return "S"
+
+    model = ScriptedModel(
+        [tool_step([("echo", {})], usage=OVER), text_step("ok")], summaries=summarise
+    )
+
+    await run_turn(
+        store,
+        chat_id,
+        worker,
+        model,
+        tools=ToolRegistry([echo]),
+        config=config(max_steps=1),
+        callbacks=rec.callbacks(),
+    )
+
+    start = log.index("part:tool_call:chat_summarized")
+    assert log[start : start + 4] == [
+        "part:tool_call:chat_summarized",
+        "generate",
+        "persist_compaction",
+        "part:tool_result:chat_summarized",
+    ]
+    # then the visible call and result arrive as durable messages (the summary is hidden)
+    assert log[start + 4 : start + 6] == ["message:assistant", "message:tool"]
+    # the summary request is the whole history followed by one user message with the prompt
+    (prompt,) = model.generate_prompts
+    assert [m.role for m in prompt] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.USER]
+    assert prompt[-1].parts == (TextPart(CompactionConfig().summary_prompt),)
+
+
+async def test_no_publish_below_threshold() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel(
+        [tool_step([("echo", {})], usage=UNDER), text_step("ok", usage=UNDER)], summaries=["S"]
+    )
+    rec = Recorder()
+
+    result = await run_turn(
+        store,
+        chat_id,
+        worker,
+        model,
+        tools=ToolRegistry([echo]),
+        config=config(),
+        callbacks=rec.callbacks(),
+    )
+
+    assert result.compactions == 0
+    assert summarized_parts(rec) == []
+    assert model.generate_count == 0
+    assert await compressed(store, chat_id) == []
+
+
+async def test_mid_loop_compaction_reloads_messages_and_model_called_exactly_twice() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel(
+        [tool_step([("echo", {})], usage=OVER), text_step("ok", usage=UNDER)], summaries=["S"]
+    )
+
+    result = await run_turn(
+        store, chat_id, worker, model, tools=ToolRegistry([echo]), config=config()
+    )
+
+    assert result.outcome is TurnOutcome.DONE
+    assert model.stream_count == 2
+    assert (result.compactions, result.reentries) == (1, 0)
+    # the second step sees the reloaded history: the summary replaces everything before it
+    (summary,) = model.stream_prompts[1]
+    assert is_summary(summary, "S")
+
+
+async def test_no_post_run_compaction_after_inline_one() -> None:
+    store = CountingStore()
+    chat_id, worker = await start_chat(store)
+    # One step (the budget), over the threshold, with tool calls: inline compaction only.
+    model = ScriptedModel([tool_step([("echo", {})], usage=OVER)], summaries=["S", "S2"])
+
+    result = await run_turn(
+        store, chat_id, worker, model, tools=ToolRegistry([echo]), config=config(max_steps=1)
+    )
+
+    assert result.outcome is TurnOutcome.DONE
+    assert model.generate_count == 1
+    assert store.compaction_writes == 1
+    assert (result.compactions, result.reentries, result.final_state) == (1, 0, "done")
+
+
+async def test_summary_errors_reported_run_still_succeeds() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    # inline: empty summary; post-run safety net: the summary call fails
+    model = ScriptedModel(
+        [text_step("answer", usage=OVER)],
+        summaries=["   ", model_error(500, kind="server_error", message="summary boom")],
+    )
+    rec = Recorder()
+
+    result = await run_turn(
+        store, chat_id, worker, model, config=config(), callbacks=rec.callbacks()
+    )
+
+    assert result.outcome is TurnOutcome.DONE
+    assert result.compactions == 0
+    assert model.generate_count == 2
+    assert [e.kind for e in rec.errors] == ["compaction", "compaction"]
+    assert "empty summary" in rec.errors[0].message
+    assert "summary boom" in rec.errors[1].message
+    parts = summarized_parts(rec)
+    assert [type(p).__name__ for p in parts] == ["ToolCallPart", "ToolResultPart"] * 2
+    assert all(p.is_error for p in parts if isinstance(p, ToolResultPart))
+    assert await compressed(store, chat_id) == []
+
+
+async def test_compaction_persist_failure_reported_run_still_succeeds() -> None:
+    store = CountingStore(fail_compaction=True)
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel([text_step("answer", usage=OVER)], summaries=["S", "S"])
+    rec = Recorder()
+
+    result = await run_turn(
+        store, chat_id, worker, model, config=config(), callbacks=rec.callbacks()
+    )
+
+    assert result.outcome is TurnOutcome.DONE
+    assert result.compactions == 0
+    assert store.compaction_writes == 2  # inline, then the post-run safety net
+    assert [e.message for e in rec.errors] == ["failed to persist compaction result"] * 2
+
+
+async def test_text_only_over_threshold_final_step_reenters_with_summary_in_prompt() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel(
+        [text_step("first", usage=OVER), text_step("second", usage=UNDER)], summaries=["S"]
+    )
+
+    result = await run_turn(store, chat_id, worker, model, config=config())
+
+    assert result.outcome is TurnOutcome.DONE
+    assert model.stream_count == 2
+    assert (result.compactions, result.reentries) == (1, 1)
+    assert any(is_summary(m, "S") for m in model.stream_prompts[1])
+    assert not any(is_summary(m, "S") for m in model.stream_prompts[0])
+
+
+async def test_reentry_stops_after_three() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel(
+        lambda prompt, i: text_step(f"answer {i}", usage=OVER),
+        summaries=lambda prompt, i: f"S{i}",
+    )
+
+    result = await run_turn(store, chat_id, worker, model, config=config())
+
+    assert result.outcome is TurnOutcome.DONE
+    assert result.reentries == 3
+    assert model.stream_count == 4  # the first pass plus three re-entries
+    assert result.compactions == 4
+    assert result.final_state == "exhausted"
+
+
+async def test_max_steps_one_compaction_persists_exactly_twice() -> None:
+    store = CountingStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel([text_step("answer", usage=OVER)], summaries=["S1", "S2"])
+
+    result = await run_turn(store, chat_id, worker, model, config=config(max_steps=1))
+
+    assert result.outcome is TurnOutcome.DONE
+    assert store.compaction_writes == 2
+    assert model.stream_count == 1
+    visible = [m for m in await store.messages_after(chat_id, 0) if m.compressed]
+    assert [m.role for m in visible] == [Role.ASSISTANT, Role.TOOL] * 2
+    assert (await store.prompt_messages(chat_id))[0].parts == (TextPart(PREFIX + "S2"),)
+
+
+async def test_threshold_100_disables_compaction() -> None:
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel([text_step("answer", usage=usage_of(5000))], summaries=["S"])
+
+    result = await run_turn(store, chat_id, worker, model, config=config(threshold_percent=100))
+
+    assert (result.compactions, model.generate_count) == (0, 0)
