@@ -1,0 +1,968 @@
+"""Turn-local workspace context: binding, lazy-validation dial, instructions, MCP, tools.
+
+SPEC.md section 5. One `WorkspaceContext` lives for one turn. It resolves the
+chat's agent once (the persisted binding first, the latest build as the
+fallback, repairing the binding), dials it once through
+`dial_with_lazy_validation` and shares that connection with every tool call,
+the instruction files and MCP discovery of the turn. `aclose()` releases the
+connection at turn end.
+
+Replica-level state lives outside the turn: `McpToolCache` (MCP tools per
+agent, and which chats already hold an agent's instruction files) and
+`WorkspaceStats` (counters for `Server.stats()`).
+
+Wiring it into a turn (the server's tools factory)::
+
+    ctx = WorkspaceContext(store, chat, worker_id, dial_agent, config.workspace,
+                           turn_nursery, mcp_cache, stats, provisioner=provisioner)
+    env.cleanups.append(ctx.aclose)
+    await ctx.prepare()  # bounded, never raises for workspace problems
+    registry = ToolRegistry(ctx.tools())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import secrets
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import trio
+
+from chatd_trio.agent import (
+    DirEntry,
+    ExecResult,
+    FileContent,
+    InstructionFile,
+    McpCallResult,
+    McpServerConfig,
+    McpTool,
+    serve_agent,
+)
+from chatd_trio.config import Config, WorkspaceConfig
+from chatd_trio.dial import DialResult, Release, dial_with_lazy_validation
+from chatd_trio.domain import (
+    JSON,
+    Chat,
+    ContextFilePart,
+    NewMessage,
+    Role,
+    Visibility,
+    Workspace,
+    WorkspaceAgent,
+)
+from chatd_trio.errors import (
+    AgentOperationError,
+    AgentUnavailable,
+    ChatdError,
+    ChatHasNoWorkspace,
+    DialError,
+    NoWorkspaceAgent,
+    ToolError,
+)
+from chatd_trio.store.base import Store
+from chatd_trio.tools import ErrorResult, FunctionTool, Tool, ToolContext, ToolFunction
+
+__all__ = [
+    "AgentDialer",
+    "InstructionOutcome",
+    "LocalProvisioner",
+    "McpToolCache",
+    "WorkspaceConnection",
+    "WorkspaceContext",
+    "WorkspaceProvisioner",
+    "WorkspaceStats",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# -- ports --------------------------------------------------------------------------
+
+
+class WorkspaceConnection(Protocol):
+    """What a turn uses of an agent connection (`chatd_trio.agent.AgentConn` is one)."""
+
+    async def execute(
+        self,
+        command: str,
+        timeout: float,  # noqa: ASYNC109 - the command's limit on the agent
+        *,
+        output_limit: int | None = None,
+    ) -> ExecResult: ...
+
+    async def read_file(self, path: str) -> FileContent: ...
+
+    async def write_file(self, path: str, content: str) -> int: ...
+
+    async def list_dir(self, path: str = ".") -> list[DirEntry]: ...
+
+    async def instruction_files(self) -> list[InstructionFile]: ...
+
+    async def mcp_list_tools(self) -> list[McpTool]: ...
+
+    async def mcp_call_tool(
+        self, server: str, tool: str, arguments: dict[str, Any]
+    ) -> McpCallResult: ...
+
+
+# `chatd_trio.agent.dial_agent` is the production dialer.
+AgentDialer = Callable[[WorkspaceAgent], Awaitable[tuple[WorkspaceConnection, Release]]]
+
+
+class WorkspaceProvisioner(Protocol):
+    """Creates, starts and stops workspaces (the built-in workspace tools call it)."""
+
+    async def create(self, owner_id: uuid.UUID, name: str) -> Workspace:
+        """A new workspace with a first build whose agent is running."""
+        ...
+
+    async def start(self, workspace_id: uuid.UUID) -> WorkspaceAgent:
+        """A new build with a new running agent (a running agent is replaced)."""
+        ...
+
+    async def stop(self, workspace_id: uuid.UUID) -> None:
+        """A new build without agents; the running agent stops."""
+        ...
+
+
+# -- replica-level state --------------------------------------------------------------
+
+
+@dataclass
+class WorkspaceStats:
+    """Workspace counters of one replica; also the `DialObserver` of its dials."""
+
+    dials: int = 0
+    validations: int = 0
+    switches: int = 0
+    agent_lookups: int = 0
+    latest_build_lookups: int = 0
+    binding_updates: int = 0
+    instruction_persists: int = 0
+    mcp_discoveries: int = 0
+    mcp_cache_hits: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters by name."""
+        return dataclasses.asdict(self)
+
+    # DialObserver
+    def on_dial(self, agent_id: uuid.UUID) -> None:
+        self.dials += 1
+
+    def on_validate(self, workspace_id: uuid.UUID) -> None:
+        self.validations += 1
+
+    def on_switch(self, old_agent_id: uuid.UUID, new_agent_id: uuid.UUID) -> None:
+        self.switches += 1
+
+    def on_step(self, step: object) -> None:
+        pass
+
+
+class McpToolCache:
+    """Replica-level, per-agent memory shared by every turn of the replica.
+
+    Holds the MCP tools discovered through each agent (a steady-state turn does
+    no discovery round trip; stale tools fail at invocation, which is harmless)
+    and which chats already hold an agent's instruction files (a steady-state
+    turn reads no history). Both are LRU-bounded.
+
+    The instruction ledger is an optimistic cache too: an edit soft-deletes
+    the instruction message with everything after it, so whoever handles an
+    edit calls `forget_chat`. A replica that did not see the edit keeps its
+    entry until it is evicted or the replica restarts.
+    """
+
+    def __init__(self, config: WorkspaceConfig | None = None) -> None:
+        cfg = config if config is not None else WorkspaceConfig()
+        self._max_agents = cfg.mcp_cache_max_agents
+        self._max_ledger = cfg.instruction_ledger_max_entries
+        self._tools: OrderedDict[uuid.UUID, tuple[McpTool, ...]] = OrderedDict()
+        self._ledger: OrderedDict[tuple[uuid.UUID, uuid.UUID], None] = OrderedDict()
+
+    def get(self, agent_id: uuid.UUID) -> tuple[McpTool, ...] | None:
+        """The agent's cached tools, or None when never discovered (or evicted)."""
+        tools = self._tools.get(agent_id)
+        if tools is not None:
+            self._tools.move_to_end(agent_id)
+        return tools
+
+    def put(self, agent_id: uuid.UUID, tools: Sequence[McpTool]) -> None:
+        self._tools[agent_id] = tuple(tools)
+        self._tools.move_to_end(agent_id)
+        while len(self._tools) > self._max_agents:
+            self._tools.popitem(last=False)
+
+    def discard(self, agent_id: uuid.UUID) -> None:
+        self._tools.pop(agent_id, None)
+
+    def instructions_known(self, chat_id: uuid.UUID, agent_id: uuid.UUID) -> bool:
+        """True when this replica knows the chat's history holds the agent's instructions."""
+        key = (chat_id, agent_id)
+        if key in self._ledger:
+            self._ledger.move_to_end(key)
+            return True
+        return False
+
+    def remember_instructions(self, chat_id: uuid.UUID, agent_id: uuid.UUID) -> None:
+        self._ledger[(chat_id, agent_id)] = None
+        self._ledger.move_to_end((chat_id, agent_id))
+        while len(self._ledger) > self._max_ledger:
+            self._ledger.popitem(last=False)
+
+    def forget_chat(self, chat_id: uuid.UUID) -> None:
+        """Drop what is known about a chat's history (call it after an edit)."""
+        for key in [k for k in self._ledger if k[0] == chat_id]:
+            del self._ledger[key]
+
+
+class InstructionOutcome(enum.StrEnum):
+    """What `WorkspaceContext.ensure_instructions` did."""
+
+    KNOWN = "known"  # the replica's ledger says the history holds them: no I/O
+    PRESENT = "present"  # found in the history
+    PERSISTED = "persisted"  # read from the agent and persisted
+    SENTINEL = "sentinel"  # the agent has none: a sentinel was persisted
+    UNAVAILABLE = "unavailable"  # no workspace, no agent or no connection: nothing persisted
+
+
+# Error kinds the workspace tools report to the model.
+_ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
+    (NoWorkspaceAgent, "no_workspace_agent"),
+    (ChatHasNoWorkspace, "chat_has_no_workspace"),
+    (DialError, "dial_failed"),
+    (AgentUnavailable, "agent_unavailable"),
+)
+
+
+def _error_result(exc: ChatdError) -> ErrorResult:
+    if isinstance(exc, AgentOperationError):
+        kind = exc.kind
+    else:
+        kind = next((k for t, k in _ERROR_KINDS if isinstance(exc, t)), "workspace_error")
+    return ErrorResult({"error": str(exc), "kind": kind})
+
+
+# -- the turn-local context -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Lease:
+    conn: WorkspaceConnection
+    agent: WorkspaceAgent
+
+
+class WorkspaceContext:
+    """The workspace of one turn: resolve the agent once, dial once, release at the end.
+
+    `dialer` connects to an agent (`dial_agent`); `nursery` is the turn's
+    nursery, where a stale dial finishes and its late connection is released;
+    `mcp_cache` and `stats` belong to the replica. With `use_binding=False`
+    (baseline benchmark) every operation resolves the latest build and dials
+    anew, releasing the connection after the call.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        chat: Chat,
+        worker_id: uuid.UUID,
+        dialer: AgentDialer,
+        config: WorkspaceConfig,
+        nursery: trio.Nursery,
+        mcp_cache: McpToolCache,
+        stats: WorkspaceStats,
+        *,
+        provisioner: WorkspaceProvisioner | None = None,
+    ) -> None:
+        self._store = store
+        self._chat = chat
+        self._worker_id = worker_id
+        self._dialer = dialer
+        self._config = config
+        self._nursery = nursery
+        self._cache = mcp_cache
+        self._stats = stats
+        self._provisioner = provisioner
+        # One resolution and one dial at a time: parallel tools share the result.
+        self._lock = trio.Lock()
+        self._agent: WorkspaceAgent | None = None
+        self._dialed: DialResult[WorkspaceConnection] | None = None
+        self._dialed_agent: WorkspaceAgent | None = None
+        # Agent rows seen this turn, so a switched dial needs no extra lookup.
+        self._known: dict[uuid.UUID, WorkspaceAgent] = {}
+        # Agent ids whose context files the history holds (read at most once per turn).
+        self._history_agents: set[uuid.UUID] | None = None
+        self._mcp_tools: tuple[McpTool, ...] = ()
+        self._closed = False
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def chat(self) -> Chat:
+        """The chat as this turn knows it (binding updates included)."""
+        return self._chat
+
+    @property
+    def cached_agent(self) -> WorkspaceAgent | None:
+        """The agent resolved for this turn, if any."""
+        return self._agent
+
+    @property
+    def mcp_tools(self) -> tuple[McpTool, ...]:
+        """MCP tools offered this turn (filled by `discover_mcp_tools`)."""
+        return self._mcp_tools
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> WorkspaceContext:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the cached connection (exactly once); later calls change nothing."""
+        self._closed = True
+        await self._drop_connection()
+
+    # -- agent resolution ---------------------------------------------------------------
+
+    async def agent(self) -> WorkspaceAgent:
+        """The turn's agent, resolved once.
+
+        Raises `ChatHasNoWorkspace` or `NoWorkspaceAgent`. Without binding
+        (baseline) every call asks the latest build.
+        """
+        if not self._config.use_binding:
+            return (await self._latest_agents(await self._workspace_id()))[0]
+        if self._agent is not None:
+            return self._agent
+        async with self._lock:
+            return await self._resolve_locked()
+
+    async def _resolve_locked(self) -> WorkspaceAgent:
+        if self._agent is not None:
+            return self._agent
+        workspace_id = await self._workspace_id()
+        bound_id = self._chat.agent_id
+        if bound_id is not None:
+            self._stats.agent_lookups += 1
+            bound = await self._store.agent_by_id(bound_id)
+            if bound is not None and bound.workspace_id == workspace_id:
+                self._known[bound.id] = bound
+                self._agent = bound
+                return bound
+            logger.info(
+                "bound agent is gone; resolving the latest build",
+                extra={"chat_id": str(self._chat.id), "agent_id": str(bound_id)},
+            )
+        agent = (await self._latest_agents(workspace_id))[0]
+        await self._bind(agent)
+        self._agent = agent
+        return agent
+
+    async def _workspace_id(self) -> uuid.UUID:
+        if self._chat.workspace_id is None:
+            # A tool (create_workspace) may have just attached one elsewhere.
+            self._chat = await self._store.get_chat(self._chat.id)
+        if self._chat.workspace_id is None:
+            raise ChatHasNoWorkspace()
+        return self._chat.workspace_id
+
+    async def _latest_agents(self, workspace_id: uuid.UUID) -> list[WorkspaceAgent]:
+        self._stats.latest_build_lookups += 1
+        agents = await self._store.latest_build_agents(workspace_id)
+        if not agents:
+            raise NoWorkspaceAgent()
+        for a in agents:
+            self._known[a.id] = a
+        return agents
+
+    async def _bind(self, agent: WorkspaceAgent) -> None:
+        chat = self._chat
+        if (chat.workspace_id, chat.build_id, chat.agent_id) == (
+            agent.workspace_id,
+            agent.build_id,
+            agent.id,
+        ):
+            return
+        self._chat = dataclasses.replace(
+            chat, workspace_id=agent.workspace_id, build_id=agent.build_id, agent_id=agent.id
+        )
+        self._stats.binding_updates += 1
+        try:
+            await self._store.update_binding(chat.id, agent.workspace_id, agent.build_id, agent.id)
+        except ChatdError as exc:
+            # The binding is an optimistic cache: a failed write costs a lookup next turn.
+            logger.warning(
+                "persisting the workspace binding failed",
+                extra={"chat_id": str(chat.id), "agent_id": str(agent.id), "error": repr(exc)},
+            )
+
+    # -- connections ----------------------------------------------------------------
+
+    async def conn(self) -> WorkspaceConnection:
+        """The turn's cached connection, dialed on first use (binding mode only).
+
+        Raises `ChatHasNoWorkspace`, `NoWorkspaceAgent` (cached state cleared)
+        or `DialError`.
+        """
+        return (await self._cached_lease()).conn
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[WorkspaceConnection]:
+        """A connection for one operation: the cached one, or a fresh one in baseline mode."""
+        async with self._lease() as lease:
+            yield lease.conn
+
+    @asynccontextmanager
+    async def _lease(self) -> AsyncIterator[_Lease]:
+        if self._config.use_binding:
+            lease = await self._cached_lease()
+            try:
+                yield lease
+            except AgentUnavailable:
+                # The agent went away mid-turn: the next call dials (and validates) anew.
+                await self._drop_connection(lease.conn)
+                raise
+            return
+        agent = await self.agent()
+        self._stats.dials += 1
+        conn, release = await self._dialer(agent)
+        try:
+            yield _Lease(conn, agent)
+        finally:
+            await self._release(release, agent.id)
+
+    async def _cached_lease(self) -> _Lease:
+        if self._closed:
+            raise ChatdError("the turn's workspace context is closed")
+        dialed, agent = self._dialed, self._dialed_agent
+        if dialed is not None and agent is not None:
+            return _Lease(dialed.conn, agent)
+        async with self._lock:
+            if self._dialed is not None and self._dialed_agent is not None:
+                return _Lease(self._dialed.conn, self._dialed_agent)
+            bound = await self._resolve_locked()
+            try:
+                result = await dial_with_lazy_validation(
+                    bound.id,
+                    bound.workspace_id,
+                    dial=self._dial_by_id,
+                    validate=self._validate,
+                    delay=self._config.dial_validation_delay,
+                    nursery=self._nursery,
+                    observer=self._stats,
+                    release_timeout=self._config.dial_release_timeout,
+                )
+            except NoWorkspaceAgent:
+                self._agent = None
+                raise
+            target = self._known[result.agent_id]
+            if self._closed:
+                await self._release(result.release, target.id)
+                raise ChatdError("the turn's workspace context is closed")
+            self._dialed, self._dialed_agent = result, target
+            if result.was_switched:
+                self._agent = target
+                await self._bind(target)
+            return _Lease(result.conn, target)
+
+    async def _dial_by_id(self, agent_id: uuid.UUID) -> tuple[WorkspaceConnection, Release]:
+        agent = self._known.get(agent_id)
+        if agent is None:  # pragma: no cover - resolution and validation record every id
+            raise AgentUnavailable(f"agent {agent_id} is unknown")
+        return await self._dialer(agent)
+
+    async def _validate(self, workspace_id: uuid.UUID) -> uuid.UUID:
+        return (await self._latest_agents(workspace_id))[0].id
+
+    async def _drop_connection(self, only: WorkspaceConnection | None = None) -> None:
+        dialed = self._dialed
+        if dialed is None or (only is not None and dialed.conn is not only):
+            return
+        self._dialed, self._dialed_agent = None, None
+        await self._release(dialed.release, dialed.agent_id)
+
+    async def _release(self, release: Release, agent_id: uuid.UUID) -> None:
+        with trio.move_on_after(self._config.dial_release_timeout, shield=True) as scope:
+            try:
+                await release()
+            except Exception as exc:
+                logger.warning(
+                    "releasing an agent connection failed",
+                    extra={"agent_id": str(agent_id), "error": repr(exc)},
+                )
+        if scope.cancelled_caught:
+            logger.warning(
+                "releasing an agent connection timed out",
+                extra={"agent_id": str(agent_id), "timeout": self._config.dial_release_timeout},
+            )
+
+    async def change_workspace(self, workspace_id: uuid.UUID | None) -> None:
+        """Point the chat at `workspace_id` (binding build/agent cleared, bound lazily later);
+        the cached connection is released exactly once and the cached agent forgotten."""
+        # Under the lock: a dial in flight for the old workspace must not land afterwards.
+        async with self._lock:
+            chat = self._chat
+            self._chat = dataclasses.replace(
+                chat, workspace_id=workspace_id, build_id=None, agent_id=None
+            )
+            self._agent = None
+            self._stats.binding_updates += 1
+            try:
+                await self._store.update_binding(chat.id, workspace_id, None, None)
+            finally:
+                await self._drop_connection()
+
+    # -- instruction files ----------------------------------------------------------
+
+    async def ensure_instructions(self) -> InstructionOutcome:
+        """Persist the agent's instruction files once per agent (SPEC 5.2).
+
+        Reads within `instruction_timeout`; when the agent has none a sentinel is
+        persisted; when the workspace or connection fails nothing is persisted
+        (the next turn retries). Never raises for workspace problems.
+        """
+        chat_id = self._chat.id
+        try:
+            agent = await self.agent()
+        except (ChatHasNoWorkspace, NoWorkspaceAgent):
+            return InstructionOutcome.UNAVAILABLE
+        if self._cache.instructions_known(chat_id, agent.id):
+            return InstructionOutcome.KNOWN
+        present = await self._agents_in_history()
+        if agent.id in present:
+            self._cache.remember_instructions(chat_id, agent.id)
+            return InstructionOutcome.PRESENT
+        files: list[InstructionFile] | None = None
+        with trio.move_on_after(self._config.instruction_timeout):
+            try:
+                async with self._lease() as lease:
+                    target = lease.agent
+                    files = await lease.conn.instruction_files()
+            except ChatdError as exc:
+                logger.info(
+                    "instruction files unavailable; retrying next turn",
+                    extra={"chat_id": str(chat_id), "agent_id": str(agent.id), "error": str(exc)},
+                )
+        if files is None:
+            return InstructionOutcome.UNAVAILABLE
+        if target.id in present:  # the dial switched to an agent already recorded
+            self._cache.remember_instructions(chat_id, target.id)
+            return InstructionOutcome.PRESENT
+        parts = tuple(ContextFilePart(target.id, f.path, f.content) for f in files if f.path)
+        outcome = InstructionOutcome.PERSISTED if parts else InstructionOutcome.SENTINEL
+        message = NewMessage(
+            Role.SYSTEM, parts or (ContextFilePart(target.id),), visibility=Visibility.MODEL
+        )
+        try:
+            await self._store.persist_step(chat_id, self._worker_id, [message])
+        except ChatdError as exc:
+            logger.warning(
+                "persisting instruction files failed",
+                extra={"chat_id": str(chat_id), "agent_id": str(target.id), "error": repr(exc)},
+            )
+            return InstructionOutcome.UNAVAILABLE
+        self._stats.instruction_persists += 1
+        present.add(target.id)
+        self._cache.remember_instructions(chat_id, target.id)
+        return outcome
+
+    async def _agents_in_history(self) -> set[uuid.UUID]:
+        if self._history_agents is None:
+            messages = await self._store.prompt_messages(self._chat.id)
+            self._history_agents = {
+                part.agent_id
+                for m in messages
+                for part in m.parts
+                if isinstance(part, ContextFilePart)
+            }
+        return self._history_agents
+
+    # -- MCP discovery --------------------------------------------------------------
+
+    async def discover_mcp_tools(self) -> tuple[McpTool, ...]:
+        """The agent's MCP tools: from the replica cache, else discovered within
+        `mcp_discovery_timeout`. Never raises for workspace problems (no tools then)."""
+        try:
+            agent = await self.agent()
+        except (ChatHasNoWorkspace, NoWorkspaceAgent):
+            return self._mcp_tools
+        cached = self._cache.get(agent.id)
+        if cached is not None:
+            self._stats.mcp_cache_hits += 1
+            self._mcp_tools = cached
+            return cached
+        with trio.move_on_after(self._config.mcp_discovery_timeout) as scope:
+            try:
+                async with self._lease() as lease:
+                    tools = tuple(await lease.conn.mcp_list_tools())
+                    target = lease.agent
+            except ChatdError as exc:
+                logger.info(
+                    "mcp discovery failed",
+                    extra={
+                        "chat_id": str(self._chat.id),
+                        "agent_id": str(agent.id),
+                        "error": str(exc),
+                    },
+                )
+                return self._mcp_tools
+        if scope.cancelled_caught:
+            logger.info(
+                "mcp discovery timed out",
+                extra={"chat_id": str(self._chat.id), "agent_id": str(agent.id)},
+            )
+            return self._mcp_tools
+        self._stats.mcp_discoveries += 1
+        self._cache.put(target.id, tools)
+        self._mcp_tools = tools
+        return tools
+
+    # -- pre-model setup ------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Resolve the agent, then persist instructions and discover MCP tools concurrently.
+
+        Bounded by `instruction_timeout` / `mcp_discovery_timeout`; never raises
+        for workspace problems: a stopped workspace leaves built-in tools only.
+        """
+        try:
+            await self.agent()
+        except (ChatHasNoWorkspace, NoWorkspaceAgent) as exc:
+            logger.info(
+                "turn runs without workspace tools setup",
+                extra={"chat_id": str(self._chat.id), "reason": str(exc)},
+            )
+            return
+        except ChatdError as exc:
+            logger.warning(
+                "resolving the workspace agent failed",
+                extra={"chat_id": str(self._chat.id), "error": repr(exc)},
+            )
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._quietly, self.ensure_instructions, "instruction files")
+            nursery.start_soon(self._quietly, self.discover_mcp_tools, "mcp discovery")
+
+    async def _quietly(self, fn: Callable[[], Awaitable[object]], what: str) -> None:
+        try:
+            await fn()
+        except ChatdError as exc:  # a store error: the turn still starts
+            logger.warning(
+                "workspace setup step failed",
+                extra={"chat_id": str(self._chat.id), "step": what, "error": repr(exc)},
+            )
+
+    # -- tools ------------------------------------------------------------------------
+
+    def tools(self) -> list[Tool]:
+        """Workspace tools, this turn's MCP tools and (with a provisioner) management tools."""
+        out: list[Tool] = [
+            FunctionTool("execute", _EXECUTE_DESC, _EXECUTE_SCHEMA, self._guard(self._execute)),
+            FunctionTool("read_file", _READ_DESC, _PATH_SCHEMA, self._guard(self._read_file)),
+            FunctionTool("write_file", _WRITE_DESC, _WRITE_SCHEMA, self._guard(self._write_file)),
+            FunctionTool("list_dir", _LIST_DESC, _LIST_SCHEMA, self._guard(self._list_dir)),
+        ]
+        if self._provisioner is not None:
+            out += [
+                FunctionTool(
+                    "create_workspace", _CREATE_DESC, _CREATE_SCHEMA, self._guard(self._create)
+                ),
+                FunctionTool("start_workspace", _START_DESC, _EMPTY, self._guard(self._start)),
+                FunctionTool("stop_workspace", _STOP_DESC, _EMPTY, self._guard(self._stop)),
+            ]
+        names = {t.name for t in out}
+        sep = self._config.mcp_tool_separator
+        for mcp in self._mcp_tools:
+            name = f"{mcp.server}{sep}{mcp.name}"
+            if name in names or not _valid_tool_name(name, self._config.tool_name_max_chars):
+                logger.warning("mcp tool name unusable; skipped", extra={"tool": name})
+                continue
+            names.add(name)
+            fn = self._guard(partial(self._call_mcp, mcp.server, mcp.name))
+            schema = mcp.input_schema or {"type": "object", "properties": {}}
+            out.append(FunctionTool(name, mcp.description or name, schema, fn))
+        return out
+
+    def _guard(self, fn: Callable[[dict[str, JSON]], Awaitable[JSON]]) -> ToolFunction:
+        async def run(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+            try:
+                return await fn(args)
+            except ToolError:
+                raise
+            except ChatdError as exc:
+                return _error_result(exc)
+
+        return run
+
+    async def _execute(self, args: dict[str, JSON]) -> JSON:
+        command = _str_arg(args, "command")
+        timeout = _num_arg(args, "timeout", self._config.default_exec_timeout)
+        async with self.connection() as conn:
+            r = await conn.execute(command, timeout)
+        return {
+            "exit_code": r.exit_code,
+            "output": r.output,
+            "truncated": r.truncated,
+            "timed_out": r.timed_out,
+        }
+
+    async def _read_file(self, args: dict[str, JSON]) -> JSON:
+        path = _str_arg(args, "path")
+        async with self.connection() as conn:
+            f = await conn.read_file(path)
+        return {"path": f.path, "content": f.content, "size": f.size, "truncated": f.truncated}
+
+    async def _write_file(self, args: dict[str, JSON]) -> JSON:
+        path = _str_arg(args, "path")
+        content = _str_arg(args, "content", allow_empty=True)
+        async with self.connection() as conn:
+            written = await conn.write_file(path, content)
+        return {"path": path, "bytes": written}
+
+    async def _list_dir(self, args: dict[str, JSON]) -> JSON:
+        path = _str_arg(args, "path", default=".")
+        async with self.connection() as conn:
+            entries = await conn.list_dir(path)
+        return {"entries": [{"name": e.name, "kind": e.kind, "size": e.size} for e in entries]}
+
+    async def _call_mcp(self, server: str, tool: str, args: dict[str, JSON]) -> JSON:
+        async with self.connection() as conn:
+            r = await conn.mcp_call_tool(server, tool, args)
+        result: dict[str, JSON] = {"content": r.content}
+        if r.structured_content is not None:
+            result["structured_content"] = r.structured_content
+        if r.is_error:
+            name = f"{server}{self._config.mcp_tool_separator}{tool}"
+            return ErrorResult({"error": r.text or f"{name} failed", **result})
+        return result
+
+    def _need_provisioner(self) -> WorkspaceProvisioner:
+        if self._provisioner is None:  # pragma: no cover - the tools exist only with one
+            raise ToolError("workspaces cannot be managed here")
+        return self._provisioner
+
+    async def _create(self, args: dict[str, JSON]) -> JSON:
+        name = _str_arg(args, "name", default=f"chat-{self._chat.id.hex[:8]}")
+        ws = await self._need_provisioner().create(self._chat.owner_id, name)
+        await self.change_workspace(ws.id)
+        return {"workspace_id": str(ws.id), "name": ws.name, "status": "running"}
+
+    async def _start(self, args: dict[str, JSON]) -> JSON:
+        workspace_id = await self._workspace_id()
+        agent = await self._need_provisioner().start(workspace_id)
+        await self.change_workspace(workspace_id)
+        return {"workspace_id": str(workspace_id), "agent_id": str(agent.id), "status": "running"}
+
+    async def _stop(self, args: dict[str, JSON]) -> JSON:
+        workspace_id = await self._workspace_id()
+        await self._need_provisioner().stop(workspace_id)
+        await self.change_workspace(workspace_id)
+        return {"workspace_id": str(workspace_id), "status": "stopped"}
+
+
+# -- tool arguments and schemas -----------------------------------------------------------
+
+_MISSING: Any = object()
+_TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _valid_tool_name(name: str, max_chars: int) -> bool:
+    return 0 < len(name) <= max_chars and set(name) <= _TOOL_NAME_CHARS
+
+
+def _str_arg(
+    args: Mapping[str, JSON], name: str, *, default: str = _MISSING, allow_empty: bool = False
+) -> str:
+    value = args.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ToolError(f"missing argument {name!r}")
+        return default
+    if not isinstance(value, str):
+        raise ToolError(f"argument {name!r} must be a string")
+    if not value and not allow_empty:
+        raise ToolError(f"argument {name!r} must not be empty")
+    return value
+
+
+def _num_arg(args: Mapping[str, JSON], name: str, default: float) -> float:
+    value = args.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ToolError(f"argument {name!r} must be a positive number")
+    return float(value)
+
+
+_EMPTY: JSON = {"type": "object", "properties": {}}
+_EXECUTE_DESC = (
+    "Run a shell command (/bin/sh -c) in the workspace directory; returns exit code and "
+    "combined output."
+)
+_EXECUTE_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {
+        "command": {"type": "string", "description": "the shell command"},
+        "timeout": {"type": "number", "description": "seconds before the command is killed"},
+    },
+    "required": ["command"],
+}
+_READ_DESC = "Read a text file of the workspace."
+_PATH_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {"path": {"type": "string", "description": "path in the workspace"}},
+    "required": ["path"],
+}
+_WRITE_DESC = "Create or replace a text file in the workspace."
+_WRITE_SCHEMA: JSON = {
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+    "required": ["path", "content"],
+}
+_LIST_DESC = "List a directory of the workspace (default: its root)."
+_LIST_SCHEMA: JSON = {"type": "object", "properties": {"path": {"type": "string"}}}
+_CREATE_DESC = "Create a new workspace for this chat and start it."
+_CREATE_SCHEMA: JSON = {"type": "object", "properties": {"name": {"type": "string"}}}
+_START_DESC = "Start (or rebuild) the chat's workspace."
+_STOP_DESC = "Stop the chat's workspace."
+
+
+# -- the in-process provisioner -----------------------------------------------------------
+
+
+@dataclass
+class _RunningAgent:
+    scope: trio.CancelScope
+    done: trio.Event
+    agent: WorkspaceAgent | None = None
+
+
+class LocalProvisioner:
+    """A `WorkspaceProvisioner` running real agents (`serve_agent`) in `nursery`.
+
+    Each workspace gets a directory under `base_dir` that survives rebuilds;
+    each start is a new build with a new agent on a fresh port; stop is a new
+    build without agents. Agent rows go through the store like real ones.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        nursery: trio.Nursery,
+        base_dir: Path,
+        *,
+        config: Config | None = None,
+        mcp_servers: Mapping[str, McpServerConfig] | None = None,
+        home_instruction_file: Path | None = None,
+    ) -> None:
+        self._store = store
+        self._nursery = nursery
+        self._base_dir = base_dir
+        self._config = config if config is not None else Config()
+        self._mcp_servers = dict(mcp_servers or {})
+        self._home_instruction_file = home_instruction_file
+        self._running: dict[uuid.UUID, _RunningAgent] = {}
+
+    def directory(self, workspace_id: uuid.UUID) -> Path:
+        """The workspace's directory."""
+        return self._base_dir / workspace_id.hex
+
+    def running_agent(self, workspace_id: uuid.UUID) -> WorkspaceAgent | None:
+        """The workspace's running agent, if any."""
+        running = self._running.get(workspace_id)
+        return running.agent if running is not None else None
+
+    async def create(self, owner_id: uuid.UUID, name: str) -> Workspace:
+        ws = await self._store.create_workspace(owner_id, name)
+        await self.start(ws.id)
+        return ws
+
+    async def start(self, workspace_id: uuid.UUID) -> WorkspaceAgent:
+        await self._stop_agent(workspace_id)
+        directory = self.directory(workspace_id)
+        await trio.Path(directory).mkdir(parents=True, exist_ok=True)
+        cfg = self._config.workspace
+        token = secrets.token_urlsafe(cfg.local_agent_token_bytes)
+        running = _RunningAgent(trio.CancelScope(), trio.Event())
+        host, port = await self._nursery.start(self._serve, directory, token, running)
+        self._running[workspace_id] = running
+        try:
+            build = await self._store.create_build(workspace_id)
+            agent = await self._store.create_agent(
+                build.id, cfg.local_agent_name, f"{host}:{port}", token, str(directory)
+            )
+        except BaseException:
+            await self._stop_agent(workspace_id)
+            raise
+        running.agent = agent
+        logger.info(
+            "workspace agent started",
+            extra={"workspace_id": str(workspace_id), "agent_id": str(agent.id)},
+        )
+        return agent
+
+    async def stop(self, workspace_id: uuid.UUID) -> None:
+        await self._store.create_build(workspace_id)
+        await self._stop_agent(workspace_id)
+
+    async def aclose(self) -> None:
+        """Stop every running agent (their rows stay: the workspaces look stopped-but-bound)."""
+        for workspace_id in list(self._running):
+            await self._stop_agent(workspace_id)
+
+    async def _serve(
+        self,
+        directory: Path,
+        token: str,
+        running: _RunningAgent,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            with running.scope:
+                await serve_agent(
+                    directory,
+                    host=self._config.workspace.local_agent_host,
+                    port=0,
+                    token=token,
+                    mcp_servers=self._mcp_servers,
+                    home_instruction_file=self._home_instruction_file,
+                    config=self._config,
+                    task_status=task_status,
+                )
+        finally:
+            running.done.set()
+
+    async def _stop_agent(self, workspace_id: uuid.UUID) -> None:
+        running = self._running.pop(workspace_id, None)
+        if running is None:
+            return
+        running.scope.cancel()
+        with trio.move_on_after(self._config.workspace.local_agent_stop_timeout, shield=True):
+            await running.done.wait()
+        logger.info(
+            "workspace agent stopped",
+            extra={
+                "workspace_id": str(workspace_id),
+                "agent_id": str(running.agent.id) if running.agent else None,
+            },
+        )
