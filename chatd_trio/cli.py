@@ -1,4 +1,4 @@
-"""The `chatd-trio` command line."""
+"""The `chatd-trio` command line: demo, scaletest, agent, diagrams."""
 
 from __future__ import annotations
 
@@ -8,14 +8,20 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chatd-trio` console script."""
+    from chatd_trio.agent.server import add_agent_command, run_agent_command
+
     parser = argparse.ArgumentParser(prog="chatd-trio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("diagrams", help="render the statechart diagrams into docs/statecharts/")
+    diagrams = sub.add_parser("diagrams", help="render the statechart diagrams into docs/")
+    diagrams.add_argument("--check", action="store_true", help="fail when they are stale")
+    add_agent_command(sub)
     args = parser.parse_args(argv)
     if args.command == "diagrams":
         from statecharts.render import main as render_main
 
-        return render_main([])
+        return render_main(["--check"] if args.check else [])
+    if args.command == "agent":
+        return run_agent_command(args)
     return 2
 
 

@@ -1,0 +1,673 @@
+"""The Server (SPEC sections 1 and 2) on the in-memory store and on PostgreSQL.
+
+Every test runs twice: `memory` (MemoryStore + MemoryPubSub, MockClock with
+autojump, store timestamps on Trio's clock) and `postgres` (PostgresStore +
+PostgresPubSub on the session database, wiped first, real clock, short intervals).
+Tests wait on stream events or on final transitions recorded by a thin store
+wrapper, never on time passing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+import trio.testing
+
+from chatd_trio.config import AcquireConfig, Config
+from chatd_trio.domain import (
+    ChatStatus,
+    ErrorEvent,
+    Message,
+    Role,
+    TextPart,
+    text_of,
+)
+from chatd_trio.errors import (
+    ChatNotFound,
+    EditRefused,
+    MessageNotFound,
+    PermissionDenied,
+    QueuedMessageNotFound,
+    StoreError,
+)
+from chatd_trio.models.base import Model
+from chatd_trio.pubsub.base import PubSub
+from chatd_trio.pubsub.memory import MemoryPubSub
+from chatd_trio.server import Server, TurnEnv
+from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.memory import MemoryStore
+from chatd_trio.tools import ToolRegistry
+from tests.server_replica import (
+    MEMORY_CONFIG,
+    MODEL_ERROR_PREFIX,
+    PARTIAL,
+    POSTGRES_CONFIG,
+    WAIT,
+    ObservedStore,
+    answering_model,
+    hanging_model,
+    registry,
+    status_events,
+    trio_clock,
+    until_part,
+    until_statuses,
+    user_model,
+)
+
+KINDS = ["memory", "postgres"]
+
+
+@dataclass
+class Env:
+    kind: str
+    store: ObservedStore
+    pubsub: PubSub
+    config: Config
+    dsn: str | None
+
+    def server(
+        self,
+        model: Model,
+        *,
+        config: Config | None = None,
+        tools: ToolRegistry | None = None,
+        on_turn: Callable[[TurnEnv], None] | None = None,
+    ) -> Server:
+        """A Server on this env; `on_turn` runs as each turn starts (its tools factory)."""
+        reg = tools if tools is not None else registry()
+
+        async def factory(env: TurnEnv) -> ToolRegistry:
+            if on_turn is not None:
+                on_turn(env)
+            await trio.lowlevel.checkpoint()
+            return reg
+
+        return Server(
+            self.store,  # type: ignore[arg-type]
+            self.pubsub,
+            model,
+            config or self.config,
+            tools_factory=factory,
+        )
+
+    async def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        assert self.dsn is not None
+        return await trio.to_thread.run_sync(_sql, self.dsn, query, params)
+
+
+def _sql(dsn: str, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query, params)  # type: ignore[arg-type]
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def clock(kind: str) -> trio.testing.MockClock | None:
+    """pytest-trio runs the test on this clock when it is one (memory only)."""
+    return trio.testing.MockClock(autojump_threshold=0) if kind == "memory" else None
+
+
+@pytest.fixture
+def env_dsn(kind: str, request: pytest.FixtureRequest) -> str | None:
+    return str(request.getfixturevalue("pg_dsn")) if kind == "postgres" else None
+
+
+@pytest.fixture
+async def env(kind: str, env_dsn: str | None) -> AsyncIterator[Env]:
+    """An empty store + pubsub of the given kind."""
+    if kind == "memory":
+        store = ObservedStore(MemoryStore(clock=trio_clock))
+        yield Env(kind, store, MemoryPubSub(), MEMORY_CONFIG, None)
+        return
+    assert env_dsn is not None
+    from chatd_trio.pubsub.postgres import PostgresPubSub
+    from chatd_trio.store.postgres import PostgresStore
+    from tests.pgcluster import truncate_all
+
+    async with PostgresStore.open(env_dsn) as pg_store:
+        await trio.to_thread.run_sync(truncate_all, env_dsn)
+        async with PostgresPubSub.open(env_dsn) as pubsub:
+            yield Env(kind, ObservedStore(pg_store), pubsub, POSTGRES_CONFIG, env_dsn)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def history(store: Store | ObservedStore, chat_id: uuid.UUID) -> list[tuple[str, str]]:
+    """(role, text) of the chat's visible messages."""
+    messages: list[Message] = await store.messages_after(chat_id, 0)
+    return [(m.role.value, text_of(m.parts)) for m in messages]
+
+
+def user_texts(pairs: list[tuple[str, str]]) -> list[str]:
+    return [t for r, t in pairs if r == Role.USER.value]
+
+
+async def settle(kind: str) -> None:
+    """Let every task run until blocked (memory); a no-op checkpoint on PostgreSQL."""
+    if kind == "memory":
+        await trio.testing.wait_all_tasks_blocked()
+    else:
+        await trio.lowlevel.checkpoint()
+
+
+OWNER = uuid.UUID(int=1)
+OTHER = uuid.UUID(int=2)
+
+
+# -- a turn end to end -------------------------------------------------------------------
+
+
+async def test_turn_runs_to_waiting_and_publishes_in_order(env: Env, clock: Any) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "tools please", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        stored = await env.store.get_chat(chat.id)
+        assert stored.status is ChatStatus.WAITING
+        assert stored.worker_id is None and stored.heartbeat_at is None
+        assert (await history(env.store, chat.id))[-1] == ("assistant", "done")
+        running = [e for e in status_events(events) if e.status is ChatStatus.RUNNING]
+        assert running[-1].worker_id == server.worker_id
+        stats = server.stats()
+        assert stats.turns_finished == {"done": 1}
+        assert stats.steps == 2
+
+
+# -- interrupt -------------------------------------------------------------------------
+
+
+async def test_interrupt_clears_the_worker_and_keeps_the_partial_output(
+    env: Env, clock: Any
+) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hang on", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_part(sub)
+            interrupted = await server.interrupt(OWNER, chat.id)
+            assert interrupted.status is ChatStatus.WAITING
+            assert interrupted.worker_id is None
+            await env.store.wait_finished(chat.id)
+        stored = await env.store.get_chat(chat.id)
+        assert stored.status is ChatStatus.WAITING
+        assert stored.worker_id is None and stored.started_at is None
+        assert await history(env.store, chat.id) == [("user", "hang on"), ("assistant", PARTIAL)]
+        assert server.stats().turns_finished == {"interrupted": 1}
+
+
+# -- heartbeat and ownership -----------------------------------------------------------
+
+
+async def take_over(env: Env, chat_id: uuid.UUID, thief: uuid.UUID) -> None:
+    """Another worker owns the running chat now; nobody is notified."""
+    if env.kind == "memory":
+        assert await env.store.recover_stale(0) == [chat_id]
+        (chat,) = await env.store.acquire(thief, 1)
+        assert chat.id == chat_id
+    else:
+        await env.sql("UPDATE chats SET worker_id = %s WHERE id = %s", thief, chat_id)
+
+
+async def test_heartbeat_requires_ownership_takeover_stops_the_turn_silently(
+    env: Env, clock: Any
+) -> None:
+    thief = uuid.uuid4()
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hang on", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_part(sub)
+            published = server.streams.statistics().events_published.copy()
+            await take_over(env, chat.id, thief)
+            fin = await env.store.wait_finished(chat.id)
+            assert fin.owned_elsewhere and not fin.changed
+            # Nothing was published after the takeover: no status, no message, no error.
+            assert server.streams.statistics().events_published == published
+            assert server.stats().heartbeats_lost == 1
+            assert server.stats().turns_finished == {"interrupted": 1}
+        stored = await env.store.get_chat(chat.id)
+        assert stored.status is ChatStatus.RUNNING and stored.worker_id == thief
+        # The partial step was refused: the thief owns the row.
+        assert await history(env.store, chat.id) == [("user", "hang on")]
+
+
+# -- the queue ---------------------------------------------------------------------------
+
+
+async def test_busy_chat_queues_fifo_even_behind_a_backlog_while_waiting(
+    env: Env, clock: Any
+) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hang first", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_statuses(sub, [ChatStatus.RUNNING])
+            first = await server.send_message(OWNER, chat.id, "second")
+            assert first.message is None and first.queued is not None
+            # The row goes waiting behind the server's back (no notify, no local stop):
+            # a queue exists, so the next message still queues behind it.
+            await env.store.interrupt(chat.id)
+            second = await server.send_message(OWNER, chat.id, "third")
+            assert second.message is None and second.queued is not None
+            assert [text_of(q.parts) for q in second.queue] == ["second", "third"]
+            await server.interrupt(OWNER, chat.id)
+            # Turn 1 ends (promotes "second"), turn 2 answers and promotes "third", turn 3.
+            await env.store.wait_finished(chat.id, 3)
+            await until_statuses(sub, [ChatStatus.WAITING])
+        pairs = await history(env.store, chat.id)
+        assert user_texts(pairs) == ["hang first", "second", "third"]
+        assert pairs[-1] == ("assistant", "re: third")
+        assert await env.store.list_queued(chat.id) == []
+        assert (await env.store.get_chat(chat.id)).status is ChatStatus.WAITING
+
+
+async def test_busy_behavior_interrupt_queues_then_interrupts(env: Env, clock: Any) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hang first", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_part(sub)
+            sent = await server.send_message(OWNER, chat.id, "now", busy_behavior="interrupt")
+            assert sent.message is None and sent.queued is not None
+            fin = await env.store.wait_finished(chat.id)
+            assert fin.promoted is not None and text_of(fin.promoted.parts) == "now"
+            await env.store.wait_finished(chat.id, 2)
+        assert await history(env.store, chat.id) == [
+            ("user", "hang first"),
+            ("assistant", PARTIAL),
+            ("user", "now"),
+            ("assistant", "re: now"),
+        ]
+        assert server.stats().turns_finished == {"interrupted": 1, "done": 1}
+        assert (await env.store.get_chat(chat.id)).status is ChatStatus.WAITING
+
+
+# -- edit ------------------------------------------------------------------------------
+
+
+async def test_edit_truncates_clears_the_queue_and_sets_pending(env: Env, clock: Any) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hello", title="t")
+        await env.store.wait_finished(chat.id)
+        sent = await server.send_message(OWNER, chat.id, "hang here")
+        assert sent.message is not None
+        async with server.subscribe(OWNER, chat.id, after_message_id=sent.message.id) as sub:
+            # A partial step exists: the stopped turn will try to write it.
+            await until_part(sub)
+            queued = await server.send_message(OWNER, chat.id, "queued one")
+            assert queued.queued is not None
+            edited = await server.edit_message(OWNER, chat.id, sent.message.id, "edited")
+            assert edited.chat.status is ChatStatus.PENDING
+            assert edited.chat.worker_id is None
+            assert await env.store.list_queued(chat.id) == []
+            # The hanging turn is refused its partial step and changes nothing.
+            fin = await env.store.wait_finished(chat.id, 2)
+            assert not fin.changed and fin.chat.status is ChatStatus.PENDING
+            await env.store.wait_finished(chat.id, 3)
+        assert await history(env.store, chat.id) == [
+            ("user", "hello"),
+            ("assistant", "re: hello"),
+            ("user", "edited"),
+            ("assistant", "re: edited"),
+        ]
+        assert await env.store.list_queued(chat.id) == []
+    # The stopped turn wrote nothing into the re-run chat (same worker id, see server.py).
+    assert server.stats().turns_finished == {"done": 2, "interrupted": 1}
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_a_stopped_turn_ending_slowly_does_not_touch_the_chat_run_again(
+    env: Env, clock: Any
+) -> None:
+    """Ownership is the replica's worker id: the edited chat must not be acquired here
+    again before the stopped turn has written its last row (its final transition)."""
+
+    async def slow_release() -> None:
+        # A turn-local resource (a workspace connection) that takes a while to release.
+        await trio.sleep(5.0)
+
+    def on_turn(turn: TurnEnv) -> None:
+        turn.cleanups.append(slow_release)
+
+    async with env.server(user_model(), on_turn=on_turn) as server:
+        chat = await server.create_chat(OWNER, "hang here", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_part(sub)
+            first = (await env.store.messages_after(chat.id, 0))[0]
+            await server.edit_message(OWNER, chat.id, first.id, "edited")
+            stopped = await env.store.wait_finished(chat.id)
+            assert not stopped.changed and stopped.chat.status is ChatStatus.PENDING
+            rerun = await env.store.wait_finished(chat.id, 2)
+            assert rerun.changed and rerun.chat.status is ChatStatus.WAITING
+    assert await history(env.store, chat.id) == [("user", "edited"), ("assistant", "re: edited")]
+    assert server.stats().turns_finished == {"interrupted": 1, "done": 1}
+
+
+async def test_edit_of_a_missing_or_non_user_message_is_refused_and_changes_nothing(
+    env: Env, clock: Any
+) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hello", title="t")
+        other = await server.create_chat(OWNER, "elsewhere", title="t2")
+        await env.store.wait_finished(chat.id)
+        await env.store.wait_finished(other.id)
+        messages = await env.store.messages_after(chat.id, 0)
+        assistant = next(m for m in messages if m.role is Role.ASSISTANT)
+        other_first = (await env.store.messages_after(other.id, 0))[0]
+        before = (await env.store.get_chat(chat.id), await history(env.store, chat.id))
+        with pytest.raises(MessageNotFound):
+            await server.edit_message(OWNER, chat.id, 10_000, "x")
+        with pytest.raises(EditRefused):
+            await server.edit_message(OWNER, chat.id, assistant.id, "x")
+        with pytest.raises(EditRefused):
+            await server.edit_message(OWNER, chat.id, other_first.id, "x")
+        await settle(env.kind)
+        after = (await env.store.get_chat(chat.id), await history(env.store, chat.id))
+        assert after == before
+        assert after[0].status is ChatStatus.WAITING
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+async def test_last_error_is_stored_on_error_and_cleared_by_the_next_send(
+    env: Env, clock: Any
+) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "fail now", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.ERROR])
+            errors = [e for e in events if isinstance(e, ErrorEvent)]
+            assert [e.error.message for e in errors] == [MODEL_ERROR_PREFIX + "fail now"]
+            stored = await env.store.get_chat(chat.id)
+            assert stored.status is ChatStatus.ERROR
+            assert stored.last_error == MODEL_ERROR_PREFIX + "fail now"
+            sent = await server.send_message(OWNER, chat.id, "try again")
+            assert sent.chat.status is ChatStatus.PENDING and sent.chat.last_error is None
+            await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        stored = await env.store.get_chat(chat.id)
+        assert stored.status is ChatStatus.WAITING and stored.last_error is None
+        assert server.stats().turns_finished == {"error": 1, "done": 1}
+
+
+async def test_persist_failure_ends_the_chat_in_error_and_the_server_keeps_serving(
+    env: Env, clock: Any
+) -> None:
+    env.store.fail_marker = "boom"
+    async with env.server(user_model()) as server:
+        broken = await server.create_chat(OWNER, "boom please", title="t")
+        fin = await env.store.wait_finished(broken.id)
+        assert fin.chat.status is ChatStatus.ERROR
+        assert fin.chat.last_error == "disk on fire"
+        healthy = await server.create_chat(OWNER, "hello", title="t2")
+        fin = await env.store.wait_finished(healthy.id)
+        assert fin.chat.status is ChatStatus.WAITING
+        assert server.stats().turns_finished == {"error": 1, "done": 1}
+    assert await history(env.store, broken.id) == [("user", "boom please")]
+    assert await history(env.store, healthy.id) == [("user", "hello"), ("assistant", "re: hello")]
+
+
+# -- stale recovery ----------------------------------------------------------------------
+
+
+async def make_stale(env: Env, chat_id: uuid.UUID, dead_worker: uuid.UUID) -> None:
+    """The chat runs on a dead worker whose last heartbeat is older than stale_after."""
+    if env.kind == "memory":
+        (chat,) = await env.store.acquire(dead_worker, 1)
+        assert chat.id == chat_id
+        # Store time follows the mock clock: let it run past stale_after.
+        await trio.sleep(env.config.acquire.stale_after + 1)
+    else:
+        await env.sql(
+            "UPDATE chats SET status = 'running', worker_id = %s, started_at = now(),"
+            " heartbeat_at = now() - interval '1 hour' WHERE id = %s",
+            dead_worker,
+            chat_id,
+        )
+
+
+async def test_stale_chats_are_recovered_at_start_up_and_periodically_waiting_never(
+    env: Env, clock: Any
+) -> None:
+    dead = uuid.uuid4()
+    waiting, _ = await env.store.create_chat(OWNER, "w", (TextPart("hello"),))
+    await env.store.acquire(dead, 1)
+    await env.store.finish_turn(waiting.id, dead, TurnOutcome.DONE)
+    waiting_before = await env.store.get_chat(waiting.id)
+    assert waiting_before.status is ChatStatus.WAITING
+    at_start, _ = await env.store.create_chat(OWNER, "s", (TextPart("from the dead"),))
+    await make_stale(env, at_start.id, dead)
+    # Only wakes acquire: chats created in the store directly wait for stale recovery.
+    config = env.config.replace(
+        acquire=dataclasses.replace(env.config.acquire, acquire_interval=10 * WAIT)
+    )
+    async with env.server(user_model(), config=config) as server:
+        # Recovered by the start-up pass, before the first acquisition.
+        assert server.stats().stale_recovered == 1
+        fin = await env.store.wait_finished(at_start.id)
+        assert fin.chat.status is ChatStatus.WAITING
+        # Periodic: a chat whose worker dies while this server runs.
+        later, _ = await env.store.create_chat(OWNER, "p", (TextPart("later"),))
+        await make_stale(env, later.id, dead)
+        fin = await env.store.wait_finished(later.id)
+        assert fin.chat.status is ChatStatus.WAITING
+        assert server.stats().stale_recovered == 2
+    assert await history(env.store, at_start.id) == [
+        ("user", "from the dead"),
+        ("assistant", "re: from the dead"),
+    ]
+    assert await env.store.get_chat(waiting.id) == waiting_before
+
+
+# -- close -------------------------------------------------------------------------------
+
+
+async def test_close_during_a_stream_hands_the_chat_back_and_another_replica_completes_it(
+    env: Env, clock: Any
+) -> None:
+    started = trio.Event()
+    async with env.server(hanging_model(), on_turn=lambda _: started.set()) as first:
+        chat = await first.create_chat(OWNER, "long story", title="t")
+        with trio.fail_after(WAIT):
+            await started.wait()
+    fin = await env.store.wait_finished(chat.id)
+    assert fin.changed and fin.chat.status is ChatStatus.PENDING
+    assert fin.chat.last_error is None and fin.chat.worker_id is None
+    assert first.stats().turns_finished == {"shutdown": 1}
+    # A shutdown writes nothing: the partial stream is not persisted.
+    assert await history(env.store, chat.id) == [("user", "long story")]
+    async with env.server(answering_model()) as second:
+        fin = await env.store.wait_finished(chat.id, 2)
+        assert fin.chat.status is ChatStatus.WAITING
+        assert second.stats().turns_finished == {"done": 1}
+    assert await history(env.store, chat.id) == [
+        ("user", "long story"),
+        ("assistant", "re: long story"),
+    ]
+
+
+# -- acquisition -------------------------------------------------------------------------
+
+
+async def test_acquisition_batches_and_loops_while_full(env: Env, clock: Any) -> None:
+    created = []
+    for i in range(25):
+        chat, _ = await env.store.create_chat(OWNER, f"c{i}", (TextPart(f"hang {i}"),))
+        created.append(chat.id)
+    base = env.store.statement_counts().get("AcquireChats", 0)
+    assert env.store.acquired == []
+    order: list[uuid.UUID] = []
+    all_started = trio.Event()
+
+    def on_turn(turn: TurnEnv) -> None:
+        order.append(turn.chat.id)
+        if len(order) == 25:
+            all_started.set()
+
+    config = env.config.replace(
+        acquire=dataclasses.replace(env.config.acquire, acquire_interval=10 * WAIT)
+    )
+    async with env.server(hanging_model(), config=config, on_turn=on_turn) as server:
+        with trio.fail_after(WAIT):
+            await all_started.wait()
+        # One tick: 10 + 10 + 5, three statements, no fourth (the last batch was short).
+        assert env.store.statement_counts()["AcquireChats"] - base == 3
+        assert server.stats().acquire_statements == 3
+        assert server.stats().acquired == 25
+        assert server.running_chats == frozenset(created)
+        # Oldest first, in batches of at most ten.
+        batches = env.store.acquired[-3:]
+        assert [len(b) for b in batches] == [10, 10, 5]
+        assert [c for b in batches for c in b] == created
+    assert server.stats().turns_finished == {"shutdown": 25}
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_create_chat_wakes_acquisition_at_once(clock: Any) -> None:
+    """With MockClock the turn starts at the virtual instant the chat was created."""
+    store = MemoryStore(clock=trio_clock)
+    starts: list[float] = []
+
+    async def factory(turn: TurnEnv) -> ToolRegistry:
+        starts.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        return registry()
+
+    config = MEMORY_CONFIG.replace(acquire=AcquireConfig(acquire_interval=30.0))
+    async with Server(store, None, answering_model(), config, tools_factory=factory) as server:
+        first = await server.create_chat(OWNER, "at zero", title="t")
+        async with server.subscribe(OWNER, first.id) as sub:
+            await until_statuses(sub, [ChatStatus.WAITING])
+        # Mid-way through an acquire interval: only the wake can start the turn now.
+        await trio.sleep(7.25)
+        created_at = trio.current_time()
+        second = await server.create_chat(OWNER, "later", title="t")
+        async with server.subscribe(OWNER, second.id) as sub:
+            await until_statuses(sub, [ChatStatus.WAITING])
+    assert starts == [0.0, created_at]
+    assert created_at == 7.25
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_acquire_loop_survives_a_store_failure(env: Env, clock: Any) -> None:
+    """A failed acquisition is logged and the next wake acquires again."""
+    real = env.store.inner.acquire
+    calls = 0
+
+    async def flaky(worker_id: uuid.UUID, limit: int) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            await trio.lowlevel.checkpoint()
+            raise StoreError("connection reset")
+        return await real(worker_id, limit)
+
+    env.store.inner.acquire = flaky  # type: ignore[method-assign]
+    async with env.server(answering_model()) as server:
+        chat = await server.create_chat(OWNER, "hello", title="t")
+        fin = await env.store.wait_finished(chat.id)
+        assert fin.chat.status is ChatStatus.WAITING
+    assert calls >= 3
+
+
+# -- owner checks ------------------------------------------------------------------------
+
+
+async def test_another_owner_gets_permission_denied_and_no_data(env: Env, clock: Any) -> None:
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hang mine", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_statuses(sub, [ChatStatus.RUNNING])
+            queued = await server.send_message(OWNER, chat.id, "queued")
+            assert queued.queued is not None
+            first_id = (await env.store.messages_after(chat.id, 0))[0].id
+            before = (
+                await env.store.get_chat(chat.id),
+                await history(env.store, chat.id),
+                await env.store.list_queued(chat.id),
+            )
+            attempts: list[Callable[[], Awaitable[object]]] = [
+                lambda: server.get_chat(OTHER, chat.id),
+                lambda: server.messages(OTHER, chat.id),
+                lambda: server.send_message(OTHER, chat.id, "mine now"),
+                lambda: server.send_message(OTHER, chat.id, "x", busy_behavior="interrupt"),
+                lambda: server.edit_message(OTHER, chat.id, first_id, "x"),
+                lambda: server.interrupt(OTHER, chat.id),
+                lambda: server.promote_queued(OTHER, chat.id, queued.queued.id),
+                lambda: server.delete_queued(OTHER, chat.id, queued.queued.id),
+                lambda: server.create_chat(OTHER, "child", title="c", parent_chat_id=chat.id),
+            ]
+            for attempt in attempts:
+                with pytest.raises(PermissionDenied):
+                    await attempt()
+            with pytest.raises(PermissionDenied):
+                async with server.subscribe(OTHER, chat.id):
+                    pytest.fail("subscribed to another owner's chat")  # pragma: no cover
+            with pytest.raises(ChatNotFound):
+                await server.get_chat(OWNER, uuid.uuid4())
+            with pytest.raises(QueuedMessageNotFound):
+                await server.delete_queued(OWNER, chat.id, 10_000)
+            after = (
+                await env.store.get_chat(chat.id),
+                await history(env.store, chat.id),
+                await env.store.list_queued(chat.id),
+            )
+            assert after == before
+            assert after[0].status is ChatStatus.RUNNING
+            assert server.stats().interrupts == 0
+            assert await env.store.list_chats(OTHER) == []
+
+
+# -- statement counts of a steady-state turn ---------------------------------------------
+
+# Measured deltas of one steady-state turn (the chat's second turn, one tool call),
+# from `send_message` to the final transition, with a subscriber attached. Acquisition,
+# heartbeats and stale recovery are kept out of the way (long intervals): one wake-driven
+# AcquireChats. Both adapters count the same statements.
+STEADY_TURN = {
+    "GetChatByID": 1,  # the owner check of send_message
+    "LockChatForUpdate": 4,  # send, persist step 1, persist step 2, finish
+    "GetQueuedMessages": 1,
+    "InsertChatMessages": 3,  # user message, step 1 (assistant + tool), step 2
+    "UpdateChatStatus": 2,  # pending (send), waiting (finish)
+    "AcquireChats": 1,
+    "GetPromptMessages": 1,
+    "PopQueuedMessage": 1,
+}
+
+
+async def test_steady_state_turn_statement_counts(env: Env, clock: Any) -> None:
+    config = env.config.replace(
+        acquire=AcquireConfig(
+            acquire_interval=10 * WAIT, heartbeat_interval=10 * WAIT, stale_after=100 * WAIT
+        )
+    )
+    async with env.server(user_model(), config=config) as server:
+        chat = await server.create_chat(OWNER, "tools first", title="t")
+        await env.store.wait_finished(chat.id)
+        async with server.subscribe(OWNER, chat.id) as sub:
+            await until_statuses(sub, [ChatStatus.WAITING])
+            before = server.stats().statements
+            await server.send_message(OWNER, chat.id, "tools again")
+            await env.store.wait_finished(chat.id, 2)
+            after = server.stats().statements
+            await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+            after_sub = server.stats().statements
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v for k, v in delta.items() if v}
+    sub_delta = {k: after_sub.get(k, 0) - after.get(k, 0) for k in after_sub}
+    sub_delta = {k: v for k, v in sub_delta.items() if v}
+    print(f"steady-state turn statements ({env.kind}): {delta}")
+    assert delta == STEADY_TURN
+    # The subscriber is served from the durable cache / the notify: no catch-up reads.
+    assert sub_delta == {}
+    assert sum(delta.values()) == sum(STEADY_TURN.values())
