@@ -9,6 +9,7 @@ acquisition stops, running turns are shut down (their chats go back to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,7 +47,15 @@ from chatd_trio.models.base import Model
 from chatd_trio.pubsub.base import PubSub, Resync
 from chatd_trio.store.base import EditResult, SendResult, Store, TurnOutcome
 from chatd_trio.streams import ChatStreams, StreamSubscription
+from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
 from chatd_trio.tools import ToolContext, ToolRegistry
+from chatd_trio.workspace import (
+    AgentDialer,
+    McpToolCache,
+    WorkspaceContext,
+    WorkspaceProvisioner,
+    WorkspaceStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +123,9 @@ class Server:
         tools: ToolRegistry | None = None,
         tools_factory: ToolsFactory | None = None,
         worker_id: uuid.UUID | None = None,
+        dialer: AgentDialer | None = None,
+        provisioner: WorkspaceProvisioner | None = None,
+        subagents: bool = True,
     ) -> None:
         self.store = store
         self.pubsub = pubsub
@@ -123,6 +135,12 @@ class Server:
         self._model = model
         self._tools = tools if tools is not None else ToolRegistry()
         self._tools_factory = tools_factory
+        self._dialer = dialer
+        self._provisioner = provisioner
+        self._subagents = subagents
+        self.mcp_cache = McpToolCache(self.config.workspace)
+        self.workspace_stats = WorkspaceStats()
+        self.subagent_stats = SubagentStats()
         self._turns: dict[uuid.UUID, TurnControl] = {}
         self._turns_idle = trio.Event()
         self._turns_idle.set()
@@ -364,7 +382,8 @@ class Server:
                 aux.cancel_scope.cancel()
 
     async def _run_loop(self, chat: Chat, control: TurnControl, env: TurnEnv) -> TurnResult:
-        tools = await self._tools_factory(env) if self._tools_factory else self._tools
+        factory = self._tools_factory or self._default_tools
+        tools = await factory(env)
         callbacks = TurnCallbacks(
             on_part=self._on_part,
             on_message=self._on_message_for(chat.id),
@@ -383,6 +402,39 @@ class Server:
             tool_context=ToolContext(chat.id, self.worker_id, env.extras),
         )
         return result
+
+    async def _default_tools(self, env: TurnEnv) -> ToolRegistry:
+        """The configured tools, plus workspace tools (with a dialer) and, for root
+        chats, the subagent tools."""
+        tools = list(self._tools)
+        if self._dialer is not None:
+            ctx = WorkspaceContext(
+                self.store,
+                env.chat,
+                self.worker_id,
+                self._dialer,
+                self.config.workspace,
+                env.nursery,
+                self.mcp_cache,
+                self.workspace_stats,
+                provisioner=self._provisioner,
+            )
+            env.cleanups.append(ctx.aclose)
+            env.extras["workspace"] = ctx
+            # Bounded by the workspace timeouts; a stopped workspace leaves built-ins only.
+            await ctx.prepare()
+            tools.extend(ctx.tools())
+        if self._subagents and env.chat.parent_chat_id is None:
+            tools.extend(
+                subagent_tools(
+                    self,
+                    self.store,
+                    self.pubsub if self.config.subagents.use_pubsub else None,
+                    self.config.subagents,
+                    stats=self.subagent_stats,
+                )
+            )
+        return ToolRegistry(tools)
 
     def _record(self, result: TurnResult) -> None:
         self._bump("steps", result.steps)
@@ -558,8 +610,6 @@ class Server:
         """Create a chat with its first user message; it starts `pending`."""
         parts = self._as_parts(content)
         if title is None:
-            from chatd_trio.subagents import title_from_prompt
-
             title = title_from_prompt(text_of_parts(parts), self.config.subagents)
         if parent_chat_id is not None:
             parent = await self.store.get_chat(parent_chat_id)
@@ -567,9 +617,7 @@ class Server:
                 raise PermissionDenied("the parent chat belongs to another user")
         chat, _ = await self.store.create_chat(
             owner_id,
-            title
-            if title is not None
-            else title_from_prompt(text_of_parts(parts), self.config.subagents),
+            title,
             parts,
             workspace_id=workspace_id,
             build_id=build_id,
@@ -630,6 +678,8 @@ class Server:
         cleared, the chat goes `pending` (a running turn stops)."""
         await self._owned_chat(owner_id, chat_id)
         result = await self.store.edit_message(chat_id, message_id, self._as_parts(content))
+        # The edit may have dropped the instruction message: the next turn re-checks.
+        self.mcp_cache.forget_chat(chat_id)
         self._stop_local(chat_id, "message edited")
         await self._publish_quietly(self.streams.publish_edited_message(result.message))
         await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
@@ -708,7 +758,14 @@ class Server:
             compactions=c.get("compactions", 0),
             reentries=c.get("reentries", 0),
             steps=c.get("steps", 0),
-            extra=dict(self.extra_counters),
+            extra={
+                **self.workspace_stats.snapshot(),
+                **{
+                    f"subagent_{k}": v
+                    for k, v in dataclasses.asdict(self.subagent_stats.statistics()).items()
+                },
+                **self.extra_counters,
+            },
             streams={
                 "dropped_buffer": s.dropped_buffer,
                 "dropped_subscriber": s.dropped_subscriber,
