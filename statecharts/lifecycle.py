@@ -56,8 +56,13 @@ class ChatLifecycleChart(TracedChart):
     finish_done = Event(running.to(waiting), name="finish_done")
     finish_with_queued = Event(running.to(pending), name="finish_with_queued")
     fail = Event(running.to(error), name="fail")
-    interrupt = Event(running.to(waiting), name="interrupt")
-    interrupt_with_queued = Event(running.to(pending), name="interrupt_with_queued")
+    # Interrupt sets `waiting` unless `pending` (an errored chat is stopped too).
+    interrupt = Event(running.to(waiting) | error.to(waiting), name="interrupt")
+    # The stopped turn's final transition promotes a queued message (from the
+    # user-stopped `waiting` row, or straight from `running`).
+    interrupt_with_queued = Event(
+        running.to(pending) | waiting.to(pending), name="interrupt_with_queued"
+    )
     shutdown = Event(running.to(pending), name="shutdown")
     stale_recovered = Event(running.to(pending), name="stale_recovered")
 

@@ -19,8 +19,8 @@ Invariants checked after every operation, for every chat:
 - history: the live messages equal the model's, in id order (edits soft-delete the
   edited message and everything after it).
 
-Two known disagreements between the store and the chart are excluded from the
-generated operations and pinned by strict xfail tests at the end of this file.
+A user stop wins: once a chat is `waiting` (interrupted), the turn's final
+transition ends like the interrupt whatever the turn's own outcome.
 """
 
 from __future__ import annotations
@@ -205,8 +205,6 @@ class Run:
         self._transition(chat, ChatStatus.PENDING, "edit")
 
     async def interrupt(self, chat: ChatModel) -> None:
-        if chat.status is ChatStatus.ERROR:
-            return  # see test_interrupt_of_an_error_chat_follows_the_chart
         row = await self.store.interrupt(chat.id)
         if chat.status is ChatStatus.PENDING:
             assert row.status is ChatStatus.PENDING
@@ -258,9 +256,10 @@ class Run:
 
     async def finish(self, worker: uuid.UUID, chat: ChatModel, outcome: TurnOutcome) -> None:
         allowed = self._owns(worker, chat) or chat.status is ChatStatus.WAITING
-        if allowed and chat.status is ChatStatus.WAITING and outcome is TurnOutcome.ERROR:
-            return  # see test_a_failed_turn_of_a_user_stopped_chat_follows_the_chart
         was = chat.status
+        if was is ChatStatus.WAITING:
+            # A user stop wins: whatever the turn's outcome, it ends like the interrupt.
+            outcome = TurnOutcome.INTERRUPTED
         result = await self.store.finish_turn(chat.id, worker, outcome, "boom")
         if not allowed:
             assert not result.changed and result.promoted is None
@@ -279,7 +278,9 @@ class Run:
             assert [text_of(q.parts) for q in result.queue] == chat.queue
             chat.messages.append(Msg(result.promoted.id, Role.USER, head))
             event = "finish_with_queued" if outcome is TurnOutcome.DONE else "interrupt_with_queued"
-            self._transition(chat, ChatStatus.PENDING, event if running else None)
+            self._transition(
+                chat, ChatStatus.PENDING, event if running else "interrupt_with_queued"
+            )
         else:
             assert result.promoted is None
             event = "finish_done" if outcome is TurnOutcome.DONE else "interrupt"
@@ -349,6 +350,14 @@ EVERY_TRANSITION: list[tuple[Any, ...]] = [
     ("finish", OWN, 0, S),  # shutdown
     ("acquire", 0, 1),
     ("stale",),  # stale_recovered
+    ("acquire", 0, 1),
+    ("finish", OWN, 0, E),
+    ("interrupt", 0),  # error -> waiting
+    ("send", 0),
+    ("acquire", 1, 1),
+    ("send", 0),  # queued
+    ("interrupt", 0),  # running -> waiting, the queue kept
+    ("finish", OWN, 0, D),  # the user stop wins: interrupt_with_queued from waiting
 ]
 
 
@@ -395,7 +404,7 @@ def test_interleavings_on_postgres_follow_the_lifecycle(
     trio.run(main)
 
 
-# -- known disagreements between the store and the chart ----------------------------------
+# -- a user stop wins over the turn's own outcome -------------------------------------
 
 
 async def _memory(fn: Callable[[MemoryStore, uuid.UUID], Awaitable[None]]) -> None:
@@ -404,23 +413,25 @@ async def _memory(fn: Callable[[MemoryStore, uuid.UUID], Awaitable[None]]) -> No
     await fn(store, chat.id)
 
 
-@pytest.mark.xfail(strict=True, reason="store: interrupt sets an `error` chat `waiting`")
 async def test_interrupt_of_an_error_chat_follows_the_chart() -> None:
     async def scenario(store: MemoryStore, chat_id: uuid.UUID) -> None:
         await store.acquire(WORKERS[0], 1)
         await store.finish_turn(chat_id, WORKERS[0], TurnOutcome.ERROR, "boom")
         row = await store.interrupt(chat_id)
+        assert row.status is ChatStatus.WAITING
         check_status_path(["running", "error", row.status.value])
 
     await _memory(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="store: finish(ERROR) of a `waiting` chat sets `error`")
-async def test_a_failed_turn_of_a_user_stopped_chat_follows_the_chart() -> None:
+@pytest.mark.parametrize("outcome", [TurnOutcome.ERROR, TurnOutcome.SHUTDOWN])
+async def test_a_user_stop_wins_over_a_failed_or_shut_down_turn(outcome: TurnOutcome) -> None:
     async def scenario(store: MemoryStore, chat_id: uuid.UUID) -> None:
         await store.acquire(WORKERS[0], 1)
         await store.interrupt(chat_id)
-        result = await store.finish_turn(chat_id, WORKERS[0], TurnOutcome.ERROR, "boom")
+        result = await store.finish_turn(chat_id, WORKERS[0], outcome, "boom")
+        assert result.chat.status is ChatStatus.WAITING
+        assert result.chat.last_error is None
         check_status_path(["running", "waiting", result.chat.status.value])
 
     await _memory(scenario)

@@ -105,6 +105,8 @@ LIFECYCLE_SCRIPTS: list[tuple[str, list[str], str]] = [
     ("error", ["edit", "edit", "acquire", "shutdown"], "pending"),
     ("waiting", ["send_message", "acquire", "stale_recovered"], "pending"),
     ("running", ["edit"], "pending"),
+    ("error", ["interrupt"], "waiting"),
+    ("waiting", ["interrupt_with_queued"], "pending"),
 ]
 
 
@@ -171,7 +173,7 @@ def test_oracle_accepts_valid_status_paths() -> None:
         (["new", "running"], 1),
         (["waiting", "running"], 1),
         (["pending", "waiting"], 1),
-        (["new", "pending", "running", "error", "waiting"], 4),
+        (["new", "pending", "running", "error", "running"], 4),
         (["running", "new"], 1),
     ],
 )

@@ -371,7 +371,8 @@ class MemoryStore:
         chat = self._chat(chat_id)
         if chat.status is ChatStatus.PENDING:
             return chat
-        return self._set_status(chat, ChatStatus.WAITING, self._now(), last_error=chat.last_error)
+        # `last_error` belongs to the `error` status: a stopped chat is clean.
+        return self._set_status(chat, ChatStatus.WAITING, self._now())
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         """User-visible, non-deleted messages with id > after_id, in id order."""
@@ -565,6 +566,10 @@ class MemoryStore:
                 chat, changed=False, owned_elsewhere=elsewhere, promoted=None, queue=()
             )
         now = self._now()
+        if not owned:
+            # The user stopped the chat while the turn ran: the stop wins, so a
+            # shutdown or a failure landing afterwards ends like the interrupt.
+            outcome = TurnOutcome.INTERRUPTED
         if outcome is TurnOutcome.ERROR:
             chat = self._set_status(chat, ChatStatus.ERROR, now, last_error=last_error)
             return FinishResult(chat, changed=True, owned_elsewhere=False, promoted=None, queue=())

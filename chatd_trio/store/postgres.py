@@ -718,7 +718,7 @@ class PostgresStore:
             chat = await self._lock_chat(conn, chat_id)
             if chat.status is ChatStatus.PENDING:
                 return chat
-            return await self._set_status(conn, chat_id, ChatStatus.WAITING, chat.last_error)
+            return await self._set_status(conn, chat_id, ChatStatus.WAITING, None)
 
         return await self._run("interrupt", body, transaction=True)
 
@@ -905,10 +905,15 @@ class PostgresStore:
                 return FinishResult(
                     chat, changed=False, owned_elsewhere=elsewhere, promoted=None, queue=()
                 )
-            if outcome is TurnOutcome.ERROR:
+            effective = outcome
+            if not owned:
+                # The user stopped the chat while the turn ran: the stop wins, so a
+                # shutdown or a failure landing afterwards ends like the interrupt.
+                effective = TurnOutcome.INTERRUPTED
+            if effective is TurnOutcome.ERROR:
                 chat = await self._set_status(conn, chat_id, ChatStatus.ERROR, last_error)
                 return FinishResult(chat, True, False, None, ())
-            if outcome is TurnOutcome.SHUTDOWN:
+            if effective is TurnOutcome.SHUTDOWN:
                 chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
                 return FinishResult(chat, True, False, None, ())
             row = await self._fetchone(conn, "PopQueuedMessage", _SQL_POP_QUEUED, (chat_id,))

@@ -338,11 +338,11 @@ async def test_interrupt_keeps_the_queue(store: Store) -> None:
     assert await store.list_queued(chat.id) == [queued]
 
 
-async def test_interrupt_of_errored_chat_sets_waiting_and_keeps_the_error(store: Store) -> None:
+async def test_interrupt_of_errored_chat_sets_waiting_and_clears_the_error(store: Store) -> None:
     chat = await running_chat(store, W1)
     await store.finish_turn(chat.id, W1, TurnOutcome.ERROR, "boom")
     got = await store.interrupt(chat.id)
-    assert (got.status, got.last_error) == (ChatStatus.WAITING, "boom")
+    assert (got.status, got.last_error) == (ChatStatus.WAITING, None)
 
 
 async def test_interrupt_unknown_chat_raises(store: Store) -> None:
