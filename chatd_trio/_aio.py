@@ -7,6 +7,7 @@ leaves a connection mid-transaction.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
@@ -15,6 +16,21 @@ import trio_asyncio
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def bind_psycopg_loop_lookup() -> None:
+    """Make psycopg find the trio-asyncio loop.
+
+    psycopg.waiting binds `asyncio.get_running_loop` by name at import, while
+    trio-asyncio replaces that function when it is imported: if psycopg came first
+    (a test helper, another module) it would see "no running event loop".
+    Idempotent; the PostgreSQL adapters call it at import.
+    """
+    import psycopg.waiting
+
+    namespace = vars(psycopg.waiting)
+    if namespace.get("get_running_loop") is not asyncio.get_running_loop:
+        namespace["get_running_loop"] = asyncio.get_running_loop
 
 
 class Bridge:

@@ -19,7 +19,6 @@ notify may have been missed while disconnected.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import uuid
@@ -30,11 +29,10 @@ from typing import Any
 import psycopg
 import psycopg.waiting
 import trio
-import trio_asyncio
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
-from chatd_trio._aio import Bridge, asyncio_bridge
+from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
 from chatd_trio.pubsub.base import Resync
@@ -52,20 +50,7 @@ log = logging.getLogger(__name__)
 _NOTIFY = "SELECT pg_notify(%s, %s)"
 
 
-def _bind_running_loop_lookup() -> None:
-    """Make psycopg find the trio-asyncio loop.
-
-    psycopg.waiting binds `asyncio.get_running_loop` by name at import, while
-    trio-asyncio replaces that function when it is imported: if psycopg came first
-    (a test helper, another module) it would see "no running event loop".
-    """
-    assert trio_asyncio is not None  # imported for its asyncio patch
-    namespace = vars(psycopg.waiting)
-    if namespace.get("get_running_loop") is not asyncio.get_running_loop:
-        namespace["get_running_loop"] = asyncio.get_running_loop
-
-
-_bind_running_loop_lookup()
+bind_psycopg_loop_lookup()
 
 
 # -- asyncio side: each function is one coroutine entered once from Trio --------------

@@ -25,7 +25,6 @@ PostgreSQL-specific choices:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.resources
 import logging
@@ -37,13 +36,12 @@ from typing import Any, TypeAlias, TypeVar
 import psycopg
 import psycopg.waiting
 import trio
-import trio_asyncio
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from chatd_trio._aio import Bridge, asyncio_bridge
+from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
 from chatd_trio.config import LimitsConfig, PostgresConfig
 from chatd_trio.domain import (
     Chat,
@@ -97,21 +95,7 @@ _Body: TypeAlias = Callable[[_Conn], Awaitable[T]]
 _DEFAULTS = PostgresConfig()
 
 
-def _bind_running_loop_lookup() -> None:
-    """Make psycopg find the trio-asyncio loop.
-
-    psycopg.waiting binds `asyncio.get_running_loop` by name at import; trio-asyncio
-    replaces that function when it is imported. If psycopg was imported first (a test
-    helper, another module), its binding is the original, which knows no trio-asyncio
-    loop ("no running event loop"). Re-point it at the current function.
-    """
-    assert trio_asyncio is not None  # imported above for its asyncio patch
-    namespace = vars(psycopg.waiting)
-    if namespace.get("get_running_loop") is not asyncio.get_running_loop:
-        namespace["get_running_loop"] = asyncio.get_running_loop
-
-
-_bind_running_loop_lookup()
+bind_psycopg_loop_lookup()
 
 # Python's str.strip() removes exactly the characters for which str.isspace() is true;
 # all of them lie below U+3001. Trimming these in SQL makes "non-blank" mean the same
