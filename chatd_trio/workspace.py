@@ -49,7 +49,7 @@ from chatd_trio.agent import (
     serve_agent,
 )
 from chatd_trio.config import Config, WorkspaceConfig
-from chatd_trio.dial import DialResult, Release, dial_with_lazy_validation
+from chatd_trio.dial import DialCounter, DialResult, Release, dial_with_lazy_validation
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -139,12 +139,9 @@ class WorkspaceProvisioner(Protocol):
 
 
 @dataclass
-class WorkspaceStats:
-    """Workspace counters of one replica; also the `DialObserver` of its dials."""
+class WorkspaceStats(DialCounter):
+    """Workspace counters of one replica; as a `DialCounter` it observes its dials."""
 
-    dials: int = 0
-    validations: int = 0
-    switches: int = 0
     agent_lookups: int = 0
     latest_build_lookups: int = 0
     binding_updates: int = 0
@@ -155,19 +152,6 @@ class WorkspaceStats:
     def snapshot(self) -> dict[str, int]:
         """The counters by name."""
         return dataclasses.asdict(self)
-
-    # DialObserver
-    def on_dial(self, agent_id: uuid.UUID) -> None:
-        self.dials += 1
-
-    def on_validate(self, workspace_id: uuid.UUID) -> None:
-        self.validations += 1
-
-    def on_switch(self, old_agent_id: uuid.UUID, new_agent_id: uuid.UUID) -> None:
-        self.switches += 1
-
-    def on_step(self, step: object) -> None:
-        pass
 
 
 class McpToolCache:
