@@ -9,12 +9,16 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chatd-trio` console script."""
     from chatd_trio.agent.server import add_agent_command, run_agent_command
+    from chatd_trio.demo import add_demo_command, run_demo_command
+    from chatd_trio.scaletest import add_scaletest_command, run_scaletest_command
 
     parser = argparse.ArgumentParser(prog="chatd-trio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     diagrams = sub.add_parser("diagrams", help="render the statechart diagrams into docs/")
     diagrams.add_argument("--check", action="store_true", help="fail when they are stale")
     add_agent_command(sub)
+    add_demo_command(sub)
+    add_scaletest_command(sub)
     args = parser.parse_args(argv)
     if args.command == "diagrams":
         from statecharts.render import main as render_main
@@ -22,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         return render_main(["--check"] if args.check else [])
     if args.command == "agent":
         return run_agent_command(args)
+    if args.command == "demo":
+        return run_demo_command(args)
+    if args.command == "scaletest":
+        return run_scaletest_command(args)
     return 2
 
 

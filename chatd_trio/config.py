@@ -290,3 +290,56 @@ class Config:
     def replace(self, **changes: object) -> Config:
         """A copy with some sections replaced."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`chatd-trio demo`: timings of the scenarios and the display."""
+
+    # Four one-second commands: parallel tools finish in ~1 s instead of ~4 s.
+    parallel_tools: int = 4
+    parallel_sleep_s: float = 1.0
+    # Parallel passes when the step's wall time stays under 60 % of the tools' summed time.
+    parallel_max_wall_ratio: float = 0.6
+    # A context limit of 1000 tokens and a 900-token step: over the 70 % threshold.
+    context_limit: int = 1000
+    over_threshold_tokens: int = 900
+    under_threshold_tokens: int = 100
+    # Three 429s with retry_after 0.5 s on a 0.2 s base delay: ~2 s of backoff.
+    throttle_errors: int = 3
+    throttle_retry_after_s: float = 0.5
+    retry_base_delay_s: float = 0.2
+    # A stopped workspace must fail over to the "no agent" error well before 5 s.
+    dial_validation_delay_s: float = 0.5
+    # Quick acquisition so the demo keeps moving; heartbeats are irrelevant at this length.
+    acquire_interval_s: float = 0.2
+    # Bound of every scenario: a broken one fails instead of hanging the demo.
+    scenario_timeout_s: float = 30.0
+    # Lines of the event log kept under the live table.
+    event_log_lines: int = 14
+    # Characters of message text shown per event line.
+    preview_chars: int = 60
+    # Live table refreshes per second.
+    refresh_per_second: float = 8.0
+    # The catch-up scenario's messages after the subscriber left.
+    catchup_missed_turns: int = 2
+
+
+@dataclass(frozen=True)
+class ScaleTestConfig:
+    """`chatd-trio scaletest`: the replicas' timings and the scripted turn."""
+
+    # Replicas wake each other only by polling: 0.1 s keeps a chat woken on another
+    # replica (a takeover) from idling long, at ~10 acquire statements/s per replica.
+    acquire_interval_s: float = 0.1
+    # list_dir is a real agent round trip without spawning a process; `execute` forks a
+    # shell per call, which dominates a 2-core machine (measured: see docs/benchmarks).
+    tool_name: str = "list_dir"
+    execute_command: str = "true"
+    final_text: str = "done"
+    user_text: str = "next"
+    # Bound of the whole run: a broken replica fails the run instead of hanging it.
+    run_timeout_s: float = 3600.0
+    # Connections per replica store: every running turn holds at most one at a time.
+    pool_max_size: int = 10
+    workspace_name: str = "scaletest"

@@ -1,0 +1,855 @@
+"""`chatd-trio demo`: a handful of chats going through a real Server, live in the terminal.
+
+Everything shown comes from the running Server: the table and the event log from
+chat stream events, the checks from persisted messages, the summary from
+`Server.stats()`. The model is a `ScriptedModel` whose step factory reacts to each
+chat's prompt (a `[tag]` in the first user message picks the scenario); workspace
+commands run on real local agents (`LocalProvisioner`) in a temporary directory.
+
+Scenarios, each checked (PASS/FAIL): parallel tools, compaction with re-entry, a
+subagent, a workspace rebuilt between turns, a stopped workspace, a retry storm
+from a throttling model, a subscriber catching up after a reconnect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import trio
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from chatd_trio.agent import dial_agent
+from chatd_trio.config import (
+    AcquireConfig,
+    CompactionConfig,
+    Config,
+    DemoConfig,
+    LoopConfig,
+    RetryConfig,
+    WorkspaceConfig,
+)
+from chatd_trio.domain import (
+    JSON,
+    Chat,
+    ChatStatus,
+    ErrorEvent,
+    Message,
+    MessageEvent,
+    RetryEvent,
+    Role,
+    StatusEvent,
+    StreamEvent,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    text_of,
+)
+from chatd_trio.errors import ChatdError
+from chatd_trio.models.base import PromptMessage
+from chatd_trio.models.scripted import (
+    ScriptedModel,
+    ScriptStep,
+    error_step,
+    model_error,
+    text_step,
+    tool_step,
+    usage_of,
+)
+from chatd_trio.pubsub.base import PubSub
+from chatd_trio.server import Server, ServerStats
+from chatd_trio.store.base import Store
+from chatd_trio.workspace import LocalProvisioner
+
+logger = logging.getLogger(__name__)
+
+_TERMINAL = (ChatStatus.WAITING, ChatStatus.ERROR)
+_COMMAND_MARK = "$ "
+CHILD_ANSWER = "42"
+# The throttle chat's second message starts the storm: by then the demo subscribes, and
+# retry events are live-only (a late subscriber would miss them).
+STORM = "storm"
+
+
+# -- the scripted model ---------------------------------------------------------------------
+
+
+def _texts(prompt: Sequence[PromptMessage]) -> list[str]:
+    return [text_of(m.parts) for m in prompt]
+
+
+def _tag(prompt: Sequence[PromptMessage]) -> str:
+    """The scenario tag: the first `[tag]` of any message (summaries carry it on)."""
+    for text in _texts(prompt):
+        start = text.find("[")
+        end = text.find("]", start + 1)
+        if start >= 0 and end > start:
+            return text[start + 1 : end]
+    return ""
+
+
+def _last_results(prompt: Sequence[PromptMessage]) -> list[ToolResultPart]:
+    """Tool results of the trailing tool messages."""
+    out: list[ToolResultPart] = []
+    for m in reversed(prompt):
+        if m.role is not Role.TOOL:
+            break
+        out[:0] = [p for p in m.parts if isinstance(p, ToolResultPart)]
+    return out
+
+
+def _result_text(result: JSON) -> str:
+    if isinstance(result, dict):
+        for key in ("output", "report", "error"):
+            value = result.get(key)
+            if isinstance(value, str):
+                return value.strip()
+    return json.dumps(result)
+
+
+class DemoScript:
+    """The step factory (and summary factory) of the demo's `ScriptedModel`."""
+
+    def __init__(self, config: Config, demo: DemoConfig) -> None:
+        self._config = config
+        self._demo = demo
+        self.throttled = 0
+
+    def summary(self, prompt: Sequence[PromptMessage], index: int) -> str:
+        return f"[{_tag(prompt)}] the user asked for a long answer, which was given"
+
+    def __call__(self, prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
+        tag = _tag(prompt)
+        results = _last_results(prompt)
+        last_user = next((text_of(m.parts) for m in reversed(prompt) if m.role is Role.USER), "")
+        prefix = f"c{index}"
+        if tag == "parallel":
+            if results:
+                return text_step(f"ran {len(results)} commands side by side")
+            cmd = "s=$(date +%s%3N); sleep {sleep}; echo {name} $s $(date +%s%3N)"
+            calls: list[tuple[str, JSON]] = [
+                ("execute", {"command": cmd.format(sleep=self._demo.parallel_sleep_s, name=name)})
+                for name in "abcdefghijklmnopqrstuvwxyz"[: self._demo.parallel_tools]
+            ]
+            return tool_step(calls, call_id_prefix=prefix)
+        if tag == "compact":
+            limit = self._demo.context_limit
+            if any(
+                t.startswith(self._config.loop.compaction.summary_prefix) for t in _texts(prompt)
+            ):
+                return text_step(
+                    "continuing from the summary",
+                    usage=usage_of(self._demo.under_threshold_tokens),
+                    context_limit=limit,
+                )
+            return text_step(
+                "a very long answer " * 8,
+                usage=usage_of(self._demo.over_threshold_tokens),
+                context_limit=limit,
+            )
+        if tag == "subagent":
+            if not results:
+                return tool_step(
+                    [("spawn_agent", {"prompt": "[child] what is six times seven?"})],
+                    call_id_prefix=prefix,
+                )
+            last = results[-1]
+            if last.name == "spawn_agent" and isinstance(last.result, dict):
+                child = last.result.get("chat_id", "")
+                return tool_step([("wait_agent", {"chat_id": child})], call_id_prefix=prefix)
+            return text_step(f"the subagent says: {_result_text(last.result)}")
+        if tag == "child":
+            return text_step(CHILD_ANSWER)
+        if tag in ("rebuild", "stopped"):
+            if results:
+                state = "error" if results[-1].is_error else "ok"
+                return text_step(f"{state}: {_result_text(results[-1].result)}")
+            command = last_user.split(_COMMAND_MARK, 1)[-1]
+            return tool_step([("execute", {"command": command})], call_id_prefix=prefix)
+        if tag == "throttle":
+            if STORM not in last_user:
+                return text_step("ready")
+            if self.throttled < self._demo.throttle_errors:
+                self.throttled += 1
+                return error_step(
+                    model_error(
+                        429, retry_after=self._demo.throttle_retry_after_s, message="slow down"
+                    )
+                )
+            return text_step(f"answered after {self.throttled} throttled attempts")
+        return text_step(f"re: {last_user}")
+
+
+# -- watching chats -----------------------------------------------------------------------------
+
+
+@dataclass
+class ChatRow:
+    """One line of the live table, fed by the chat's stream events."""
+
+    chat_id: uuid.UUID
+    title: str
+    status: str = "pending"
+    steps: int = 0
+    tool_calls: int = 0
+    last_event: str = ""
+    turns_finished: int = 0
+    retries: int = 0
+    messages: list[Message] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, predicate: Callable[[ChatRow], bool]) -> None:
+        """Wait until `predicate(self)` holds (re-checked on every event)."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    async def until_turns(self, n: int) -> None:
+        await self.until(lambda row: row.turns_finished >= n)
+
+
+def _preview(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def describe(event: StreamEvent, limit: int) -> str | None:
+    """A short line for an event; None for ephemeral parts (too chatty for a log)."""
+    if isinstance(event, StatusEvent):
+        return f"status -> {event.status.value}"
+    if isinstance(event, RetryEvent):
+        r = event.retry
+        return f"retry #{r.attempt} in {r.delay_s:.2f}s ({r.status_code} {r.error})"
+    if isinstance(event, ErrorEvent):
+        return f"error [{event.error.kind}] {_preview(event.error.message, limit)}"
+    if isinstance(event, MessageEvent):
+        m = event.message
+        bits: list[str] = []
+        for part in m.parts:
+            if isinstance(part, TextPart) and part.text:
+                bits.append(_preview(part.text, limit))
+            elif isinstance(part, ToolCallPart):
+                bits.append(f"call {part.name}({_preview(part.arguments, limit // 2)})")
+            elif isinstance(part, ToolResultPart):
+                flag = "ERROR " if part.is_error else ""
+                bits.append(f"{part.name} -> {flag}{_preview(_result_text(part.result), limit)}")
+        return f"#{m.id} {m.role.value}: " + "; ".join(bits)
+    return None
+
+
+class Display:
+    """Plain log lines, or a rich Live table of chats with an event log below it."""
+
+    def __init__(self, out: TextIO, demo: DemoConfig, *, plain: bool) -> None:
+        self.out = out
+        self.demo = demo
+        self.plain = plain
+        self.rows: list[ChatRow] = []
+        self.log: list[str] = []
+        self._live: Live | None = None
+
+    def line(self, text: str) -> None:
+        """An event-log line."""
+        if self.plain:
+            print(text, file=self.out, flush=True)
+            return
+        self.log.append(text)
+        del self.log[: -self.demo.event_log_lines]
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def _render(self) -> RenderableType:
+        table = Table(title="chatd-trio demo: chats", expand=True)
+        for name in ("title", "status", "steps", "tool calls", "last event"):
+            table.add_column(name, overflow="ellipsis", no_wrap=True)
+        for row in self.rows:
+            cells = (row.title, row.status, str(row.steps), str(row.tool_calls), row.last_event)
+            table.add_row(*(Text(cell) for cell in cells))
+        # Text, not markup: event lines carry user text such as "[rebuild]".
+        log = Panel(Text("\n".join(self.log) or "(no events yet)"), title="event log")
+        return Group(table, log)
+
+    @asynccontextmanager
+    async def live(self) -> AsyncIterator[None]:
+        if self.plain:
+            yield
+            return
+        console = Console(file=self.out)
+        with Live(
+            self._render(),
+            console=console,
+            refresh_per_second=self.demo.refresh_per_second,
+        ) as live:
+            self._live = live
+            try:
+                yield
+            finally:
+                live.update(self._render())
+                self._live = None
+
+    def print_table(self, title: str, rows: Sequence[tuple[str, str]]) -> None:
+        if self.plain:
+            print(f"== {title} ==", file=self.out)
+            for key, value in rows:
+                print(f"{key}: {value}", file=self.out)
+            self.out.flush()
+            return
+        table = Table(title=title)
+        table.add_column("what")
+        table.add_column("value")
+        for key, value in rows:
+            table.add_row(Text(key), Text(value))
+        Console(file=self.out).print(table)
+
+
+class Monitor:
+    """Subscribes to each chat and keeps its row and the event log current."""
+
+    def __init__(self, server: Server, owner: uuid.UUID, display: Display, nursery: trio.Nursery):
+        self.server = server
+        self.owner = owner
+        self.display = display
+        self.nursery = nursery
+        self.rows: dict[uuid.UUID, ChatRow] = {}
+
+    async def watch(self, chat: Chat) -> ChatRow:
+        """Start watching a chat; returns once its subscription is live."""
+        row = self.rows.get(chat.id)
+        if row is not None:
+            return row
+        row = ChatRow(chat.id, chat.title)
+        self.rows[chat.id] = row
+        self.display.rows.append(row)
+        await self.nursery.start(self._follow, row)
+        return row
+
+    async def _follow(self, row: ChatRow, *, task_status: trio.TaskStatus[None]) -> None:
+        limit = self.display.demo.preview_chars
+        try:
+            async with self.server.subscribe(self.owner, row.chat_id) as sub:
+                task_status.started()
+                async for event in sub:
+                    self._apply(row, event)
+                    text = describe(event, limit)
+                    if text is not None:
+                        # The status has its own column: keep the last real event visible.
+                        if not isinstance(event, StatusEvent):
+                            row.last_event = text
+                        self.display.line(f"[{row.title}] {text}")
+                    row.changed()
+                    await self._maybe_watch_child(event)
+        except ChatdError as exc:
+            # The chat's scenario times out and reports FAIL; the other chats go on.
+            self.display.line(f"[{row.title}] subscription failed: {exc}")
+            row.last_event = f"subscription failed: {exc}"
+
+    def _apply(self, row: ChatRow, event: StreamEvent) -> None:
+        if isinstance(event, StatusEvent):
+            was_terminal = row.status in {s.value for s in _TERMINAL}
+            row.status = event.status.value
+            if event.status in _TERMINAL and not was_terminal:
+                row.turns_finished += 1
+        elif isinstance(event, RetryEvent):
+            row.retries += 1
+        elif isinstance(event, MessageEvent):
+            m = event.message
+            row.messages.append(m)
+            calls = [p for p in m.parts if isinstance(p, ToolCallPart)]
+            compaction = self.server.config.loop.compaction.tool_name
+            if m.role is Role.ASSISTANT and not any(c.name == compaction for c in calls):
+                row.steps += 1
+                row.tool_calls += len(calls)
+
+    async def _maybe_watch_child(self, event: StreamEvent) -> None:
+        if not isinstance(event, MessageEvent):
+            return
+        for part in event.message.parts:
+            if (
+                isinstance(part, ToolResultPart)
+                and part.name == "spawn_agent"
+                and isinstance(part.result, dict)
+                and not part.is_error
+            ):
+                child = await self.server.store.get_chat(uuid.UUID(str(part.result["chat_id"])))
+                await self.watch(child)
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class DemoEnv:
+    servers: list[Server]
+    store: Store
+    provisioner: LocalProvisioner
+    monitor: Monitor
+    owner: uuid.UUID
+    demo: DemoConfig
+    requests: int = 0
+
+    @property
+    def server(self) -> Server:
+        return self.servers[0]
+
+    def next_server(self) -> Server:
+        """Round robin: the replica taking a request wakes first, so turns spread."""
+        self.requests += 1
+        return self.servers[self.requests % len(self.servers)]
+
+    async def chat(
+        self, title: str, text: str, *, workspace_id: uuid.UUID | None = None
+    ) -> ChatRow:
+        chat = await self.next_server().create_chat(
+            self.owner, text, title=title, workspace_id=workspace_id
+        )
+        return await self.monitor.watch(chat)
+
+    async def send(self, row: ChatRow, text: str) -> None:
+        await self.next_server().send_message(self.owner, row.chat_id, text)
+
+    def workspace_counters(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for server in self.servers:
+            for key, value in server.stats().extra.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+
+def _tool_results(messages: Sequence[Message], name: str) -> list[ToolResultPart]:
+    return [
+        p for m in messages for p in m.parts if isinstance(p, ToolResultPart) and p.name == name
+    ]
+
+
+def _last_assistant_text(messages: Sequence[Message]) -> str:
+    for m in reversed(messages):
+        if m.role is Role.ASSISTANT and text_of(m.parts):
+            return text_of(m.parts)
+    return ""
+
+
+async def scenario_parallel(env: DemoEnv) -> ScenarioResult:
+    ws = await env.provisioner.create(env.owner, "parallel-ws")
+    row = await env.chat("parallel tools", "[parallel] run four slow commands", workspace_id=ws.id)
+    await row.until_turns(1)
+    results = _tool_results(await env.store.messages_after(row.chat_id, 0), "execute")
+    spans: list[tuple[int, int]] = []
+    for r in results:
+        fields = _result_text(r.result).split()
+        if r.is_error or len(fields) != 3:
+            return ScenarioResult("parallel tools", False, f"bad tool result {r.result!r}")
+        spans.append((int(fields[1]), int(fields[2])))
+    if len(spans) != env.demo.parallel_tools:
+        return ScenarioResult("parallel tools", False, f"{len(spans)} results")
+    wall = (max(e for _, e in spans) - min(s for s, _ in spans)) / 1000
+    total = sum(e - s for s, e in spans) / 1000
+    ok = wall < total * env.demo.parallel_max_wall_ratio
+    return ScenarioResult(
+        "parallel tools", ok, f"{len(spans)} execute calls: wall {wall:.2f}s vs sum {total:.2f}s"
+    )
+
+
+async def scenario_compaction(env: DemoEnv) -> ScenarioResult:
+    before = _sum_stats(env.servers)
+    row = await env.chat("compaction", "[compact] tell me everything")
+    await row.until_turns(1)
+    after = _sum_stats(env.servers)
+    compactions = after["compactions"] - before["compactions"]
+    reentries = after["reentries"] - before["reentries"]
+    messages = await env.store.messages_after(row.chat_id, 0)
+    summarized = _tool_results(messages, env.server.config.loop.compaction.tool_name)
+    answer = _last_assistant_text(messages)
+    ok = compactions >= 1 and reentries >= 1 and bool(summarized) and "summary" in answer
+    return ScenarioResult(
+        "compaction + re-entry",
+        ok,
+        f"compactions +{compactions}, re-entries +{reentries}, final answer {answer!r}",
+    )
+
+
+async def scenario_subagent(env: DemoEnv) -> ScenarioResult:
+    row = await env.chat("subagent (root)", "[subagent] ask a helper")
+    await row.until_turns(1)
+    messages = await env.store.messages_after(row.chat_id, 0)
+    spawned = _tool_results(messages, "spawn_agent")
+    waited = _tool_results(messages, "wait_agent")
+    answer = _last_assistant_text(messages)
+    ok = (
+        len(spawned) == 1
+        and len(waited) == 1
+        and not waited[0].is_error
+        and CHILD_ANSWER in _result_text(waited[0].result)
+        and CHILD_ANSWER in answer
+    )
+    return ScenarioResult("subagent", ok, f"root answered {answer!r}")
+
+
+async def scenario_rebuild(env: DemoEnv) -> ScenarioResult:
+    ws = await env.provisioner.create(env.owner, "rebuild-ws")
+    first = env.provisioner.running_agent(ws.id)
+    row = await env.chat(
+        "workspace rebuild",
+        "[rebuild] turn 1 $ echo built-on-first-agent > note.txt && cat note.txt",
+        workspace_id=ws.id,
+    )
+    await row.until_turns(1)
+    bound = await env.store.get_chat(row.chat_id)
+    before = env.workspace_counters()
+    second = await env.provisioner.start(ws.id)
+    env.monitor.display.line(f"[rebuild] workspace rebuilt: new agent {str(second.id)[:8]}")
+    await env.send(row, "[rebuild] turn 2 $ cat note.txt")
+    await row.until_turns(2)
+    after = env.workspace_counters()
+    chat = await env.store.get_chat(row.chat_id)
+    outputs = [_result_text(r.result) for r in _tool_results(row.messages, "execute")]
+    delta = {k: after[k] - before.get(k, 0) for k in ("dials", "validations", "switches")}
+    ok = (
+        first is not None
+        and bound.agent_id == first.id
+        and chat.agent_id == second.id
+        and outputs == ["built-on-first-agent"] * 2
+        and delta["switches"] >= 1
+    )
+    old = str(bound.agent_id)[:8] if bound.agent_id else "-"
+    new = str(chat.agent_id)[:8] if chat.agent_id else "-"
+    return ScenarioResult(
+        "workspace rebuilt between turns",
+        ok,
+        f"agent {old} -> {new}; turn 2 dials +{delta['dials']}, "
+        f"validations +{delta['validations']}, switches +{delta['switches']}",
+    )
+
+
+async def scenario_stopped(env: DemoEnv) -> ScenarioResult:
+    ws = await env.provisioner.create(env.owner, "stopped-ws")
+    row = await env.chat("stopped workspace", "[stopped] turn 1 $ echo alive", workspace_id=ws.id)
+    await row.until_turns(1)
+    await env.provisioner.stop(ws.id)
+    env.monitor.display.line("[stopped] workspace stopped")
+    started = trio.current_time()
+    await env.send(row, "[stopped] turn 2 $ echo still there?")
+    await row.until_turns(2)
+    took = trio.current_time() - started
+    results = _tool_results(row.messages, "execute")
+    last = results[-1] if results else None
+    kind = last.result.get("kind") if last and isinstance(last.result, dict) else None
+    ok = len(results) == 2 and not results[0].is_error and last is not None and last.is_error
+    ok = ok and kind == "no_workspace_agent"
+    return ScenarioResult(
+        "stopped workspace",
+        ok,
+        f"turn 2 execute -> tool error {kind!r}, turn over in {took * 1000:.0f} ms",
+    )
+
+
+async def scenario_throttle(env: DemoEnv) -> ScenarioResult:
+    before = _sum_stats(env.servers)
+    row = await env.chat("retry storm", "[throttle] hello")
+    await row.until_turns(1)
+    started = trio.current_time()
+    await env.send(row, f"[throttle] answer despite a 429 {STORM}")
+    await row.until_turns(2)
+    took = trio.current_time() - started
+    retries = _sum_stats(env.servers)["retries"] - before["retries"]
+    expected = env.demo.throttle_errors
+    ok = row.retries == expected and retries >= expected and row.status == "waiting"
+    return ScenarioResult(
+        "retry storm",
+        ok,
+        f"{row.retries} retry events, stats retries +{retries}, answered after {took:.2f}s",
+    )
+
+
+async def scenario_catchup(env: DemoEnv) -> ScenarioResult:
+    row = await env.chat("catch-up", "[catchup] first message")
+    name = "subscriber catch-up"
+    async with env.server.subscribe(env.owner, row.chat_id) as sub:
+        async for event in sub:
+            if isinstance(event, MessageEvent) and event.message.role is Role.ASSISTANT:
+                break
+        cursor = sub.cursor
+    env.monitor.display.line(f"[catchup] subscriber left at message #{cursor}")
+    await row.until_turns(1)
+    for i in range(env.demo.catchup_missed_turns):
+        await env.send(row, f"[catchup] missed message {i + 1}")
+        await row.until_turns(2 + i)
+    expected = [m.id for m in await env.store.messages_after(row.chat_id, cursor)]
+    got: list[int] = []
+    async with env.server.subscribe(env.owner, row.chat_id, cursor) as sub:
+        while len(got) < len(expected):
+            event = await sub.receive()
+            if isinstance(event, MessageEvent):
+                got.append(event.message.id)
+        # Anything further already delivered would be a duplicate.
+        while True:
+            try:
+                event = sub.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(event, MessageEvent):
+                got.append(event.message.id)
+    env.monitor.display.line(f"[catchup] re-subscribed after #{cursor}: got {got}")
+    ok = bool(expected) and got == expected and len(set(got)) == len(got)
+    return ScenarioResult(name, ok, f"missed {len(expected)} messages, received {got}")
+
+
+Scenario = Callable[[DemoEnv], Awaitable[ScenarioResult]]
+# Groups run concurrently, the scenarios of a group one after another: the workspace
+# scenarios share the replicas' dial counters, so their deltas must not overlap.
+SCENARIO_GROUPS: tuple[tuple[tuple[str, Scenario], ...], ...] = (
+    (
+        ("parallel tools", scenario_parallel),
+        ("workspace rebuilt between turns", scenario_rebuild),
+        ("stopped workspace", scenario_stopped),
+    ),
+    (("compaction + re-entry", scenario_compaction),),
+    (("subagent", scenario_subagent),),
+    (("retry storm", scenario_throttle),),
+    (("subscriber catch-up", scenario_catchup),),
+)
+SCENARIOS = tuple(pair for group in SCENARIO_GROUPS for pair in group)
+
+
+def _sum_stats(servers: Sequence[Server]) -> dict[str, int]:
+    total = {"compactions": 0, "reentries": 0, "retries": 0, "steps": 0}
+    for server in servers:
+        s = server.stats()
+        total["compactions"] += s.compactions
+        total["reentries"] += s.reentries
+        total["retries"] += s.retries
+        total["steps"] += s.steps
+    return total
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    dsn: str | None = None
+    replicas: int = 1
+    plain: bool = False
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    results: tuple[ScenarioResult, ...]
+    summary: tuple[tuple[str, str], ...]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+
+def demo_config(demo: DemoConfig) -> Config:
+    """The Server configuration of the demo: quick acquisition, short retries and dials."""
+    base = Config()
+    return base.replace(
+        acquire=AcquireConfig(acquire_interval=demo.acquire_interval_s),
+        loop=LoopConfig(
+            retry=RetryConfig(base_delay=demo.retry_base_delay_s),
+            compaction=CompactionConfig(context_limit=demo.context_limit),
+        ),
+        workspace=WorkspaceConfig(dial_validation_delay=demo.dial_validation_delay_s),
+    )
+
+
+@asynccontextmanager
+async def _backend(dsn: str | None) -> AsyncIterator[tuple[Store, PubSub]]:
+    if dsn is None:
+        from chatd_trio.pubsub.memory import MemoryPubSub
+        from chatd_trio.store.memory import MemoryStore
+
+        yield MemoryStore(), MemoryPubSub()
+        return
+    from chatd_trio.pubsub.postgres import PostgresPubSub
+    from chatd_trio.store.postgres import PostgresStore
+
+    async with PostgresStore.open(dsn) as store, PostgresPubSub.open(dsn) as pubsub:
+        yield store, pubsub
+
+
+async def _run_one(
+    env: DemoEnv, name: str, scenario: Scenario, results: list[ScenarioResult]
+) -> None:
+    try:
+        with trio.fail_after(env.demo.scenario_timeout_s):
+            result = dataclasses.replace(await scenario(env), name=name)
+    except trio.TooSlowError:
+        result = ScenarioResult(name, False, f"timed out after {env.demo.scenario_timeout_s}s")
+    except Exception as exc:
+        logger.exception("demo scenario crashed", extra={"scenario": name})
+        result = ScenarioResult(name, False, f"crashed: {exc!r}")
+    results.append(result)
+    env.monitor.display.line(f"{'PASS' if result.passed else 'FAIL'} {name}: {result.detail}")
+
+
+async def _run_group(
+    env: DemoEnv, group: Sequence[tuple[str, Scenario]], results: list[ScenarioResult]
+) -> None:
+    for name, scenario in group:
+        await _run_one(env, name, scenario, results)
+
+
+def summarize(servers: Sequence[Server], store: Store, wall: float) -> tuple[tuple[str, str], ...]:
+    """The summary rows, from `Server.stats()` of every replica."""
+    stats: list[ServerStats] = [s.stats() for s in servers]
+    finished: dict[str, int] = {}
+    for s in stats:
+        for key, value in s.turns_finished.items():
+            finished[key] = finished.get(key, 0) + value
+    turns = sum(finished.values())
+    # The store is shared by the replicas: its statement counts are counted once.
+    statements = sum(store.statement_counts().values())
+    extra: dict[str, int] = {}
+    for s in stats:
+        for key, value in s.extra.items():
+            extra[key] = extra.get(key, 0) + value
+    drops = sum(s.streams["dropped_buffer"] + s.streams["dropped_subscriber"] for s in stats)
+    per_turn = statements / turns if turns else 0.0
+    return (
+        ("replicas", str(len(servers))),
+        ("turns per replica", " / ".join(str(s.turns_started) for s in stats)),
+        ("turns", f"{turns} ({', '.join(f'{k} {v}' for k, v in sorted(finished.items()))})"),
+        ("steps", str(sum(s.steps for s in stats))),
+        ("store statements (demo reads included)", f"{statements} ({per_turn:.1f} per turn)"),
+        (
+            "dials / validations / switches",
+            f"{extra.get('dials', 0)} / {extra.get('validations', 0)} / {extra.get('switches', 0)}",
+        ),
+        (
+            "compactions / re-entries",
+            f"{sum(s.compactions for s in stats)} / {sum(s.reentries for s in stats)}",
+        ),
+        ("retries", str(sum(s.retries for s in stats))),
+        ("subagents spawned", str(extra.get("subagent_spawned", 0))),
+        ("stream drops", str(drops)),
+        ("wall time", f"{wall:.1f}s"),
+    )
+
+
+async def run_demo(
+    options: DemoOptions, out: TextIO | None = None, demo: DemoConfig | None = None
+) -> DemoReport:
+    """Run every scenario on a fresh set of chats; print as it goes; return the outcome."""
+    demo = demo or DemoConfig()
+    out = out if out is not None else sys.stdout
+    config = demo_config(demo)
+    display = Display(out, demo, plain=options.plain)
+    results: list[ScenarioResult] = []
+    started = trio.current_time()
+    async with _backend(options.dsn) as (store, pubsub):
+        with tempfile.TemporaryDirectory(prefix="chatd-demo-") as tmp:
+            async with trio.open_nursery() as agents:
+                provisioner = LocalProvisioner(store, agents, Path(tmp), config=config)
+                script = DemoScript(config, demo)
+                model = ScriptedModel(script, summaries=script.summary)
+                servers = [
+                    Server(
+                        store,
+                        pubsub,
+                        model,
+                        config,
+                        dialer=dial_agent,
+                        provisioner=provisioner,
+                    )
+                    for _ in range(max(1, options.replicas))
+                ]
+                try:
+                    async with AsyncExitStack() as stack:
+                        for server in servers:
+                            await stack.enter_async_context(server)
+                        async with display.live(), trio.open_nursery() as watchers:
+                            monitor = Monitor(servers[0], uuid.uuid4(), display, watchers)
+                            env = DemoEnv(servers, store, provisioner, monitor, monitor.owner, demo)
+                            async with trio.open_nursery() as scenarios:
+                                for group in SCENARIO_GROUPS:
+                                    scenarios.start_soon(_run_group, env, group, results)
+                            watchers.cancel_scope.cancel()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await provisioner.aclose()
+                    agents.cancel_scope.cancel()
+    summary = summarize(servers, store, trio.current_time() - started)
+    order = [name for name, _ in SCENARIOS]
+    ordered = tuple(sorted(results, key=lambda r: order.index(r.name)))
+    display.print_table(
+        "scenarios", [(r.name, f"{'PASS' if r.passed else 'FAIL'}  {r.detail}") for r in ordered]
+    )
+    display.print_table("summary (Server.stats())", summary)
+    report = DemoReport(ordered, summary)
+    print("DEMO PASS" if report.passed else "DEMO FAIL", file=out, flush=True)
+    return report
+
+
+def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `chatd-trio demo`."""
+    p = sub.add_parser(
+        "demo",
+        help="run a handful of chats through a real Server, live in the terminal",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dsn", help="run on PostgreSQL (PostgresStore + PostgresPubSub)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="N Server replicas sharing the store and pubsub; they run as N Server "
+        "instances in this one process (not separate processes)",
+    )
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain log lines instead of the live table (automatic when not a TTY)",
+    )
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """Run the demo from parsed arguments; 0 only when every scenario passed."""
+    if args.replicas < 1:
+        print("--replicas must be at least 1", file=sys.stderr)
+        return 2
+    plain = bool(args.plain) or not sys.stdout.isatty()
+    options = DemoOptions(dsn=args.dsn, replicas=args.replicas, plain=plain)
+    report = trio.run(run_demo, options)
+    return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m chatd_trio.demo`: the same as `chatd-trio demo`."""
+    parser = argparse.ArgumentParser(prog="chatd_trio.demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_demo_command(sub)
+    return run_demo_command(parser.parse_args(["demo", *(argv or sys.argv[1:])]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
