@@ -38,7 +38,6 @@ from chatd_trio.domain import (
 from chatd_trio.errors import (
     ChatdError,
     DecodeError,
-    PayloadTooLarge,
     PermissionDenied,
     PubSubError,
 )
@@ -111,6 +110,12 @@ class Server:
 
     Use as ``async with Server(store, pubsub, model, config) as server:`` or
     ``await nursery.start(server.run)``. `pubsub=None` is the single-process mode.
+
+    `model` is one `Model` for every chat or a function choosing one per chat.
+    `tools` are offered to every turn; `tools_factory` replaces the default per-turn
+    registry (the tools, plus workspace tools when a `dialer` is given, plus the
+    subagent tools for root chats when `subagents` is true). `provisioner` adds the
+    create/start/stop workspace tools. `worker_id` names this replica (random by default).
     """
 
     def __init__(
@@ -782,4 +787,4 @@ def text_of_parts(parts: Sequence[Part]) -> str:
     return "".join(p.text for p in parts if isinstance(p, TextPart))
 
 
-__all__ = ["BusyBehavior", "PayloadTooLarge", "Server", "ServerStats", "TurnEnv"]
+__all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "text_of_parts"]
