@@ -1,0 +1,64 @@
+"""Run the deterministic simulation.
+
+python scripts/simulate.py --scenarios 20000 [--seed S]   # explore, print rate + failures
+python scripts/simulate.py --replay SEED                  # replay one generated scenario
+python scripts/simulate.py --scenario JSON                # replay a printed scenario
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.simulation.harness import (
+    Scenario,
+    replay_command,
+    run_scenario,
+    scenario_from_seed,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenarios", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", type=int)
+    parser.add_argument("--scenario")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL + 1)
+    if args.replay is not None or args.scenario is not None:
+        sc = (
+            Scenario.from_json(args.scenario)
+            if args.scenario is not None
+            else scenario_from_seed(args.replay)
+        )
+        result = run_scenario(sc)
+        print(sc)
+        print(f"chats={result.chats} steps={result.steps} injected={result.injected}")
+        for v in result.violations:
+            print(f"VIOLATION {v.invariant}: {v.detail}")
+        return 1 if result.violations else 0
+    failures = 0
+    start = time.monotonic()
+    for seed in range(args.seed, args.seed + args.scenarios):
+        result = run_scenario(scenario_from_seed(seed))
+        if result.violations:
+            failures += 1
+            kinds = sorted({v.invariant for v in result.violations})
+            print(f"seed {seed}: {kinds} -> {replay_command(result.scenario, seed)}")
+    elapsed = time.monotonic() - start
+    print(
+        f"{args.scenarios} scenarios in {elapsed:.1f} s "
+        f"({args.scenarios / elapsed:.1f}/s), {failures} failing"
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

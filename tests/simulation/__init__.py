@@ -1,0 +1,1 @@
+"""Deterministic simulation of several replicas on one virtual clock (issue 9)."""

@@ -1,0 +1,1026 @@
+"""Deterministic simulation harness: N replicas in one `trio.run` on a MockClock.
+
+A `Scenario` (plain data, generated from any integer source: Hypothesis draws or
+a seeded `random.Random`) lists user operations and fault rates. `run_scenario`
+plays it: replicas (`Server`) share one `MemoryStore` whose timestamps follow the
+virtual clock and one `MemoryPubSub`; every port is wrapped so faults can be
+injected and behaviour observed without touching the code under test. After the
+operations, faults stop, virtual time advances until the system settles, every
+subscriber catches up, the servers close, and `check` returns the violations of
+the invariants in `INVARIANTS`.
+
+Replay: `python scripts/simulate.py --replay SEED` (scenario generated from the
+seed) or `--scenario JSON` (a scenario printed by a failing test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import trio
+import trio.testing
+
+from chatd_trio.config import AcquireConfig, Config, StreamConfig
+from chatd_trio.domain import (
+    JSON,
+    Chat,
+    ChatStatus,
+    ErrorEvent,
+    Message,
+    MessageEvent,
+    NewMessage,
+    Role,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    WorkspaceAgent,
+    text_of,
+)
+from chatd_trio.errors import ChatdError, StoreError
+from chatd_trio.models.base import Finish, PromptMessage, TextDelta
+from chatd_trio.models.scripted import (
+    ScriptedModel,
+    ScriptStep,
+    error_step,
+    model_error,
+    text_step,
+    tool_step,
+)
+from chatd_trio.pubsub.base import PubSub
+from chatd_trio.pubsub.memory import MemoryPubSub
+from chatd_trio.server import Server
+from chatd_trio.store.base import EditResult, FinishResult, SendResult, Store, TurnOutcome
+from chatd_trio.store.memory import MemoryStore
+from chatd_trio.streams import StreamSubscription
+from chatd_trio.tools import ToolContext, ToolRegistry, tool
+from statecharts.lifecycle import InvalidStatusPath, check_status_path
+
+EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
+
+INVARIANTS = {
+    "terminal_status": "every chat ends waiting or error (none stuck running/pending)",
+    "stream_exactly_once": "every live durable message reaches every subscriber once, ids "
+    "strictly increasing within an edit epoch",
+    "single_owner": "no chat owned by two live workers at once",
+    "tool_results": "every tool call in the history has exactly one result",
+    "queue_promotion": "every queued message promoted at most once, in queue order, and none lost",
+    "connections_released": "every workspace connection dialed was released exactly once",
+    "status_path": "each chat's status path is valid per the lifecycle statechart",
+}
+
+PROMPT_KINDS = ("plain", "tools", "slow", "ws", "spawn", "fail")
+OP_KINDS = (
+    "create",
+    "send",
+    "edit",
+    "interrupt",
+    "subscribe",
+    "lag",
+    "disconnect",
+    "rejoin",
+    "crash",
+    "resync",
+    "rebuild",
+    "stop_ws",
+)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Knobs of the simulation (virtual seconds)."""
+
+    server: Config = field(
+        default_factory=lambda: Config(
+            acquire=AcquireConfig(acquire_interval=0.5, heartbeat_interval=1.0, stale_after=6.0),
+            streams=StreamConfig(subscriber_queue_size=4),
+        )
+    )
+    max_replicas: int = 3
+    max_ops: int = 14
+    max_gap: float = 4.0
+    max_crashes: int = 2
+    slow_chunks: int = 4
+    slow_latency: float = 1.5
+    lag_time: float = 3.0
+    max_pubsub_delay: float = 2.0
+    dial_hang_time: float = 20.0
+    # Settling: faults off, then advance time until every chat is terminal.
+    settle_step: float = 1.0
+    settle_limit: float = 400.0
+    catchup_limit: float = 60.0
+    # Fault rates are percentages.
+    max_rate: int = 30
+
+
+SIM = SimConfig()
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    a: int = 0
+    b: int = 0
+    c: int = 0
+    gap: float = 0.0
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault rates in percent, drawn per scenario."""
+
+    store_error: int = 0
+    notify_lost: int = 0
+    notify_delay: int = 0
+    model_throttle: int = 0
+    model_cut: int = 0
+    dial_fail: int = 0
+    dial_hang: int = 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    seed: int
+    replicas: int
+    ops: tuple[Op, ...]
+    faults: Faults
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        d = json.loads(text)
+        return cls(
+            seed=d["seed"],
+            replicas=d["replicas"],
+            ops=tuple(Op(**o) for o in d["ops"]),
+            faults=Faults(**d["faults"]),
+        )
+
+
+# An integer source: (low, high) inclusive -> int. Hypothesis draws or random.randint.
+IntSource = Callable[[int, int], int]
+
+
+def generate(draw: IntSource, sim: SimConfig = SIM) -> Scenario:
+    """A scenario from an integer source (shrinks well under Hypothesis: small is simple)."""
+    seed = draw(0, 2**31 - 1)
+    replicas = draw(1, sim.max_replicas)
+    faults = Faults(*(draw(0, sim.max_rate) for _ in range(7)))
+    n_ops = draw(1, sim.max_ops)
+    ops = [Op("create", draw(0, 1), draw(0, len(PROMPT_KINDS) - 1))]
+    for _ in range(n_ops):
+        kind = OP_KINDS[draw(0, len(OP_KINDS) - 1)]
+        ops.append(Op(kind, draw(0, 7), draw(0, 7), draw(0, 1), draw(0, 8) * sim.max_gap / 8))
+    return Scenario(seed, replicas, tuple(ops), faults)
+
+
+def scenario_from_seed(seed: int, sim: SimConfig = SIM) -> Scenario:
+    rng = random.Random(seed)
+    return generate(rng.randint, sim)
+
+
+# -- observations ------------------------------------------------------------------
+
+
+@dataclass
+class Interval:
+    """One acquisition of a chat by a worker: from the claim to its last accepted write."""
+
+    worker: uuid.UUID
+    chat: uuid.UUID
+    start: int
+    end: int
+
+
+@dataclass
+class Observations:
+    seq: int = 0
+    statuses: dict[uuid.UUID, list[str]] = field(default_factory=dict)
+    intervals: list[Interval] = field(default_factory=list)
+    open_interval: dict[tuple[uuid.UUID, uuid.UUID], Interval] = field(default_factory=dict)
+    queued: dict[uuid.UUID, list[str]] = field(default_factory=dict)
+    edits: dict[uuid.UUID, int] = field(default_factory=dict)
+    queue_cleared_after: dict[uuid.UUID, int] = field(default_factory=dict)
+    injected: dict[str, int] = field(default_factory=dict)
+
+    def bump(self, name: str) -> None:
+        self.injected[name] = self.injected.get(name, 0) + 1
+
+
+def token_of(parts: Sequence[Any]) -> str:
+    return text_of(tuple(parts)).split(" ")[-1]
+
+
+# -- the store wrapper ----------------------------------------------------------------
+
+
+class SimStore:
+    """Wraps the shared MemoryStore: transient faults, crashed workers, observation."""
+
+    FAULTY = frozenset({"acquire", "heartbeat", "recover_stale", "messages_after"})
+
+    def __init__(self, inner: MemoryStore, rng: random.Random, faults: Faults) -> None:
+        self.inner = inner
+        self.rng = rng
+        self.faults = faults
+        self.faults_on = True
+        self.dead: set[uuid.UUID] = set()
+        self.obs = Observations()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    # fault and liveness gates
+    async def _gate(self, op: str, worker: uuid.UUID | None = None) -> None:
+        if worker is not None and worker in self.dead:
+            await trio.lowlevel.checkpoint()
+            raise StoreError("replica crashed: its writes never reach the database")
+        if (
+            self.faults_on
+            and op in self.FAULTY
+            and self.rng.randrange(100) < self.faults.store_error
+        ):
+            self.obs.bump(f"store_error_{op}")
+            await trio.lowlevel.checkpoint()
+            raise StoreError(f"injected transient failure in {op}")
+
+    def _observe(self) -> int:
+        """Record every status change since the last call; the sequence number of now."""
+        self.obs.seq += 1
+        for chat in self.inner._chats.values():
+            path = self.obs.statuses.setdefault(chat.id, ["new"])
+            if path[-1] != chat.status.value:
+                path.append(chat.status.value)
+        return self.obs.seq
+
+    def _owns(self, worker: uuid.UUID, chat_id: uuid.UUID) -> bool:
+        chat = self.inner._chats.get(chat_id)
+        return chat is not None and chat.status is ChatStatus.RUNNING and chat.worker_id == worker
+
+    def _extend(self, worker: uuid.UUID, chat_id: uuid.UUID, seq: int) -> None:
+        iv = self.obs.open_interval.get((worker, chat_id))
+        if iv is not None:
+            iv.end = seq
+
+    # chats and messages
+    async def create_chat(self, *args: Any, **kwargs: Any) -> tuple[Chat, Message]:
+        out = await self.inner.create_chat(*args, **kwargs)
+        self._observe()
+        return out
+
+    async def send_message(
+        self, chat_id: uuid.UUID, parts: Sequence[Any], *, max_queued: int
+    ) -> SendResult:
+        out = await self.inner.send_message(chat_id, parts, max_queued=max_queued)
+        self._observe()
+        if out.queued is not None:
+            self.obs.queued.setdefault(chat_id, []).append(token_of(parts))
+        return out
+
+    async def edit_message(
+        self, chat_id: uuid.UUID, message_id: int, parts: Sequence[Any]
+    ) -> EditResult:
+        out = await self.inner.edit_message(chat_id, message_id, parts)
+        self.obs.edits[chat_id] = self.obs.edits.get(chat_id, 0) + 1
+        self.obs.queue_cleared_after[chat_id] = len(self.obs.queued.get(chat_id, []))
+        self._observe()
+        return out
+
+    async def interrupt(self, chat_id: uuid.UUID) -> Chat:
+        out = await self.inner.interrupt(chat_id)
+        self._observe()
+        return out
+
+    async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
+        await self._gate("messages_after")
+        return await self.inner.messages_after(chat_id, after_id)
+
+    async def promote_queued(self, chat_id: uuid.UUID, queued_id: int) -> SendResult:
+        out = await self.inner.promote_queued(chat_id, queued_id)
+        self._observe()
+        return out
+
+    # ownership
+    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+        await self._gate("acquire", worker_id)
+        chats = await self.inner.acquire(worker_id, limit)
+        seq = self._observe()
+        for chat in chats:
+            iv = Interval(worker_id, chat.id, seq, seq)
+            self.obs.intervals.append(iv)
+            self.obs.open_interval[(worker_id, chat.id)] = iv
+        return chats
+
+    async def release(self, worker_id: uuid.UUID, chat_ids: Sequence[uuid.UUID]) -> None:
+        await self._gate("release", worker_id)
+        await self.inner.release(worker_id, chat_ids)
+        self._observe()
+
+    async def heartbeat(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> bool:
+        await self._gate("heartbeat", worker_id)
+        owned = await self.inner.heartbeat(chat_id, worker_id)
+        seq = self._observe()
+        if owned:
+            self._extend(worker_id, chat_id, seq)
+        return owned
+
+    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
+        await self._gate("recover_stale")
+        ids = await self.inner.recover_stale(stale_after)
+        self._observe()
+        return ids
+
+    async def persist_step(
+        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+    ) -> list[Message]:
+        await self._gate("persist_step", worker_id)
+        out = await self.inner.persist_step(chat_id, worker_id, messages)
+        # Only a write into a running chat this worker owns counts (a waiting chat's
+        # interrupted step may be kept by anyone).
+        owned = self._owns(worker_id, chat_id)
+        seq = self._observe()
+        if owned:
+            self._extend(worker_id, chat_id, seq)
+        return out
+
+    async def persist_compaction(
+        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+    ) -> list[Message]:
+        await self._gate("persist_compaction", worker_id)
+        out = await self.inner.persist_compaction(chat_id, worker_id, messages)
+        self._observe()
+        return out
+
+    async def finish_turn(
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+    ) -> FinishResult:
+        await self._gate("finish_turn", worker_id)
+        owned = self._owns(worker_id, chat_id)
+        out = await self.inner.finish_turn(chat_id, worker_id, outcome, last_error)
+        seq = self._observe()
+        if owned and out.changed:
+            self._extend(worker_id, chat_id, seq)
+        return out
+
+    def as_store(self) -> Store:
+        return cast(Store, self)
+
+
+# -- the pubsub wrapper ---------------------------------------------------------------
+
+
+class SimPubSub:
+    """One replica's view of the shared MemoryPubSub: lost / delayed notifies, death.
+
+    A lost notify is what a dropped LISTEN connection does: the notify is gone and
+    every subscription gets a resync. Delays keep per-channel order (a port promise)
+    but reorder across channels.
+    """
+
+    def __init__(
+        self,
+        inner: MemoryPubSub,
+        rng: random.Random,
+        faults: Faults,
+        nursery: trio.Nursery,
+        sim: SimConfig,
+        obs: Observations,
+        shared: dict[str, Any],
+    ) -> None:
+        self.inner = inner
+        self.rng = rng
+        self.faults = faults
+        self.nursery = nursery
+        self.sim = sim
+        self.obs = obs
+        self.alive = True
+        # Shared across replicas: per-channel FIFO of delayed publishes, and the switch.
+        self.shared = shared
+
+    @property
+    def payload_limit(self) -> int:
+        return self.inner.payload_limit
+
+    def subscribe(self, channel: str) -> Any:
+        return self.inner.subscribe(channel)
+
+    async def publish(self, channel: str, payload: str) -> None:
+        if not self.alive:
+            await trio.lowlevel.checkpoint()
+            return
+        queues: dict[str, list[str]] = self.shared.setdefault("queues", {})
+        faults_on = bool(self.shared.get("faults_on", True))
+        if faults_on and self.rng.randrange(100) < self.faults.notify_lost:
+            self.obs.bump("notify_lost")
+            await trio.lowlevel.checkpoint()
+            self.inner.force_resync("injected notify loss")
+            return
+        if channel in queues or (faults_on and self.rng.randrange(100) < self.faults.notify_delay):
+            self.obs.bump("notify_delayed")
+            if channel not in queues:
+                queues[channel] = []
+                delay = self.rng.uniform(0.0, self.sim.max_pubsub_delay)
+                self.nursery.start_soon(self._drain, channel, delay)
+            queues[channel].append(payload)
+            await trio.lowlevel.checkpoint()
+            return
+        await self.inner.publish(channel, payload)
+
+    async def _drain(self, channel: str, delay: float) -> None:
+        await trio.sleep(delay)
+        queues: dict[str, list[str]] = self.shared["queues"]
+        while queues[channel]:
+            payload = queues[channel].pop(0)
+            await self.inner.publish(channel, payload)
+        del queues[channel]
+
+    def as_pubsub(self) -> PubSub:
+        return cast(PubSub, self)
+
+
+# -- the fake workspace agent ---------------------------------------------------------
+
+
+class FakeConn:
+    """An in-process workspace agent connection (a fake of the external agent)."""
+
+    async def execute(
+        self,
+        command: str,
+        timeout: float,  # noqa: ASYNC109 - protocol signature
+        *,
+        output_limit: int | None = None,
+    ) -> Any:
+        from chatd_trio.agent import ExecResult
+
+        await trio.lowlevel.checkpoint()
+        return ExecResult(0, f"ran {command}", False, False)
+
+    async def read_file(self, path: str) -> Any:
+        from chatd_trio.agent import FileContent
+
+        await trio.lowlevel.checkpoint()
+        return FileContent(path, "", 0, False)
+
+    async def write_file(self, path: str, content: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(content)
+
+    async def list_dir(self, path: str = ".") -> list[Any]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def instruction_files(self) -> list[Any]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def mcp_list_tools(self) -> list[Any]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def mcp_call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> Any:
+        await trio.lowlevel.checkpoint()
+        raise ChatdError("no MCP servers in the simulation")
+
+
+class FakeDialer:
+    """Dials FakeConns; can hang or fail; counts every release."""
+
+    def __init__(self, rng: random.Random, faults: Faults, sim: SimConfig) -> None:
+        self.rng = rng
+        self.faults = faults
+        self.sim = sim
+        self.faults_on = True
+        self.dialed = 0
+        self.released: dict[int, int] = {}
+
+    async def __call__(self, agent: WorkspaceAgent) -> tuple[Any, Callable[[], Any]]:
+        if self.faults_on and self.rng.randrange(100) < self.faults.dial_hang:
+            await trio.sleep(self.sim.dial_hang_time)
+        if self.faults_on and self.rng.randrange(100) < self.faults.dial_fail:
+            await trio.lowlevel.checkpoint()
+            from chatd_trio.errors import DialError
+
+            raise DialError(ConnectionError("injected dial failure"))
+        await trio.lowlevel.checkpoint()
+        self.dialed += 1
+        n = self.dialed
+        self.released[n] = 0
+
+        async def release() -> None:
+            await trio.lowlevel.checkpoint()
+            self.released[n] += 1
+
+        return FakeConn(), release
+
+
+# -- the model ------------------------------------------------------------------------
+
+
+@tool("echo", "Echo the arguments.", {"type": "object"})
+async def echo(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    await trio.lowlevel.checkpoint()
+    return {"echo": args}
+
+
+def _kind_of(text: str) -> str:
+    return text.split(" ")[0] if text else "plain"
+
+
+def model_for(
+    replica: int, rng: random.Random, faults: Faults, state: dict[str, bool], sim: SimConfig
+) -> ScriptedModel:
+    """A model reacting to the prompt: the user's latest message names what to do."""
+
+    def step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
+        prefix = f"r{replica}s{index}"
+        if state["faults_on"]:
+            if rng.randrange(100) < faults.model_throttle:
+                return error_step(model_error(429, retry_after=1.0))
+            if rng.randrange(100) < faults.model_cut:
+                return ScriptStep(
+                    (TextDelta("cut"), TextDelta("off"), Finish(_usage(), "stop")),
+                    error=model_error(503, kind="stream_cut", message="stream cut"),
+                    cut_after=1,
+                )
+        last = prompt[-1] if prompt else None
+        if last is not None and last.role is Role.TOOL:
+            spawned = [p for p in last.parts if isinstance(p, ToolResultPart)]
+            if spawned and spawned[0].name == "spawn_agent" and isinstance(spawned[0].result, dict):
+                child = spawned[0].result.get("chat_id")
+                if isinstance(child, str):
+                    return tool_step([("wait_agent", {"chat_id": child})], call_id_prefix=prefix)
+            return text_step("done", chunks=2)
+        user = [m for m in prompt if m.role is Role.USER]
+        kind = _kind_of(text_of(user[-1].parts)) if user else "plain"
+        if kind == "tools":
+            return tool_step([("echo", {"n": 1}), ("echo", {"n": 2})], call_id_prefix=prefix)
+        if kind == "slow":
+            return text_step("slowly answering", chunks=sim.slow_chunks, latency=sim.slow_latency)
+        if kind == "ws":
+            return tool_step([("execute", {"command": "ls"})], call_id_prefix=prefix)
+        if kind == "spawn":
+            return tool_step([("spawn_agent", {"prompt": "plain sub"})], call_id_prefix=prefix)
+        if kind == "fail":
+            return error_step(model_error(400, retryable=False, kind="bad_request"))
+        return text_step("answer", chunks=2)
+
+    return ScriptedModel(step)
+
+
+def _usage() -> Any:
+    from chatd_trio.domain import Usage
+
+    return Usage()
+
+
+# -- subscribers ----------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    """A user's view of one chat across subscription sessions (rejoins resume the cursor)."""
+
+    chat: int
+    ids: list[int] = field(default_factory=list)
+    scope: trio.CancelScope | None = None
+    replica: int = 0
+    lag_until: float = 0.0
+    handle: StreamSubscription | None = None
+    ended: bool = False
+
+    @property
+    def last(self) -> int:
+        return self.ids[-1] if self.ids else 0
+
+
+SubscribeWrap = Callable[[StreamSubscription], Any]
+
+
+# -- the world ------------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    server: Server
+    pubsub: SimPubSub
+    scope: trio.CancelScope
+    alive: bool = True
+
+
+@dataclass
+class Hooks:
+    """Planted-bug hooks: replace a fake or wrapper with a deliberately broken one."""
+
+    store: Callable[[MemoryStore, random.Random, Faults], SimStore] = SimStore
+    dialer: Callable[[random.Random, Faults, SimConfig], FakeDialer] = FakeDialer
+    # Wraps each subscription's receive: returns the events to record for one event.
+    deliver: Callable[[MessageEvent], list[MessageEvent]] = lambda ev: [ev]
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    detail: str
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    violations: list[Violation]
+    chats: int
+    steps: int
+    injected: dict[str, int]
+
+
+class World:
+    def __init__(self, scenario: Scenario, sim: SimConfig, hooks: Hooks) -> None:
+        self.sc = scenario
+        self.sim = sim
+        self.hooks = hooks
+        self.rng = random.Random(scenario.seed)
+        self.inner = MemoryStore(clock=lambda: EPOCH + timedelta(seconds=trio.current_time()))
+        self.store = hooks.store(self.inner, random.Random(self.rng.random()), scenario.faults)
+        self.memps = MemoryPubSub()
+        self.dialer = hooks.dialer(random.Random(self.rng.random()), scenario.faults, sim)
+        self.shared: dict[str, Any] = {"faults_on": True}
+        self.model_state = {"faults_on": True}
+        self.replicas: list[Replica] = []
+        self.chats: list[uuid.UUID] = []
+        self.owners = [uuid.uuid4(), uuid.uuid4()]
+        self.clients: list[Client] = []
+        self.crashes = 0
+        self.workspace: uuid.UUID | None = None
+        self.build_n = 0
+        self.tokens = 0
+
+    # replicas
+    async def start_replica(self, nursery: trio.Nursery) -> None:
+        index = len(self.replicas)
+        ps = SimPubSub(
+            self.memps,
+            random.Random(self.rng.random()),
+            self.sc.faults,
+            nursery,
+            self.sim,
+            self.store.obs,
+            self.shared,
+        )
+        model = model_for(
+            index, random.Random(self.rng.random()), self.sc.faults, self.model_state, self.sim
+        )
+        server = Server(
+            self.store.as_store(),
+            ps.as_pubsub(),
+            model,
+            self.sim.server,
+            tools=ToolRegistry([echo]),
+            worker_id=uuid.UUID(int=self.rng.getrandbits(128), version=4),
+            dialer=self.dialer,
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await server.run(task_status=task_status)
+
+        await nursery.start(run)
+        self.replicas.append(Replica(server, ps, scope))
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
+
+    def pick(self, n: int) -> Replica:
+        live = self.live()
+        return live[n % len(live)]
+
+    def crash(self, rep: Replica) -> None:
+        """Kill a replica: its writes and publishes stop reaching anything, tasks end."""
+        rep.alive = False
+        self.store.dead.add(rep.server.worker_id)
+        rep.pubsub.alive = False
+        rep.scope.cancel()
+        for client in self.clients:
+            if client.replica == self.replicas.index(rep) and client.scope is not None:
+                client.scope.cancel()
+
+    # workspace
+    async def ensure_workspace(self) -> uuid.UUID:
+        if self.workspace is None:
+            ws = await self.inner.create_workspace(self.owners[0], "sim")
+            self.workspace = ws.id
+            await self.rebuild(agents=True)
+        return self.workspace
+
+    async def rebuild(self, *, agents: bool) -> None:
+        assert self.workspace is not None
+        build = await self.inner.create_build(self.workspace)
+        self.build_n += 1
+        if agents:
+            await self.inner.create_agent(build.id, "main", f"sim:{self.build_n}", "token")
+
+    def text(self, kind_index: int) -> str:
+        self.tokens += 1
+        return f"{PROMPT_KINDS[kind_index % len(PROMPT_KINDS)]} t{self.tokens}"
+
+    # subscribers
+    async def client_session(self, client: Client, rep_index: int, scope: trio.CancelScope) -> None:
+        """Subscribe from the client's last id; a retryable stream error or an ended
+        subscription makes the client re-subscribe (as a real client does)."""
+        rep = self.replicas[rep_index]
+        client.replica = rep_index
+        chat_id = self.chats[client.chat]
+        owner = self.inner._chats[chat_id].owner_id
+        with scope:
+            while True:
+                async with rep.server.subscribe(owner, chat_id, client.last) as sub:
+                    client.handle = sub
+                    try:
+                        async for ev in sub:
+                            if client.lag_until > trio.current_time():
+                                await trio.sleep_until(client.lag_until)
+                            if isinstance(ev, MessageEvent):
+                                for got in self.hooks.deliver(ev):
+                                    client.ids.append(got.message.id)
+                            elif isinstance(ev, ErrorEvent) and ev.error.kind == "snapshot":
+                                break
+                    finally:
+                        client.handle = None
+                await trio.sleep(self.sim.settle_step)
+        if client.scope is scope:
+            client.scope = None
+
+    def start_client(self, nursery: trio.Nursery, client: Client, rep_index: int) -> None:
+        # Set before the task runs: a rejoin right after must not start a second session.
+        client.scope = trio.CancelScope()
+        nursery.start_soon(self.client_session, client, rep_index, client.scope)
+
+    # operations
+    async def apply(self, op: Op, nursery: trio.Nursery) -> None:
+        if op.kind == "create" or not self.chats:
+            rep = self.pick(op.a)
+            kind = op.b % len(PROMPT_KINDS)
+            ws = await self.ensure_workspace() if PROMPT_KINDS[kind] == "ws" else None
+            chat = await rep.server.create_chat(
+                self.owners[op.a % 2], self.text(kind), workspace_id=ws
+            )
+            self.chats.append(chat.id)
+            return
+        chat_id = self.chats[op.a % len(self.chats)]
+        owner = self.inner._chats[chat_id].owner_id
+        rep = self.pick(op.b)
+        if op.kind == "send":
+            await rep.server.send_message(
+                owner, chat_id, self.text(op.b), busy_behavior="interrupt" if op.c else "queue"
+            )
+        elif op.kind == "edit":
+            users = [
+                self.inner._messages[i]
+                for i in self.inner._chat_message_ids.get(chat_id, [])
+                if self.inner._messages[i].role is Role.USER and not self.inner._messages[i].deleted
+            ]
+            if users:
+                target = users[-1 if op.c else 0]
+                await rep.server.edit_message(owner, chat_id, target.id, self.text(op.b))
+        elif op.kind == "interrupt":
+            await rep.server.interrupt(owner, chat_id)
+        elif op.kind == "subscribe":
+            client = Client(op.a % len(self.chats))
+            self.clients.append(client)
+            self.start_client(nursery, client, self.replicas.index(rep))
+        elif op.kind in ("lag", "disconnect", "rejoin") and self.clients:
+            client = self.clients[op.a % len(self.clients)]
+            if op.kind == "lag":
+                client.lag_until = trio.current_time() + self.sim.lag_time
+            elif op.kind == "disconnect" and client.scope is not None:
+                client.scope.cancel()
+            elif op.kind == "rejoin" and client.scope is None:
+                self.start_client(nursery, client, self.replicas.index(rep))
+        elif op.kind == "crash" and self.crashes < self.sim.max_crashes:
+            self.crashes += 1
+            self.crash(rep)
+            await self.start_replica(nursery)
+        elif op.kind == "resync":
+            self.memps.force_resync("injected connection drop")
+        elif op.kind in ("rebuild", "stop_ws") and self.workspace is not None:
+            await self.rebuild(agents=op.kind == "rebuild")
+
+    def faults_off(self) -> None:
+        self.store.faults_on = False
+        self.shared["faults_on"] = False
+        self.model_state["faults_on"] = False
+        self.dialer.faults_on = False
+
+    def settled(self) -> bool:
+        if self.shared.get("queues"):
+            return False
+        # A turn still finishing may promote a queued message: not settled yet.
+        if any(r.server.running_chats for r in self.live()):
+            return False
+        return all(
+            c.status in (ChatStatus.WAITING, ChatStatus.ERROR) for c in self.inner._chats.values()
+        )
+
+    def live_ids(self, chat_id: uuid.UUID) -> list[int]:
+        return [
+            m.id
+            for i in self.inner._chat_message_ids.get(chat_id, [])
+            if not (m := self.inner._messages[i]).deleted and m.visibility.value != "model"
+        ]
+
+    def caught_up(self, client: Client) -> bool:
+        live = self.live_ids(self.chats[client.chat])
+        target = live[-1] if live else 0
+        return client.handle is not None and client.last == target and client.handle.backlog == 0
+
+    async def play(self) -> list[Violation]:
+        violations: list[Violation] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.sc.replicas):
+                await self.start_replica(nursery)
+            for op in self.sc.ops:
+                # Refused user operations (queue full, edit refused) are fine.
+                with contextlib.suppress(ChatdError):
+                    await self.apply(op, nursery)
+                await trio.sleep(op.gap)
+            self.faults_off()
+            deadline = trio.current_time() + self.sim.settle_limit
+            while not self.settled() and trio.current_time() < deadline:  # noqa: ASYNC110 - polls a settling world on virtual time
+                await trio.sleep(self.sim.settle_step)
+            if not self.settled():
+                stuck = {
+                    str(c.id)[:8]: c.status.value
+                    for c in self.inner._chats.values()
+                    if c.status not in (ChatStatus.WAITING, ChatStatus.ERROR)
+                }
+                violations.append(Violation("terminal_status", f"stuck chats: {stuck}"))
+            live_reps = [self.replicas.index(r) for r in self.live()]
+            for i, client in enumerate(self.clients):
+                client.lag_until = 0.0
+                if client.scope is None or client.scope.cancel_called:
+                    self.start_client(nursery, client, live_reps[i % len(live_reps)])
+            deadline = trio.current_time() + self.sim.catchup_limit
+            while (  # noqa: ASYNC110 - polls a settling world on virtual time
+                not all(self.caught_up(c) for c in self.clients) and trio.current_time() < deadline
+            ):
+                await trio.sleep(self.sim.settle_step)
+            for client in self.clients:
+                if client.scope is not None:
+                    client.scope.cancel()
+            with trio.CancelScope(shield=True):
+                for rep in self.live():
+                    await rep.server.close()
+            nursery.cancel_scope.cancel()
+        return violations
+
+
+# -- the checker ----------------------------------------------------------------------
+
+
+def epochs(ids: Sequence[int]) -> list[list[int]]:
+    """Split delivered ids where they go back (a full refresh starts a new epoch)."""
+    out: list[list[int]] = [[]]
+    last = 0
+    for i in ids:
+        if i <= last:
+            out.append([])
+        out[-1].append(i)
+        last = i
+    return out
+
+
+def check(world: World) -> list[Violation]:
+    """Every invariant of INVARIANTS on the final state and the observations."""
+    v: list[Violation] = []
+    inner, obs = world.inner, world.store.obs
+    for chat in inner._chats.values():
+        if chat.status not in (ChatStatus.WAITING, ChatStatus.ERROR):
+            v.append(Violation("terminal_status", f"chat {chat.id} ends {chat.status.value}"))
+    # streams
+    for n, client in enumerate(world.clients):
+        chat_id = world.chats[client.chat]
+        live = world.live_ids(chat_id)
+        parts = epochs(client.ids)
+        edits = obs.edits.get(chat_id, 0)
+        if len(parts) - 1 > edits:
+            v.append(
+                Violation(
+                    "stream_exactly_once",
+                    f"client {n}: {len(parts)} epochs with {edits} edits: {parts}",
+                )
+            )
+        live_set = set(live)
+        got = [i for i in parts[-1] if i in live_set]
+        if got != live:
+            v.append(Violation("stream_exactly_once", f"client {n}: got {got}, live {live}"))
+    # ownership
+    ivs = sorted(obs.intervals, key=lambda iv: iv.start)
+    for i, a in enumerate(ivs):
+        for b in ivs[i + 1 :]:
+            if b.start > a.end:
+                break
+            if a.chat == b.chat and a.worker != b.worker:
+                v.append(
+                    Violation(
+                        "single_owner",
+                        f"chat {a.chat}: {a.worker} [{a.start},{a.end}] overlaps "
+                        f"{b.worker} [{b.start},{b.end}]",
+                    )
+                )
+    # tool calls and queue
+    for chat_id, ids in inner._chat_message_ids.items():
+        msgs = [inner._messages[i] for i in ids]
+        live_msgs = [m for m in msgs if not m.deleted]
+        calls = [p.call_id for m in live_msgs for p in m.parts if isinstance(p, ToolCallPart)]
+        results = [p.call_id for m in live_msgs for p in m.parts if isinstance(p, ToolResultPart)]
+        for call in set(calls) | set(results):
+            if calls.count(call) != 1 or results.count(call) != 1:
+                v.append(
+                    Violation(
+                        "tool_results",
+                        f"chat {chat_id}: call {call} x{calls.count(call)}, "
+                        f"results x{results.count(call)}",
+                    )
+                )
+        queued = obs.queued.get(chat_id, [])
+        user_tokens = [
+            token_of(m.parts)
+            for m in msgs
+            if m.role is Role.USER and any(isinstance(p, TextPart) for p in m.parts)
+        ]
+        promoted = [t for t in user_tokens if t in set(queued)]
+        if len(promoted) != len(set(promoted)):
+            v.append(Violation("queue_promotion", f"chat {chat_id}: promoted twice {promoted}"))
+        if promoted != [t for t in queued if t in set(promoted)]:
+            v.append(Violation("queue_promotion", f"chat {chat_id}: order {promoted} vs {queued}"))
+        remaining = {token_of(q.parts) for q in inner._queues.get(chat_id, [])}
+        cleared = obs.queue_cleared_after.get(chat_id, 0)
+        for pos, tok in enumerate(queued):
+            if tok not in promoted and tok not in remaining and pos >= cleared:
+                v.append(Violation("queue_promotion", f"chat {chat_id}: {tok} lost"))
+    # connections
+    for n, count in world.dialer.released.items():
+        if count != 1:
+            v.append(Violation("connections_released", f"connection {n} released {count} times"))
+    # status paths
+    for chat_id, path in obs.statuses.items():
+        try:
+            check_status_path(path)
+        except InvalidStatusPath as exc:
+            v.append(Violation("status_path", f"chat {chat_id}: {path}: {exc}"))
+    return v
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+def replay_command(scenario: Scenario, seed: int | None = None) -> str:
+    if seed is not None:
+        return f"python scripts/simulate.py --replay {seed}"
+    return f"python scripts/simulate.py --scenario '{scenario.to_json()}'"
+
+
+def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | None = None) -> Result:
+    """Play one scenario deterministically (scheduling and ids seeded) and check it."""
+    from trio._core import _run as trio_run_module
+
+    trio_run_module._r.seed(scenario.seed)
+    world = World(scenario, sim, hooks or Hooks())
+    ids = random.Random(scenario.seed ^ 0x5EED)
+    original = uuid.uuid4
+    uuid.uuid4 = lambda: uuid.UUID(int=ids.getrandbits(128), version=4)
+    try:
+        early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        uuid.uuid4 = original
+    violations = early + [x for x in check(world) if x not in early]
+    steps = sum(r.server.stats().steps for r in world.replicas)
+    return Result(
+        scenario, violations, len(world.inner._chats), steps, dict(world.store.obs.injected)
+    )
+
+
+class SimulationFailure(AssertionError):
+    pass
+
+
+def assert_ok(result: Result, seed: int | None = None) -> None:
+    if result.violations:
+        lines = [f"{x.invariant}: {x.detail}" for x in result.violations[:10]]
+        raise SimulationFailure(
+            "invariants violated:\n  "
+            + "\n  ".join(lines)
+            + f"\nreplay with: {replay_command(result.scenario, seed)}"
+        )

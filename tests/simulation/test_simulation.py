@@ -1,0 +1,45 @@
+"""Deterministic simulation: random scenarios with faults, checked after settling.
+
+Replay a failure with the command printed in its message
+(`python scripts/simulate.py --scenario '<json>'` or `--replay SEED`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.simulation.harness import Scenario, assert_ok, generate, run_scenario, scenario_from_seed
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    return generate(lambda lo, hi: draw(st.integers(lo, hi)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    logging.disable(logging.WARNING)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(scenario=scenarios(), _r=st.random_module())
+def test_scenarios_hold_every_invariant(scenario: Scenario, _r: object) -> None:
+    assert_ok(run_scenario(scenario))
+
+
+def test_same_scenario_replays_identically() -> None:
+    sc = scenario_from_seed(7)
+    a, b = run_scenario(sc), run_scenario(sc)
+    assert (a.steps, a.chats, a.injected) == (b.steps, b.chats, b.injected)
+    assert a.steps > 0
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(scenario=scenarios(), _r=st.random_module())
+def test_long_exploration(scenario: Scenario, _r: object) -> None:
+    assert_ok(run_scenario(scenario))
