@@ -31,7 +31,6 @@ async def open_store(kind: str, pg_dsn: str | None) -> AsyncIterator[Store]:
     assert pg_dsn is not None
     # Imported here so the memory branch runs while the PostgreSQL adapter is absent.
     from chatd_trio.store.postgres import PostgresStore
-
     from tests.pgcluster import truncate_all
 
     async with PostgresStore.open(pg_dsn) as store:
