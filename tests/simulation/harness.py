@@ -505,11 +505,17 @@ class FakeDialer:
         self.faults_on = True
         self.dialed = 0
         self.released: dict[int, int] = {}
+        # Where injected faults are counted (the world points it at its observations).
+        self.obs: Observations | None = None
 
     async def __call__(self, agent: WorkspaceAgent) -> tuple[Any, Callable[[], Any]]:
         if self.faults_on and self.rng.randrange(100) < self.faults.dial_hang:
+            if self.obs is not None:
+                self.obs.bump("dial_hang")
             await trio.sleep(self.sim.dial_hang_time)
         if self.faults_on and self.rng.randrange(100) < self.faults.dial_fail:
+            if self.obs is not None:
+                self.obs.bump("dial_fail")
             await trio.lowlevel.checkpoint()
             from chatd_trio.errors import DialError
 
@@ -540,7 +546,12 @@ def _kind_of(text: str) -> str:
 
 
 def model_for(
-    replica: int, rng: random.Random, faults: Faults, state: dict[str, bool], sim: SimConfig
+    replica: int,
+    rng: random.Random,
+    faults: Faults,
+    state: dict[str, bool],
+    sim: SimConfig,
+    obs: Observations | None = None,
 ) -> ScriptedModel:
     """A model reacting to the prompt: the user's latest message names what to do."""
 
@@ -548,8 +559,12 @@ def model_for(
         prefix = f"r{replica}s{index}"
         if state["faults_on"]:
             if rng.randrange(100) < faults.model_throttle:
+                if obs is not None:
+                    obs.bump("model_throttle")
                 return error_step(model_error(429, retry_after=1.0))
             if rng.randrange(100) < faults.model_cut:
+                if obs is not None:
+                    obs.bump("model_cut")
                 return ScriptStep(
                     (TextDelta("cut"), TextDelta("off"), Finish(_usage(), "stop")),
                     error=model_error(503, kind="stream_cut", message="stream cut"),
@@ -655,6 +670,7 @@ class World:
         self.store = hooks.store(self.inner, random.Random(self.rng.random()), scenario.faults)
         self.memps = MemoryPubSub()
         self.dialer = hooks.dialer(random.Random(self.rng.random()), scenario.faults, sim)
+        self.dialer.obs = self.store.obs
         self.shared: dict[str, Any] = {"faults_on": True}
         self.model_state = {"faults_on": True}
         self.replicas: list[Replica] = []
@@ -679,7 +695,12 @@ class World:
             self.shared,
         )
         model = model_for(
-            index, random.Random(self.rng.random()), self.sc.faults, self.model_state, self.sim
+            index,
+            random.Random(self.rng.random()),
+            self.sc.faults,
+            self.model_state,
+            self.sim,
+            self.store.obs,
         )
         server = Server(
             self.store.as_store(),

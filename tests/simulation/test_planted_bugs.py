@@ -3,6 +3,7 @@ shows the simulation reports the matching invariant with a replay command."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import uuid
@@ -134,3 +135,45 @@ def test_chat_handed_to_two_workers_breaks_single_owner() -> None:
 
 def test_lost_final_transition_leaves_a_stuck_chat() -> None:
     assert "terminal_status" in reported(scenario(Op("create", 0, SLOW)), Hooks(store=LostFinish))
+
+
+class NewestFirst(SimStore):
+    """The final transition promotes the newest queued message instead of the oldest."""
+
+    async def finish_turn(
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+    ) -> FinishResult:
+        self.inner._queues.get(chat_id, []).reverse()
+        return await super().finish_turn(chat_id, worker_id, outcome, last_error)
+
+
+class ErrorAfterWaiting(SimStore):
+    """A finished chat is flipped from waiting to error: no lifecycle event does that."""
+
+    async def finish_turn(
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+    ) -> FinishResult:
+        result = await super().finish_turn(chat_id, worker_id, outcome, last_error)
+        chat = self.inner._chats[chat_id]
+        if chat.status is ChatStatus.WAITING:
+            self.inner._chats[chat_id] = dataclasses.replace(chat, status=ChatStatus.ERROR)
+            self._observe()
+        return result
+
+
+def test_queue_promoted_out_of_order_breaks_queue_promotion() -> None:
+    sc = scenario(Op("create", 0, SLOW), Op("send", 0, 0), Op("send", 0, 0))
+    assert "queue_promotion" in reported(sc, Hooks(store=NewestFirst))
+
+
+def test_an_impossible_status_change_breaks_status_path() -> None:
+    sc = scenario(Op("create", 0, TOOLS))
+    assert "status_path" in reported(sc, Hooks(store=ErrorAfterWaiting))
