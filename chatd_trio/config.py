@@ -333,7 +333,7 @@ class ScaleTestConfig:
     # replica (a takeover) from idling long, at ~10 acquire statements/s per replica.
     acquire_interval_s: float = 0.1
     # list_dir is a real agent round trip without spawning a process; `execute` forks a
-    # shell per call, which dominates a 2-core machine (measured: see docs/benchmarks).
+    # shell per call (~8 % fewer turns/s on memory, 50 chats: docs/benchmarks/scale.md).
     tool_name: str = "list_dir"
     execute_command: str = "true"
     final_text: str = "done"

@@ -554,6 +554,12 @@ class Server:
                         except DecodeError:
                             continue
                         status, worker = payload.status, payload.worker_id
+                        if self._should_stop(status, worker):
+                            # Notifies from other replicas may be stale: a sender's
+                            # `pending` can arrive after this replica acquired the chat.
+                            # The store has the last word before a turn is stopped.
+                            chat = await self.store.get_chat(chat_id)
+                            status, worker = chat.status, chat.worker_id
                     if self._should_stop(status, worker):
                         self._bump("interrupts")
                         control.interrupt(f"chat became {status}")
