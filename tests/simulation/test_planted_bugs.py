@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import trio
@@ -30,8 +30,11 @@ TOOLS, SLOW, WS = 1, 2, 3
 
 
 @pytest.fixture(autouse=True)
-def _quiet() -> None:
+def _quiet() -> Iterator[None]:
+    # Faults make replicas log warnings by design; restore logging for later tests.
     logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
 
 
 def scenario(*ops: Op, replicas: int = 1) -> Scenario:

@@ -7,6 +7,7 @@ Replay a failure with the command printed in its message
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,8 +22,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 
 @pytest.fixture(autouse=True)
-def _quiet() -> None:
+def _quiet() -> Iterator[None]:
+    # Faults make replicas log warnings by design; restore logging for later tests.
     logging.disable(logging.WARNING)
+    yield
+    logging.disable(logging.NOTSET)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
