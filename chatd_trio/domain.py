@@ -376,6 +376,10 @@ class Message:
     compressed: bool = False
     deleted: bool = False
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Id of the chat's previous user-visible, non-deleted message at insert time (0 when
+    # none), None when unknown. Set by the store on inserted messages only; metadata about
+    # the insert, not part of the message's identity, so it is left out of equality.
+    prev_id: int | None = field(default=None, compare=False)
 
     @property
     def user_visible(self) -> bool:
@@ -386,7 +390,7 @@ class Message:
         return self.visibility in (Visibility.MODEL, Visibility.BOTH)
 
     def to_json(self) -> JSON:
-        return {
+        out: dict[str, JSON] = {
             "id": self.id,
             "chat_id": str(self.chat_id),
             "role": self.role.value,
@@ -398,6 +402,9 @@ class Message:
             "deleted": self.deleted,
             "created_at": _iso(self.created_at),
         }
+        if self.prev_id is not None:
+            out["prev_id"] = self.prev_id
+        return out
 
     @classmethod
     def from_json(cls, data: JSON, path: str = "message") -> Message:
@@ -414,6 +421,7 @@ class Message:
             compressed=_bool(d, "compressed", path, default=False),
             deleted=_bool(d, "deleted", path, default=False),
             created_at=_dt(d, "created_at", path),
+            prev_id=_int(d, "prev_id", path, optional=True),
         )
 
 

@@ -28,10 +28,14 @@ dropped that way are lost, like parts: they are transient.
 Cache safety: a cached or carried message is only delivered when nothing can
 sit between it and the cursor: its id is the cursor + 1 (ids are global, so
 no other message exists in between), or its known predecessor in the same
-chat is the cursor. The predecessor is known for consecutive messages
-published by this replica during one turn: while a replica owns a running
-turn nobody else inserts into that chat's history (new messages are queued,
-an edit ends the turn with a full refresh). Anything else reads the store.
+chat is the cursor. The predecessor is known when the store reports it
+(`Message.prev_id`: the chat's latest visible message at insert time, computed
+under the chat's row lock), or for consecutive messages published by this
+replica during one turn: while a replica owns a running turn nobody else
+inserts into that chat's history (new messages are queued, an edit ends the
+turn with a full refresh). A carried message's notify names its predecessor as
+`after_message_id`, so a subscriber on any replica whose cursor is that
+predecessor takes it without a read. Anything else reads the store.
 """
 
 from __future__ import annotations
@@ -187,7 +191,8 @@ class _Inbox:
 @dataclass
 class _CacheEntry:
     message: Message
-    # Id of the chat's previous user-visible message when known (same turn), else None.
+    # Id of the chat's previous user-visible message when known (told by the store at
+    # insert, or published by this replica earlier in the same turn), else None.
     prev: int | None
 
 
@@ -241,9 +246,10 @@ class _ChatStream:
 
     # -- durable cache ----------------------------------------------------------
     def cache_add(self, message: Message, limit: int) -> _CacheEntry:
-        prev: int | None = None
+        prev: int | None = message.prev_id
         if (
-            self.turn_running
+            prev is None
+            and self.turn_running
             and self.cache
             and self.last_turn_gen == self.turn_gen
             and self.cache_ids[-1] < message.id

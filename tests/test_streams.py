@@ -38,7 +38,7 @@ from chatd_trio.domain import (
 from chatd_trio.errors import StoreError
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.store.base import Store
+from chatd_trio.store.base import Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.streams import ChatStreams, StreamSubscription
 
@@ -418,6 +418,66 @@ async def test_carried_message_after_a_gap_falls_back_to_the_database() -> None:
         assert message_ids(await take(sub, 2)) == [m3.id, m4.id]
         assert store.reads == [(chat_id, first.id)]
     assert b.statistics().carried_hits == 2
+
+
+async def _acquire(store: Store, chat_id: uuid.UUID, worker: uuid.UUID) -> None:
+    while True:
+        got = await store.acquire(worker, 100)
+        if any(c.id == chat_id for c in got):
+            return
+        assert got, "the chat was never acquired"
+
+
+async def test_store_predecessor_lets_every_message_skip_the_database(
+    backend: tuple[Store, PubSub],
+) -> None:
+    """Messages published outside a turn (sent, promoted) and a turn's first message
+    carry their predecessor from the store: no catch-up read on either replica."""
+    store, pubsub = backend
+    a, b = ChatStreams(store, pubsub), ChatStreams(store, pubsub)
+    other_id, _, other_worker = await running_chat(store)
+    chat_id, first, worker = await running_chat(store)
+    async with a.subscribe(chat_id, 0) as local, b.subscribe(chat_id, 0) as remote:
+        for sub in (local, remote):
+            assert message_ids(await until(sub, lambda e: isinstance(e, MessageEvent))) == [
+                first.id
+            ]
+        before = reads(store)
+        published: list[Message] = []
+
+        async def publish(m: Message) -> None:
+            # Another chat's insert in between: the id never follows the cursor.
+            await persist(store, other_id, other_worker, "elsewhere")
+            await a.publish_message(m)
+            published.append(m)
+
+        for turn in ("one", "two"):
+            a.start_turn(chat_id)
+            (answer,) = await persist(store, chat_id, worker, f"answer {turn}")
+            await publish(answer)  # the turn's first message
+            queued = await store.send_message(chat_id, (TextPart(f"q {turn}"),), max_queued=5)
+            assert queued.queued is not None
+            a.end_turn(chat_id)
+            done = await store.finish_turn(chat_id, worker, TurnOutcome.DONE)
+            assert done.promoted is not None
+            await publish(done.promoted)  # promoted outside a turn
+            await _acquire(store, chat_id, worker)
+            a.start_turn(chat_id)
+            (reply,) = await persist(store, chat_id, worker, f"reply {turn}")
+            await publish(reply)
+            a.end_turn(chat_id)
+            assert (await store.finish_turn(chat_id, worker, TurnOutcome.DONE)).promoted is None
+            sent = await store.send_message(chat_id, (TextPart(f"u {turn}"),), max_queued=5)
+            assert sent.message is not None
+            await publish(sent.message)  # sent outside a turn
+            await _acquire(store, chat_id, worker)
+        await sentinel(a, chat_id)
+        for sub in (local, remote):
+            assert message_ids(await until(sub, is_sentinel)) == [m.id for m in published]
+    assert reads(store) == before
+    assert a.statistics().db_catchup_reads == 0
+    assert b.statistics().db_catchup_reads == 0
+    assert b.statistics().carried_hits == len(published)
 
 
 # -- subscribe ----------------------------------------------------------------------------

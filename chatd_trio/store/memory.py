@@ -216,6 +216,14 @@ class MemoryStore:
         self._hit("InsertChatMessages")
         out: list[Message] = []
         ids = self._chat_message_ids.setdefault(chat_id, [])
+        prev = next(
+            (
+                i
+                for i in reversed(ids)
+                if self._messages[i].user_visible and not self._messages[i].deleted
+            ),
+            0,
+        )
         for new in messages:
             msg = Message(
                 id=self._next_message_id,
@@ -229,9 +237,14 @@ class MemoryStore:
                 created_at=now,
             )
             self._next_message_id += 1
+            # Stored without prev_id: reads return None there, like the PostgreSQL adapter.
             self._messages[msg.id] = msg
             ids.append(msg.id)
-            out.append(msg)
+            if msg.user_visible:
+                out.append(dataclasses.replace(msg, prev_id=prev))
+                prev = msg.id
+            else:
+                out.append(msg)
         return out
 
     def _live_messages(self, chat_id: uuid.UUID) -> list[Message]:

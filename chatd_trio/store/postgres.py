@@ -161,7 +161,11 @@ _SQL_INSERT_MESSAGES = (
     " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
     " WITH ORDINALITY AS m(role, content, visibility, input_tokens, output_tokens,"
     " cache_read_tokens, cache_creation_tokens, total_tokens, context_limit, compressed, ord)"
-    f" ORDER BY m.ord RETURNING {_MSG}"
+    f" ORDER BY m.ord RETURNING {_MSG},"
+    # The statement's snapshot excludes its own rows: this is the chat's latest visible
+    # message before the insert (the chat row is locked, so nothing else inserts).
+    " (SELECT max(p.id) FROM chat_messages p WHERE p.chat_id = chat_messages.chat_id"
+    " AND NOT p.deleted AND p.visibility IN ('user', 'both')) AS prev_visible_id"
 )
 _SQL_GET_MESSAGE = f"SELECT {_MSG} FROM chat_messages WHERE id = %s"
 _SQL_SOFT_DELETE_FROM = (
@@ -561,7 +565,18 @@ class PostgresStore:
             [m.compressed for m in messages],
         ]
         rows = await self._fetch(conn, "InsertChatMessages", _SQL_INSERT_MESSAGES, params)
-        return sorted((_message(r) for r in rows), key=lambda m: m.id)
+        rows = sorted(rows, key=lambda r: int(r["id"]))
+        if not rows:
+            return []
+        prev: int = rows[0]["prev_visible_id"] or 0
+        out: list[Message] = []
+        for r in rows:
+            m = _message(r)
+            if m.user_visible:
+                m = dataclasses.replace(m, prev_id=prev)
+                prev = m.id
+            out.append(m)
+        return out
 
     async def _queue(self, conn: _Conn, chat_id: uuid.UUID) -> list[QueuedMessage]:
         rows = await self._fetch(conn, "GetQueuedMessages", _SQL_GET_QUEUED, (chat_id,))
