@@ -20,6 +20,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import psycopg
@@ -46,6 +47,8 @@ from tests.test_streams import open_backend, persist, running_chat
 
 T = TypeVar("T")
 SETTLE_TIMEOUT = 15.0
+# How long every other task must stay blocked before a re-check (seconds).
+IDLE_CUSHION = 0.01
 # Small queues and cache so that overflow and eviction happen within a few steps.
 CONFIG = StreamConfig(subscriber_queue_size=2, durable_cache_size=3, buffer_limit=8)
 
@@ -105,6 +108,26 @@ class Harness:
         """Wake every waiter of `changed` (called from the Trio thread)."""
         self.changed.set()
         self.changed = trio.Event()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Wait (bounded) until `done()` holds.
+
+        Re-checked on every `poke` and whenever every other task is blocked: a
+        subscription may advance its cursor inside `receive()` (a catch-up that
+        delivers nothing new) without producing an event, hence without a poke.
+        """
+        with trio.fail_after(SETTLE_TIMEOUT):
+            while not done():
+                async with trio.open_nursery() as nursery:
+
+                    async def woken(wait: Callable[[], Awaitable[object]]) -> None:
+                        await wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(woken, self.changed.wait)
+                    nursery.start_soon(
+                        woken, partial(trio.testing.wait_all_tasks_blocked, IDLE_CUSHION)
+                    )
 
 
 @dataclass(eq=False)
@@ -340,9 +363,7 @@ class StreamsMachine(RuleBasedStateMachine):
         h.call_sync(h.pubsub.break_subscriptions)  # type: ignore[attr-defined]
 
         async def wait_ended() -> None:
-            with trio.fail_after(SETTLE_TIMEOUT):
-                while not all(s.ended for s in self.subs):
-                    await h.changed.wait()
+            await h.until(lambda: all(s.ended for s in self.subs))
 
         h.call(wait_ended)
         for sub in self.subs:
@@ -384,9 +405,7 @@ class StreamsMachine(RuleBasedStateMachine):
             return sub.cursor == target and sub.handle.backlog == 0
 
         async def wait() -> None:
-            with trio.fail_after(SETTLE_TIMEOUT):
-                while not all(caught_up(s) for s in self.subs):
-                    await h.changed.wait()
+            await h.until(lambda: all(caught_up(s) for s in self.subs))
 
         try:
             h.call(wait)
