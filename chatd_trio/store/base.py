@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from chatd_trio.config import LimitsConfig
 from chatd_trio.domain import (
     Chat,
     Message,
@@ -23,7 +24,10 @@ from chatd_trio.domain import (
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
+    dumps,
+    parts_to_json,
 )
+from chatd_trio.errors import DecodeError, PayloadTooLarge
 
 
 class TurnOutcome(enum.StrEnum):
@@ -81,6 +85,26 @@ class StatementCounter:
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.counts)
+
+
+# Input checks shared by both adapters: the same bad input fails the same way.
+
+
+def check_user_parts(parts: Sequence[Part], limits: LimitsConfig) -> None:
+    """Refuse a user message whose encoded parts exceed `limits.max_message_bytes`."""
+    size = len(dumps(parts_to_json(parts)).encode())
+    if size > limits.max_message_bytes:
+        raise PayloadTooLarge(
+            "parts", f"{size} bytes exceeds the limit of {limits.max_message_bytes}"
+        )
+
+
+def check_title(title: str, limits: LimitsConfig) -> None:
+    """Refuse a title longer than `limits.max_title_chars`."""
+    if len(title) > limits.max_title_chars:
+        raise DecodeError(
+            "title", f"{len(title)} characters exceeds the limit of {limits.max_title_chars}"
+        )
 
 
 @runtime_checkable

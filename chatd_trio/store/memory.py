@@ -89,17 +89,13 @@ from chatd_trio.domain import (
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
-    dumps,
-    parts_to_json,
     text_of,
 )
 from chatd_trio.errors import (
     BuildNotFound,
     ChatNotFound,
-    DecodeError,
     EditRefused,
     MessageNotFound,
-    PayloadTooLarge,
     PersistRefused,
     QueuedMessageNotFound,
     QueueFull,
@@ -111,9 +107,11 @@ from chatd_trio.store.base import (
     SendResult,
     StatementCounter,
     TurnOutcome,
+    check_title,
+    check_user_parts,
 )
 
-__all__ = ["MemoryStore", "check_title", "check_user_parts"]
+__all__ = ["MemoryStore"]
 
 Clock = Callable[[], datetime]
 
@@ -123,23 +121,6 @@ _TICK = timedelta(microseconds=1)
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def check_user_parts(parts: Sequence[Part], limits: LimitsConfig) -> None:
-    """Refuse a user message whose encoded parts exceed `limits.max_message_bytes`."""
-    size = len(dumps(parts_to_json(parts)).encode())
-    if size > limits.max_message_bytes:
-        raise PayloadTooLarge(
-            "parts", f"{size} bytes exceeds the limit of {limits.max_message_bytes}"
-        )
-
-
-def check_title(title: str, limits: LimitsConfig) -> None:
-    """Refuse a title longer than `limits.max_title_chars`."""
-    if len(title) > limits.max_title_chars:
-        raise DecodeError(
-            "title", f"{len(title)} characters exceeds the limit of {limits.max_title_chars}"
-        )
 
 
 class MemoryStore:

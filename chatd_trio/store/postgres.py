@@ -80,8 +80,9 @@ from chatd_trio.store.base import (
     SendResult,
     StatementCounter,
     TurnOutcome,
+    check_title,
+    check_user_parts,
 )
-from chatd_trio.store.memory import check_title, check_user_parts
 
 __all__ = ["PostgresStore", "load_migrations"]
 
