@@ -259,15 +259,18 @@ class Server:
             assert self._nursery is not None
             # A chat whose previous turn is still here (stopped elsewhere, not yet noticed):
             # hand it back, stop that turn, acquire again once it has ended.
-            busy = [c for c in chats if c.id in self._turns]
+            busy = {c.id for c in chats if c.id in self._turns}
+            # Marked before the release awaits: the old turn may end meanwhile, and its
+            # end is what wakes acquisition for the rerun.
+            for chat_id in busy:
+                self._rerun.add(chat_id)
+                self._stop_local(chat_id, "chat changed elsewhere")
             if busy:
-                await self._release(busy, "released_busy")
-                for chat in busy:
-                    self._rerun.add(chat.id)
-                    self._stop_local(chat.id, "chat changed elsewhere")
+                await self._release([c for c in chats if c.id in busy], "released_busy")
             for chat in chats:
-                if chat.id in self._rerun:
+                if chat.id in busy:
                     continue
+                self._rerun.discard(chat.id)
                 self._bump("acquired")
                 self._start_turn(chat)
             if len(chats) < limit:
