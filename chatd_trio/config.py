@@ -323,6 +323,10 @@ class DemoConfig:
     refresh_per_second: float = 8.0
     # The catch-up scenario's messages after the subscriber left.
     catchup_missed_turns: int = 2
+    # Replica processes (`--dsn` with `--replicas N`): bound of their start (imports,
+    # connecting) and of their exit before they are killed.
+    worker_start_timeout_s: float = 30.0
+    worker_stop_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`chatd-trio demo` end to end: real Server, real local workspace agents, real clock.
 
 Each run takes about two seconds (one-second parallel commands, ~2 s of throttled
-retries running alongside); assertions are on the demo's own checks and output.
+retries running alongside); assertions are on the demo's own checks and output. On
+PostgreSQL the second replica is a separate process (`--replica-worker`).
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import io
 
 import pytest
+import trio
 
 from chatd_trio import cli
 from chatd_trio.config import DemoConfig
-from chatd_trio.demo import SCENARIOS, DemoOptions, DemoReport, run_demo
+from chatd_trio.demo import SCENARIOS, DemoOptions, DemoReport, _replica_processes, run_demo
 
 NAMES = [name for name, _ in SCENARIOS]
 
@@ -41,11 +43,36 @@ async def test_demo_on_memory_passes_every_scenario() -> None:
     assert "workspace rebuilt: new agent" in output
 
 
-async def test_demo_on_postgres_with_two_replicas(pg_dsn: str) -> None:
+async def test_demo_on_postgres_runs_a_replica_process(pg_dsn: str) -> None:
     out = io.StringIO()
     report = await run_demo(DemoOptions(dsn=pg_dsn, replicas=2, plain=True), out)
     assert_all_passed(report, out.getvalue())
-    assert dict(report.summary)["replicas"] == "2"
+    summary = dict(report.summary)
+    assert summary["replicas"] == "2"
+    # Replica 0 is this process, replica 1 the worker process: both ran turns.
+    local, worker = (int(n) for n in summary["turns per replica"].split(" / "))
+    assert local > 0 and worker > 0
+    # Summed over the processes: one compaction, every throttled attempt retried once.
+    assert summary["compactions / re-entries"] == "1 / 1"
+    assert summary["retries"] == str(DemoConfig().throttle_errors)
+
+
+@pytest.mark.parametrize("ending", ["error", "cancel"])
+async def test_replica_processes_end_with_the_demo(pg_dsn: str, ending: str) -> None:
+    procs: list[trio.Process] = []
+    with pytest.raises(RuntimeError) if ending == "error" else trio.CancelScope() as scope:
+        async with _replica_processes(pg_dsn, 1, DemoConfig()) as workers:
+            procs = [w.proc for w in workers]
+            snapshot = await workers[0].request("stats")
+            assert snapshot["stats"]["turns_started"] == 0
+            if ending == "error":
+                raise RuntimeError("the demo failed")
+            # Ctrl-C inside trio.run arrives as a cancellation of the demo's tasks.
+            assert isinstance(scope, trio.CancelScope)
+            scope.cancel()
+            await trio.sleep_forever()
+    assert len(procs) == 1
+    assert procs[0].returncode is not None
 
 
 async def test_a_missed_expectation_is_reported_as_fail() -> None:
