@@ -34,6 +34,8 @@ class ChatStatus(enum.StrEnum):
 
 
 class Role(enum.StrEnum):
+    """Who wrote a message."""
+
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
@@ -41,6 +43,8 @@ class Role(enum.StrEnum):
 
 
 class Visibility(enum.StrEnum):
+    """Who sees a message: the user, the model, or both."""
+
     USER = "user"
     MODEL = "model"
     BOTH = "both"
@@ -190,6 +194,8 @@ def dumps(data: JSON) -> str:
 
 @dataclass(frozen=True)
 class TextPart:
+    """Plain text."""
+
     text: str
     type: ClassVar[str] = "text"
 
@@ -199,6 +205,8 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ReasoningPart:
+    """The model's reasoning text."""
+
     text: str
     type: ClassVar[str] = "reasoning"
 
@@ -226,6 +234,8 @@ class ToolCallPart:
 
 @dataclass(frozen=True)
 class ToolResultPart:
+    """The result of one tool call; `is_error` marks a failed call."""
+
     call_id: str
     name: str
     result: JSON
@@ -268,6 +278,7 @@ Part = Union[TextPart, ReasoningPart, ToolCallPart, ToolResultPart, ContextFileP
 
 
 def part_from_json(data: JSON, path: str = "part") -> Part:
+    """Decode one message part."""
     d = _obj(data, path)
     kind = _str(d, "type", path)
     if kind == "text":
@@ -293,12 +304,14 @@ def part_from_json(data: JSON, path: str = "part") -> Part:
 
 
 def parts_from_json(data: JSON, path: str = "parts") -> tuple[Part, ...]:
+    """Decode a list of message parts."""
     if not isinstance(data, list):
         raise DecodeError(path, f"expected a list, got {type(data).__name__}")
     return tuple(part_from_json(p, f"{path}[{i}]") for i, p in enumerate(data))
 
 
 def parts_to_json(parts: Sequence[Part]) -> JSON:
+    """Encode message parts as JSON data."""
     return [p.to_json() for p in parts]
 
 
@@ -313,6 +326,8 @@ def text_of(parts: Sequence[Part]) -> str:
 
 @dataclass(frozen=True)
 class Usage:
+    """Token usage of one model call."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
@@ -427,6 +442,8 @@ class Message:
 
 @dataclass(frozen=True)
 class QueuedMessage:
+    """A user message waiting in a chat's queue."""
+
     id: int
     chat_id: uuid.UUID
     parts: tuple[Part, ...]
@@ -457,6 +474,8 @@ class QueuedMessage:
 
 @dataclass(frozen=True)
 class Chat:
+    """A chat row: status, ownership, workspace binding, parentage."""
+
     id: uuid.UUID
     owner_id: uuid.UUID
     title: str
@@ -526,6 +545,8 @@ class Chat:
 
 @dataclass(frozen=True)
 class Workspace:
+    """A workspace (a machine that runs tools)."""
+
     id: uuid.UUID
     owner_id: uuid.UUID
     name: str
@@ -534,6 +555,8 @@ class Workspace:
 
 @dataclass(frozen=True)
 class WorkspaceBuild:
+    """One build of a workspace; the latest build holds its current agents."""
+
     id: uuid.UUID
     workspace_id: uuid.UUID
     build_number: int
@@ -559,6 +582,8 @@ class WorkspaceAgent:
 
 
 class EventType(enum.StrEnum):
+    """The six stream event types (SPEC section 4)."""
+
     MESSAGE_PART = "message_part"
     MESSAGE = "message"
     STATUS = "status"
@@ -603,6 +628,8 @@ class MessageEvent:
 
 @dataclass(frozen=True)
 class StatusEvent:
+    """A chat status change."""
+
     chat_id: uuid.UUID
     status: ChatStatus
     worker_id: uuid.UUID | None = None
@@ -650,6 +677,8 @@ class ErrorPayload:
 
 @dataclass(frozen=True)
 class ErrorEvent:
+    """A structured error shown to subscribers."""
+
     chat_id: uuid.UUID
     error: ErrorPayload
     type: ClassVar[EventType] = EventType.ERROR
@@ -660,6 +689,8 @@ class ErrorEvent:
 
 @dataclass(frozen=True)
 class RetryPayload:
+    """One model retry: attempt, delay, error, and when it retries."""
+
     attempt: int
     delay_s: float
     error: str
@@ -692,6 +723,8 @@ class RetryPayload:
 
 @dataclass(frozen=True)
 class RetryEvent:
+    """A model retry announced to subscribers."""
+
     chat_id: uuid.UUID
     retry: RetryPayload
     type: ClassVar[EventType] = EventType.RETRY
@@ -702,6 +735,8 @@ class RetryEvent:
 
 @dataclass(frozen=True)
 class QueueUpdateEvent:
+    """The chat's current queue."""
+
     chat_id: uuid.UUID
     queued: tuple[QueuedMessage, ...]
     type: ClassVar[EventType] = EventType.QUEUE_UPDATE
