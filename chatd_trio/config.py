@@ -98,6 +98,10 @@ class StreamConfig:
     notify_carries_messages: bool = True
     # Serve same-replica catch-up from the durable cache; False only for the baseline.
     durable_cache_enabled: bool = True
+    # Send message notifies inside the inserting transaction (when the store reaches
+    # the pubsub): they then arrive in commit order, so no subscriber sees a gap that
+    # it must read from the database. False publishes after the commit (the baseline).
+    notify_in_transaction: bool = True
 
 
 @dataclass(frozen=True)

@@ -699,7 +699,8 @@ async def _backend(dsn: str | None) -> AsyncIterator[tuple[Store, PubSub]]:
         from chatd_trio.pubsub.memory import MemoryPubSub
         from chatd_trio.store.memory import MemoryStore
 
-        yield MemoryStore(), MemoryPubSub()
+        local = MemoryPubSub()
+        yield MemoryStore(pubsub=local), local
         return
     from chatd_trio.pubsub.postgres import PostgresPubSub
     from chatd_trio.store.postgres import PostgresStore

@@ -67,7 +67,7 @@ from chatd_trio.models.base import (
     ToolCallDelta,
     ToolCallDone,
 )
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Announcer, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
 from statecharts.compaction import Activity, CompactionChart, over_threshold, usage_percent
@@ -91,12 +91,15 @@ class TurnCallbacks:
     `on_message`: each persisted user-visible message, in id order (durable).
     `on_retry`: before each retry's backoff sleep (publish locally and via pubsub).
     `on_error`: a non-fatal error (compaction failed); the turn goes on.
+    `announce`: passed to the store's persist operations, which then send the
+    messages' notifies in the inserting transaction (see `Store.announces_to`).
     """
 
     on_part: PartCallback | None = None
     on_message: MessageCallback | None = None
     on_retry: RetryCallback | None = None
     on_error: ErrorCallback | None = None
+    announce: Announcer | None = None
 
 
 class StopReason(enum.StrEnum):
@@ -402,7 +405,9 @@ class _Turn:
                 await self._publish_part(Role.TOOL, result)
         messages = step.messages(self.config.compaction.context_limit, None)
         persisted = await self._shielded(
-            lambda: self.store.persist_step(self.chat_id, self.worker_id, messages),
+            lambda: self.store.persist_step(
+                self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
+            ),
             "persisting a step",
         )
         # No checkpoint between the write and this line: an interrupt cannot persist twice.
@@ -520,7 +525,9 @@ class _Turn:
         ]
         try:
             persisted = await self._shielded(
-                lambda: self.store.persist_compaction(self.chat_id, self.worker_id, messages),
+                lambda: self.store.persist_compaction(
+                    self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
+                ),
                 "persisting a compaction",
             )
         except PersistRefused:
@@ -561,7 +568,9 @@ class _Turn:
             return
         with trio.move_on_after(self.config.cleanup_timeout, shield=True) as scope:
             try:
-                persisted = await self.store.persist_step(self.chat_id, self.worker_id, messages)
+                persisted = await self.store.persist_step(
+                    self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
+                )
             except PersistRefused:
                 logger.info("interrupted step not persisted: refused", extra={**self.log_extra})
                 return

@@ -118,7 +118,11 @@ def replica_config(plan: Plan, st: ScaleTestConfig | None = None) -> Config:
     if not plan.baseline:
         return config
     return config.replace(
-        streams=StreamConfig(durable_cache_enabled=False, notify_carries_messages=False),
+        streams=StreamConfig(
+            durable_cache_enabled=False,
+            notify_carries_messages=False,
+            notify_in_transaction=False,
+        ),
         workspace=WorkspaceConfig(use_binding=False),
         subagents=SubagentConfig(use_pubsub=False),
         loop=LoopConfig(parallel_tools=False),
@@ -487,8 +491,8 @@ async def run_memory(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
     from chatd_trio.workspace import LocalProvisioner
 
     st = ScaleTestConfig()
-    store = MemoryStore()
     pubsub = MemoryPubSub()
+    store = MemoryStore(pubsub=pubsub)
     config = replica_config(plan, st)
     with tempfile.TemporaryDirectory(prefix="chatd-scale-") as tmp:
         async with trio.open_nursery() as agents:

@@ -397,6 +397,7 @@ class Server:
             on_message=self._on_message_for(chat.id),
             on_retry=self._on_retry_for(chat.id),
             on_error=self._on_error_for(chat.id),
+            announce=self.streams.announcer,
         )
         result = await run_turn(
             self.store,
@@ -455,7 +456,7 @@ class Server:
 
     def _on_message_for(self, chat_id: uuid.UUID) -> Callable[[Message], Awaitable[None]]:
         async def on_message(message: Message) -> None:
-            await self._publish_quietly(self.streams.publish_message(message))
+            await self._publish_message(message)
             self.streams.step_persisted(chat_id)
 
         return on_message
@@ -481,7 +482,11 @@ class Server:
     ) -> None:
         try:
             fin = await self.store.finish_turn(
-                chat.id, self.worker_id, outcome, error.message if error else None
+                chat.id,
+                self.worker_id,
+                outcome,
+                error.message if error else None,
+                announce=self.streams.announcer,
             )
         except ChatdError as exc:
             # Stale recovery hands the chat back once the heartbeat goes stale.
@@ -500,7 +505,7 @@ class Server:
         ):
             await self._publish_quietly(self.streams.publish_error(chat.id, error))
         if fin.promoted is not None:
-            await self._publish_quietly(self.streams.publish_message(fin.promoted))
+            await self._publish_message(fin.promoted)
             await self._publish_quietly(self.streams.publish_queue_update(chat.id, fin.queue))
         if fin.changed:
             await self._publish_quietly(self.streams.publish_status(chat.id, fin.chat.status))
@@ -574,6 +579,11 @@ class Server:
             )
             if not started:
                 task_status.started()
+
+    async def _publish_message(self, message: Message) -> None:
+        """Publish a message a store operation inserted with `announce=streams.announcer`."""
+        announced = self.streams.announcer is not None
+        await self._publish_quietly(self.streams.publish_message(message, announced=announced))
 
     async def _publish_quietly(self, publish: Awaitable[None]) -> None:
         try:
@@ -669,10 +679,13 @@ class Server:
         """
         await self._owned_chat(owner_id, chat_id)
         result = await self.store.send_message(
-            chat_id, self._as_parts(content), max_queued=self.config.queue.max_queued
+            chat_id,
+            self._as_parts(content),
+            max_queued=self.config.queue.max_queued,
+            announce=self.streams.announcer,
         )
         if result.message is not None:
-            await self._publish_quietly(self.streams.publish_message(result.message))
+            await self._publish_message(result.message)
             await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
             self.wake()
         else:
@@ -691,11 +704,16 @@ class Server:
         """Replace a user message: it and every later message are dropped, the queue is
         cleared, the chat goes `pending` (a running turn stops)."""
         await self._owned_chat(owner_id, chat_id)
-        result = await self.store.edit_message(chat_id, message_id, self._as_parts(content))
+        announce = self.streams.announcer
+        result = await self.store.edit_message(
+            chat_id, message_id, self._as_parts(content), announce=announce
+        )
         # The edit may have dropped the instruction message: the next turn re-checks.
         self.mcp_cache.forget_chat(chat_id)
         self._stop_local(chat_id, "message edited")
-        await self._publish_quietly(self.streams.publish_edited_message(result.message))
+        await self._publish_quietly(
+            self.streams.publish_edited_message(result.message, announced=announce is not None)
+        )
         await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
         self.wake()
@@ -723,9 +741,11 @@ class Server:
     ) -> SendResult:
         """Send a queued message now (or move it to the front while the chat runs)."""
         await self._owned_chat(owner_id, chat_id)
-        result = await self.store.promote_queued(chat_id, queued_id)
+        result = await self.store.promote_queued(
+            chat_id, queued_id, announce=self.streams.announcer
+        )
         if result.message is not None:
-            await self._publish_quietly(self.streams.publish_message(result.message))
+            await self._publish_message(result.message)
             await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
             self.wake()
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))

@@ -70,7 +70,7 @@ from chatd_trio.domain import (
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
 from chatd_trio.pubsub.base import PubSub, Resync
 from chatd_trio.pubsub.base import Subscription as PubSubSubscription
-from chatd_trio.store.base import Store
+from chatd_trio.store.base import Announcer, Store
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class StreamStatistics:
     carried_hits: int
     notify_decode_errors: int
     notify_publish_failures: int
+    # Durable events whose notify the store sent inside the inserting transaction.
+    notifies_in_transaction: int
     active_chats: int
     chats: tuple[ChatStreamStatistics, ...]
 
@@ -501,10 +503,46 @@ class ChatStreams:
         self._carried_hits = 0
         self._decode_errors = 0
         self._publish_failures = 0
+        self._announced = 0
+        self._announces = (
+            pubsub is not None and self._config.notify_in_transaction and store.announces_to(pubsub)
+        )
 
     @property
     def config(self) -> StreamConfig:
         return self._config
+
+    @property
+    def announcer(self) -> Announcer | None:
+        """What to pass as `announce=` to the store's inserting operations, or None.
+
+        Not None when the store sends notifies to this replica's pubsub inside the
+        inserting transaction; the messages are then published with `announced=True`.
+        """
+        return self._announce if self._announces else None
+
+    def _announce(
+        self, messages: Sequence[Message], *, refresh: bool = False
+    ) -> list[tuple[str, str]]:
+        if refresh:
+            chats = {m.chat_id for m in messages}
+            payload = NotifyPayload(full_refresh=True).encode()
+            return [(stream_channel(c), payload) for c in sorted(chats)]
+        return [
+            (stream_channel(m.chat_id), self._message_notify(m, m.prev_id).encode())
+            for m in messages
+            if m.user_visible and not m.deleted
+        ]
+
+    def _message_notify(self, message: Message, prev: int | None) -> NotifyPayload:
+        """The notify announcing `message`: carrying it (after its known predecessor)
+        when configured and small enough, else naming the id before it."""
+        plain = NotifyPayload(after_message_id=message.id - 1)
+        if not self._config.notify_carries_messages or self._pubsub is None:
+            return plain
+        after = prev if prev is not None else message.id - 1
+        payload = NotifyPayload(after_message_id=after, message=message)
+        return payload if self._fits(payload) else plain
 
     # -- state lifecycle ------------------------------------------------------------
     def _state(self, chat_id: uuid.UUID) -> _ChatStream:
@@ -615,8 +653,11 @@ class ChatStreams:
                 self._dropped(state, DROP_BUFFER_FULL)
         self._publish_local(state, event)
 
-    async def publish_message(self, message: Message) -> None:
-        """Publish a persisted message: cache it, deliver locally, notify the chat channel."""
+    async def publish_message(self, message: Message, *, announced: bool = False) -> None:
+        """Publish a persisted message: cache it, deliver locally, notify the chat channel.
+
+        `announced`: the store already sent its notify (see `announcer`): only cache it.
+        """
         if not message.user_visible or message.deleted:
             # Subscribers only ever see what `messages_after` returns.
             await trio.lowlevel.checkpoint()
@@ -627,13 +668,11 @@ class ChatStreams:
             async with state.lock:
                 entry = state.cache_add(message, self._config.durable_cache_size)
                 self._published[MessageEvent.type.value] += 1
-                plain = NotifyPayload(after_message_id=message.id - 1)
-                payload = plain
-                if self._config.notify_carries_messages and self._pubsub is not None:
-                    after = entry.prev if entry.prev is not None else message.id - 1
-                    payload = NotifyPayload(after_message_id=after, message=message)
-                    if not self._fits(payload):
-                        payload = plain
+                if announced:
+                    self._announced += 1
+                    await trio.lowlevel.checkpoint()
+                    return
+                payload = self._message_notify(message, entry.prev)
                 await self._send(state, payload, MessageEvent(message.chat_id, message))
         finally:
             state.in_flight -= 1
@@ -644,14 +683,21 @@ class ChatStreams:
         for m in messages:
             await self.publish_message(m)
 
-    async def publish_edited_message(self, message: Message) -> None:
-        """Publish an edit: the cache becomes just this message; subscribers refresh from 0."""
+    async def publish_edited_message(self, message: Message, *, announced: bool = False) -> None:
+        """Publish an edit: the cache becomes just this message; subscribers refresh from 0.
+
+        `announced`: the store already sent the refresh notify: only reset the cache.
+        """
         state = self._state(message.chat_id)
         state.in_flight += 1
         try:
             async with state.lock:
                 state.cache_replace(message)
                 self._published[MessageEvent.type.value] += 1
+                if announced:
+                    self._announced += 1
+                    await trio.lowlevel.checkpoint()
+                    return
                 await self._send(state, NotifyPayload(full_refresh=True), _LocalRefresh())
         finally:
             state.in_flight -= 1
@@ -861,6 +907,7 @@ class ChatStreams:
             carried_hits=self._carried_hits,
             notify_decode_errors=self._decode_errors,
             notify_publish_failures=self._publish_failures,
+            notifies_in_transaction=self._announced,
             active_chats=len(chats),
             chats=chats,
         )

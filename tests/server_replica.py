@@ -44,7 +44,7 @@ from chatd_trio.models.scripted import (
     text_step,
     tool_step,
 )
-from chatd_trio.store.base import FinishResult, Store, TurnOutcome
+from chatd_trio.store.base import Announcer, FinishResult, Store, TurnOutcome
 from chatd_trio.streams import StreamSubscription
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 
@@ -150,14 +150,19 @@ class ObservedStore:
         return getattr(self.inner, name)
 
     async def persist_step(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         if self.fail_marker is not None and any(
             self.fail_marker in text_of(m.parts) for m in messages
         ):
             await trio.lowlevel.checkpoint()
             raise StoreError("disk on fire")
-        return await self.inner.persist_step(chat_id, worker_id, messages)
+        return await self.inner.persist_step(chat_id, worker_id, messages, announce=announce)
 
     async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
         chats = await self.inner.acquire(worker_id, limit)
@@ -170,8 +175,12 @@ class ObservedStore:
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
-        result = await self.inner.finish_turn(chat_id, worker_id, outcome, last_error)
+        result = await self.inner.finish_turn(
+            chat_id, worker_id, outcome, last_error, announce=announce
+        )
         self.finished.append((chat_id, worker_id, outcome, result))
         self._finish_event.set()
         self._finish_event = trio.Event()

@@ -28,7 +28,7 @@ from chatd_trio.models.scripted import (
     tool_step,
     usage_of,
 )
-from chatd_trio.store.base import TurnOutcome
+from chatd_trio.store.base import Announcer, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolRegistry
 from statecharts.base import Step
@@ -58,13 +58,18 @@ class CountingStore(MemoryStore):
         self.fail_compaction = fail_compaction
 
     async def persist_compaction(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         self.log.append("persist_compaction")
         self.compaction_writes += 1
         if self.fail_compaction:
             raise StoreError("disk full")
-        return await super().persist_compaction(chat_id, worker_id, messages)
+        return await super().persist_compaction(chat_id, worker_id, messages, announce=announce)
 
 
 async def compressed(store: MemoryStore, chat_id: uuid.UUID) -> list[Message]:

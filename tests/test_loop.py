@@ -35,7 +35,7 @@ from chatd_trio.models.scripted import (
     text_step,
     tool_step,
 )
-from chatd_trio.store.base import TurnOutcome
+from chatd_trio.store.base import Announcer, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 
@@ -153,7 +153,12 @@ async def test_unknown_raising_and_error_tools_become_error_results() -> None:
 async def test_persist_step_error_propagates() -> None:
     class BrokenStore(MemoryStore):
         async def persist_step(
-            self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+            self,
+            chat_id: uuid.UUID,
+            worker_id: uuid.UUID,
+            messages: Sequence[NewMessage],
+            *,
+            announce: Announcer | None = None,
         ) -> list[Message]:
             raise StoreError("database gone")
 

@@ -128,8 +128,9 @@ def env_dsn(kind: str, request: pytest.FixtureRequest) -> str | None:
 async def env(kind: str, env_dsn: str | None) -> AsyncIterator[Env]:
     """An empty store + pubsub of the given kind."""
     if kind == "memory":
-        store = ObservedStore(MemoryStore(clock=trio_clock))
-        yield Env(kind, store, MemoryPubSub(), MEMORY_CONFIG, None)
+        pubsub = MemoryPubSub()
+        store = ObservedStore(MemoryStore(clock=trio_clock, pubsub=pubsub))
+        yield Env(kind, store, pubsub, MEMORY_CONFIG, None)
         return
     assert env_dsn is not None
     from chatd_trio.pubsub.postgres import PostgresPubSub
@@ -642,6 +643,9 @@ STEADY_TURN = {
     "AcquireChats": 1,
     "GetPromptMessages": 1,
     "PopQueuedMessage": 1,
+    # The message notifies, sent inside the inserting transactions (user message, step 1,
+    # step 2) instead of by separate publishes after the commits.
+    "NotifyInTransaction": 3,
 }
 
 

@@ -7,6 +7,7 @@ the tests wait on stream events and on recorded final transitions.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -17,12 +18,20 @@ import psycopg
 import pytest
 import trio
 
-from chatd_trio.domain import ChatStatus, QueueUpdateEvent, Role, StatusEvent, text_of
+from chatd_trio.domain import (
+    ChatStatus,
+    MessageEvent,
+    QueueUpdateEvent,
+    Role,
+    StatusEvent,
+    TextPart,
+    text_of,
+)
 from chatd_trio.models.base import Model
 from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.postgres import PostgresStore
-from chatd_trio.streams import StreamSubscription
+from chatd_trio.streams import ChatStreams, StreamSubscription
 from tests.pgcluster import truncate_all
 from tests.server_replica import (
     PARTIAL,
@@ -184,3 +193,45 @@ async def test_takeover_the_old_worker_publishes_nothing_at_the_end(
     stored = await a.store.get_chat(chat_id)
     assert stored.status is ChatStatus.RUNNING and stored.worker_id == thief
     assert await history(a.store, chat_id) == [("user", "hang on")]
+
+
+@pytest.mark.parametrize("in_transaction", [True, False], ids=["in_transaction", "after_commit"])
+async def test_late_notify_of_a_user_message_costs_no_read_when_sent_in_its_transaction(
+    replicas: tuple[Replica, Replica], in_transaction: bool
+) -> None:
+    """A sends a user message, B runs the turn. A's after-commit publish can come after
+    B's answer: B's subscriber then sees a gap and reads the database. Sent inside A's
+    inserting transaction, PostgreSQL delivers it (commit order) before B's answer, so
+    the subscriber is served from the notifies alone. Either way: each message once."""
+    a, b = replicas
+    streams = dataclasses.replace(POSTGRES_CONFIG.streams, notify_in_transaction=in_transaction)
+    config = POSTGRES_CONFIG.replace(streams=streams)
+    async with Server(b.store, b.pubsub, user_model(), config, tools=registry()) as server_b:  # type: ignore[arg-type]
+        chat = await server_b.create_chat(OWNER, "one", title="t")
+        async with server_b.subscribe(OWNER, chat.id) as sub:
+            events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+            reads_before = server_b.streams.statistics().db_catchup_reads
+            # Replica A: its streams only (it runs no turns here).
+            sender = ChatStreams(a.store, a.pubsub, streams)  # type: ignore[arg-type]
+            assert (sender.announcer is not None) is in_transaction
+            sent = await a.store.send_message(
+                chat.id, (TextPart("two"),), max_queued=20, announce=sender.announcer
+            )
+            assert sent.message is not None
+            server_b.wake()
+            # B's turn ends before A publishes anything after its commit.
+            await b.store.wait_finished(chat.id, 2)
+            events += await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+            reads = server_b.streams.statistics().db_catchup_reads - reads_before
+            await sender.publish_message(sent.message, announced=in_transaction)
+            # A's next notify on the channel comes after the late one: once it is
+            # received, the late one has been handled.
+            await sender.publish_status(chat.id, ChatStatus.WAITING)
+            events += await until_statuses(sub, [ChatStatus.WAITING])
+    received = [e.message.id for e in events if isinstance(e, MessageEvent)]
+    stored = [m.id for m in await a.store.messages_after(chat.id, 0)]
+    assert received == stored and len(stored) == 4
+    if in_transaction:
+        assert reads == 0
+    else:
+        assert reads >= 1

@@ -30,6 +30,7 @@ import psycopg
 import psycopg.waiting
 import trio
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
@@ -92,6 +93,16 @@ async def _notify(pool: AsyncConnectionPool[Any], channel: str, payload: str) ->
 
 
 # -- Trio side ------------------------------------------------------------------------------
+
+
+def database_address(dsn: str) -> str:
+    """host:port/dbname of a DSN, without credentials (errors, and "same database?")."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the configured database"
+    host = info.get("host") or "localhost"
+    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
 
 
 class PostgresPubSub:
@@ -204,6 +215,11 @@ class PostgresPubSub:
             raise failure
 
     # -- the PubSub port --------------------------------------------------------------
+
+    @property
+    def database(self) -> str:
+        """host:port/dbname this pubsub listens on."""
+        return database_address(self._dsn)
 
     @property
     def payload_limit(self) -> int:

@@ -70,6 +70,24 @@ class FinishResult:
     queue: tuple[QueuedMessage, ...]
 
 
+class Announcer(Protocol):
+    """Builds the stream notifies of the messages a store operation inserts.
+
+    A store that `announces_to` the replica's pubsub sends them inside the
+    inserting transaction: listeners then receive a chat's message notifies in
+    commit order, which is id order (inserts hold the chat's row lock), whichever
+    replica inserted them. Sent after the commit instead, a notify from the replica
+    that wrote a message can overtake the notify of the message before it, and a
+    subscriber would have to read the gap from the database.
+    """
+
+    def __call__(
+        self, messages: Sequence[Message], *, refresh: bool = False
+    ) -> Sequence[tuple[str, str]]:
+        """(channel, payload) pairs for `messages`; `refresh` for an edit's replacement."""
+        ...
+
+
 @dataclass(frozen=True)
 class StatementCounter:
     """Counts statement executions per name."""
@@ -141,7 +159,12 @@ class Store(Protocol):
         ...
 
     async def send_message(
-        self, chat_id: uuid.UUID, parts: Sequence[Part], *, max_queued: int
+        self,
+        chat_id: uuid.UUID,
+        parts: Sequence[Part],
+        *,
+        max_queued: int,
+        announce: Announcer | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it.
 
@@ -151,7 +174,12 @@ class Store(Protocol):
         ...
 
     async def edit_message(
-        self, chat_id: uuid.UUID, message_id: int, parts: Sequence[Part]
+        self,
+        chat_id: uuid.UUID,
+        message_id: int,
+        parts: Sequence[Part],
+        *,
+        announce: Announcer | None = None,
     ) -> EditResult:
         """Soft-delete the user message and every later one, insert the replacement,
         clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
@@ -177,7 +205,9 @@ class Store(Protocol):
     # -- the queue ------------------------------------------------------------
     async def list_queued(self, chat_id: uuid.UUID) -> list[QueuedMessage]: ...
 
-    async def promote_queued(self, chat_id: uuid.UUID, queued_id: int) -> SendResult:
+    async def promote_queued(
+        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
+    ) -> SendResult:
         """Move one queued message into the history now (chat -> pending) if the chat is
         not running; otherwise move it to the front of the queue."""
         ...
@@ -204,14 +234,24 @@ class Store(Protocol):
         ...
 
     async def persist_step(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         """Insert a step's messages in one transaction; PersistRefused unless this worker
         owns the running chat or the chat is `waiting`."""
         ...
 
     async def persist_compaction(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         """Insert the three compaction messages; same ownership rule as persist_step."""
         ...
@@ -222,6 +262,8 @@ class Store(Protocol):
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
         """The final transition under a row lock (SPEC section 1)."""
         ...
@@ -258,6 +300,16 @@ class Store(Protocol):
 
     async def parent_of(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         """The chat's parent id; ChatNotFound when the row is missing."""
+        ...
+
+    # -- notifies -------------------------------------------------------------
+    def announces_to(self, pubsub: object) -> bool:
+        """Whether `announce` notifies sent by this store reach `pubsub`'s listeners.
+
+        Operations that insert messages take `announce=`: the store sends what it
+        builds in the inserting transaction (rolled back with it). Only pass it when
+        this is True; otherwise publish after the operation.
+        """
         ...
 
     # -- accounting -----------------------------------------------------------
@@ -299,4 +351,5 @@ STATEMENTS: dict[str, str] = {
     "UpdateChatBinding": "set workspace/build/agent of a chat",
     "GetChildChats": "children of a chat",
     "GetChatParent": "parent id of a chat (descendant walk)",
+    "NotifyInTransaction": "pg_notify of the inserted messages' stream notifies, before commit",
 }

@@ -101,7 +101,9 @@ from chatd_trio.errors import (
     QueueFull,
     WorkspaceNotFound,
 )
+from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.store.base import (
+    Announcer,
     EditResult,
     FinishResult,
     SendResult,
@@ -131,9 +133,12 @@ class MemoryStore:
         clock: Clock | None = None,
         *,
         limits: LimitsConfig | None = None,
+        pubsub: MemoryPubSub | None = None,
     ) -> None:
+        """`pubsub`: the replicas' pubsub, for notifies sent with an insert (`announce=`)."""
         self._clock: Clock = clock or _utc_now
         self._limits = limits or LimitsConfig()
+        self._pubsub = pubsub
         self._last_now: datetime | None = None
         self._counter = StatementCounter.new()
         self._chats: dict[uuid.UUID, Chat] = {}
@@ -190,6 +195,29 @@ class MemoryStore:
             last_error=last_error,
             updated_at=now,
         )
+
+    def _announce(
+        self, announce: Announcer | None, messages: Sequence[Message], *, refresh: bool = False
+    ) -> None:
+        """Deliver the notifies of inserted messages within the operation, like PostgreSQL
+        delivers a transaction's NOTIFYs at its commit."""
+        if announce is None:
+            return
+        assert self._pubsub is not None, "checked by _check_announce"
+        notifies = announce(messages, refresh=refresh)
+        if notifies:
+            self._hit("NotifyInTransaction")
+        for channel, payload in notifies:
+            self._pubsub.publish_nowait(channel, payload)
+
+    def _check_announce(self, announce: Announcer | None) -> None:
+        """Refuse `announce=` without a pubsub before the operation changes anything."""
+        if announce is not None and self._pubsub is None:
+            raise ValueError("announce= needs a store created with MemoryStore(pubsub=...)")
+
+    def announces_to(self, pubsub: object) -> bool:
+        """True for the pubsub this store was created with."""
+        return pubsub is not None and pubsub is self._pubsub
 
     def _insert_messages(
         self, chat_id: uuid.UUID, messages: Iterable[NewMessage], now: datetime
@@ -306,10 +334,16 @@ class MemoryStore:
         return chats
 
     async def send_message(
-        self, chat_id: uuid.UUID, parts: Sequence[Part], *, max_queued: int
+        self,
+        chat_id: uuid.UUID,
+        parts: Sequence[Part],
+        *,
+        max_queued: int,
+        announce: Announcer | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it (SPEC section 1)."""
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         check_user_parts(parts, self._limits)
         self._hit("LockChatForUpdate")
         chat = self._chat(chat_id)
@@ -325,15 +359,22 @@ class MemoryStore:
             queue.append(queued)
             return SendResult(chat, None, queued, tuple(queue))
         (message,) = self._insert_messages(chat_id, [self._user_message(parts)], now)
+        self._announce(announce, [message])
         chat = self._set_status(chat, ChatStatus.PENDING, now)
         return SendResult(chat, message, None, ())
 
     async def edit_message(
-        self, chat_id: uuid.UUID, message_id: int, parts: Sequence[Part]
+        self,
+        chat_id: uuid.UUID,
+        message_id: int,
+        parts: Sequence[Part],
+        *,
+        announce: Announcer | None = None,
     ) -> EditResult:
         """Soft-delete the user message and every later one, insert the replacement,
         clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         check_user_parts(parts, self._limits)
         self._hit("LockChatForUpdate")
         chat = self._chat(chat_id)
@@ -353,6 +394,7 @@ class MemoryStore:
             if mid >= message_id and not self._messages[mid].deleted:
                 self._messages[mid] = dataclasses.replace(self._messages[mid], deleted=True)
         (message,) = self._insert_messages(chat_id, [self._user_message(parts)], now)
+        self._announce(announce, [message], refresh=True)
         self._hit("DeleteQueuedMessages")
         self._queues[chat_id] = []
         chat = self._set_status(chat, ChatStatus.PENDING, now)
@@ -406,10 +448,13 @@ class MemoryStore:
         self._hit("GetQueuedMessages")
         return list(self._queues.get(chat_id, ()))
 
-    async def promote_queued(self, chat_id: uuid.UUID, queued_id: int) -> SendResult:
+    async def promote_queued(
+        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
+    ) -> SendResult:
         """Move one queued message into the history now (chat -> pending) if the chat is
         not running; otherwise move it to the front of the queue."""
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         self._hit("LockChatForUpdate")
         chat = self._chat(chat_id)
         self._hit("GetQueuedMessages")
@@ -425,6 +470,7 @@ class MemoryStore:
             return SendResult(chat, None, found, tuple(queue))
         now = self._now()
         (message,) = self._insert_messages(chat_id, [self._user_message(found.parts)], now)
+        self._announce(announce, [message])
         chat = self._set_status(chat, ChatStatus.PENDING, now)
         return SendResult(chat, message, None, tuple(queue))
 
@@ -526,21 +572,34 @@ class MemoryStore:
             )
 
     async def persist_step(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         """Insert a step's messages in one transaction; PersistRefused unless this worker
         owns the running chat or the chat is `waiting`."""
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         self._check_persist(chat_id, worker_id)
         if not messages:
             return []
-        return self._insert_messages(chat_id, messages, self._now())
+        inserted = self._insert_messages(chat_id, messages, self._now())
+        self._announce(announce, inserted)
+        return inserted
 
     async def persist_compaction(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         """Insert the three compaction messages; same ownership rule as persist_step."""
-        return await self.persist_step(chat_id, worker_id, messages)
+        return await self.persist_step(chat_id, worker_id, messages, announce=announce)
 
     async def finish_turn(
         self,
@@ -548,9 +607,12 @@ class MemoryStore:
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
         """The final transition under a row lock (SPEC section 1)."""
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         self._hit("LockChatForUpdate")
         chat = self._chat(chat_id)
         owned = chat.status is ChatStatus.RUNNING and chat.worker_id == worker_id
@@ -577,6 +639,7 @@ class MemoryStore:
             return FinishResult(chat, changed=True, owned_elsewhere=False, promoted=None, queue=())
         oldest = queue.pop(0)
         (promoted,) = self._insert_messages(chat_id, [self._user_message(oldest.parts)], now)
+        self._announce(announce, [promoted])
         chat = self._set_status(chat, ChatStatus.PENDING, now)
         self._hit("GetQueuedMessages")
         return FinishResult(

@@ -36,7 +36,6 @@ from typing import Any, TypeAlias, TypeVar
 import psycopg
 import psycopg.waiting
 import trio
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -74,7 +73,9 @@ from chatd_trio.errors import (
     StoreUnavailable,
     WorkspaceNotFound,
 )
+from chatd_trio.pubsub.postgres import PostgresPubSub, database_address
 from chatd_trio.store.base import (
+    Announcer,
     EditResult,
     FinishResult,
     SendResult,
@@ -151,6 +152,9 @@ _SQL_UPDATE_STATUS = (
     f" last_error = %s, updated_at = now() WHERE id = %s RETURNING {_CHAT}"
 )
 # One statement for any number of messages; ORDER BY ordinality assigns ids in input order.
+# Array order is evaluation order: the notifies go out (at commit) in message order.
+_SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
+
 _SQL_INSERT_MESSAGES = (
     "INSERT INTO chat_messages (chat_id, role, content, visibility, input_tokens,"
     " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, context_limit,"
@@ -355,16 +359,6 @@ def _user_message(parts: Sequence[Part]) -> NewMessage:
     return NewMessage(Role.USER, tuple(parts), Visibility.BOTH)
 
 
-def _where(dsn: str) -> str:
-    """host:port/dbname of a DSN, without credentials (for error messages)."""
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "the configured database"
-    host = info.get("host") or "localhost"
-    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
-
-
 def load_migrations() -> list[tuple[str, str]]:
     """(version, SQL text) of every migration file, in version order."""
     root = importlib.resources.files("chatd_trio.store").joinpath("migrations")
@@ -392,8 +386,14 @@ class PostgresStore:
     """A `Store` on PostgreSQL through a psycopg async connection pool. Use `open`."""
 
     def __init__(
-        self, pool: _Pool, bridge: Bridge, config: PostgresConfig, limits: LimitsConfig
+        self,
+        pool: _Pool,
+        bridge: Bridge,
+        config: PostgresConfig,
+        limits: LimitsConfig,
+        database: str = "",
     ) -> None:
+        self._database = database
         self._pool = pool
         self._bridge = bridge
         self._config = config
@@ -438,7 +438,7 @@ class PostgresStore:
                 # rather than the bridge nursery's exception group.
                 failure = exc
             else:
-                store = cls(pool, bridge, cfg, limits or LimitsConfig())
+                store = cls(pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn))
                 try:
                     yield store
                 finally:
@@ -467,6 +467,10 @@ class PostgresStore:
     def statement_counts(self) -> dict[str, int]:
         """Executions per statement name since the store was opened."""
         return self._counter.snapshot()
+
+    def announces_to(self, pubsub: object) -> bool:
+        """True for a `PostgresPubSub` on the same database (host, port, name)."""
+        return isinstance(pubsub, PostgresPubSub) and pubsub.database == self._database
 
     # -- operation plumbing ---------------------------------------------------------
     async def _run(self, op: str, body: _Body[T], *, transaction: bool = False) -> T:
@@ -544,6 +548,28 @@ class PostgresStore:
         return _chat(row)
 
     async def _insert_messages(
+        self,
+        conn: _Conn,
+        chat_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        announce: Announcer | None = None,
+        *,
+        refresh: bool = False,
+    ) -> list[Message]:
+        inserted = await self._insert_rows(conn, chat_id, messages)
+        if announce is not None:
+            notifies = announce(inserted, refresh=refresh)
+            if notifies:
+                # Delivered at COMMIT, in commit order; discarded by a rollback.
+                await self._execute(
+                    conn,
+                    "NotifyInTransaction",
+                    _SQL_NOTIFY_MANY,
+                    ([c for c, _ in notifies], [p for _, p in notifies]),
+                )
+        return inserted
+
+    async def _insert_rows(
         self, conn: _Conn, chat_id: uuid.UUID, messages: Sequence[NewMessage]
     ) -> list[Message]:
         def usage(m: NewMessage, field: str) -> int | None:
@@ -656,7 +682,12 @@ class PostgresStore:
         return await self._run("list_chats", body)
 
     async def send_message(
-        self, chat_id: uuid.UUID, parts: Sequence[Part], *, max_queued: int
+        self,
+        chat_id: uuid.UUID,
+        parts: Sequence[Part],
+        *,
+        max_queued: int,
+        announce: Announcer | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it (SPEC section 1)."""
         check_user_parts(parts, self._limits)
@@ -677,14 +708,21 @@ class PostgresStore:
                 assert row is not None
                 queued = _queued(row)
                 return SendResult(chat, None, queued, (*queue, queued))
-            (message,) = await self._insert_messages(conn, chat_id, [_user_message(parts)])
+            (message,) = await self._insert_messages(
+                conn, chat_id, [_user_message(parts)], announce
+            )
             chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
             return SendResult(chat, message, None, ())
 
         return await self._run("send_message", body, transaction=True)
 
     async def edit_message(
-        self, chat_id: uuid.UUID, message_id: int, parts: Sequence[Part]
+        self,
+        chat_id: uuid.UUID,
+        message_id: int,
+        parts: Sequence[Part],
+        *,
+        announce: Announcer | None = None,
     ) -> EditResult:
         """Soft-delete the user message and every later one, insert the replacement,
         clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
@@ -704,7 +742,9 @@ class PostgresStore:
             await self._execute(
                 conn, "SoftDeleteMessagesFrom", _SQL_SOFT_DELETE_FROM, (chat_id, message_id)
             )
-            (message,) = await self._insert_messages(conn, chat_id, [_user_message(parts)])
+            (message,) = await self._insert_messages(
+                conn, chat_id, [_user_message(parts)], announce, refresh=True
+            )
             await self._execute(conn, "DeleteQueuedMessages", _SQL_CLEAR_QUEUE, (chat_id,))
             chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
             return EditResult(chat, message)
@@ -761,7 +801,9 @@ class PostgresStore:
         """The chat's queue, front first."""
         return await self._run("list_queued", lambda conn: self._queue(conn, chat_id))
 
-    async def promote_queued(self, chat_id: uuid.UUID, queued_id: int) -> SendResult:
+    async def promote_queued(
+        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
+    ) -> SendResult:
         """Move one queued message into the history now (chat -> pending) if the chat is
         not running; otherwise move it to the front of the queue."""
 
@@ -791,7 +833,9 @@ class PostgresStore:
                     ),
                 )
                 return SendResult(chat, None, found, (found, *rest))
-            (message,) = await self._insert_messages(conn, chat_id, [_user_message(found.parts)])
+            (message,) = await self._insert_messages(
+                conn, chat_id, [_user_message(found.parts)], announce
+            )
             chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
             return SendResult(chat, message, None, rest)
 
@@ -859,7 +903,12 @@ class PostgresStore:
         return await self._run("recover_stale", body)
 
     async def _persist(
-        self, op: str, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        op: str,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        announce: Announcer | None,
     ) -> list[Message]:
         async def body(conn: _Conn) -> list[Message]:
             chat = await self._lock_chat(conn, chat_id)
@@ -871,22 +920,32 @@ class PostgresStore:
                 )
             if not messages:
                 return []
-            return await self._insert_messages(conn, chat_id, messages)
+            return await self._insert_messages(conn, chat_id, messages, announce)
 
         return await self._run(op, body, transaction=True)
 
     async def persist_step(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         """Insert a step's messages in one transaction; PersistRefused unless this worker
         owns the running chat or the chat is `waiting`."""
-        return await self._persist("persist_step", chat_id, worker_id, messages)
+        return await self._persist("persist_step", chat_id, worker_id, messages, announce)
 
     async def persist_compaction(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         """Insert the three compaction messages; same ownership rule as persist_step."""
-        return await self._persist("persist_compaction", chat_id, worker_id, messages)
+        return await self._persist("persist_compaction", chat_id, worker_id, messages, announce)
 
     async def finish_turn(
         self,
@@ -894,6 +953,8 @@ class PostgresStore:
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
         """The final transition under a row lock (SPEC section 1)."""
 
@@ -921,7 +982,9 @@ class PostgresStore:
                 chat = await self._set_status(conn, chat_id, ChatStatus.WAITING)
                 return FinishResult(chat, True, False, None, ())
             oldest = _queued(row)
-            (promoted,) = await self._insert_messages(conn, chat_id, [_user_message(oldest.parts)])
+            (promoted,) = await self._insert_messages(
+                conn, chat_id, [_user_message(oldest.parts)], announce
+            )
             chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
             queue = await self._queue(conn, chat_id)
             return FinishResult(chat, True, False, promoted, tuple(queue))
@@ -1053,7 +1116,7 @@ async def _open_pool(dsn: str, cfg: PostgresConfig, migrations: Sequence[tuple[s
     The direct connection fails fast on a refused or unreachable server, where the
     pool would keep retrying until its timeout.
     """
-    where = _where(dsn)
+    where = database_address(dsn)
     connect_kwargs: dict[str, Any] = {
         "connect_timeout": cfg.connect_timeout,
         "application_name": cfg.application_name,

@@ -56,7 +56,14 @@ from chatd_trio.models.scripted import (
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
-from chatd_trio.store.base import EditResult, FinishResult, SendResult, Store, TurnOutcome
+from chatd_trio.store.base import (
+    Announcer,
+    EditResult,
+    FinishResult,
+    SendResult,
+    Store,
+    TurnOutcome,
+)
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.streams import StreamSubscription
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
@@ -150,6 +157,9 @@ class Scenario:
     replicas: int
     ops: tuple[Op, ...]
     faults: Faults
+    # Message notifies sent by the store with the insert (the store is linked to the
+    # shared MemoryPubSub), as PostgreSQL does with NOTIFY inside the transaction.
+    notify_in_transaction: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -162,6 +172,7 @@ class Scenario:
             replicas=d["replicas"],
             ops=tuple(Op(**o) for o in d["ops"]),
             faults=Faults(**d["faults"]),
+            notify_in_transaction=bool(d.get("notify_in_transaction", False)),
         )
 
 
@@ -179,7 +190,7 @@ def generate(draw: IntSource, sim: SimConfig = SIM) -> Scenario:
     for _ in range(n_ops):
         kind = OP_KINDS[draw(0, len(OP_KINDS) - 1)]
         ops.append(Op(kind, draw(0, 7), draw(0, 7), draw(0, 1), draw(0, 8) * sim.max_gap / 8))
-    return Scenario(seed, replicas, tuple(ops), faults)
+    return Scenario(seed, replicas, tuple(ops), faults, notify_in_transaction=draw(0, 1) == 1)
 
 
 def scenario_from_seed(seed: int, sim: SimConfig = SIM) -> Scenario:
@@ -238,6 +249,10 @@ class SimStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def announces_to(self, pubsub: object) -> bool:
+        # Every replica's SimPubSub wraps the one MemoryPubSub the store may be linked to.
+        return isinstance(pubsub, SimPubSub) and self.inner.announces_to(pubsub.inner)
+
     # fault and liveness gates
     async def _gate(self, op: str, worker: uuid.UUID | None = None) -> None:
         if worker is not None and worker in self.dead:
@@ -277,18 +292,30 @@ class SimStore:
         return out
 
     async def send_message(
-        self, chat_id: uuid.UUID, parts: Sequence[Any], *, max_queued: int
+        self,
+        chat_id: uuid.UUID,
+        parts: Sequence[Any],
+        *,
+        max_queued: int,
+        announce: Announcer | None = None,
     ) -> SendResult:
-        out = await self.inner.send_message(chat_id, parts, max_queued=max_queued)
+        out = await self.inner.send_message(
+            chat_id, parts, max_queued=max_queued, announce=announce
+        )
         self._observe()
         if out.queued is not None:
             self.obs.queued.setdefault(chat_id, []).append(token_of(parts))
         return out
 
     async def edit_message(
-        self, chat_id: uuid.UUID, message_id: int, parts: Sequence[Any]
+        self,
+        chat_id: uuid.UUID,
+        message_id: int,
+        parts: Sequence[Any],
+        *,
+        announce: Announcer | None = None,
     ) -> EditResult:
-        out = await self.inner.edit_message(chat_id, message_id, parts)
+        out = await self.inner.edit_message(chat_id, message_id, parts, announce=announce)
         self.obs.edits[chat_id] = self.obs.edits.get(chat_id, 0) + 1
         self.obs.queue_cleared_after[chat_id] = len(self.obs.queued.get(chat_id, []))
         self._observe()
@@ -303,8 +330,10 @@ class SimStore:
         await self._gate("messages_after")
         return await self.inner.messages_after(chat_id, after_id)
 
-    async def promote_queued(self, chat_id: uuid.UUID, queued_id: int) -> SendResult:
-        out = await self.inner.promote_queued(chat_id, queued_id)
+    async def promote_queued(
+        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
+    ) -> SendResult:
+        out = await self.inner.promote_queued(chat_id, queued_id, announce=announce)
         self._observe()
         return out
 
@@ -339,10 +368,15 @@ class SimStore:
         return ids
 
     async def persist_step(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         await self._gate("persist_step", worker_id)
-        out = await self.inner.persist_step(chat_id, worker_id, messages)
+        out = await self.inner.persist_step(chat_id, worker_id, messages, announce=announce)
         # Only a write into a running chat this worker owns counts (a waiting chat's
         # interrupted step may be kept by anyone).
         owned = self._owns(worker_id, chat_id)
@@ -352,10 +386,15 @@ class SimStore:
         return out
 
     async def persist_compaction(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
         await self._gate("persist_compaction", worker_id)
-        out = await self.inner.persist_compaction(chat_id, worker_id, messages)
+        out = await self.inner.persist_compaction(chat_id, worker_id, messages, announce=announce)
         self._observe()
         return out
 
@@ -365,10 +404,14 @@ class SimStore:
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
         await self._gate("finish_turn", worker_id)
         owned = self._owns(worker_id, chat_id)
-        out = await self.inner.finish_turn(chat_id, worker_id, outcome, last_error)
+        out = await self.inner.finish_turn(
+            chat_id, worker_id, outcome, last_error, announce=announce
+        )
         seq = self._observe()
         if owned and out.changed:
             self._extend(worker_id, chat_id, seq)
@@ -658,6 +701,8 @@ class Result:
     chats: int
     steps: int
     injected: dict[str, int]
+    # Store operations that sent message notifies with their insert.
+    notified_in_transaction: int = 0
 
 
 class World:
@@ -666,9 +711,12 @@ class World:
         self.sim = sim
         self.hooks = hooks
         self.rng = random.Random(scenario.seed)
-        self.inner = MemoryStore(clock=lambda: EPOCH + timedelta(seconds=trio.current_time()))
-        self.store = hooks.store(self.inner, random.Random(self.rng.random()), scenario.faults)
         self.memps = MemoryPubSub()
+        self.inner = MemoryStore(
+            clock=lambda: EPOCH + timedelta(seconds=trio.current_time()),
+            pubsub=self.memps if scenario.notify_in_transaction else None,
+        )
+        self.store = hooks.store(self.inner, random.Random(self.rng.random()), scenario.faults)
         self.dialer = hooks.dialer(random.Random(self.rng.random()), scenario.faults, sim)
         self.dialer.obs = self.store.obs
         self.shared: dict[str, Any] = {"faults_on": True}
@@ -1029,7 +1077,12 @@ def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | Non
     violations = early + [x for x in check(world) if x not in early]
     steps = sum(r.server.stats().steps for r in world.replicas)
     return Result(
-        scenario, violations, len(world.inner._chats), steps, dict(world.store.obs.injected)
+        scenario,
+        violations,
+        len(world.inner._chats),
+        steps,
+        dict(world.store.obs.injected),
+        world.inner.statement_counts().get("NotifyInTransaction", 0),
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from chatd_trio.domain import Chat, ChatStatus, Message, MessageEvent, NewMessage
-from chatd_trio.store.base import FinishResult, TurnOutcome
+from chatd_trio.store.base import Announcer, FinishResult, TurnOutcome
 from tests.simulation.harness import (
     FakeDialer,
     Faults,
@@ -50,10 +50,15 @@ def reported(sc: Scenario, hooks: Hooks) -> set[str]:
 
 class DoublePersist(SimStore):
     async def persist_step(
-        self, chat_id: uuid.UUID, worker_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        chat_id: uuid.UUID,
+        worker_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
     ) -> list[Message]:
-        await super().persist_step(chat_id, worker_id, messages)
-        return await super().persist_step(chat_id, worker_id, messages)
+        await super().persist_step(chat_id, worker_id, messages, announce=announce)
+        return await super().persist_step(chat_id, worker_id, messages, announce=announce)
 
 
 class DoubleAcquire(SimStore):
@@ -82,6 +87,8 @@ class LostFinish(SimStore):
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
         await trio.lowlevel.checkpoint()
         chat = self.inner._chats[chat_id]
@@ -149,9 +156,11 @@ class NewestFirst(SimStore):
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
         self.inner._queues.get(chat_id, []).reverse()
-        return await super().finish_turn(chat_id, worker_id, outcome, last_error)
+        return await super().finish_turn(chat_id, worker_id, outcome, last_error, announce=announce)
 
 
 class ErrorAfterWaiting(SimStore):
@@ -163,8 +172,12 @@ class ErrorAfterWaiting(SimStore):
         worker_id: uuid.UUID,
         outcome: TurnOutcome,
         last_error: str | None = None,
+        *,
+        announce: Announcer | None = None,
     ) -> FinishResult:
-        result = await super().finish_turn(chat_id, worker_id, outcome, last_error)
+        result = await super().finish_turn(
+            chat_id, worker_id, outcome, last_error, announce=announce
+        )
         chat = self.inner._chats[chat_id]
         if chat.status is ChatStatus.WAITING:
             self.inner._chats[chat_id] = dataclasses.replace(chat, status=ChatStatus.ERROR)

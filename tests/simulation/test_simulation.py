@@ -51,13 +51,21 @@ def test_long_exploration(scenario: Scenario, _r: object) -> None:
 
 def test_two_hundred_seeded_scenarios_with_faults_hold_every_invariant() -> None:
     """200 seeded scenarios (fault rates 0-30 % per kind): no invariant is violated, and
-    the run really injected faults of every kind (a fault-free run proves little)."""
+    the run really injected faults of every kind (a fault-free run proves little); both
+    ways of sending message notifies (with the insert, after it) really ran."""
     injected: dict[str, int] = {}
+    in_tx = {True: 0, False: 0}
     for seed in range(200):
         result = run_scenario(scenario_from_seed(seed))
         assert_ok(result)
         for name, count in result.injected.items():
             injected[name] = injected.get(name, 0) + count
+        if result.scenario.notify_in_transaction:
+            in_tx[True] += result.notified_in_transaction
+        else:
+            assert result.notified_in_transaction == 0
+            in_tx[False] += 1
     kinds = {name.split("_")[0] for name, count in injected.items() if count}
     assert sum(injected.values()) > 200, injected
     assert {"store", "notify", "model", "dial"} <= kinds, injected
+    assert in_tx[True] > 100 and in_tx[False] > 50, in_tx

@@ -1,0 +1,188 @@
+"""Notifies sent inside the inserting operation (`announce=`), on both adapters.
+
+A store linked to a pubsub (MemoryStore(pubsub=...), or a PostgresStore and a
+PostgresPubSub on the same database) delivers what the announcer builds together
+with the insert: PostgreSQL at COMMIT (in commit order, discarded by a rollback),
+the memory adapter within the operation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from chatd_trio.domain import Message, NewMessage, Role, TextPart, Visibility
+from chatd_trio.errors import PersistRefused, StoreError
+from chatd_trio.pubsub.base import PubSub
+from chatd_trio.pubsub.memory import MemoryPubSub
+from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.memory import MemoryStore
+from tests.contract.conftest import MAX_QUEUED, STORE_KINDS, new_chat, running_chat, text
+
+CHANNEL = "announce_test"
+WAIT = 10.0
+
+
+@asynccontextmanager
+async def linked(kind: str, dsn: str | None) -> AsyncIterator[tuple[Store, PubSub]]:
+    """An empty store and the pubsub it announces to."""
+    if kind == "memory":
+        pubsub = MemoryPubSub()
+        yield MemoryStore(pubsub=pubsub), pubsub
+        return
+    assert dsn is not None
+    from chatd_trio.pubsub.postgres import PostgresPubSub
+    from chatd_trio.store.postgres import PostgresStore
+    from tests.pgcluster import truncate_all
+
+    async with PostgresStore.open(dsn) as store, PostgresPubSub.open(dsn) as pg:
+        await trio.to_thread.run_sync(truncate_all, dsn)
+        yield store, pg
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Store, PubSub]]:
+    kind = str(request.param)
+    dsn = str(request.getfixturevalue("pg_dsn")) if kind == "postgres" else None
+    async with linked(kind, dsn) as p:
+        yield p
+
+
+@dataclass
+class Recorder:
+    """An announcer: one notify per message, naming its id, visibility and predecessor."""
+
+    calls: list[tuple[list[int], bool]] = field(default_factory=list)
+    oversize: bool = False
+
+    def __call__(
+        self, messages: Sequence[Message], *, refresh: bool = False
+    ) -> Sequence[tuple[str, str]]:
+        self.calls.append(([m.id for m in messages], refresh))
+        if refresh:
+            return [(CHANNEL, f"refresh {messages[0].id}")]
+        pad = "x" * 9000 if self.oversize else ""
+        return [(CHANNEL, f"{m.id} {m.visibility.value} {m.prev_id}{pad}") for m in messages]
+
+
+async def received(sub: object, n: int) -> list[str]:
+    out: list[str] = []
+    with trio.fail_after(WAIT):
+        while len(out) < n:
+            item = await sub.receive()  # type: ignore[attr-defined]
+            assert isinstance(item, str), item
+            out.append(item)
+    return out
+
+
+async def test_a_store_announces_only_to_the_pubsub_it_is_linked_to(
+    pair: tuple[Store, PubSub],
+) -> None:
+    store, pubsub = pair
+    assert store.announces_to(pubsub)
+    assert not store.announces_to(MemoryPubSub())
+    assert not store.announces_to(None)
+    assert not MemoryStore().announces_to(pubsub)
+
+
+async def test_every_inserting_operation_delivers_its_notifies_in_message_order(
+    pair: tuple[Store, PubSub],
+) -> None:
+    store, pubsub = pair
+    rec = Recorder()
+    worker = uuid.uuid4()
+    async with pubsub.subscribe(CHANNEL) as sub:
+        chat = await running_chat(store, worker)
+        step = [
+            NewMessage(Role.ASSISTANT, (TextPart("a"),), Visibility.BOTH),
+            NewMessage(Role.SYSTEM, (TextPart("m"),), Visibility.MODEL),
+            NewMessage(Role.ASSISTANT, (TextPart("b"),), Visibility.BOTH),
+        ]
+        s1, s2, s3 = await store.persist_step(chat.id, worker, step, announce=rec)
+        queued = await store.send_message(chat.id, text("q"), max_queued=MAX_QUEUED, announce=rec)
+        assert queued.queued is not None  # queued: nothing inserted, nothing announced
+        fin = await store.finish_turn(chat.id, worker, TurnOutcome.DONE, announce=rec)
+        assert fin.promoted is not None
+        edit = await store.edit_message(chat.id, fin.promoted.id, text("q2"), announce=rec)
+        got = await received(sub, 5)
+    first = (await store.messages_after(chat.id, 0))[0].id
+    assert got == [
+        f"{s1.id} both {first}",
+        f"{s2.id} model None",
+        f"{s3.id} both {s1.id}",
+        f"{fin.promoted.id} both {s3.id}",
+        f"refresh {edit.message.id}",
+    ]
+    assert [refresh for _, refresh in rec.calls] == [False, False, True]
+    assert store.statement_counts()["NotifyInTransaction"] == 3
+
+
+async def test_send_and_promote_announce_the_inserted_user_message(
+    pair: tuple[Store, PubSub],
+) -> None:
+    store, pubsub = pair
+    rec = Recorder()
+    worker = uuid.uuid4()
+    async with pubsub.subscribe(CHANNEL) as sub:
+        chat, first = await new_chat(store)
+        await store.acquire(worker, 1)
+        queued = await store.send_message(chat.id, text("q"), max_queued=MAX_QUEUED)
+        assert queued.queued is not None
+        await store.finish_turn(chat.id, worker, TurnOutcome.ERROR, "boom")
+        promoted = await store.promote_queued(chat.id, queued.queued.id, announce=rec)
+        assert promoted.message is not None
+        await store.acquire(worker, 1)
+        await store.finish_turn(chat.id, worker, TurnOutcome.DONE, announce=rec)
+        sent = await store.send_message(chat.id, text("s"), max_queued=MAX_QUEUED, announce=rec)
+        assert sent.message is not None
+        got = await received(sub, 2)
+    assert got == [
+        f"{promoted.message.id} both {first.id}",
+        f"{sent.message.id} both {promoted.message.id}",
+    ]
+
+
+async def test_a_refused_write_announces_nothing(pair: tuple[Store, PubSub]) -> None:
+    store, pubsub = pair
+    rec = Recorder()
+    async with pubsub.subscribe(CHANNEL) as sub:
+        chat = await running_chat(store, uuid.uuid4())
+        step = [NewMessage(Role.ASSISTANT, (TextPart("a"),), Visibility.BOTH)]
+        with pytest.raises(PersistRefused):
+            await store.persist_step(chat.id, uuid.uuid4(), step, announce=rec)
+        # A later notify arrives first: the refused write sent nothing.
+        await pubsub.publish(CHANNEL, "marker")
+        assert await received(sub, 1) == ["marker"]
+    assert rec.calls == []
+    assert "NotifyInTransaction" not in store.statement_counts()
+
+
+async def test_memory_store_without_a_pubsub_refuses_announce() -> None:
+    store = MemoryStore()
+    worker = uuid.uuid4()
+    chat = await running_chat(store, worker)
+    await store.finish_turn(chat.id, worker, TurnOutcome.DONE)
+    with pytest.raises(ValueError, match=r"MemoryStore\(pubsub=\.\.\.\)"):
+        await store.send_message(chat.id, text("x"), max_queued=MAX_QUEUED, announce=Recorder())
+    assert len(await store.messages_after(chat.id, 0)) == 1  # nothing inserted
+
+
+@pytest.mark.postgres
+async def test_postgres_a_notify_the_database_refuses_rolls_the_insert_back(
+    pg_dsn: str,
+) -> None:
+    async with linked("postgres", pg_dsn) as (store, pubsub), pubsub.subscribe(CHANNEL) as sub:
+        worker = uuid.uuid4()
+        chat = await running_chat(store, worker)
+        step = [NewMessage(Role.ASSISTANT, (TextPart("a"),), Visibility.BOTH)]
+        with pytest.raises(StoreError):
+            await store.persist_step(chat.id, worker, step, announce=Recorder(oversize=True))
+        await pubsub.publish(CHANNEL, "marker")
+        assert await received(sub, 1) == ["marker"]
+        # Neither the message nor its notify: they commit or roll back together.
+        assert [m.role for m in await store.messages_after(chat.id, 0)] == [Role.USER]
