@@ -49,6 +49,23 @@ def _messages(chat_id: uuid.UUID, role: str, n: int, content: Any) -> tuple[Any,
     )
 
 
+def _carried(chat_id: uuid.UUID, parts: Any) -> dict[str, Any]:
+    message = {
+        "id": 2,
+        "chat_id": str(chat_id),
+        "role": "assistant",
+        "parts": parts,
+        "visibility": "both",
+        "usage": {"input_tokens": 120, "output_tokens": 8, "total_tokens": 128},
+        "context_limit": 200000,
+        "compressed": False,
+        "deleted": False,
+        "created_at": "2026-11-23T12:00:00.000000+00:00",
+        "prev_id": 1,
+    }
+    return {"after_message_id": 1, "message": message}
+
+
 def statement(
     name: str, chat_id: uuid.UUID, worker: uuid.UUID, agent: uuid.UUID
 ) -> tuple[str, Any]:
@@ -66,6 +83,11 @@ def statement(
         "GetWorkspaceAgentByID": (pg._SQL_GET_AGENT, (agent,)),
         "AcquireChats": (pg._SQL_ACQUIRE, (worker, 10)),
         "RecoverStaleChats": (pg._SQL_RECOVER_STALE, (300.0, 300.0)),
+        # One carried message, shaped like the scale test's notifies.
+        "NotifyInTransaction": (
+            pg._SQL_NOTIFY_MANY,
+            ([f"chat:stream:{chat_id}"], [json.dumps(_carried(chat_id, text))]),
+        ),
     }
     return table[name]
 

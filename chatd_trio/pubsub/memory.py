@@ -145,16 +145,20 @@ class MemoryPubSub:
         # Check for cancellation first, then publish atomically: a cancelled publish
         # has delivered nothing, a returned one has delivered everywhere.
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._published += 1
         self._deliver_all(channel, payload)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def publish_nowait(self, channel: str, payload: str) -> None:
-        """`publish` without checkpoints: for a `MemoryStore` sending within an operation."""
+        """Deliver without checkpoints: for a `MemoryStore` sending within an operation.
+
+        Not counted as `published`: like PostgreSQL's NOTIFY inside a transaction, the
+        store counts it (`NotifyInTransaction`).
+        """
         check_publish(channel, payload, self._config)
         self._deliver_all(channel, payload)
 
     def _deliver_all(self, channel: str, payload: str) -> None:
-        self._published += 1
         for sub in list(self._subs.get(channel, ())):
             if sub.deliver(payload):
                 self._delivered += 1

@@ -49,6 +49,11 @@ child_chats            GetChildChats
 parent_of              GetChatParent
 =====================  ====================================================================
 
+With `announce=` (send_message, edit_message, promote_queued, persist_step,
+persist_compaction, finish_turn), every InsertChatMessages is followed by one
+NotifyInTransaction when the announcer returns notifies; this adapter then delivers
+them to its `pubsub` within the operation, as PostgreSQL does at COMMIT.
+
 A statement that finds nothing still counts (it ran); an operation that fails on
 a missing row stops after the statement that found it missing.
 
