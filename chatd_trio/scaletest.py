@@ -699,7 +699,12 @@ def add_scaletest_command(sub: Any) -> None:
     """Register `scaletest` on the `chatd-trio` subcommand parser."""
     p = sub.add_parser("scaletest", help="run many chats over several replicas")
     p.add_argument("--store", choices=("memory", "postgres"), default="memory")
-    p.add_argument("--dsn", default=os.environ.get("CHATD_DSN", ""))
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get("CHATD_DSN", ""),
+        help="PostgreSQL DSN (default: $CHATD_DSN, else libpq's defaults: PGHOST, PGUSER, "
+        "PGDATABASE or the local socket, as psql does)",
+    )
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--chats", type=int, default=10)
     p.add_argument("--turns", type=int, default=3)
@@ -733,8 +738,7 @@ async def run(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
     if plan.turns < 2 or plan.replicas < 1 or plan.chats < 1:
         raise ValueError("a scale test needs turns >= 2, replicas >= 1 and chats >= 1")
     if plan.store == "postgres":
-        if not plan.dsn:
-            raise ValueError("--store postgres needs --dsn")
+        # An empty DSN is libpq's defaults (environment, then the local socket).
         return await run_postgres(plan, progress=progress)
     return await run_memory(plan, progress=progress)
 
