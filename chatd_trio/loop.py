@@ -387,11 +387,28 @@ class _Turn:
             if message.user_visible:
                 await self.callbacks.on_message(message)
 
-    async def _shielded(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a write that must not be torn by cancellation, bounded by cleanup_timeout."""
+    async def _persist_and_publish(
+        self,
+        write: Callable[[], Awaitable[list[Message]]],
+        what: str,
+        written: Callable[[list[Message]], None] | None = None,
+        publish_first: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[Message]:
+        """Write, then publish what was written, as one unit no cancellation tears
+        (bounded by cleanup_timeout). `written` runs right after the write, before any
+        checkpoint; `publish_first` publishes before the messages. A message persisted
+        but never announced would reach subscribers only at their next read."""
+        persisted: list[Message] | None = None
         with trio.move_on_after(self.config.cleanup_timeout, shield=True):
-            return await fn()
-        raise StoreError(f"{what} did not finish within {self.config.cleanup_timeout} s")
+            persisted = await write()
+            if written is not None:
+                written(persisted)
+            if publish_first is not None:
+                await publish_first()
+            await self._publish_messages(persisted)
+        if persisted is None:
+            raise StoreError(f"{what} did not finish within {self.config.cleanup_timeout} s")
+        return persisted
 
     # -- one step ---------------------------------------------------------------
     async def _step(self) -> bool:
@@ -404,17 +421,20 @@ class _Turn:
                 assert result is not None
                 await self._publish_part(Role.TOOL, result)
         messages = step.messages(self.config.compaction.context_limit, None)
-        persisted = await self._shielded(
+
+        def written(persisted: list[Message]) -> None:
+            # No checkpoint between the write and this: an interrupt cannot persist twice.
+            self.step = None
+            self.history.extend(persisted)
+            self.last_finish = step.finish
+
+        await self._persist_and_publish(
             lambda: self.store.persist_step(
                 self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
             ),
             "persisting a step",
+            written,
         )
-        # No checkpoint between the write and this line: an interrupt cannot persist twice.
-        self.step = None
-        self.history.extend(persisted)
-        self.last_finish = step.finish
-        await self._publish_messages(persisted)
         return bool(calls)
 
     async def _stream_with_retries(self) -> _StepBuffer:
@@ -524,18 +544,17 @@ class _Turn:
             NewMessage(Role.TOOL, (result,), Visibility.USER, compressed=True),
         ]
         try:
-            persisted = await self._shielded(
+            await self._persist_and_publish(
                 lambda: self.store.persist_compaction(
                     self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
                 ),
                 "persisting a compaction",
+                publish_first=lambda: self._publish_part(Role.TOOL, result),
             )
         except PersistRefused:
             raise
         except Exception as exc:
             return await self._compaction_failed(call, "failed to persist compaction result", exc)
-        await self._publish_part(Role.TOOL, result)
-        await self._publish_messages(persisted)
         logger.info(
             "compacted",
             extra={**self.log_extra, "context_tokens": tokens, "context_limit": limit},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -341,11 +342,15 @@ class Server:
             if result is not None:
                 outcome, error = result.outcome, result.error
                 self._record(result)
-        except Exception as exc:
-            leaf = _first_leaf(exc)
-            outcome = TurnOutcome.ERROR
-            error = ErrorPayload(message=str(leaf) or type(leaf).__name__, kind="internal")
+        except* Exception as group:
+            # `except*`: a failure raised beside a cancellation (a store error in a
+            # shielded write while the replica is being cancelled) is handled here and
+            # the cancellation goes on; it must not escape the server's nursery.
             logger.exception("turn crashed", extra=log)
+            if trio.current_effective_deadline() != -math.inf:
+                leaf = _first_leaf(group)
+                outcome = TurnOutcome.ERROR
+                error = ErrorPayload(message=str(leaf) or type(leaf).__name__, kind="internal")
         finally:
             if control.shut_down:
                 outcome = TurnOutcome.SHUTDOWN
@@ -581,9 +586,14 @@ class Server:
                 task_status.started()
 
     async def _publish_message(self, message: Message) -> None:
-        """Publish a message a store operation inserted with `announce=streams.announcer`."""
+        """Publish a message a store operation inserted with `announce=streams.announcer`.
+
+        Shielded (bounded by cleanup_timeout): the message is committed, so a caller
+        cancelled now must not leave it unannounced.
+        """
         announced = self.streams.announcer is not None
-        await self._publish_quietly(self.streams.publish_message(message, announced=announced))
+        with trio.move_on_after(self.config.loop.cleanup_timeout, shield=True):
+            await self._publish_quietly(self.streams.publish_message(message, announced=announced))
 
     async def _publish_quietly(self, publish: Awaitable[None]) -> None:
         try:
@@ -711,9 +721,10 @@ class Server:
         # The edit may have dropped the instruction message: the next turn re-checks.
         self.mcp_cache.forget_chat(chat_id)
         self._stop_local(chat_id, "message edited")
-        await self._publish_quietly(
-            self.streams.publish_edited_message(result.message, announced=announce is not None)
-        )
+        with trio.move_on_after(self.config.loop.cleanup_timeout, shield=True):
+            await self._publish_quietly(
+                self.streams.publish_edited_message(result.message, announced=announce is not None)
+            )
         await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
         self.wake()

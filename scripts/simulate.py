@@ -43,6 +43,13 @@ def main() -> int:
         print(f"chats={result.chats} steps={result.steps} injected={result.injected}")
         for v in result.violations:
             print(f"VIOLATION {v.invariant}: {v.detail}")
+        if not result.violations:
+            # Trio expires equal (virtual) deadlines in id() order, i.e. memory layout,
+            # which earlier scenarios in the same process change.
+            print(
+                "no violation; a failure seen in a long run may depend on the scenarios "
+                "before it: rerun that sequence (see the failure line)"
+            )
         return 1 if result.violations else 0
     failures = 0
     start = time.monotonic()
@@ -51,7 +58,11 @@ def main() -> int:
         if result.violations:
             failures += 1
             kinds = sorted({v.invariant for v in result.violations})
-            print(f"seed {seed}: {kinds} -> {replay_command(result.scenario, seed)}")
+            print(
+                f"seed {seed}: {kinds} -> {replay_command(result.scenario, seed)}"
+                f" (in sequence: python scripts/simulate.py --seed {args.seed}"
+                f" --scenarios {seed - args.seed + 1})"
+            )
     elapsed = time.monotonic() - start
     print(
         f"{args.scenarios} scenarios in {elapsed:.1f} s "

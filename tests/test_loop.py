@@ -482,3 +482,48 @@ async def test_persist_refused_after_edit_ends_loop_as_interrupted() -> None:
     stored = await history(store, chat_id)
     assert [m.parts for m in stored] == [(TextPart("edited"),)]
     assert rec.messages == []
+
+
+async def test_interrupt_while_a_persisted_step_is_published_still_publishes_all_of_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A step's write and the publishing of what it wrote are one unit: an interrupt that
+    lands while the first message is being published does not drop the rest (each
+    persisted message would otherwise reach subscribers only at their next read)."""
+    store = MemoryStore()
+    chat_id, worker = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {"a": 1})], text="one"), text_step("two")])
+    control = TurnControl()
+    publishing = trio.Event()
+    published: list[int] = []
+
+    async def on_message(message: Message) -> None:
+        publishing.set()
+        await trio.sleep(1)  # a slow NOTIFY round trip
+        published.append(message.id)
+
+    results = []
+
+    async def turn() -> None:
+        results.append(
+            await run_turn(
+                store,
+                chat_id,
+                worker,
+                model,
+                tools=ToolRegistry([echo]),
+                control=control,
+                callbacks=TurnCallbacks(on_message=on_message),
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(turn)
+        await publishing.wait()
+        control.interrupt()
+
+    assert results[0].outcome is TurnOutcome.INTERRUPTED
+    stored = await history(store, chat_id)
+    # The tool step (call + result) was persisted and is published in full.
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    assert published == [m.id for m in stored[1:]]

@@ -675,3 +675,34 @@ async def test_steady_state_turn_statement_counts(env: Env, clock: Any) -> None:
     # The subscriber is served from the durable cache / the notify: no catch-up reads.
     assert sub_delta == {}
     assert sum(delta.values()) == sum(STEADY_TURN.values())
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_store_error_in_a_shielded_write_during_cancellation_does_not_escape(
+    clock: Any,
+) -> None:
+    """The replica's scope is cancelled while a step's (shielded) write is in flight and
+    that write then fails: the cancellation ends the server quietly (the error is
+    logged, not raised out of its nursery) and the chat is handed back `pending`."""
+
+    class FailingWrite(MemoryStore):
+        entered = trio.Event()
+        release = trio.Event()
+
+        async def persist_step(self, *args: Any, **kwargs: Any) -> list[Message]:
+            self.entered.set()
+            await self.release.wait()
+            raise StoreError("database gone while the replica stops")
+
+    store = FailingWrite(clock=trio_clock)
+    server = Server(store, None, answering_model(), MEMORY_CONFIG, tools=registry())
+    with trio.CancelScope() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            chat = await server.create_chat(OWNER, "hello", title="t")
+            await store.entered.wait()
+            outer.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            store.release.set()
+    assert outer.cancelled_caught
+    assert (await store.get_chat(chat.id)).status is ChatStatus.PENDING
