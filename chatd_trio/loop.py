@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import TypeVar
 
 import trio
 
@@ -74,7 +73,6 @@ from statecharts.compaction import Activity, CompactionChart, over_threshold, us
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 PartCallback = Callable[[MessagePartEvent], Awaitable[None]]
 MessageCallback = Callable[[Message], Awaitable[None]]

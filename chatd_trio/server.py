@@ -586,14 +586,15 @@ class Server:
                 task_status.started()
 
     async def _publish_message(self, message: Message) -> None:
-        """Publish a message a store operation inserted with `announce=streams.announcer`.
-
-        Shielded (bounded by cleanup_timeout): the message is committed, so a caller
-        cancelled now must not leave it unannounced.
-        """
+        """Publish a message a store operation inserted with `announce=streams.announcer`."""
         announced = self.streams.announcer is not None
+        await self._publish_committed(self.streams.publish_message(message, announced=announced))
+
+    async def _publish_committed(self, publish: Awaitable[None]) -> None:
+        """Publish what is already committed, shielded (bounded by cleanup_timeout): a
+        caller cancelled now must not leave it unannounced."""
         with trio.move_on_after(self.config.loop.cleanup_timeout, shield=True):
-            await self._publish_quietly(self.streams.publish_message(message, announced=announced))
+            await self._publish_quietly(publish)
 
     async def _publish_quietly(self, publish: Awaitable[None]) -> None:
         try:
@@ -721,10 +722,9 @@ class Server:
         # The edit may have dropped the instruction message: the next turn re-checks.
         self.mcp_cache.forget_chat(chat_id)
         self._stop_local(chat_id, "message edited")
-        with trio.move_on_after(self.config.loop.cleanup_timeout, shield=True):
-            await self._publish_quietly(
-                self.streams.publish_edited_message(result.message, announced=announce is not None)
-            )
+        await self._publish_committed(
+            self.streams.publish_edited_message(result.message, announced=announce is not None)
+        )
         await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
         self.wake()

@@ -201,13 +201,9 @@ class MemoryStore:
             updated_at=now,
         )
 
-    def _announce(
-        self, announce: Announcer | None, messages: Sequence[Message], *, refresh: bool = False
-    ) -> None:
+    def _announce(self, announce: Announcer, messages: Sequence[Message], *, refresh: bool) -> None:
         """Deliver the notifies of inserted messages within the operation, like PostgreSQL
         delivers a transaction's NOTIFYs at its commit."""
-        if announce is None:
-            return
         assert self._pubsub is not None, "checked by _check_announce"
         notifies = announce(messages, refresh=refresh)
         if notifies:
@@ -225,7 +221,13 @@ class MemoryStore:
         return pubsub is not None and pubsub is self._pubsub
 
     def _insert_messages(
-        self, chat_id: uuid.UUID, messages: Iterable[NewMessage], now: datetime
+        self,
+        chat_id: uuid.UUID,
+        messages: Iterable[NewMessage],
+        now: datetime,
+        announce: Announcer | None = None,
+        *,
+        refresh: bool = False,
     ) -> list[Message]:
         self._hit("InsertChatMessages")
         out: list[Message] = []
@@ -259,6 +261,8 @@ class MemoryStore:
                 prev = msg.id
             else:
                 out.append(msg)
+        if announce is not None:
+            self._announce(announce, out, refresh=refresh)
         return out
 
     def _live_messages(self, chat_id: uuid.UUID) -> list[Message]:
@@ -363,8 +367,7 @@ class MemoryStore:
             queued = self._new_queued(chat_id, parts, now)
             queue.append(queued)
             return SendResult(chat, None, queued, tuple(queue))
-        (message,) = self._insert_messages(chat_id, [self._user_message(parts)], now)
-        self._announce(announce, [message])
+        (message,) = self._insert_messages(chat_id, [self._user_message(parts)], now, announce)
         chat = self._set_status(chat, ChatStatus.PENDING, now)
         return SendResult(chat, message, None, ())
 
@@ -398,8 +401,9 @@ class MemoryStore:
         for mid in self._chat_message_ids.get(chat_id, ()):
             if mid >= message_id and not self._messages[mid].deleted:
                 self._messages[mid] = dataclasses.replace(self._messages[mid], deleted=True)
-        (message,) = self._insert_messages(chat_id, [self._user_message(parts)], now)
-        self._announce(announce, [message], refresh=True)
+        (message,) = self._insert_messages(
+            chat_id, [self._user_message(parts)], now, announce, refresh=True
+        )
         self._hit("DeleteQueuedMessages")
         self._queues[chat_id] = []
         chat = self._set_status(chat, ChatStatus.PENDING, now)
@@ -474,8 +478,9 @@ class MemoryStore:
             queue.insert(0, found)
             return SendResult(chat, None, found, tuple(queue))
         now = self._now()
-        (message,) = self._insert_messages(chat_id, [self._user_message(found.parts)], now)
-        self._announce(announce, [message])
+        (message,) = self._insert_messages(
+            chat_id, [self._user_message(found.parts)], now, announce
+        )
         chat = self._set_status(chat, ChatStatus.PENDING, now)
         return SendResult(chat, message, None, tuple(queue))
 
@@ -591,9 +596,7 @@ class MemoryStore:
         self._check_persist(chat_id, worker_id)
         if not messages:
             return []
-        inserted = self._insert_messages(chat_id, messages, self._now())
-        self._announce(announce, inserted)
-        return inserted
+        return self._insert_messages(chat_id, messages, self._now(), announce)
 
     async def persist_compaction(
         self,
@@ -643,8 +646,9 @@ class MemoryStore:
             chat = self._set_status(chat, ChatStatus.WAITING, now)
             return FinishResult(chat, changed=True, owned_elsewhere=False, promoted=None, queue=())
         oldest = queue.pop(0)
-        (promoted,) = self._insert_messages(chat_id, [self._user_message(oldest.parts)], now)
-        self._announce(announce, [promoted])
+        (promoted,) = self._insert_messages(
+            chat_id, [self._user_message(oldest.parts)], now, announce
+        )
         chat = self._set_status(chat, ChatStatus.PENDING, now)
         self._hit("GetQueuedMessages")
         return FinishResult(

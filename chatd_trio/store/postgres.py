@@ -151,10 +151,9 @@ _SQL_UPDATE_STATUS = (
     "UPDATE chats SET status = %s, worker_id = NULL, started_at = NULL, heartbeat_at = NULL,"
     f" last_error = %s, updated_at = now() WHERE id = %s RETURNING {_CHAT}"
 )
-# One statement for any number of messages; ORDER BY ordinality assigns ids in input order.
 # Array order is evaluation order: the notifies go out (at commit) in message order.
 _SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
-
+# One statement for any number of messages; ORDER BY ordinality assigns ids in input order.
 _SQL_INSERT_MESSAGES = (
     "INSERT INTO chat_messages (chat_id, role, content, visibility, input_tokens,"
     " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, context_limit,"
