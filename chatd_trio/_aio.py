@@ -1,6 +1,6 @@
 """The asyncio bridge: psycopg's async API runs on a trio-asyncio loop.
 
-DESIGN.md: one store operation = one asyncio coroutine entered once from Trio,
+The rule (docs/architecture.md): one store operation = one asyncio coroutine entered once from Trio,
 so a transaction begins and ends inside that coroutine and a cancellation never
 leaves a connection mid-transaction.
 """

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class AcquireConfig:
-    """Acquisition, heartbeats and stale recovery (SPEC section 2)."""
+    """Acquisition, heartbeats and stale recovery (docs/spec.md §2)."""
 
     # 1 s poll keeps idle latency low; a local "work available" signal wakes the loop sooner.
     acquire_interval: float = 1.0
@@ -30,7 +30,7 @@ class AcquireConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Model retry policy (SPEC section 3)."""
+    """Model retry policy (docs/spec.md §3)."""
 
     # Backoff min(1 s * 2^n, 60 s), at most 25 attempts: rides out ~20 min of throttling.
     base_delay: float = 1.0
@@ -41,7 +41,7 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class CompactionConfig:
-    """Context compaction (SPEC section 3.1)."""
+    """Context compaction (docs/spec.md §3.1)."""
 
     # 70 % leaves room for the summary request itself and the next step's output.
     threshold_percent: int = 70
@@ -70,7 +70,7 @@ class CompactionConfig:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """The agent loop (SPEC section 3)."""
+    """The agent loop (docs/spec.md §3)."""
 
     max_steps: int = 1200
     retry: RetryConfig = field(default_factory=RetryConfig)
@@ -79,13 +79,13 @@ class LoopConfig:
     parallel_tools: bool = True
     # The interrupted-step write is shielded; this deadline keeps a dead store from hanging it.
     cleanup_timeout: float = 10.0
-    # The synthetic result of a tool call cut short by an interrupt (SPEC section 3).
+    # The synthetic result of a tool call cut short by an interrupt (docs/spec.md §3).
     interrupted_tool_result: str = "tool call was interrupted before it produced a result"
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Per-chat streams (SPEC section 4)."""
+    """Per-chat streams (docs/spec.md §4)."""
 
     buffer_limit: int = 10_000
     subscriber_queue_size: int = 128
@@ -106,7 +106,7 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    """User message queue (SPEC section 1)."""
+    """User message queue (docs/spec.md §1)."""
 
     # 20 queued messages is far beyond a human typing ahead; more is a runaway client.
     max_queued: int = 20
@@ -114,7 +114,7 @@ class QueueConfig:
 
 @dataclass(frozen=True)
 class WorkspaceConfig:
-    """Workspace binding and dialing (SPEC section 5)."""
+    """Workspace binding and dialing (docs/spec.md §5)."""
 
     # Validate the binding only when a dial has not finished within 5 s.
     dial_validation_delay: float = 5.0
@@ -148,7 +148,7 @@ class WorkspaceConfig:
 
 @dataclass(frozen=True)
 class SubagentConfig:
-    """Subagents (SPEC section 6)."""
+    """Subagents (docs/spec.md §6)."""
 
     await_timeout: float = 300.0
     poll_interval_pubsub: float = 5.0
@@ -171,14 +171,14 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class PostgresConfig:
-    """The PostgreSQL store: connection pool, timeouts, migrations (SPEC section 7)."""
+    """The PostgreSQL store: connection pool, timeouts, migrations (docs/spec.md §7)."""
 
     # One idle connection keeps a quiet replica cheap; 10 bounds what one replica takes
     # from the server's max_connections when many turns persist at once.
     min_size: int = 1
     max_size: int = 10
     # Recycle idle connections after 5 min and every connection after 30 min, before a
-    # managed database's idle or lifetime limit kills one silently (DESIGN rule 8).
+    # managed database's idle or lifetime limit kills one silently.
     max_idle: float = 300.0
     max_lifetime: float = 1800.0
     # Waiting 10 s for a pooled connection means the database is gone or saturated:
@@ -217,7 +217,7 @@ class ModelHTTPConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The workspace agent: its TCP server and the connection to it (SPEC section 5)."""
+    """The workspace agent: its TCP server and the connection to it (docs/spec.md §5)."""
 
     # A dead address must fail a dial on its own; the dial driver's 5 s validation runs alongside.
     connect_timeout: float = 10.0
@@ -247,7 +247,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class PubSubConfig:
-    """PubSub adapters: in-memory and PostgreSQL LISTEN/NOTIFY (SPEC section 4)."""
+    """PubSub adapters: in-memory and PostgreSQL LISTEN/NOTIFY (docs/spec.md §4)."""
 
     # NOTIFY refuses payloads of 8000 bytes or more, so the largest accepted is 7999 bytes;
     # the memory adapter uses the same limit so both behave identically.

@@ -1,4 +1,4 @@
-"""Lazy-validation dial (SPEC.md section 5.1): the Trio driver of `statecharts.dial`.
+"""Lazy-validation dial (docs/spec.md §5.1): the Trio driver of `statecharts.dial`.
 
 `DialChart` decides; this module runs what the chart's current state asks for
 (`statecharts.dial.ACTIVITIES`), turns what those activities report into chart
@@ -359,7 +359,7 @@ async def dial_with_lazy_validation(
 ) -> DialResult[ConnT]:
     """Dial the bound agent, validating the binding only when that is slow or fails.
 
-    Follows the SPEC.md 5.1 table. Raises `NoWorkspaceAgent` (unwrapped) when
+    Follows the docs/spec.md §5.1 table. Raises `NoWorkspaceAgent` (unwrapped) when
     the workspace has no agent, else `DialError` wrapping the deciding error.
     Dials, validations and the timer run in `nursery`; a stale dial that
     ignores cancellation finishes there and its late connection is released

@@ -25,7 +25,7 @@ MAX_JSON_BYTES = 1024 * 1024
 
 
 class ChatStatus(enum.StrEnum):
-    """Chat statuses (SPEC section 1)."""
+    """Chat statuses (docs/spec.md §1)."""
 
     WAITING = "waiting"
     PENDING = "pending"
@@ -335,7 +335,7 @@ class Usage:
     total_tokens: int = 0
 
     def context_tokens(self) -> int:
-        """Input + cache-read + cache-creation when any is positive, else total (SPEC 3.1)."""
+        """Input + cache-read + cache-creation when any is positive, else total (spec §3.1)."""
         prompt = self.input_tokens + self.cache_read_tokens + self.cache_creation_tokens
         return prompt if prompt > 0 else self.total_tokens
 
@@ -578,11 +578,11 @@ class WorkspaceAgent:
 
 
 # ---------------------------------------------------------------------------
-# stream events (SPEC section 4)
+# stream events (docs/spec.md §4)
 
 
 class EventType(enum.StrEnum):
-    """The six stream event types (SPEC section 4)."""
+    """The six stream event types (docs/spec.md §4)."""
 
     MESSAGE_PART = "message_part"
     MESSAGE = "message"
@@ -785,7 +785,7 @@ def event_from_json(data: JSON, path: str = "event") -> StreamEvent:
 
 
 # ---------------------------------------------------------------------------
-# notify payload (SPEC section 4)
+# notify payload (docs/spec.md §4)
 
 
 def stream_channel(chat_id: uuid.UUID) -> str:

@@ -1,4 +1,4 @@
-"""The agent loop: one turn of a chat (SPEC.md sections 3 and 3.1).
+"""The agent loop: one turn of a chat (docs/spec.md §3 and §3.1).
 
 `run_turn` is a Trio driver of `statecharts.compaction.CompactionChart`: the chart
 decides what comes next (step, compact, reload, re-enter, finish) and this module
@@ -362,7 +362,7 @@ class _Turn:
 
     # -- facts ------------------------------------------------------------------
     def _context(self) -> tuple[int, int]:
-        """Context tokens and limit of the last persisted step (SPEC 3.1)."""
+        """Context tokens and limit of the last persisted step (docs/spec.md §3.1)."""
         finish = self.last_finish
         if finish is None:
             return 0, 0

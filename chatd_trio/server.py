@@ -1,6 +1,6 @@
 """The Server: one replica. Acquisition, heartbeats, stale recovery, control, turns.
 
-SPEC.md sections 1 and 2. Every task lives in the server's nursery: the acquire
+docs/spec.md §1 and §2. Every task lives in the server's nursery: the acquire
 loop, the stale-recovery loop and one task per running turn; a turn's own
 nursery holds its heartbeat and its control listener. Closing is cancellation:
 acquisition stops, running turns are shut down (their chats go back to
@@ -79,7 +79,7 @@ class TurnEnv:
 
 @dataclass(frozen=True)
 class ServerStats:
-    """Counters of one replica since it started (SPEC 7: statements by name)."""
+    """Counters of one replica since it started (docs/spec.md §7: statements by name)."""
 
     worker_id: uuid.UUID
     statements: dict[str, int]
@@ -332,7 +332,7 @@ class Server:
         # Stays None when a shutdown cancels the turn: `with control` absorbs that.
         result: TurnResult | None = None
         try:
-            # Buffering starts BEFORE `running` is published (SPEC section 4).
+            # Buffering starts BEFORE `running` is published (docs/spec.md §4).
             self.streams.start_turn(chat.id)
             await self._publish_quietly(
                 self.streams.publish_status(chat.id, ChatStatus.RUNNING, self.worker_id)

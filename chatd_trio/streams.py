@@ -1,6 +1,6 @@
 """Per-chat streams: publish, subscribe with catch-up, durable cache, drop accounting.
 
-SPEC section 4 is the contract. One `ChatStreams` per replica holds one
+docs/spec.md §4 is the contract. One `ChatStreams` per replica holds one
 `_ChatStream` per chat, created on demand and removed when it has no
 subscribers, no running turn and no publish in flight.
 
@@ -159,7 +159,7 @@ _Item = StreamEvent | _ResyncMarker | _NotifyItem | _LocalRefresh | _Failure
 
 
 class _Inbox:
-    """A bounded FIFO that never blocks the producer (SPEC: publishing never blocks)."""
+    """A bounded FIFO that never blocks the producer (docs/spec.md §4: publishing never blocks)."""
 
     def __init__(self, size: int) -> None:
         self._items: deque[_Item] = deque()
@@ -200,7 +200,7 @@ class _CacheEntry:
 
 @dataclass
 class _DropWarn:
-    """Rate-limited drop accounting of one kind (SPEC section 4, drop warnings)."""
+    """Rate-limited drop accounting of one kind (docs/spec.md §4, drop warnings)."""
 
     pending: int = 0
     last_warn: float | None = None
@@ -425,7 +425,7 @@ class StreamSubscription:
         self._pending.append(QueueUpdateEvent(self.chat_id, tuple(queued)))
 
     async def _handle_notify(self, n: NotifyPayload) -> None:
-        # SPEC order: messages -> status -> retry -> error -> queue.
+        # Contract order (docs/spec.md §4): messages -> status -> retry -> error -> queue.
         if n.full_refresh:
             self._cursor = 0
             if not await self._read_after(0):

@@ -1,4 +1,4 @@
-"""Subagents (SPEC section 6): spawn, wait for, message and close child chats.
+"""Subagents (docs/spec.md §6): spawn, wait for, message and close child chats.
 
 A root chat may spawn child chats through four tools. A child inherits its
 parent's owner, workspace binding and MCP servers and starts `pending`, so any
@@ -49,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The error of a child that ended in `error` without any report text (SPEC section 6).
+#: The error of a child that ended in `error` without any report text (docs/spec.md §6).
 NO_REPORT_ERROR = "agent reached error status"
 #: The error a child chat gets from any subagent tool.
 NO_SPAWN_FROM_CHILD = "subagents cannot spawn subagents"

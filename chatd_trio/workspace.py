@@ -1,6 +1,6 @@
 """Turn-local workspace context: binding, lazy-validation dial, instructions, MCP, tools.
 
-SPEC.md section 5. One `WorkspaceContext` lives for one turn. It resolves the
+docs/spec.md §5. One `WorkspaceContext` lives for one turn. It resolves the
 chat's agent once (the persisted binding first, the latest build as the
 fallback, repairing the binding), dials it once through
 `dial_with_lazy_validation` and shares that connection with every tool call,
@@ -519,7 +519,7 @@ class WorkspaceContext:
     # -- instruction files ----------------------------------------------------------
 
     async def ensure_instructions(self) -> InstructionOutcome:
-        """Persist the agent's instruction files once per agent (SPEC 5.2).
+        """Persist the agent's instruction files once per agent (docs/spec.md §5.2).
 
         Reads within `instruction_timeout`; when the agent has none a sentinel is
         persisted; when the workspace or connection fails nothing is persisted

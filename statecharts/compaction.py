@@ -1,4 +1,4 @@
-"""The agent loop's step budget, compaction and re-entry (SPEC.md 3 and 3.1) as a statechart.
+"""The agent loop's step budget, compaction and re-entry (docs/spec.md §3 and §3.1) as a statechart.
 
 Every decision of a turn's control flow lives in this file, as data. The driver
 (`chatd_trio.loop`) runs the activity the current state names (`ACTIVITIES`),
@@ -61,7 +61,7 @@ def usage_percent(context_tokens: int, context_limit: int) -> float:
 
 
 def over_threshold(context_tokens: int, context_limit: int, threshold_percent: int) -> bool:
-    """SPEC 3.1: `tokens / limit x 100 >= threshold`; 100 % (or more) disables compaction,
+    """docs/spec.md §3.1: `tokens / limit x 100 >= threshold`; 100 % (or more) disables compaction,
     and a step without usage never triggers it."""
     if threshold_percent >= 100 or context_tokens <= 0 or context_limit <= 0:
         return False
@@ -128,7 +128,7 @@ class CompactionChart(TracedChart):
         self.reentries = 0
         self.compactions = 0
         self.last_had_tools = False
-        # Per pass (SPEC 3.1): did this pass compact, did the model stop by itself,
+        # Per pass (docs/spec.md §3.1): did this pass compact, did the model stop by itself,
         # and did the compaction happen on the model's final step.
         self.compacted_this_pass = False
         self.stopped_by_model = False

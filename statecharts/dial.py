@@ -1,9 +1,9 @@
-"""The lazy-validation dial (SPEC.md section 5.1) as a statechart.
+"""The lazy-validation dial (docs/spec.md §5.1) as a statechart.
 
 Every transition of the dial lives in this file, as data. The driver
 (`chatd_trio.dial`) runs the activities the current state asks for
 (`ACTIVITIES`), classifies what those activities report into events, feeds
-them here, and reads the outcome from the final state. Each row of the SPEC
+them here, and reads the outcome from the final state. Each row of the contract's
 table is a path from `dialing` to a final state:
 
 - fast success: dialing -dial_ok-> connected

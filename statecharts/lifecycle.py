@@ -1,4 +1,4 @@
-"""The chat lifecycle (SPEC.md section 1) as a statechart, and a path oracle.
+"""The chat lifecycle (docs/spec.md §1) as a statechart, and a path oracle.
 
 Every status change a chat may make lives in this file, as data. The store
 and server perform the changes; tests replay what they observed through

@@ -24,7 +24,7 @@ class ChartEntry(NamedTuple):
 
 
 DIAL_PROSE = """\
-Decides the lazy-validation dial of SPEC.md section 5.1; `chatd_trio.dial` drives it.
+Decides the lazy-validation dial of docs/spec.md §5.1; `chatd_trio.dial` drives it.
 
 The chart starts in `dialing`: the bound agent is dialled and the validation delay
 (5 s by default) is running. A dial that connects first ends in `connected` and no
@@ -49,7 +49,7 @@ the deciding error as "dial with lazy validation: <error>".
 """
 
 LIFECYCLE_PROSE = """\
-The statuses of one chat (SPEC.md section 1) and every change between them; tests
+The statuses of one chat (docs/spec.md §1) and every change between them; tests
 use it as an oracle (`statecharts.lifecycle.check_status_path`).
 
 A chat is created `pending` with its first message. A replica acquires it
@@ -65,7 +65,7 @@ leaves the chat `pending`, even mid-run: the run's next persist is refused.
 """
 
 COMPACTION_PROSE = """\
-Decides a turn's control flow in the agent loop (SPEC.md sections 3 and 3.1):
+Decides a turn's control flow in the agent loop (docs/spec.md §3 and §3.1):
 step, compact, reload, re-enter or finish; `chatd_trio.loop` drives it.
 
 A turn starts in `stepping`: one model step is streamed, its tools run and the

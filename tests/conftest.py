@@ -1,4 +1,4 @@
-"""Test-wide fixtures: the PostgreSQL test database (DESIGN.md "Testing").
+"""Test-wide fixtures: the PostgreSQL test database.
 
 The server comes from CHATD_TEST_DSN, else postgresql://postgres@127.0.0.1:5432/postgres.
 Each test session creates its own database and drops it afterwards. When no

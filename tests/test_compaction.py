@@ -1,4 +1,4 @@
-"""Compaction (SPEC 3.1): the chart on its own, then driven by the agent loop."""
+"""Compaction (docs/spec.md §3.1): the chart on its own, then driven by the agent loop."""
 
 from __future__ import annotations
 

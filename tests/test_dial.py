@@ -1,4 +1,4 @@
-"""The lazy-validation dial: one test per row of the SPEC.md 5.1 table, one per invariant.
+"""The lazy-validation dial: one test per row of the docs/spec.md §5.1 table, one per invariant.
 
 Timings run on a MockClock (`autojump_clock`): the fakes model latency with
 `trio.sleep`, and the tests read virtual time to check that the call returns

@@ -1,10 +1,10 @@
-"""Interleavings of the lazy-validation dial, explored by Hypothesis (DESIGN.md "Testing").
+"""Interleavings of the lazy-validation dial, explored by Hypothesis.
 
 Each example draws when the bound dial, the validation and the second dial
 finish, whether each succeeds, whether the dials honour cancellation, what
 the validation answers and when (if ever) the caller is cancelled; with
 `st.random_module()` Trio's scheduling order is Hypothesis-managed too. The
-oracle is the SPEC.md 5.1 table, written out in `expected()`.
+oracle is the docs/spec.md §5.1 table, written out in `expected()`.
 
 Times live on a grid of eighths of a second chosen so that no two events can
 coincide: the delay ends at 0 (mod 8), a bound dial at 1, a validation at 2 or
@@ -129,7 +129,7 @@ def _after_failure(s: Scenario, path: list[tuple[float, str]], answered: float) 
 
 
 def _table(s: Scenario) -> Expected:
-    """The SPEC.md 5.1 table, row by row, for a caller that is never cancelled."""
+    """The docs/spec.md §5.1 table, row by row, for a caller that is never cancelled."""
     bound_ok = (s.bound_at, "dial_ok")
     bound_failed = (s.bound_at, "dial_failed")
     if s.bound_at < DELAY:  # rows 1-5: the bound dial ends before the delay

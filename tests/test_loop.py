@@ -1,4 +1,4 @@
-"""The agent loop (SPEC section 3): steps, tools, retries, interrupt and shutdown."""
+"""The agent loop (docs/spec.md §3): steps, tools, retries, interrupt and shutdown."""
 
 from __future__ import annotations
 

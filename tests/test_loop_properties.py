@@ -1,4 +1,4 @@
-"""Property tests of the agent loop over random step scripts (SPEC 3 and 3.1).
+"""Property tests of the agent loop over random step scripts (docs/spec.md §3 and §3.1).
 
 Each example runs one turn under `MockClock(autojump_threshold=0)` with Hypothesis
 controlling Trio's scheduling (`st.random_module()`): random tool calls, usages

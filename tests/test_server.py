@@ -1,4 +1,4 @@
-"""The Server (SPEC sections 1 and 2) on the in-memory store and on PostgreSQL.
+"""The Server (docs/spec.md §1 and §2) on the in-memory store and on PostgreSQL.
 
 Every test runs twice: `memory` (MemoryStore + MemoryPubSub, MockClock with
 autojump, store timestamps on Trio's clock) and `postgres` (PostgresStore +

@@ -1,9 +1,9 @@
 """Random interleavings of two workers and a user against the store, with the
-lifecycle chart as the oracle (SPEC sections 1 and 2).
+lifecycle chart as the oracle (docs/spec.md §1 and §2).
 
 Operations: create, send, edit, interrupt (the user); acquire, heartbeat, persist,
 finish with any outcome, stale recovery (workers `w0` and `w1`). A plain model
-holds what SPEC section 1 says each operation does; after every operation the
+holds what docs/spec.md §1 says each operation does; after every operation the
 store must agree with it.
 
 Invariants checked after every operation, for every chat:

@@ -1,4 +1,4 @@
-"""Two replicas on one PostgreSQL database (SPEC sections 1 and 2).
+"""Two replicas on one PostgreSQL database (docs/spec.md §1 and §2).
 
 Each replica has its own pool and its own LISTEN connection (two PostgresStore and
 two PostgresPubSub instances), as two processes would. Real clock, short intervals;

@@ -1,4 +1,4 @@
-"""The Server end to end with real workspace agents and with subagents (SPEC 5 and 6).
+"""The Server end to end with real workspace agents and with subagents (docs/spec.md §5 and §6).
 
 A chat runs `execute` in a real agent; the workspace is rebuilt between turns
 (new agent process, new build row) and the next turn switches to it and

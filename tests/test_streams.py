@@ -1,4 +1,4 @@
-"""Chat streams (SPEC section 4): publish, subscribe with catch-up, cache, drops.
+"""Chat streams (docs/spec.md §4): publish, subscribe with catch-up, cache, drops.
 
 Two `ChatStreams` sharing one store and one pubsub are two replicas. The
 cross-replica tests run against the memory adapters and PostgreSQL.

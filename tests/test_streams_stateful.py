@@ -1,4 +1,4 @@
-"""Stateful property test of chat streams against a reference model (SPEC section 4).
+"""Stateful property test of chat streams against a reference model (docs/spec.md §4).
 
 Two replicas (two `ChatStreams` sharing one store and one pubsub) run random
 sequences of: persist + publish, edits, parts, subscribe / unsubscribe /

@@ -1,4 +1,4 @@
-"""Subagents (SPEC section 6): spawn/wait/message/close tools, the descendant walk, the wait.
+"""Subagents (docs/spec.md §6): spawn/wait/message/close tools, the descendant walk, the wait.
 
 Memory tests run on a MockClock (`autojump_clock`), so wake latency is measured in
 virtual time: a notify wakes the waiter without the clock moving, a poll moves it

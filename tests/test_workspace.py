@@ -1,4 +1,4 @@
-"""The turn-local workspace context (SPEC 5, 5.1, 5.2) against a fake dialer.
+"""The turn-local workspace context (docs/spec.md §5, 5.1, 5.2) against a fake dialer.
 
 Dial timing runs on the MockClock (`autojump_clock`); statement counts come
 from the store. The statement-sequence test of a switch also runs on PostgreSQL.

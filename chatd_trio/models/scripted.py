@@ -55,7 +55,7 @@ SummaryFactory = Callable[[Sequence[PromptMessage], int], str]
 
 
 def usage_of(context_tokens: int, output_tokens: int = 0) -> Usage:
-    """A usage whose context tokens (SPEC 3.1) are `context_tokens`."""
+    """A usage whose context tokens (docs/spec.md §3.1) are `context_tokens`."""
     return Usage(
         input_tokens=context_tokens,
         output_tokens=output_tokens,

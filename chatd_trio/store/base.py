@@ -31,7 +31,7 @@ from chatd_trio.errors import DecodeError, PayloadTooLarge
 
 
 class TurnOutcome(enum.StrEnum):
-    """How a turn ended; decides the final transition (SPEC section 1)."""
+    """How a turn ended; decides the final transition (docs/spec.md §1)."""
 
     DONE = "done"  # loop finished normally -> waiting (or pending with a promoted message)
     INTERRUPTED = "interrupted"  # user interrupt -> waiting (queued message still promoted)
@@ -194,7 +194,7 @@ class Store(Protocol):
         ...
 
     async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
-        """Model-visible, non-deleted history after the compaction boundary (SPEC 3.1):
+        """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1):
         uncompressed system messages + the latest compressed summary + everything newer."""
         ...
 
@@ -265,7 +265,7 @@ class Store(Protocol):
         *,
         announce: Announcer | None = None,
     ) -> FinishResult:
-        """The final transition under a row lock (SPEC section 1)."""
+        """The final transition under a row lock (docs/spec.md §1)."""
         ...
 
     # -- workspaces -----------------------------------------------------------

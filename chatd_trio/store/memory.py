@@ -350,7 +350,7 @@ class MemoryStore:
         max_queued: int,
         announce: Announcer | None = None,
     ) -> SendResult:
-        """Insert a user message (chat -> pending) or queue it (SPEC section 1)."""
+        """Insert a user message (chat -> pending) or queue it (docs/spec.md §1)."""
         await trio.lowlevel.checkpoint()
         self._check_announce(announce)
         check_user_parts(parts, self._limits)
@@ -426,7 +426,7 @@ class MemoryStore:
         return [m for m in self._live_messages(chat_id) if m.id > after_id and m.user_visible]
 
     async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
-        """Model-visible, non-deleted history after the compaction boundary (SPEC 3.1)."""
+        """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
         await trio.lowlevel.checkpoint()
         self._hit("GetPromptMessages")
         visible = [m for m in self._live_messages(chat_id) if m.model_visible]
@@ -618,7 +618,7 @@ class MemoryStore:
         *,
         announce: Announcer | None = None,
     ) -> FinishResult:
-        """The final transition under a row lock (SPEC section 1)."""
+        """The final transition under a row lock (docs/spec.md §1)."""
         await trio.lowlevel.checkpoint()
         self._check_announce(announce)
         self._hit("LockChatForUpdate")

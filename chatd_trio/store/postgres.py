@@ -5,7 +5,7 @@ operation is ONE asyncio coroutine entered once from Trio: it borrows a pooled
 connection, runs its statements (inside one transaction when there are several)
 and returns the connection before it ends, so a cancelled Trio task never leaves
 a connection mid-transaction and no connection is held between operations
-(DESIGN.md rule 8).
+(docs/architecture.md).
 
 Semantics and statement accounting are those of `chatd_trio.store.memory`
 (its module docstring tabulates the statements per operation and the decisions
@@ -180,7 +180,7 @@ _SQL_MESSAGES_AFTER = (
     " AND visibility IN ('user', 'both') ORDER BY id"
 )
 # The boundary is the latest compressed summary (a compressed user message); before it
-# only uncompressed system messages survive (SPEC 3.1).
+# only uncompressed system messages survive (docs/spec.md §3.1).
 _SQL_PROMPT_MESSAGES = (
     f"WITH visible AS (SELECT {_MSG} FROM chat_messages WHERE chat_id = %s AND NOT deleted"
     " AND visibility IN ('model', 'both')),"
@@ -688,7 +688,7 @@ class PostgresStore:
         max_queued: int,
         announce: Announcer | None = None,
     ) -> SendResult:
-        """Insert a user message (chat -> pending) or queue it (SPEC section 1)."""
+        """Insert a user message (chat -> pending) or queue it (docs/spec.md §1)."""
         check_user_parts(parts, self._limits)
 
         async def body(conn: _Conn) -> SendResult:
@@ -773,7 +773,7 @@ class PostgresStore:
         return await self._run("messages_after", body)
 
     async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
-        """Model-visible, non-deleted history after the compaction boundary (SPEC 3.1)."""
+        """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
 
         async def body(conn: _Conn) -> list[Message]:
             rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, (chat_id,))
@@ -955,7 +955,7 @@ class PostgresStore:
         *,
         announce: Announcer | None = None,
     ) -> FinishResult:
-        """The final transition under a row lock (SPEC section 1)."""
+        """The final transition under a row lock (docs/spec.md §1)."""
 
         async def body(conn: _Conn) -> FinishResult:
             chat = await self._lock_chat(conn, chat_id)

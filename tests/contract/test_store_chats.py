@@ -1,4 +1,4 @@
-"""Store contract: chats, messages, the queue, edits and interrupts (SPEC sections 1, 3.1)."""
+"""Store contract: chats, messages, the queue, edits and interrupts (docs/spec.md §1, 3.1)."""
 
 from __future__ import annotations
 

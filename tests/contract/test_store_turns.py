@@ -1,5 +1,5 @@
 """Store contract: acquisition, heartbeats, stale recovery, persisting steps and the
-final transition (SPEC sections 1 and 2)."""
+final transition (docs/spec.md §1 and §2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Store contract: workspaces, builds, agents, chat binding, and the subagent tree
-(SPEC sections 5 and 6)."""
+(docs/spec.md §5 and §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
--- chatd_trio schema (SPEC.md section 7). Applied once, under an advisory lock,
+-- chatd_trio schema (docs/spec.md §7). Applied once, under an advisory lock,
 -- by PostgresStore.open; recorded in schema_migrations.
 
 CREATE TABLE workspaces (
@@ -31,7 +31,7 @@ CREATE TABLE workspace_agents (
 CREATE INDEX workspace_agents_build_idx ON workspace_agents (build_id, seq);
 
 -- The binding columns (workspace/build/agent) carry no foreign keys: they are an
--- optimistic cache that the turn repairs (SPEC section 5), not a constraint.
+-- optimistic cache that the turn repairs (docs/spec.md §5), not a constraint.
 CREATE TABLE chats (
     id              uuid PRIMARY KEY,
     owner_id        uuid NOT NULL,
