@@ -221,11 +221,34 @@ class AgentConfig:
 
     # A dead address must fail a dial on its own; the dial driver's 5 s validation runs alongside.
     connect_timeout: float = 10.0
-    # The first frame must carry the token; a silent unauthenticated socket is dropped.
+    # The first frame must carry the token within 10 s of the connect, however slowly its
+    # bytes trickle in; a silent or dawdling unauthenticated socket is dropped.
     auth_timeout: float = 10.0
+    # Before authentication only the auth frame is read: ~100 bytes with a 256-bit token.
+    # 4 KiB is generous for any token and bounds what an unauthenticated peer makes the agent
+    # hold; a larger header is refused at once and the connection closed, its body dropped
+    # as it arrives, never buffered.
+    max_auth_frame_bytes: int = 4096
     # 8 MiB per frame holds a 1 MiB file even with worst-case JSON escaping (6x).
     max_frame_bytes: int = 8 * 1024 * 1024
+    # Requests nest 3 levels and real tool arguments a handful; 128 makes a deeper frame a
+    # clear error instead of a RecursionError whose depth depends on the stack at hand.
+    max_frame_depth: int = 128
     read_chunk_bytes: int = 64 * 1024
+    # Connections served at once. Beyond it the agent stops accepting and new connections
+    # wait in the kernel's listen backlog (a burst of dials is delayed, not refused). 1024
+    # covers hundreds of concurrent turns on one workspace while bounding pre-auth memory
+    # to ~1024 x max_auth_frame_bytes.
+    max_connections: int = 1024
+    # Wrong tokens per peer host: a burst of 10, then one per second; beyond that the
+    # host's auth attempts are refused unchecked. A 256-bit token cannot be guessed anyway:
+    # this keeps a scanner (3600 guesses/s measured without it) from costing CPU and logs.
+    auth_failure_burst: int = 10
+    # The bucket's refill, per second: a host that keeps failing gets one attempt a second.
+    auth_failure_rate: float = 1.0
+    # Hosts whose failures are remembered (least recently failing forgotten first): bounds
+    # the limiter's memory when failures come from many addresses.
+    auth_failure_max_hosts: int = 4096
     # Frames are small; a peer that does not read for 30 s is treated as gone.
     send_timeout: float = 30.0
     # Requests served concurrently on one connection (parallel tools share it).
@@ -243,6 +266,12 @@ class AgentConfig:
     # Spawning an MCP server and its initialize handshake; npx-style servers can be slow.
     mcp_start_timeout: float = 30.0
     mcp_call_timeout: float = 300.0
+    # A crashed MCP server is restarted by the next call at once; if it fails again before
+    # a call succeeds, each further restart waits 1 s, doubling up to 60 s (calls in the
+    # wait fail fast), so a server that dies on start does not turn every call into a spawn.
+    mcp_restart_backoff_initial: float = 1.0
+    # The backoff's ceiling: a server that is broken for good is tried once a minute.
+    mcp_restart_backoff_max: float = 60.0
 
 
 @dataclass(frozen=True)

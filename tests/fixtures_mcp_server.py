@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
@@ -24,6 +26,12 @@ def echo(text: str) -> str:
 def fail(reason: str) -> str:
     """Always fails with the given reason."""
     raise ToolError(reason)
+
+
+@app.tool()
+def crash(code: int = 3) -> str:
+    """Exit the server process at once, mid-request (the agent must restart it)."""
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ TOKEN = "s3cret-token"
 FIXTURE_MCP = Path(__file__).with_name("fixtures_mcp_server.py")
 # Real sockets and processes run on the real clock; this only bounds a broken test.
 GUARD = 30
+DEPTH = AgentConfig().max_frame_depth
 
 
 def make_agent(address: str, directory: Path, token: str = TOKEN) -> WorkspaceAgent:
@@ -84,13 +85,13 @@ class RawClient:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.reader = p.FrameReader(stream, max_bytes=1 << 20, chunk_bytes=4096)
+        self.reader = p.FrameReader(stream, max_bytes=1 << 20, chunk_bytes=4096, max_depth=DEPTH)
 
     async def send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(data)
 
     async def request(self, request_id: int, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        await self.stream.send_all(p.encode_frame(p.request(request_id, op, args)))
+        await self.stream.send_all(p.encode_frame(p.request(request_id, op, args), max_depth=DEPTH))
         return await self.receive()
 
     async def receive(self) -> dict[str, Any]:
@@ -430,7 +431,7 @@ async def test_mcp_list_and_call_through_a_stdio_server(root: Path) -> None:
             with pytest.raises(AgentOperationError) as broken:
                 await conn.mcp_call_tool("broken", "x", {})
     by_name = {t.name: t for t in tools}
-    assert sorted(by_name) == ["add", "echo", "fail"]
+    assert sorted(by_name) == ["add", "crash", "echo", "fail"]
     assert by_name["add"] == McpTool(
         server="fx",
         name="add",

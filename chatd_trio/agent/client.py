@@ -3,6 +3,13 @@
 One connection carries many concurrent calls (parallel tools share it):
 requests carry ids and responses are matched to them.
 
+File names are bytes on disk and str here, mapped as `os.listdir` does
+(``surrogateescape``): a byte that is not part of valid UTF-8 becomes a lone
+surrogate U+DC80..U+DCFF. A name from `list_dir` passed back to `read_file` or
+`write_file` therefore names the same file, and `DirEntry.raw_name` gives the
+bytes. `write_file` encodes its content the same way; `read_file` and `execute`
+return text with undecodable bytes replaced by U+FFFD.
+
 Structure: there is no background reader task. Whichever caller is waiting
 for a response and finds nobody reading becomes the reader; it reads frames,
 hands each response to its caller, and stops when its own response arrives,
@@ -64,11 +71,19 @@ class FileContent:
 
 @dataclass(frozen=True)
 class DirEntry:
-    """One directory entry; `kind` is "file", "dir", "symlink" or "other"."""
+    """One directory entry; `kind` is "file", "dir", "symlink" or "other".
+
+    `name` holds a lone surrogate per byte that is not UTF-8 (see the module docstring).
+    """
 
     name: str
     kind: str
     size: int
+
+    @property
+    def raw_name(self) -> bytes:
+        """The name's bytes on disk."""
+        return self.name.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -121,7 +136,10 @@ class AgentConn:
         self._agent = agent
         self._config = config
         self._reader = p.FrameReader(
-            stream, max_bytes=config.max_frame_bytes, chunk_bytes=config.read_chunk_bytes
+            stream,
+            max_bytes=config.max_frame_bytes,
+            chunk_bytes=config.read_chunk_bytes,
+            max_depth=config.max_frame_depth,
         )
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -182,7 +200,11 @@ class AgentConn:
         )
 
     async def read_file(self, path: str) -> FileContent:
-        """Read a file inside the workspace directory (relative or absolute path)."""
+        """Read a file inside the workspace directory (relative or absolute path).
+
+        `path` may hold surrogate-escaped bytes, as `list_dir` names do. The content is
+        text: bytes that are not UTF-8 come back as U+FFFD.
+        """
         r = await self._call(p.OP_READ_FILE, {"path": path})
         return FileContent(
             path=_field(r, "path", str),
@@ -192,13 +214,20 @@ class AgentConn:
         )
 
     async def write_file(self, path: str, content: str) -> int:
-        """Write (create or replace) a file inside the workspace; returns the bytes written."""
+        """Write (create or replace) a file inside the workspace; returns the bytes written.
+
+        Missing parent directories are created. `path` and `content` are encoded as UTF-8
+        with surrogateescape, so surrogate-escaped bytes are written as those bytes.
+        """
         r = await self._call(p.OP_WRITE_FILE, {"path": path, "content": content})
         written: int = _field(r, "bytes", int)
         return written
 
     async def list_dir(self, path: str = ".") -> list[DirEntry]:
-        """The entries of a directory inside the workspace, sorted by name."""
+        """The entries of a directory inside the workspace, sorted by name.
+
+        Names that are not UTF-8 come surrogate-escaped (`DirEntry.raw_name` has the bytes).
+        """
         r = await self._call(p.OP_LIST_DIR, {"path": path})
         return [
             DirEntry(
@@ -274,10 +303,19 @@ class AgentConn:
             raise AgentOperationError(ERR_BAD_RESPONSE, f"malformed error response to {op!r}")
         if kind == p.ERR_AUTH:
             raise AgentAuthError(f"agent {self._agent.id} refused the token: {message}")
+        if kind == p.ERR_RATE_LIMITED and op == p.OP_AUTH:
+            # Transient, unlike a wrong token: the host may try again once its bucket refills.
+            raise AgentUnavailable(f"agent {self._agent.id} at {self._agent.address}: {message}")
         raise AgentOperationError(kind, message)
 
     async def _send(self, obj: p.JSONObject) -> None:
-        data = p.encode_frame(obj)
+        try:
+            data = p.encode_frame(obj, max_depth=self._config.max_frame_depth)
+        except p.FrameError as exc:
+            # Nothing was sent: the connection is untouched, only this call fails.
+            raise AgentOperationError(
+                p.ERR_BAD_REQUEST, f"request not sent: {exc.message}"
+            ) from None
         if len(data) > self._config.max_frame_bytes:
             raise AgentOperationError(
                 p.ERR_TOO_LARGE,

@@ -3,13 +3,21 @@
 Uses the official `mcp` SDK (anyio-based, which runs on Trio as well). Each
 configured server is spawned lazily on first use and kept alive in the agent
 server's nursery; concurrent requests share its session (JSON-RPC ids
-multiplex them). A server whose transport breaks is dropped and respawned on
-the next request.
+multiplex them).
+
+A server that exits (its stdout reaches end of file) or whose transport breaks
+is dropped at once and respawned by the next request, so its tools come back.
+Consecutive failures (crashes and failed starts with no successful request in
+between) back off: the first restart is immediate, each later one waits
+`AgentConfig.mcp_restart_backoff_initial`, doubling up to
+`mcp_restart_backoff_max`; a request during the wait fails at once with a
+message saying when the next attempt is due.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +53,57 @@ class _Running:
     scope: trio.CancelScope
 
 
+def restart_delay(failures: int, *, initial: float, maximum: float) -> float:
+    """Seconds to wait after the last of `failures` consecutive failures before a restart."""
+    if failures <= 1:
+        return 0.0
+    return min(initial * 2.0 ** (failures - 2), maximum)
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    last_failure: float = -math.inf
+
+
+class _WatchedReadStream:
+    """The server's read stream, noting its end: the server exited or its stdout closed."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.ended = trio.Event()
+
+    async def receive(self) -> Any:
+        import anyio
+
+        try:
+            return await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.ended.set()
+            raise
+
+    async def aclose(self) -> None:
+        self.ended.set()
+        await self._inner.aclose()
+
+    def __aiter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        import anyio
+
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 class McpHub:
     """The MCP servers of one workspace agent, started lazily in `nursery`."""
 
@@ -62,6 +121,7 @@ class McpHub:
         self._nursery = nursery
         self._locks = {name: trio.Lock() for name in self._servers}
         self._running: dict[str, _Running] = {}
+        self._health = {name: _Health() for name in self._servers}
 
     @property
     def server_names(self) -> list[str]:
@@ -102,10 +162,11 @@ class McpHub:
                 f"{self._config.mcp_call_timeout} s"
             ) from None
         except MCPError as exc:
-            raise McpFailure(f"MCP server {server!r}: {exc.message}") from None
+            raise self._mcp_failure(server, session, exc) from None
         except Exception as exc:
-            self._drop(server)
+            self._drop(server, session)
             raise McpFailure(f"MCP server {server!r} failed: {exc!r}") from None
+        self._health[server].failures = 0
         dumped = result.model_dump(mode="json", by_alias=True, exclude_none=True)
         return {
             "content": dumped.get("content", []),
@@ -136,14 +197,25 @@ class McpHub:
                     )
                     cursor = page.next_cursor
                     if cursor is None:
+                        self._health[name].failures = 0
                         return found
         except trio.TooSlowError:
             raise McpFailure(f"MCP server {name!r}: tools/list timed out") from None
         except MCPError as exc:
-            raise McpFailure(f"MCP server {name!r}: {exc.message}") from None
+            raise self._mcp_failure(name, session, exc) from None
         except Exception as exc:
-            self._drop(name)
+            self._drop(name, session)
             raise McpFailure(f"MCP server {name!r} failed: {exc!r}") from None
+
+    def _mcp_failure(self, name: str, session: ClientSession, exc: Any) -> McpFailure:
+        from mcp_types.jsonrpc import CONNECTION_CLOSED
+
+        if exc.code == CONNECTION_CLOSED:
+            self._drop(name, session)
+            return McpFailure(
+                f"MCP server {name!r} exited during the request; the next request restarts it"
+            )
+        return McpFailure(f"MCP server {name!r}: {exc.message}")
 
     async def _session(self, name: str) -> ClientSession:
         if name not in self._servers:
@@ -152,22 +224,45 @@ class McpHub:
         async with self._locks[name]:
             running = self._running.get(name)
             if running is None:
+                self._check_backoff(name)
                 try:
                     with trio.fail_after(self._config.mcp_start_timeout):
                         running = await self._nursery.start(self._run_server, name)
                 except trio.TooSlowError:
+                    self._failed(name)
                     raise McpFailure(
                         f"MCP server {name!r} did not start within "
                         f"{self._config.mcp_start_timeout} s"
                     ) from None
                 except Exception as exc:
+                    self._failed(name)
                     raise McpFailure(f"MCP server {name!r} failed to start: {exc!r}") from None
-                self._running[name] = running
             return running.session
 
-    def _drop(self, name: str) -> None:
-        running = self._running.pop(name, None)
-        if running is not None:
+    def _check_backoff(self, name: str) -> None:
+        health = self._health[name]
+        delay = restart_delay(
+            health.failures,
+            initial=self._config.mcp_restart_backoff_initial,
+            maximum=self._config.mcp_restart_backoff_max,
+        )
+        wait = health.last_failure + delay - trio.current_time()
+        if wait > 0:
+            raise McpFailure(
+                f"MCP server {name!r} failed {health.failures} times in a row; "
+                f"the next restart is due in {wait:.1f} s"
+            )
+
+    def _failed(self, name: str) -> None:
+        health = self._health[name]
+        health.failures += 1
+        health.last_failure = trio.current_time()
+
+    def _drop(self, name: str, session: ClientSession) -> None:
+        """Stop `session`'s server, if it is still the running one (not a newer restart)."""
+        running = self._running.get(name)
+        if running is not None and running.session is session:
+            self._forget(name, running.scope)
             running.scope.cancel()
 
     async def _run_server(
@@ -189,20 +284,32 @@ class McpHub:
             try:
                 # The real process stderr: pytest or a daemon may swap sys.stderr for an
                 # object without a file descriptor, which a subprocess cannot inherit.
-                async with (
-                    stdio_client(params, errlog=sys.__stderr__ or sys.stderr) as streams,
-                    ClientSession(streams[0], streams[1]) as session,
-                ):
-                    await session.initialize()
-                    started = True
-                    task_status.started(_Running(session=session, scope=scope))
-                    await trio.sleep_forever()
+                async with stdio_client(params, errlog=sys.__stderr__ or sys.stderr) as streams:
+                    watched = _WatchedReadStream(streams[0])
+                    async with ClientSession(watched, streams[1]) as session:
+                        await session.initialize()
+                        started = True
+                        running = _Running(session=session, scope=scope)
+                        # Registered here, not by the starter: a crash right after the
+                        # start must find the entry to drop.
+                        self._running[name] = running
+                        task_status.started(running)
+                        await watched.ended.wait()
+                        # Forget it before the (bounded, but not instant) transport shutdown,
+                        # so a request arriving meanwhile starts a fresh server.
+                        self._forget(name, scope)
+                        logger.warning("mcp server exited", extra={"mcp_server": name})
             except Exception:
                 if not started:
                     raise
                 # A broken server must not take the agent down: forget it, respawn later.
                 logger.exception("mcp server stopped", extra={"mcp_server": name})
             finally:
-                current = self._running.get(name)
-                if current is not None and current.scope is scope:
-                    del self._running[name]
+                self._forget(name, scope)
+
+    def _forget(self, name: str, scope: trio.CancelScope) -> None:
+        """Drop the running server owned by `scope` (once) and count its end as a failure."""
+        current = self._running.get(name)
+        if current is not None and current.scope is scope:
+            del self._running[name]
+            self._failed(name)

@@ -8,22 +8,31 @@ Each connection authenticates with its first frame, then may send many
 requests; they are served concurrently (up to a per-connection limit) and
 answered by id, in completion order. Bad frames get an error response and the
 connection keeps serving. When the client disconnects, its in-flight requests
-are cancelled (a running command's process group is killed).
+are cancelled (a running command's whole process tree is killed).
+
+Connections are isolated: whatever one sends, at worst that connection closes
+and the agent and its other connections go on. Before authentication a peer
+gets little: one frame of at most `AgentConfig.max_auth_frame_bytes`, read
+within `auth_timeout`, among at most `max_connections` connections, and failed
+attempts are rate-limited per peer host. The security model, including what
+`execute` does and does not confine, is in docs/security.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import logging
 import os
+import posixpath
 import shlex
-import signal
 import stat
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,13 +41,18 @@ from typing import Any
 import trio
 
 from chatd_trio.agent import protocol as p
+from chatd_trio.agent.confine import PathEscape, Root
 from chatd_trio.agent.mcp import McpFailure, McpHub, McpServerConfig
+from chatd_trio.agent.proctree import kill_tree, prepare_subreaper
 from chatd_trio.config import AgentConfig, Config
 
 logger = logging.getLogger(__name__)
 
 _SHELL = "/bin/sh"
 TOKEN_ENV = "CHATD_AGENT_TOKEN"
+# accept() failing for lack of descriptors or memory is transient: wait, then accept again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_DELAY = 0.1
 
 
 class OpError(Exception):
@@ -70,52 +84,48 @@ async def serve_agent(
     """
     if not token:
         raise ValueError("the agent token must not be empty")
-    root = await trio.Path(directory).resolve()
-    if not await root.is_dir():
+    root = Path(await trio.Path(directory).resolve())
+    if not await trio.Path(root).is_dir():
         raise ValueError(f"workspace directory {directory} does not exist or is not a directory")
     cfg = config or Config()
-    async with trio.open_nursery() as nursery:
-        hub = McpHub(mcp_servers or {}, directory=Path(root), config=cfg.agent, nursery=nursery)
-        agent = _Agent(
-            root=Path(root),
-            token=token,
-            hub=hub,
-            home_instruction_file=home_instruction_file,
-            config=cfg,
-        )
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-        logger.info(
-            "workspace agent listening",
-            extra={"host": bound_host, "port": bound_port, "directory": str(root)},
-        )
-        await nursery.start(
-            partial(
-                trio.serve_listeners, agent.serve_connection, listeners, handler_nursery=nursery
+    # Absolute paths may name the directory as given as well as its resolved form.
+    confined = Root(root, aliases=(Path(await trio.Path(directory).absolute()),))
+    try:
+        async with trio.open_nursery() as nursery:
+            hub = McpHub(mcp_servers or {}, directory=root, config=cfg.agent, nursery=nursery)
+            agent = _Agent(
+                root=confined,
+                root_path=root,
+                token=token,
+                hub=hub,
+                home_instruction_file=home_instruction_file,
+                config=cfg,
             )
-        )
-        task_status.started((bound_host, bound_port))
+            listeners = await trio.open_tcp_listeners(port, host=host)
+            bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+            logger.info(
+                "workspace agent listening",
+                extra={"host": bound_host, "port": bound_port, "directory": str(root)},
+            )
+            slots = trio.Semaphore(cfg.agent.max_connections)
+            for listener in listeners:
+                nursery.start_soon(agent.accept_loop, listener, slots, nursery)
+            task_status.started((bound_host, bound_port))
+    finally:
+        confined.close()
 
 
 @dataclass
 class _Connection:
     stream: trio.SocketStream
     peer: str
+    host: str
     config: AgentConfig
     send_lock: trio.Lock
 
     async def send(self, obj: p.JSONObject) -> None:
         """Send one frame; a peer that does not take it within send_timeout is broken."""
-        data = p.encode_frame(obj)
-        if len(data) > self.config.max_frame_bytes:
-            data = p.encode_frame(
-                p.error_response(
-                    obj.get("id"),
-                    p.ERR_TOO_LARGE,
-                    f"response of {len(data)} bytes exceeds the frame limit of "
-                    f"{self.config.max_frame_bytes} bytes",
-                )
-            )
+        data = _encode_response(obj, self.config)
         async with self.send_lock:
             with trio.move_on_after(self.config.send_timeout) as scope:
                 await self.stream.send_all(data)
@@ -125,22 +135,85 @@ class _Connection:
             raise trio.BrokenResourceError("peer did not read a response in time")
 
 
+def _encode_response(obj: p.JSONObject, config: AgentConfig) -> bytes:
+    """`obj` as a frame, or an error frame in its place when it cannot be one."""
+    request_id = obj.get("id")
+    try:
+        data = p.encode_frame(obj, max_depth=config.max_frame_depth)
+    except p.FrameError as exc:
+        return p.encode_frame(
+            p.error_response(request_id, p.ERR_INTERNAL, f"result cannot be sent: {exc.message}"),
+            max_depth=config.max_frame_depth,
+        )
+    if len(data) > config.max_frame_bytes:
+        return p.encode_frame(
+            p.error_response(
+                request_id,
+                p.ERR_TOO_LARGE,
+                f"response of {len(data)} bytes exceeds the frame limit of "
+                f"{config.max_frame_bytes} bytes",
+            ),
+            max_depth=config.max_frame_depth,
+        )
+    return data
+
+
+class AuthFailureLimiter:
+    """Failed authentications per peer host: a token bucket of `burst`, refilled at `rate`/s.
+
+    Only hosts with a recent failure are remembered, at most `max_hosts` of them.
+    """
+
+    def __init__(self, *, burst: int, rate: float, max_hosts: int) -> None:
+        self._burst = burst
+        self._rate = rate
+        self._max_hosts = max_hosts
+        # host -> (tokens, time of the last update)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _tokens(self, host: str, now: float) -> float:
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            return float(self._burst)
+        tokens, then = bucket
+        return min(float(self._burst), tokens + (now - then) * self._rate)
+
+    def allowed(self, host: str, now: float) -> bool:
+        """Whether `host` may try a token now."""
+        return self._tokens(host, now) >= 1.0
+
+    def failed(self, host: str, now: float) -> None:
+        """Record a wrong token from `host`."""
+        self._buckets[host] = (self._tokens(host, now) - 1.0, now)
+        self._buckets.move_to_end(host)
+        while len(self._buckets) > self._max_hosts:
+            self._buckets.popitem(last=False)
+
+
 class _Agent:
     def __init__(
         self,
         *,
-        root: Path,
+        root: Root,
+        root_path: Path,
         token: str,
         hub: McpHub,
         home_instruction_file: Path | None,
         config: Config,
     ) -> None:
         self._root = root
-        self._token = token.encode()
+        self._root_path = root_path
+        self._token = token.encode("utf-8", "surrogatepass")
         self._hub = hub
         self._home_instruction_file = home_instruction_file
         self._cfg = config.agent
         self._instruction_max_bytes = config.workspace.instruction_file_max_bytes
+        self._auth_failures = AuthFailureLimiter(
+            burst=self._cfg.auth_failure_burst,
+            rate=self._cfg.auth_failure_rate,
+            max_hosts=self._cfg.auth_failure_max_hosts,
+        )
+        self._subreaper = prepare_subreaper()
         self._ops: dict[str, Handler] = {
             p.OP_EXECUTE: self._op_execute,
             p.OP_READ_FILE: self._op_read_file,
@@ -153,53 +226,127 @@ class _Agent:
 
     # -- connections ------------------------------------------------------------
 
+    async def accept_loop(
+        self, listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
+    ) -> None:
+        """Accept connections while fewer than `max_connections` are open; closes `listener`."""
+        async with listener:
+            while True:
+                # At the cap we stop accepting: new connections wait in the listen backlog.
+                await slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    slots.release()
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    logger.warning("agent cannot accept a connection", extra={"error": str(exc)})
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    continue
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(self._handle, stream, slots)
+
+    async def _handle(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        try:
+            await self.serve_connection(stream)
+        except Exception:
+            # Isolation: a bug reached by one connection's input ends that connection only.
+            logger.exception("agent connection failed")
+        finally:
+            slots.release()
+
     async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one connection until it closes; errors end this connection only."""
         try:
             host, port = stream.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
-            peer = "?"
-        conn = _Connection(stream=stream, peer=peer, config=self._cfg, send_lock=trio.Lock())
+            host = peer = "?"
+        conn = _Connection(
+            stream=stream, peer=peer, host=str(host), config=self._cfg, send_lock=trio.Lock()
+        )
+        # Before authentication: one small frame, refused from its header when larger.
         reader = p.FrameReader(
-            stream, max_bytes=self._cfg.max_frame_bytes, chunk_bytes=self._cfg.read_chunk_bytes
+            stream,
+            max_bytes=self._cfg.max_auth_frame_bytes,
+            chunk_bytes=min(self._cfg.read_chunk_bytes, self._cfg.max_auth_frame_bytes),
+            max_depth=self._cfg.max_frame_depth,
+            skip_oversized=False,
         )
         try:
             if await self._authenticate(conn, reader):
+                reader.max_bytes = self._cfg.max_frame_bytes
+                reader.chunk_bytes = self._cfg.read_chunk_bytes
+                reader.skip_oversized = True
                 await self._serve_requests(conn, reader)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, p.IncompleteFrame) as exc:
-            logger.debug("agent connection ended", extra={"peer": peer, "reason": repr(exc)})
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError) as group:
+            logger.debug(
+                "agent connection ended", extra={"peer": peer, "reason": repr(group.exceptions[0])}
+            )
+        except* Exception:
+            logger.exception("agent connection failed", extra={"peer": peer})
         finally:
             await trio.aclose_forcefully(stream)
 
     async def _authenticate(self, conn: _Connection, reader: p.FrameReader) -> bool:
-        frame: p.JSONObject | None = None
+        # One deadline, counted from the connect, for the whole exchange: trickling bytes
+        # or a peer that does not read the refusal cannot extend it.
         with trio.move_on_after(self._cfg.auth_timeout):
             try:
                 frame = await reader.receive()
             except p.FrameError as exc:
-                await conn.send(p.error_response(None, exc.kind, exc.message))
+                await self._refuse(conn, p.error_response(None, exc.kind, exc.message))
                 return False
-        if frame is None:
-            return False
-        request_id = _request_id(frame)
-        args = frame.get("args")
-        token = args.get("token") if isinstance(args, dict) else None
-        if (
-            frame.get("op") == p.OP_AUTH
-            and isinstance(token, str)
-            and hmac.compare_digest(token.encode(), self._token)
-        ):
-            await conn.send(p.ok_response(request_id, {"version": p.PROTOCOL_VERSION}))
-            return True
-        logger.warning("agent authentication refused", extra={"peer": conn.peer})
-        await conn.send(
-            p.error_response(
-                request_id,
-                p.ERR_AUTH,
-                "authentication failed: the first request must be 'auth' with the agent's token",
+            if frame is None:
+                return False
+            request_id = _request_id(frame)
+            now = trio.current_time()
+            if not self._auth_failures.allowed(conn.host, now):
+                logger.warning("agent authentication rate-limited", extra={"peer": conn.peer})
+                await self._refuse(
+                    conn,
+                    p.error_response(
+                        request_id,
+                        p.ERR_RATE_LIMITED,
+                        "too many failed authentications from this host; try again later",
+                    ),
+                )
+                return False
+            args = frame.get("args")
+            token = args.get("token") if isinstance(args, dict) else None
+            if (
+                frame.get("op") == p.OP_AUTH
+                and isinstance(token, str)
+                and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token)
+            ):
+                await conn.send(p.ok_response(request_id, {"version": p.PROTOCOL_VERSION}))
+                return True
+            self._auth_failures.failed(conn.host, now)
+            logger.warning("agent authentication refused", extra={"peer": conn.peer})
+            await self._refuse(
+                conn,
+                p.error_response(
+                    request_id,
+                    p.ERR_AUTH,
+                    "authentication failed: the first request must be 'auth' with the "
+                    "agent's token",
+                ),
             )
-        )
         return False
+
+    async def _refuse(self, conn: _Connection, response: p.JSONObject) -> None:
+        """Send the refusal, then close so that the peer can read it.
+
+        Closing with unread input would reset the connection and the peer would lose
+        the refusal: so end our side, then read and drop (never keep) what the peer
+        still sends until it closes too, within the caller's deadline.
+        """
+        await conn.send(response)
+        await conn.stream.send_eof()
+        while await conn.stream.receive_some(self._cfg.read_chunk_bytes):
+            pass
 
     async def _serve_requests(self, conn: _Connection, reader: p.FrameReader) -> None:
         inflight = trio.Semaphore(self._cfg.max_inflight_per_connection)
@@ -209,6 +356,8 @@ class _Agent:
                     frame = await reader.receive()
                 except p.FrameError as exc:
                     await conn.send(p.error_response(None, exc.kind, exc.message))
+                    if not exc.in_sync:
+                        break
                     continue
                 if frame is None:
                     break
@@ -223,7 +372,7 @@ class _Agent:
         try:
             request_id = _request_id(frame)
             op = frame.get("op")
-            extra = {"peer": conn.peer, "op": op, "request_id": request_id}
+            extra = {"peer": conn.peer, "op": str(op)[:100], "request_id": request_id}
             try:
                 result = await self._dispatch(frame)
             except OpError as exc:
@@ -250,7 +399,7 @@ class _Agent:
         handler = self._ops.get(op)
         if handler is None:
             known = ", ".join(sorted(self._ops))
-            raise OpError(p.ERR_UNKNOWN_OP, f"unknown op {op!r} (known: {known})")
+            raise OpError(p.ERR_UNKNOWN_OP, f"unknown op {op[:100]!r} (known: {known})")
         args = frame.get("args", {})
         if not isinstance(args, dict):
             raise OpError(p.ERR_BAD_REQUEST, "'args' must be a JSON object")
@@ -278,9 +427,19 @@ class _Agent:
                 p.ERR_BAD_REQUEST,
                 f"'output_limit' must be an integer in [0, {self._cfg.max_output_limit}]",
             )
-        return await self._execute(command, float(timeout), limit)
+        if "\x00" in command:
+            raise OpError(p.ERR_BAD_REQUEST, "command contains a NUL byte")
+        try:
+            argv = [_SHELL, "-c", command.encode("utf-8", "surrogateescape")]
+        except UnicodeEncodeError:
+            raise OpError(
+                p.ERR_BAD_REQUEST, "command holds a lone surrogate that stands for no byte"
+            ) from None
+        return await self._execute(argv, float(timeout), limit)
 
-    async def _execute(self, command: str, time_limit: float, limit: int) -> p.JSONObject:
+    async def _execute(
+        self, argv: list[str | bytes], time_limit: float, limit: int
+    ) -> p.JSONObject:
         output = bytearray()
         total = 0
         process: trio.Process | None = None
@@ -288,15 +447,18 @@ class _Agent:
 
         async def run(task_status: trio.TaskStatus[trio.Process]) -> None:
             await trio.run_process(
-                [_SHELL, "-c", command],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=str(self._root),
+                cwd=str(self._root_path),
+                env=_command_environment(),
                 check=False,
-                # Own process group, so a timeout kills the command's children too.
+                # Own session, and a subreaper: whatever the command starts (setsid and
+                # double forks included) stays in its tree, and a timeout kills the tree.
                 start_new_session=True,
-                deliver_cancel=_kill_process_group,
+                preexec_fn=self._subreaper,
+                deliver_cancel=_kill_process_tree,
                 task_status=task_status,
             )
             # Exited: the rest of the output is in the pipe, unless a daemonised child holds it.
@@ -331,43 +493,65 @@ class _Agent:
 
     # -- files ------------------------------------------------------------------
 
-    def _confine(self, raw: str) -> Path:
-        """The resolved path of `raw` (relative to the root, or absolute) inside the root."""
+    def _relative(self, raw: str) -> bytes:
+        """The client's path as bytes relative to the root (not yet resolved: `Root.open` does)."""
         if "\x00" in raw:
             raise OpError(p.ERR_BAD_REQUEST, "path contains a NUL byte")
-        candidate = Path(raw)
-        if not candidate.is_absolute():
-            candidate = self._root / candidate
-        # resolve() follows every symlink, dangling ones included, so a link out is caught.
-        resolved = candidate.resolve()
-        if not resolved.is_relative_to(self._root):
+        try:
+            path = raw.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
             raise OpError(
-                p.ERR_PATH_ESCAPE,
-                f"path {raw!r} resolves to {resolved}, outside the workspace directory "
-                f"{self._root}",
-            )
-        return resolved
+                p.ERR_BAD_REQUEST,
+                f"path {raw!r} holds a lone surrogate outside U+DC80..U+DCFF, which stands "
+                "for no byte",
+            ) from None
+        try:
+            relative = self._root.relative(path)
+        except PathEscape:
+            raise self._escape(raw) from None
+        # Text that climbs above the root is refused before any lookup, existing or not.
+        normal = posixpath.normpath(relative or b".")
+        if normal == b".." or normal.startswith(b"../"):
+            raise self._escape(raw)
+        return relative
 
-    def _relative(self, path: Path) -> str:
-        return path.relative_to(self._root).as_posix() or "."
+    def _escape(self, raw: str) -> OpError:
+        return OpError(
+            p.ERR_PATH_ESCAPE,
+            f"path {raw!r} leads outside the workspace directory {self._root_path}",
+        )
+
+    @contextmanager
+    def _open(self, raw: str, flags: int) -> Iterator[int]:
+        """A descriptor of the client's path `raw`, opened beneath the root; closed on exit."""
+        relative = self._relative(raw)
+        with _translate_os_errors(raw):
+            try:
+                fd = self._root.open(relative, flags)
+            except PathEscape:
+                raise self._escape(raw) from None
+            try:
+                yield fd
+            finally:
+                os.close(fd)
 
     async def _op_read_file(self, args: p.JSONObject) -> p.JSONObject:
         raw = _arg(args, "path", str)
         return await trio.to_thread.run_sync(self._read_file, raw)
 
     def _read_file(self, raw: str) -> p.JSONObject:
-        path = self._confine(raw)
         limit = self._cfg.max_file_bytes
-        with _translate_os_errors(raw):
-            # O_NOFOLLOW: a symlink swapped in after the check is refused, not followed.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                info = os.fstat(f.fileno())
-                if stat.S_ISDIR(info.st_mode):
-                    raise OpError(p.ERR_IS_DIRECTORY, f"{raw!r} is a directory")
-                data = f.read(limit + 1)
+        # O_NONBLOCK: opening a FIFO must not block a worker thread until a writer comes.
+        with self._open(raw, os.O_RDONLY | os.O_NONBLOCK) as fd:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise OpError(p.ERR_IS_DIRECTORY, f"{raw!r} is a directory")
+            if not stat.S_ISREG(info.st_mode):
+                raise OpError(p.ERR_IO, f"{raw!r} is not a regular file")
+            with _translate_os_errors(raw):
+                data = _read_up_to(fd, limit + 1)
         return {
-            "path": self._relative(path),
+            "path": _display(self._relative(raw)),
             "content": data[:limit].decode(errors="replace"),
             "size": info.st_size,
             "truncated": len(data) > limit,
@@ -379,21 +563,38 @@ class _Agent:
         return await trio.to_thread.run_sync(self._write_file, raw, content)
 
     def _write_file(self, raw: str, content: str) -> p.JSONObject:
-        data = content.encode()
+        try:
+            # surrogateescape: a str read with it (os.listdir-style) writes its exact bytes.
+            data = content.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raise OpError(
+                p.ERR_BAD_REQUEST,
+                "content holds a lone surrogate outside U+DC80..U+DCFF, which stands for no byte",
+            ) from None
         if len(data) > self._cfg.max_file_bytes:
             raise OpError(
                 p.ERR_FILE_TOO_LARGE,
                 f"content of {len(data)} bytes exceeds the limit of {self._cfg.max_file_bytes}",
             )
-        path = self._confine(raw)
-        with _translate_os_errors(raw):
-            if path.is_dir():
-                raise OpError(p.ERR_IS_DIRECTORY, f"{raw!r} is a directory")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        return {"path": self._relative(path), "bytes": len(data)}
+        relative = self._relative(raw)
+        parent = posixpath.dirname(relative.rstrip(b"/"))
+        if parent:
+            with _translate_os_errors(raw):
+                try:
+                    self._root.makedirs(parent)
+                except PathEscape:
+                    raise self._escape(raw) from None
+        # No O_TRUNC before the check: a FIFO or device is refused, not written to.
+        with self._open(raw, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK) as fd:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OpError(p.ERR_IO, f"{raw!r} is not a regular file")
+            with _translate_os_errors(raw):
+                os.ftruncate(fd, 0)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+        return {"path": _display(relative), "bytes": len(data)}
 
     async def _op_list_dir(self, args: p.JSONObject) -> p.JSONObject:
         raw = args.get("path", ".")
@@ -402,11 +603,17 @@ class _Agent:
         return await trio.to_thread.run_sync(self._list_dir, raw)
 
     def _list_dir(self, raw: str) -> p.JSONObject:
-        path = self._confine(raw)
         entries: list[p.JSONObject] = []
-        with _translate_os_errors(raw), os.scandir(path) as it:
+        with (
+            self._open(raw, os.O_RDONLY | os.O_DIRECTORY) as fd,
+            _translate_os_errors(raw),
+            os.scandir(fd) as it,
+        ):
             for entry in it:
-                info = entry.stat(follow_symlinks=False)
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed since the directory was read
                 if stat.S_ISLNK(info.st_mode):
                     kind = "symlink"
                 elif stat.S_ISDIR(info.st_mode):
@@ -415,11 +622,12 @@ class _Agent:
                     kind = "file"
                 else:
                     kind = "other"
-                entries.append({"name": entry.name, "kind": kind, "size": info.st_size})
+                name = _wire_name(os.fsencode(entry.name))
+                entries.append({"name": name, "kind": kind, "size": info.st_size})
         entries.sort(key=lambda e: e["name"])
         limit = self._cfg.max_dir_entries
         return {
-            "path": self._relative(path),
+            "path": _display(self._relative(raw)),
             "entries": entries[:limit],
             "truncated": len(entries) > limit,
         }
@@ -430,39 +638,59 @@ class _Agent:
         return {"files": await trio.to_thread.run_sync(self._instruction_files)}
 
     def _instruction_files(self) -> list[p.JSONObject]:
-        candidates: list[Path] = []
+        files: list[p.JSONObject] = []
         if self._home_instruction_file is not None:
             # The home file is the agent operator's own: not confined to the workspace.
-            candidates.append(self._home_instruction_file.expanduser())
-        workspace_file = self._root / self._cfg.instruction_file_name
+            home = self._home_instruction_file.expanduser()
+            data = self._read_instruction_file(home, lambda: os.open(home, os.O_RDONLY))
+            if data is not None:
+                files.append(self._instruction(str(home), data))
+        name = self._cfg.instruction_file_name
+        workspace_file = self._root_path / name
+        data = self._read_instruction_file(
+            workspace_file,
+            lambda: self._root.open(os.fsencode(name), os.O_RDONLY | os.O_NONBLOCK),
+        )
+        if data is not None:
+            files.append(self._instruction(str(workspace_file), data))
+        return files
+
+    def _read_instruction_file(self, path: Path, opener: Callable[[], int]) -> bytes | None:
+        limit = self._instruction_max_bytes
         try:
-            candidates.append(self._confine(str(workspace_file)))
-        except OpError:
+            fd = opener()
+        except PathEscape:
             logger.warning(
                 "workspace instruction file points outside the workspace",
-                extra={"path": str(workspace_file)},
+                extra={"path": str(path)},
             )
-        files: list[p.JSONObject] = []
+            return None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            logger.warning(
+                "instruction file unreadable", extra={"path": str(path), "error": str(exc)}
+            )
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return _read_up_to(fd, limit + 1)
+        except OSError as exc:
+            logger.warning(
+                "instruction file unreadable", extra={"path": str(path), "error": str(exc)}
+            )
+            return None
+        finally:
+            os.close(fd)
+
+    def _instruction(self, path: str, data: bytes) -> p.JSONObject:
         limit = self._instruction_max_bytes
-        for path in candidates:
-            try:
-                with path.open("rb") as f:
-                    data = f.read(limit + 1)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                continue
-            except OSError as exc:
-                logger.warning(
-                    "instruction file unreadable", extra={"path": str(path), "error": str(exc)}
-                )
-                continue
-            files.append(
-                {
-                    "path": str(path),
-                    "content": data[:limit].decode(errors="replace"),
-                    "truncated": len(data) > limit,
-                }
-            )
-        return files
+        return {
+            "path": path,
+            "content": data[:limit].decode(errors="replace"),
+            "truncated": len(data) > limit,
+        }
 
     # -- MCP --------------------------------------------------------------------
 
@@ -480,6 +708,35 @@ class _Agent:
             return await self._hub.call_tool(server, tool, arguments)
         except McpFailure as exc:
             raise OpError(p.ERR_MCP, str(exc)) from None
+
+
+def _command_environment() -> dict[str, str]:
+    """The agent's environment without its token: `env` in a command must not print it."""
+    env = dict(os.environ)
+    env.pop(TOKEN_ENV, None)
+    return env
+
+
+def _wire_name(name: bytes) -> str:
+    """A file name for the wire: undecodable bytes become lone surrogates (surrogateescape)."""
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _display(relative: bytes) -> str:
+    """The path shown back to the client: relative to the root, normalised as text."""
+    return _wire_name(posixpath.normpath(relative or b".")).removeprefix("./") or "."
+
+
+def _read_up_to(fd: int, size: int) -> bytes:
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _request_id(frame: p.JSONObject) -> int | None:
@@ -512,10 +769,10 @@ def _translate_os_errors(raw: str) -> Iterator[None]:
         raise OpError(p.ERR_IO, f"{raw!r}: {exc.strerror or exc}") from None
 
 
-async def _kill_process_group(process: trio.Process) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    await trio.lowlevel.checkpoint()
+async def _kill_process_tree(process: trio.Process) -> None:
+    # One blocking pass in a thread: it stops the whole tree before killing any of it.
+    killed = await trio.to_thread.run_sync(kill_tree, process.pid)
+    logger.debug("command killed", extra={"pid": process.pid, "processes": killed})
 
 
 # -- process entry point --------------------------------------------------------
