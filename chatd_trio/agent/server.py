@@ -297,7 +297,7 @@ class _Agent:
             try:
                 frame = await reader.receive()
             except p.FrameError as exc:
-                await self._refuse(conn, p.error_response(None, exc.kind, exc.message))
+                await self._refuse(conn, None, exc.kind, exc.message)
                 return False
             if frame is None:
                 return False
@@ -307,11 +307,9 @@ class _Agent:
                 logger.warning("agent authentication rate-limited", extra={"peer": conn.peer})
                 await self._refuse(
                     conn,
-                    p.error_response(
-                        request_id,
-                        p.ERR_RATE_LIMITED,
-                        "too many failed authentications from this host; try again later",
-                    ),
+                    request_id,
+                    p.ERR_RATE_LIMITED,
+                    "too many failed authentications from this host; try again later",
                 )
                 return False
             args = frame.get("args")
@@ -327,23 +325,22 @@ class _Agent:
             logger.warning("agent authentication refused", extra={"peer": conn.peer})
             await self._refuse(
                 conn,
-                p.error_response(
-                    request_id,
-                    p.ERR_AUTH,
-                    "authentication failed: the first request must be 'auth' with the "
-                    "agent's token",
-                ),
+                request_id,
+                p.ERR_AUTH,
+                "authentication failed: the first request must be 'auth' with the agent's token",
             )
         return False
 
-    async def _refuse(self, conn: _Connection, response: p.JSONObject) -> None:
+    async def _refuse(
+        self, conn: _Connection, request_id: int | None, kind: str, message: str
+    ) -> None:
         """Send the refusal, then close so that the peer can read it.
 
         Closing with unread input would reset the connection and the peer would lose
         the refusal: so end our side, then read and drop (never keep) what the peer
         still sends until it closes too, within the caller's deadline.
         """
-        await conn.send(response)
+        await conn.send(p.error_response(request_id, kind, message))
         await conn.stream.send_eof()
         while await conn.stream.receive_some(self._cfg.read_chunk_bytes):
             pass
@@ -502,7 +499,7 @@ class _Agent:
         except UnicodeEncodeError:
             raise OpError(
                 p.ERR_BAD_REQUEST,
-                f"path {raw!r} holds a lone surrogate outside U+DC80..U+DCFF, which stands "
+                f"path {_quote(raw)} holds a lone surrogate outside U+DC80..U+DCFF, which stands "
                 "for no byte",
             ) from None
         try:
@@ -518,7 +515,7 @@ class _Agent:
     def _escape(self, raw: str) -> OpError:
         return OpError(
             p.ERR_PATH_ESCAPE,
-            f"path {raw!r} leads outside the workspace directory {self._root_path}",
+            f"path {_quote(raw)} leads outside the workspace directory {self._root_path}",
         )
 
     @contextmanager
@@ -545,9 +542,9 @@ class _Agent:
         with self._open(raw, os.O_RDONLY | os.O_NONBLOCK) as fd:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
-                raise OpError(p.ERR_IS_DIRECTORY, f"{raw!r} is a directory")
+                raise OpError(p.ERR_IS_DIRECTORY, f"{_quote(raw)} is a directory")
             if not stat.S_ISREG(info.st_mode):
-                raise OpError(p.ERR_IO, f"{raw!r} is not a regular file")
+                raise OpError(p.ERR_IO, f"{_quote(raw)} is not a regular file")
             with _translate_os_errors(raw):
                 data = _read_up_to(fd, limit + 1)
         return {
@@ -588,7 +585,7 @@ class _Agent:
         with self._open(raw, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK) as fd:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise OpError(p.ERR_IO, f"{raw!r} is not a regular file")
+                raise OpError(p.ERR_IO, f"{_quote(raw)} is not a regular file")
             with _translate_os_errors(raw):
                 os.ftruncate(fd, 0)
                 view = memoryview(data)
@@ -710,6 +707,11 @@ class _Agent:
             raise OpError(p.ERR_MCP, str(exc)) from None
 
 
+def _quote(raw: str) -> str:
+    """A client's path for an error message: quoted, and cut short when it is huge."""
+    return repr(raw) if len(raw) <= 300 else repr(raw[:300]) + f"... ({len(raw)} characters)"
+
+
 def _command_environment() -> dict[str, str]:
     """The agent's environment without its token: `env` in a command must not print it."""
     env = dict(os.environ)
@@ -760,13 +762,13 @@ def _translate_os_errors(raw: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
-        raise OpError(p.ERR_NOT_FOUND, f"{raw!r} does not exist") from None
+        raise OpError(p.ERR_NOT_FOUND, f"{_quote(raw)} does not exist") from None
     except IsADirectoryError:
-        raise OpError(p.ERR_IS_DIRECTORY, f"{raw!r} is a directory") from None
+        raise OpError(p.ERR_IS_DIRECTORY, f"{_quote(raw)} is a directory") from None
     except NotADirectoryError:
-        raise OpError(p.ERR_NOT_DIRECTORY, f"{raw!r} is not a directory") from None
+        raise OpError(p.ERR_NOT_DIRECTORY, f"{_quote(raw)} is not a directory") from None
     except OSError as exc:
-        raise OpError(p.ERR_IO, f"{raw!r}: {exc.strerror or exc}") from None
+        raise OpError(p.ERR_IO, f"{_quote(raw)}: {exc.strerror or exc}") from None
 
 
 async def _kill_process_tree(process: trio.Process) -> None:
