@@ -3,7 +3,9 @@
     python benchmarks/plot_scale.py      # writes docs/benchmarks/scale.png
 
 Each JSON file is either the script's output or a wrapper holding it under "output".
-Needs matplotlib.
+The figure is drawn for the documentation's page width (about 700 px): three small
+panels above one wide panel, large type, one short title per panel, horizontal bars
+where the labels are long, and every bar labelled with its value. Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -18,6 +20,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+COLORS = {"optimised": "tab:green", "baseline": "tab:red"}
+# Steady-state counters per turn, with the label shown for each.
+STEADY = (
+    ("statements", "statements"),
+    ("latest_build_agent_lookups", "latest-build lookups"),
+    ("dials", "agent dials"),
+    ("stream_db_reads_same_replica", "stream reads, same replica"),
+    ("stream_db_reads_cross_replica", "stream reads, other replica"),
+)
+# Drawn at 10 x 8.5 inches and 100 dpi (1000 px), then shown about 0.7x as large on the page.
+FIGSIZE = (10.0, 8.5)
+DPI = 100
+FONT = {
+    "font.size": 13,
+    "axes.titlesize": 14,
+    "axes.labelsize": 13,
+    "xtick.labelsize": 12,
+    "ytick.labelsize": 12,
+    "legend.fontsize": 12,
+}
 
 
 def load(name: str) -> dict[str, Any]:
@@ -26,74 +48,90 @@ def load(name: str) -> dict[str, Any]:
     return out
 
 
+def _pair(ax: Any, labels: list[str], values: list[float], unit: str, fmt: str) -> None:
+    """Two vertical bars (the optimised path in green, its alternative in red), labelled."""
+    bars = ax.bar(labels, values, color=[COLORS["optimised"], COLORS["baseline"]], width=0.6)
+    ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3)
+    ax.set_ylabel(unit)
+    ax.set_ylim(0, max(values) * 1.2)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def main() -> None:
     scale = load("scale")
     tools = load("tools_parallel")
     wake = load("subagent_wake")
     floor = load("raw_floor")
     opt, base = scale["optimised"], scale["baseline"]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
-    labels = ["optimised", "baseline"]
-    colors = ["tab:green", "tab:red"]
+    plt.rcParams.update(FONT)
+    # Constrained layout per subfigure: the wide panel's long labels do not shift the row above.
+    fig = plt.figure(figsize=FIGSIZE, layout="constrained")
+    top, bottom = fig.subfigures(2, 1, hspace=0.05)
+    thr, par, sub = top.subplots(1, 3, gridspec_kw={"wspace": 0.1})
+    steady = bottom.subplots()
 
-    ax = axes[0]
-    ax.bar(labels, [opt["turns_per_s"], base["turns_per_s"]], color=colors)
-    ax.axhline(floor["floor_turns_per_s"], color="k", ls="--", label="raw SQL floor")
-    ax.set_title(
-        f"throughput, {opt['chats']} chats x {opt['turns']} turns, {opt['replicas']} replicas"
+    _pair(
+        thr,
+        ["optimised", "baseline"],
+        [opt["turns_per_s"], base["turns_per_s"]],
+        "turns/s",
+        "{:.1f}",
     )
-    ax.set_ylabel("turns/s")
-    ax.legend()
+    floor_value = floor["floor_turns_per_s"]
+    thr.axhline(floor_value, color="k", ls="--")
+    thr.annotate(
+        f"raw SQL floor {floor_value:.0f}",
+        (0.5, floor_value),
+        xycoords=("axes fraction", "data"),
+        xytext=(0, -16),
+        textcoords="offset points",
+        ha="center",
+    )
+    thr.set_ylim(0, floor_value * 1.15)
+    thr.set_title("Throughput")
+    thr.set_xlabel(f"{opt['chats']} chats x {opt['turns']} turns")
 
-    ax = axes[1]
-    keys = [
-        "statements",
-        "latest_build_agent_lookups",
-        "dials",
-        "stream_db_reads_same_replica",
-        "stream_db_reads_cross_replica",
-    ]
-    xs = range(len(keys))
-    ax.bar(
-        [x - 0.2 for x in xs],
-        [opt["steady_per_turn"][k] for k in keys],
-        0.4,
-        label="optimised",
-        color=colors[0],
-    )
-    ax.bar(
-        [x + 0.2 for x in xs],
-        [base["steady_per_turn"][k] for k in keys],
-        0.4,
-        label="baseline",
-        color=colors[1],
-    )
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(["stmts", "latest build", "dials", "reads same", "reads cross"], rotation=20)
-    ax.set_title("steady state, per turn")
-    ax.legend()
-
-    ax = axes[2]
-    ax.bar(
+    _pair(
+        par,
         ["parallel", "sequential"],
         [tools["parallel"]["turn_median_s"], tools["sequential"]["turn_median_s"]],
-        color=colors,
+        "seconds per turn",
+        "{:.2f} s",
     )
-    ax.set_title(f"{tools['tools']} tools of {tools['tool_sleep_s']} s: turn time")
-    ax.set_ylabel("s")
+    par.set_title("Tools in one step")
+    par.set_xlabel(f"{tools['tools']} tools of {tools['tool_sleep_s']} s")
 
-    ax = axes[3]
-    ax.bar(
+    _pair(
+        sub,
         ["pubsub", "polling"],
         [wake["pubsub"]["wake_p50_ms"], wake["polling"]["wake_p50_ms"]],
-        color=colors,
+        "ms (median)",
+        "{:.0f} ms",
     )
-    ax.set_title("subagent wake-up p50 (PostgreSQL)")
-    ax.set_ylabel("ms")
+    sub.set_title("Subagent wake-up")
+    sub.set_xlabel("PostgreSQL")
 
-    fig.tight_layout()
+    ys = range(len(STEADY))
+    height = 0.38
+    for offset, (name, row) in (
+        (-height / 2, ("optimised", opt)),
+        (height / 2, ("baseline", base)),
+    ):
+        values = [row["steady_per_turn"][key] for key, _ in STEADY]
+        bars = steady.barh([y + offset for y in ys], values, height, label=name, color=COLORS[name])
+        steady.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=3, fontsize=11)
+    steady.set_yticks(list(ys), [label for _, label in STEADY])
+    steady.invert_yaxis()
+    steady.set_xlim(0, max(base["steady_per_turn"][k] for k, _ in STEADY) * 1.15)
+    steady.set_xlabel(f"count per steady turn (turns 2 to {opt['turns']})")
+    steady.set_title("Work per steady turn")
+    steady.legend(loc="lower right")
+    steady.grid(axis="x", alpha=0.3)
+
     out = RESULTS / "scale.png"
-    fig.savefig(out, dpi=100)
+    # No software/date metadata: re-plotting the same JSON gives the same bytes.
+    fig.savefig(out, dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
     print(out)
 
 

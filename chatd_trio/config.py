@@ -360,6 +360,12 @@ class DemoConfig:
     # connecting) and of their exit before they are killed.
     worker_start_timeout_s: float = 30.0
     worker_stop_timeout_s: float = 5.0
+    # `--dsn`: the demo works in a database of its own, `<prefix><12 hex digits>`, created
+    # and dropped through the given DSN; those two statements give up after these bounds
+    # (libpq's connect_timeout is whole seconds) instead of hanging the demo.
+    database_prefix: str = "chatd_demo_"
+    database_connect_timeout_s: int = 10
+    database_statement_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import trio
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
@@ -61,7 +61,7 @@ from chatd_trio.domain import (
     ToolResultPart,
     text_of,
 )
-from chatd_trio.errors import ChatdError
+from chatd_trio.errors import ChatdError, DecodeError, StoreError, StoreUnavailable
 from chatd_trio.models.base import PromptMessage
 from chatd_trio.models.scripted import (
     ScriptedModel,
@@ -76,6 +76,9 @@ from chatd_trio.pubsub.base import PubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import Store
 from chatd_trio.workspace import LocalProvisioner
+
+if TYPE_CHECKING:
+    from psycopg.sql import Composed
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +259,16 @@ def describe(event: StreamEvent, limit: int) -> str | None:
     return None
 
 
+class _Screen:
+    """Renders the display for the console's current size (the Live view re-renders)."""
+
+    def __init__(self, display: Display) -> None:
+        self._display = display
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self._display.screen(options.max_width, options.height or options.size.height)
+
+
 class Display:
     """Plain log lines, or a rich Live table of chats with an event log below it."""
 
@@ -281,15 +294,44 @@ class Display:
             self._live.update(self._render())
 
     def _render(self) -> RenderableType:
+        return _Screen(self)
+
+    def screen(self, width: int, height: int | None) -> RenderableType:
+        """The table and the event log laid out for a terminal of `width` x `height`.
+
+        Every row is one line: the status and count columns keep the width of their
+        longest value, the title takes at most half of what is left and the last
+        event the rest (cut with an ellipsis). The log shows as many of its latest
+        lines as fit under the table, one line each, so the whole screen stays
+        within `height`.
+        """
+        headers = ("title", "status", "steps", "tools", "last event")
+        statuses = max(len(s.value) for s in ChatStatus)
+        counts = [str(n) for row in self.rows for n in (row.steps, row.tool_calls)]
+        count_width = max([len(headers[2]), *map(len, counts)])
+        # Each column has one space of padding per side and one border after it, plus
+        # the table's left border.
+        chrome = 3 * len(headers) + 1
+        fixed = max(statuses, len(headers[1])) + 2 * count_width
+        free = max(width - chrome - fixed, 2 * len(headers[0]))
+        longest_title = max([len(headers[0]), *(len(row.title) for row in self.rows)])
+        title_width = min(longest_title, free // 2)
         table = Table(title="chatd-trio demo: chats", expand=True)
-        for name in ("title", "status", "steps", "tool calls", "last event"):
-            table.add_column(name, overflow="ellipsis", no_wrap=True)
+        table.add_column(headers[0], width=title_width, overflow="ellipsis", no_wrap=True)
+        table.add_column(headers[1], min_width=statuses, no_wrap=True)
+        for name in headers[2:4]:
+            table.add_column(name, width=count_width, justify="right", no_wrap=True)
+        table.add_column(headers[4], ratio=1, overflow="ellipsis", no_wrap=True)
         for row in self.rows:
             cells = (row.title, row.status, str(row.steps), str(row.tool_calls), row.last_event)
             table.add_row(*(Text(cell) for cell in cells))
+        # Title line, top border, header, header rule, bottom border; the panel's two borders.
+        table_lines = len(self.rows) + 5
+        room = self.demo.event_log_lines if height is None else height - table_lines - 2
+        shown = self.log[-max(room, 1) :] or ["(no events yet)"]
         # Text, not markup: event lines carry user text such as "[rebuild]".
-        log = Panel(Text("\n".join(self.log) or "(no events yet)"), title="event log")
-        return Group(table, log)
+        log = Text("\n".join(shown), no_wrap=True, overflow="ellipsis")
+        return Group(table, Panel(log, title="event log"))
 
     @asynccontextmanager
     async def live(self) -> AsyncIterator[None]:
@@ -665,15 +707,21 @@ SCENARIOS = tuple(pair for group in SCENARIO_GROUPS for pair in group)
 
 @dataclass(frozen=True)
 class DemoOptions:
+    """`dsn`: run on PostgreSQL, in a database of the demo's own on that server (dropped
+    at the end unless `keep`)."""
+
     dsn: str | None = None
     replicas: int = 1
     plain: bool = False
+    keep: bool = False
 
 
 @dataclass(frozen=True)
 class DemoReport:
     results: tuple[ScenarioResult, ...]
     summary: tuple[tuple[str, str], ...]
+    # The database the demo created (None on the in-memory store).
+    database: ScratchDatabase | None = None
 
     @property
     def passed(self) -> bool:
@@ -691,6 +739,102 @@ def demo_config(demo: DemoConfig) -> Config:
         ),
         workspace=WorkspaceConfig(dial_validation_delay=demo.dial_validation_delay_s),
     )
+
+
+# -- a database of the demo's own ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScratchDatabase:
+    """A database the demo created on the server it was given.
+
+    `dsn` reaches it (with the password of the given DSN, if any); `shown` is the same
+    without the password, for printing.
+    """
+
+    name: str
+    dsn: str
+    shown: str
+
+
+def _scratch_dsns(dsn: str, name: str) -> tuple[str, str]:
+    """The DSN of database `name` on the server of `dsn`, with and without its password."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parsed = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise DecodeError("dsn", str(exc)) from None
+    params = {k: str(v) for k, v in parsed.items() if v is not None}
+    params["dbname"] = name
+    shown = {k: v for k, v in params.items() if k != "password"}
+    return make_conninfo("", **params), make_conninfo("", **shown)
+
+
+def _run_admin(dsn: str, statement: Composed, demo: DemoConfig) -> None:
+    """One statement on the given database, outside a transaction (CREATE/DROP DATABASE)."""
+    import psycopg
+
+    timeout_ms = int(demo.database_statement_timeout_s * 1000)
+    with psycopg.connect(
+        dsn, autocommit=True, connect_timeout=demo.database_connect_timeout_s
+    ) as conn:
+        conn.execute(f"SET statement_timeout = {timeout_ms}")
+        conn.execute(statement)
+
+
+async def _admin(dsn: str, statement: Composed, demo: DemoConfig, what: str) -> None:
+    """Run `_run_admin` in a thread (psycopg's blocking API stays off the Trio loop)."""
+    import psycopg
+
+    from chatd_trio.pubsub.postgres import database_address
+
+    try:
+        await trio.to_thread.run_sync(_run_admin, dsn, statement, demo)
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"{what}: cannot reach {database_address(dsn)}: {exc}") from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise StoreError(
+            f"{what} on {database_address(dsn)}: {exc} (the role needs CREATEDB)"
+        ) from exc
+    except psycopg.Error as exc:
+        raise StoreError(f"{what} on {database_address(dsn)}: {exc}") from exc
+
+
+@asynccontextmanager
+async def scratch_database(
+    dsn: str, demo: DemoConfig, *, keep: bool = False
+) -> AsyncIterator[ScratchDatabase]:
+    """CREATE DATABASE chatd_demo_<random> on the server of `dsn`; DROP it on the way out.
+
+    The database `dsn` names is only used to issue those two statements: nothing is
+    written into it. Dropping uses `WITH (FORCE)` (PostgreSQL 13+), which also ends
+    connections left behind by replica processes; it runs shielded, so an interrupted
+    demo still removes its database. `keep` leaves it in place.
+    """
+    from psycopg import sql
+
+    name = f"{demo.database_prefix}{uuid.uuid4().hex[:12]}"
+    target, shown = _scratch_dsns(dsn, name)
+    ident = sql.Identifier(name)
+    await _admin(
+        dsn,
+        sql.SQL("CREATE DATABASE {}").format(ident),
+        demo,
+        f"creating the demo's database {name}",
+    )
+    try:
+        yield ScratchDatabase(name, target, shown)
+    finally:
+        if not keep:
+            with trio.CancelScope(shield=True):
+                await _admin(
+                    dsn,
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident),
+                    demo,
+                    f"dropping the demo's database {name}",
+                )
 
 
 @asynccontextmanager
@@ -950,21 +1094,38 @@ async def run_demo(
 ) -> DemoReport:
     """Run every scenario on a fresh set of chats; print as it goes; return the outcome.
 
-    Without a DSN the replicas are Server instances in this process. With a DSN this
-    process runs replica 0 (the scenarios subscribe through it) and the other replicas
-    run as processes on the same database.
+    Without a DSN the replicas are Server instances in this process. With a DSN the
+    demo creates a database of its own on that server (`scratch_database`) and drops it
+    at the end (`options.keep` keeps it and prints its DSN); this process runs replica 0
+    (the scenarios subscribe through it) and the other replicas run as processes on
+    that database.
     """
     demo = demo or DemoConfig()
     out = out if out is not None else sys.stdout
+    if options.dsn is None:
+        return await _run_demo(options, out, demo, None)
+    async with scratch_database(options.dsn, demo, keep=options.keep) as db:
+        fate = "kept at the end" if options.keep else "dropped at the end; --keep keeps it"
+        print(f"demo database: {db.name} ({fate})", file=out, flush=True)
+        report = await _run_demo(options, out, demo, db)
+    if options.keep:
+        print(f"demo database kept: {db.shown}", file=out, flush=True)
+    return report
+
+
+async def _run_demo(
+    options: DemoOptions, out: TextIO, demo: DemoConfig, db: ScratchDatabase | None
+) -> DemoReport:
+    dsn = db.dsn if db is not None else None
     config = demo_config(demo)
     display = Display(out, demo, plain=options.plain)
     results: list[ScenarioResult] = []
     replicas = max(1, options.replicas)
-    local_count = 1 if options.dsn is not None else replicas
+    local_count = 1 if dsn is not None else replicas
     started = trio.current_time()
     stats: list[dict[str, Any]] = []
     statements: list[dict[str, int]] = []
-    async with _backend(options.dsn) as (store, pubsub):
+    async with _backend(dsn) as (store, pubsub):
         with tempfile.TemporaryDirectory(prefix="chatd-demo-") as tmp:
             async with trio.open_nursery() as agents:
                 provisioner = LocalProvisioner(store, agents, Path(tmp), config=config)
@@ -984,9 +1145,9 @@ async def run_demo(
                 try:
                     async with AsyncExitStack() as stack:
                         workers: list[WorkerReplica] = []
-                        if options.dsn is not None and replicas > 1:
+                        if dsn is not None and replicas > 1:
                             workers = await stack.enter_async_context(
-                                _replica_processes(options.dsn, replicas - 1, demo)
+                                _replica_processes(dsn, replicas - 1, demo)
                             )
                         for server in servers:
                             await stack.enter_async_context(server)
@@ -1018,7 +1179,7 @@ async def run_demo(
         "scenarios", [(r.name, f"{'PASS' if r.passed else 'FAIL'}  {r.detail}") for r in ordered]
     )
     display.print_table("summary (Server.stats())", summary)
-    report = DemoReport(ordered, summary)
+    report = DemoReport(ordered, summary, db)
     print("DEMO PASS" if report.passed else "DEMO FAIL", file=out, flush=True)
     return report
 
@@ -1031,7 +1192,18 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dsn", help="run on PostgreSQL (PostgresStore + PostgresPubSub)")
+    p.add_argument(
+        "--dsn",
+        help="run on the PostgreSQL server of this DSN (PostgresStore + PostgresPubSub), in a "
+        "database of the demo's own: CREATE DATABASE chatd_demo_<random> there (the role "
+        "needs CREATEDB; PostgreSQL 13+) and DROP it at the end; the DSN's own database is "
+        "left untouched",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --dsn: keep the demo's database at the end and print its DSN",
+    )
     p.add_argument(
         "--replicas",
         type=int,
@@ -1051,9 +1223,16 @@ def run_demo_command(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         print("--replicas must be at least 1", file=sys.stderr)
         return 2
+    if args.keep and args.dsn is None:
+        print("--keep needs --dsn (the in-memory demo keeps nothing)", file=sys.stderr)
+        return 2
     plain = bool(args.plain) or not sys.stdout.isatty()
-    options = DemoOptions(dsn=args.dsn, replicas=args.replicas, plain=plain)
-    report = trio.run(run_demo, options)
+    options = DemoOptions(dsn=args.dsn, replicas=args.replicas, plain=plain, keep=args.keep)
+    try:
+        report = trio.run(run_demo, options)
+    except (StoreError, DecodeError) as exc:
+        print(f"chatd-trio demo: {exc}", file=sys.stderr)
+        return 2
     return 0 if report.passed else 1
 
 
