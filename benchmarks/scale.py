@@ -82,7 +82,7 @@ def run_fault(args: argparse.Namespace, fault: str) -> dict[str, Any]:
         "turns_unanswered": rel["turns_unanswered"],
         "chats_left_running": rel["chats_left_running"],
         "replica_crashes": len(rel["replica_crashes"]),
-        "turn_ends_not_streamed": rel["turn_ends_not_streamed"],
+        "turn_ends_from_database": rel["turn_ends_from_database"],
         "writes_after_finish": rel["writes_after_finish"],
         "reliability": rel,
     }

@@ -455,9 +455,10 @@ class RunnerStats:
     resubscribes: int = 0
     # Turn `error` events seen by the drivers' subscriptions (one subscription per chat).
     error_events: int = 0
-    # Turns whose end (`waiting`/`error`) the driver's subscription never delivered:
-    # found in the database after `FaultConfig.confirm_after_s` of silence.
-    turn_ends_not_streamed: int = 0
+    # Turns whose end (`waiting`/`error`) the driver found in the database because its
+    # subscription stayed silent for `FaultConfig.confirm_after_s`: status events
+    # delayed that long, or lost.
+    turn_ends_from_database: int = 0
 
 
 @dataclass
@@ -710,10 +711,11 @@ class ReplicaRunner:
                 await sub.changed.wait()
             if quiet.cancelled_caught and sub.users == turn:
                 # Nothing streamed for a while: a status published after its commit is
-                # lost when its replica dies in between. The database tells.
+                # lost when its replica dies in between, or late after a LISTEN
+                # reconnect. The database tells.
                 verdict = await self._confirm_stopped(sub, turn)
                 if verdict is not None:
-                    self.stats.turn_ends_not_streamed += 1
+                    self.stats.turn_ends_from_database += 1
                     return verdict
 
     async def _confirm_stopped(self, sub: _SubState, turn: int) -> str | None:
@@ -1079,7 +1081,7 @@ def _reliability(
         "durable_duplicated": durable["durable_duplicated"],
         "writes_after_finish": durable["writes_after_finish"],
         "chats_unfinished": len(progress.forced),
-        "turn_ends_not_streamed": driver.get("turn_ends_not_streamed", 0),
+        "turn_ends_from_database": driver.get("turn_ends_from_database", 0),
         "driver": {k: driver.get(k, 0) for k in ("send_retries", "read_retries", "resubscribes")},
         "stale_after_s": plan.stale_after,
         "heartbeat_s": plan.heartbeat,
