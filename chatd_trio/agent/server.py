@@ -166,8 +166,9 @@ class _Agent:
         try:
             if await self._authenticate(conn, reader):
                 await self._serve_requests(conn, reader)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, p.IncompleteFrame) as exc:
-            logger.debug("agent connection ended", extra={"peer": peer, "reason": repr(exc)})
+        # except*: raised inside _serve_requests' nursery they arrive in a group.
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, p.IncompleteFrame) as group:
+            logger.debug("agent connection ended", extra={"peer": peer, "reason": repr(group)})
         finally:
             await trio.aclose_forcefully(stream)
 
