@@ -239,7 +239,9 @@ class Plan:
         if self.throwaway and self.store != "postgres":
             raise ScaleTestError("--cluster throwaway needs --store postgres")
         if self.outage_s <= 0 or self.deadline_s <= 0 or self.stall_s < 0:
-            raise ScaleTestError("--outage-seconds, --deadline and --stall-timeout must be > 0")
+            raise ScaleTestError(
+                "--outage-seconds and --deadline must be > 0, --stall-timeout >= 0"
+            )
 
 
 def stall_timeout(plan: Plan, fc: FaultConfig | None = None) -> float:
@@ -2043,6 +2045,27 @@ async def run(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
     return await run_memory(plan, progress=progress)
 
 
+async def _run_until_terminated(plan: Plan, progress: bool) -> dict[str, Any] | int:
+    """`run`, or the signal number when SIGTERM or SIGINT cancelled it: the replicas are
+    then stopped and reaped, the run's database dropped and its cluster removed (the
+    cleanups are shielded)."""
+    outcome: dict[str, Any] | int = 0
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def main() -> None:
+                nonlocal outcome
+                outcome = await run(plan, progress=progress)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(main)
+            async for signum in signals:
+                outcome = signum
+                nursery.cancel_scope.cancel()
+                break
+    return outcome
+
+
 def _scaletest_error(exc: BaseException) -> ScaleTestError | None:
     """The ScaleTestError in `exc`, also when nurseries wrapped it in groups."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -2059,13 +2082,16 @@ def run_scaletest_command(args: argparse.Namespace) -> int:
     try:
         plan = plan_from_args(args)
         plan.validate()
-        summary = trio.run(lambda: run(plan, progress=not args.json))
+        summary = trio.run(_run_until_terminated, plan, not args.json)
     except Exception as exc:
         error = _scaletest_error(exc)
         if error is None:
             raise
         print(f"chatd-trio scaletest: error: {error}", file=sys.stderr)
         return 2
+    if isinstance(summary, int):
+        print(f"chatd-trio scaletest: stopped by {signal.Signals(summary).name}", file=sys.stderr)
+        return 128 + summary
     if args.json:
         print(json.dumps(summary))
     else:
