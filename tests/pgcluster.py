@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
-import time
-
 import psycopg
 from psycopg import sql
 
+from chatd_trio._pgcluster import Cluster, ClusterError, answers
+
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+THROWAWAY_PORT = 55432
 _HOW = (
     "No PostgreSQL server answered. Point the tests at one with "
     "CHATD_TEST_DSN=postgresql://USER@HOST:PORT/DB (a role allowed to CREATE DATABASE), "
@@ -20,60 +16,22 @@ _HOW = (
 )
 
 
-def _answers(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-        return True
-    except psycopg.OperationalError:
-        return False
-
-
 def _start_throwaway() -> str | None:
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = shutil.which("initdb") or (bins[-1] if bins else None)
-    if initdb is None:
+    # The cluster outlives the session (only the session's database is dropped): a
+    # later session finds it on the same port.
+    reused = f"postgresql://postgres@127.0.0.1:{THROWAWAY_PORT}/postgres"
+    if answers(reused):
+        return reused
+    try:
+        return Cluster.create(port=THROWAWAY_PORT).dsn
+    except ClusterError:
         return None
-    bindir = os.path.dirname(initdb)
-    datadir = tempfile.mkdtemp(prefix="chatd-pg-")
-    port = "55432"
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(datadir, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_postgres, initdb, "-D", datadir, "-U", "postgres", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *as_postgres,
-            os.path.join(bindir, "pg_ctl"),
-            "-D",
-            datadir,
-            "-o",
-            f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1",
-            "-l",
-            os.path.join(datadir, "log"),
-            "-w",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    for _ in range(50):
-        if _answers(dsn):
-            return dsn
-        time.sleep(0.1)
-    return None
 
 
 def admin_dsn_or_start(configured: str | None) -> str:
     """A DSN of a server that answers, starting a throwaway cluster if needed."""
     dsn = configured or DEFAULT_DSN
-    if _answers(dsn):
+    if answers(dsn):
         return dsn
     started = _start_throwaway() if not configured else None
     if started:

@@ -543,3 +543,18 @@ async def test_agent_process_killed_mid_request_fails_the_call(root: Path) -> No
         await process.wait()
         for pid in sleeper:
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_client_reset_mid_connection_leaves_the_server_serving(root: Path) -> None:
+    # A replica killed mid-request resets its connection (RST): only that connection
+    # ends, the agent keeps serving everybody else.
+    async with running_agent(root) as agent:
+        async with raw_client(agent) as raw:
+            assert (await raw.request(1, p.OP_AUTH, {"token": TOKEN}))["ok"] is True
+            linger = (1).to_bytes(4, sys.byteorder) + (0).to_bytes(4, sys.byteorder)
+            raw.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        conn, release = await dial_agent(agent)
+        try:
+            assert (await conn.execute("echo ok", GUARD)).output == "ok\n"
+        finally:
+            await release()
