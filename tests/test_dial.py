@@ -165,8 +165,13 @@ async def run_dial(world: FakeWorld) -> Run:
     return Run(result, error, returned_at, recorder)
 
 
+def label(step: Step) -> str:
+    """An event and the guard that chose its transition: `validated[same_agent]`."""
+    return f"{step.event}[{step.guard}]" if step.guard else step.event
+
+
 def events(run: Run) -> list[str]:
-    return [step.event for step in run.recorder.steps]
+    return [label(step) for step in run.recorder.steps]
 
 
 # --- one test per row of the table ---------------------------------------------------
@@ -206,7 +211,7 @@ async def test_row_bound_dial_fails_before_delay_validate_same_agent(
         assert isinstance(run.error.__cause__, DialFailure)
     assert events(run) == [
         "dial_failed",
-        "validated_same",
+        "validated[same_agent]",
         "dial_ok" if retry_ok else "dial_failed",
     ]
     world.assert_no_leaks(run.result.conn if run.result else None)
@@ -455,7 +460,7 @@ async def test_bound_dial_failing_during_validation_follows_the_validation(
     assert run.result is not None
     assert (run.result.agent_id, run.result.was_switched) == (OTHER, True)
     assert run.returned_at == DELAY + 3.0 + 1.0
-    assert events(run) == ["delay_elapsed", "dial_failed", "validated_other", "dial_ok"]
+    assert events(run) == ["delay_elapsed", "dial_failed", "validated", "dial_ok"]
 
 
 async def test_late_failure_of_stale_dial_does_not_crash_the_nursery(
