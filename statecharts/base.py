@@ -21,6 +21,7 @@ a `with` block) gives it back.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import weakref
 from collections.abc import Callable, Iterable
@@ -29,7 +30,10 @@ from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, Self
 
 from statemachine import StateChart
+from statemachine.engines.base import logger as _engine_logger
+from statemachine.engines.sync import SyncEngine
 from statemachine.exceptions import TransitionNotAllowed
+from statemachine.invoke import InvokeManager
 
 __all__ = [
     "ChartError",
@@ -210,6 +214,62 @@ def event_data_of(chart: type[StateChart[Any]]) -> dict[str, frozenset[str] | No
     return dict(_info(chart).event_data)
 
 
+class _PoolEngine(SyncEngine):
+    """python-statemachine's SyncEngine, made cheap to reuse for a pooled chart.
+
+    Two exact shortcuts, nothing else changed: the initial pseudo-transition the library
+    builds on every activation (a new `State` and `Transition`, never mutated) is built
+    once per chart class and start; and `reset` puts a used engine back as its
+    constructor leaves it, reusing its queues and lock. `reset` knows every attribute
+    the installed library's engine has; on a library whose engine has others it
+    refuses, and the chart gets a new engine instead.
+    """
+
+    # BaseEngine.__init__'s attributes, and how reset() treats each.
+    _KEPT = frozenset({"sm", "external_queue", "internal_queue", "_sentinel", "_processing"})
+    _RESET = frozenset(
+        {
+            "running",
+            "_cache",
+            "_invoke_manager",
+            "_macrostep_count",
+            "_microstep_count",
+            "_log_id",
+            "_debug",
+            "_root_parallel_final_pending",
+        }
+    )
+    _initial: ClassVar[dict[tuple[type[StateChart[Any]], tuple[Any, ...]], Any]] = {}
+
+    def _initial_transitions(self, trigger_data: Any) -> Any:
+        key = (type(self.sm), tuple(self.sm.start_configuration_values))
+        transitions = self._initial.get(key)
+        if transitions is None:
+            transitions = super()._initial_transitions(trigger_data)  # type: ignore[no-untyped-call]
+            self._initial[key] = transitions
+        return transitions
+
+    def reset(self) -> bool:
+        """Back to the just-constructed state; False when this engine cannot be reused."""
+        if set(vars(self)) != self._KEPT | self._RESET or self._processing.locked():
+            return False
+        self.running = True
+        self.clear()  # type: ignore[no-untyped-call]
+        self.clear_cache()  # type: ignore[no-untyped-call]
+        self._invoke_manager = InvokeManager(self)
+        self._macrostep_count = 0
+        self._microstep_count = 0
+        self._log_id = f"[{type(self.sm).__name__}]"
+        debug = _engine_logger.isEnabledFor(logging.DEBUG)
+        self._debug = _engine_logger.debug if debug else _no_debug
+        self._root_parallel_final_pending = None
+        return True
+
+
+def _no_debug(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
 class TracedChart(StateChart[Any]):
     """A strict StateChart that records every transition it takes in `trace`.
 
@@ -266,9 +326,12 @@ class TracedChart(StateChart[Any]):
             [start_value] if start_value is not None else list(default_start)
         )
         self.history_values = {}
-        # A new engine: nothing queued, running, counters at zero, whatever the last run did.
-        new_engine: Callable[[], Any] = self._get_engine
-        self._engine = new_engine()
+        # An engine as new: nothing queued, running, counters at zero, whatever the last
+        # run did (an exception or a cancellation may have left it anywhere).
+        engine = self._engine
+        if not (isinstance(engine, _PoolEngine) and engine.reset()):
+            new_engine: Callable[[], Any] = self._get_engine
+            self._engine = new_engine()
         self.current_state_value = None
         initial = type(self).initial_state
         values = self.start_configuration_values or [initial.value if initial else None]
@@ -280,6 +343,12 @@ class TracedChart(StateChart[Any]):
         else:
             # As the constructor does: enter the start state, running its entry actions.
             self._engine.start(**kwargs)
+
+    def _get_engine(self) -> Any:
+        # As StateChart._get_engine, with the reusable variant of the synchronous engine.
+        if self._callbacks.has_async_callbacks:
+            return super()._get_engine()  # type: ignore[no-untyped-call]
+        return _PoolEngine(self)
 
     def _quiet_start(self, state: Any) -> bool:
         info = _info(type(self))

@@ -22,6 +22,7 @@ from statecharts.base import (
     EventDataError,
     Step,
     TracedChart,
+    _PoolEngine,
     event_data_of,
     transitions_of,
 )
@@ -293,6 +294,21 @@ def test_fresh_reuses_a_released_chart_from_its_start() -> None:
         4,
         [],
     )
+    again.release()
+
+
+def test_the_pooled_engine_is_reused_on_this_library() -> None:
+    """The engine reset knows every attribute of the installed library's engine; on a
+    library that adds some, fresh() builds a new engine instead (correct, just slower),
+    and this test says so."""
+    chart = DialChart.fresh(BOUND)
+    chart.send("dial_ok")
+    engine = chart._engine
+    assert set(vars(engine)) == _PoolEngine._KEPT | _PoolEngine._RESET
+    chart.release()
+    again = DialChart.fresh(BOUND)
+    assert again._engine is engine
+    assert engine.running and not again.is_terminated
     again.release()
 
 
