@@ -24,7 +24,7 @@ import inspect
 import logging
 import re
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableSet
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, Self
@@ -474,6 +474,11 @@ class TracedChart(StateChart[Any]):
     @property
     def state_id(self) -> str:
         """The id of the (single, non-compound) active state."""
+        value = self.current_state_value
+        if value is not None and not isinstance(value, MutableSet):
+            # One active state: its value (drivers read this after every event).
+            state_id: str = self.states_map[value].id
+            return state_id
         ids = [s.id for s in self.configuration]
         return ids[-1]
 
