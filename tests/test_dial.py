@@ -8,6 +8,7 @@ exactly when the table says.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -358,6 +359,88 @@ async def test_row_caller_cancelled_at_any_point(
     # Dials that ignored the cancellation connected later and were released by the nursery.
     world.assert_no_leaks(None)
     assert all(conn.ok for conn in world.conns if plans[conn.index].ok)
+
+
+async def test_a_cancelled_dials_chart_is_reused_while_its_late_task_dials_its_own_agent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The chart goes back to the pool when the cancelled dial returns; a dial task that
+    was scheduled for it but starts only afterwards still dials the agent it was scheduled
+    for, not the target of the next dial that took the chart meanwhile."""
+    dialed: list[uuid.UUID] = []
+    conns: list[FakeConn] = []
+
+    async def dial(agent_id: uuid.UUID) -> tuple[FakeConn, Release]:
+        dialed.append(agent_id)
+        await trio.sleep(1.0)
+        if agent_id == BOUND:
+            raise DialFailure("refused")
+        conn = FakeConn(agent_id, len(conns), ok=True)
+        conns.append(conn)
+        return conn, conn.release
+
+    async def validate(workspace_id: uuid.UUID) -> uuid.UUID:
+        await trio.sleep(0.5)
+        return OTHER
+
+    async def never_validate(workspace_id: uuid.UUID) -> uuid.UUID:
+        raise AssertionError("the next dial connects at once")
+
+    caller = trio.CancelScope()
+    gate = trio.Event()
+    held = False
+
+    class CancelOnSwitch(Recorder):
+        def on_step(self, step: Step) -> None:
+            super().on_step(step)
+            if step.target == "dialing_other":
+                # The driver schedules the dial to OTHER next; hold that task back and
+                # cancel the caller before it can start.
+                nonlocal held
+                held = True
+                caller.cancel()
+
+    class HoldingNursery:
+        """A real nursery; tasks scheduled once `held` is set start only when `gate` is."""
+
+        def __init__(self, nursery: trio.Nursery) -> None:
+            self.nursery = nursery
+
+        def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+            if not held:
+                self.nursery.start_soon(fn, *args)
+                return
+
+            async def later() -> None:
+                await gate.wait()
+                await fn(*args)
+
+            self.nursery.start_soon(later)
+
+    third = uuid.UUID(int=3)
+    recorder = CancelOnSwitch()
+    async with trio.open_nursery() as nursery:
+        with caller:
+            await dial_with_lazy_validation(
+                BOUND,
+                WORKSPACE,
+                dial,
+                validate,
+                delay=DELAY,
+                nursery=HoldingNursery(nursery),  # type: ignore[arg-type]
+                observer=recorder,
+            )
+        assert caller.cancelled_caught
+        assert recorder.steps[-1] == Step("dialing_other", "cancel", "cancelled")
+        # The next dial takes the released chart from the pool and runs to the end.
+        result = await dial_with_lazy_validation(
+            third, WORKSPACE, dial, never_validate, delay=DELAY, nursery=nursery
+        )
+        assert (result.agent_id, result.was_switched, result.conn.agent_id) == (third, False, third)
+        gate.set()  # only now does the cancelled dial's scheduled task start
+    assert dialed == [BOUND, third, OTHER]
+    # That late dial was already cancelled (its driver had stopped): it never connected.
+    assert [conn.agent_id for conn in conns] == [third]
 
 
 # --- one test per invariant ------------------------------------------------------------
