@@ -81,7 +81,8 @@ def test_mermaid_lists_every_transition_with_its_guard() -> None:
             match = edge.match(line)
             if match:
                 source, target, label = match.groups()
-                drawn.append(Step(source, *_parse_label(label)[:1], target, _parse_label(label)[1]))
+                event, guard = _parse_label(label)
+                drawn.append(Step(source, event, target, guard))
         assert len(drawn) == len(set(drawn)), entry.name
         assert set(drawn) == transitions_of(entry.chart), entry.name
 
