@@ -11,19 +11,23 @@ def main(argv: list[str] | None = None) -> int:
     from chatd_trio.agent.server import add_agent_command, run_agent_command
     from chatd_trio.demo import add_demo_command, run_demo_command
     from chatd_trio.scaletest import add_scaletest_command, run_scaletest_command
+    from statecharts.render import add_arguments as add_diagrams_arguments
+    from statecharts.render import run as run_diagrams
 
     parser = argparse.ArgumentParser(prog="chatd-trio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    diagrams = sub.add_parser("diagrams", help="render the statechart diagrams into docs/")
-    diagrams.add_argument("--check", action="store_true", help="fail when they are stale")
+    diagrams = sub.add_parser(
+        "diagrams",
+        help="render the statechart diagrams (Graphviz `dot` draws the SVGs)",
+        description="Render docs/statecharts.md and docs/statecharts/ from the chart classes.",
+    )
+    add_diagrams_arguments(diagrams)
     add_agent_command(sub)
     add_demo_command(sub)
     add_scaletest_command(sub)
     args = parser.parse_args(argv)
     if args.command == "diagrams":
-        from statecharts.render import main as render_main
-
-        return render_main(["--check"] if args.check else [])
+        return run_diagrams(args)
     if args.command == "agent":
         return run_agent_command(args)
     if args.command == "demo":

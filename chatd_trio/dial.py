@@ -1,8 +1,11 @@
 """Lazy-validation dial (docs/spec.md §5.1): the Trio driver of `statecharts.dial`.
 
-`DialChart` decides; this module runs what the chart's current state asks for
+`DialChart` decides, including whether a validated agent is the bound one;
+this module runs what the chart's current state asks for
 (`statecharts.dial.ACTIVITIES`), turns what those activities report into chart
-events, and reads the outcome from the final state.
+events, and reads the outcome from the final state. The chart comes from
+`DialChart.fresh` and goes back to its pool when the dial returns; the tasks
+that may outlive the dial never touch it.
 
 Every dial, validation and the delay timer runs as a task in the caller's
 `nursery`, each inside its own cancel scope. Leaving a state cancels the
@@ -108,6 +111,8 @@ class _Attempt:
     """One started activity. `wanted` turns False once the driver no longer listens."""
 
     activity: Activity
+    # The agent a dial activity dials, fixed when it starts: the chart may be reused by then.
+    agent_id: uuid.UUID | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     wanted: bool = True
     reported: bool = False
@@ -121,6 +126,12 @@ class _Report(Generic[ConnT]):
     agent_id: uuid.UUID | None = None
     conn: tuple[ConnT, Release] | None = None
 
+
+# The agent each dial activity dials, read from the chart when the activity starts.
+_DIALS: dict[Activity, Callable[[DialChart], uuid.UUID]] = {
+    Activity.BOUND_DIAL: lambda chart: chart.bound_agent,
+    Activity.SECOND_DIAL: lambda chart: chart.target_agent,
+}
 
 # What an activity that can no longer run reports instead of its outcome.
 _ABANDONED_EVENT: dict[Activity, str | None] = {
@@ -150,18 +161,25 @@ class _Driver(Generic[ConnT]):
         self._observer = observer
         self._release_timeout = release_timeout
         self._deadline = trio.current_time() + delay
-        self._chart = DialChart(agent_id)
+        self._chart = DialChart.fresh(agent_id)
         self._attempts: dict[Activity, _Attempt] = {}
         # Unbounded so a task's report never blocks; at most one report per attempt.
         self._send, self._receive = trio.open_memory_channel[_Report[ConnT]](math.inf)
         self._starters: dict[Activity, Callable[[_Attempt], Awaitable[None]]] = {
-            Activity.BOUND_DIAL: self._bound_dial_task,
-            Activity.SECOND_DIAL: self._second_dial_task,
+            Activity.BOUND_DIAL: self._dial_task,
+            Activity.SECOND_DIAL: self._dial_task,
             Activity.VALIDATION: self._validate_task,
             Activity.DELAY: self._delay_task,
         }
 
     async def run(self) -> DialResult[ConnT]:
+        try:
+            won = await self._drive()
+            return self._outcome(won)
+        finally:
+            self._chart.release()
+
+    async def _drive(self) -> tuple[ConnT, Release] | None:
         chart = self._chart
         won: tuple[ConnT, Release] | None = None
         try:
@@ -180,7 +198,7 @@ class _Driver(Generic[ConnT]):
             raise
         finally:
             await self._stop_all()
-        return self._outcome(won)
+        return won
 
     def _feed(self, event: str, **kwargs: Any) -> None:
         seen = len(self._chart.trace)
@@ -223,7 +241,8 @@ class _Driver(Generic[ConnT]):
                 attempt.wanted = False
                 attempt.scope.cancel()
         for activity in sorted(required - self._attempts.keys(), key=lambda a: a.value):
-            attempt = _Attempt(activity)
+            target = _DIALS.get(activity)
+            attempt = _Attempt(activity, target(self._chart) if target is not None else None)
             self._attempts[activity] = attempt
             try:
                 self._nursery.start_soon(self._starters[activity], attempt)
@@ -259,13 +278,9 @@ class _Driver(Generic[ConnT]):
         except RuntimeError:  # the background nursery has closed
             await self._release(report.conn[1], report.agent_id)
 
-    async def _bound_dial_task(self, attempt: _Attempt) -> None:
-        await self._dial_task(attempt, self._chart.bound_agent)
-
-    async def _second_dial_task(self, attempt: _Attempt) -> None:
-        await self._dial_task(attempt, self._chart.target_agent)
-
-    async def _dial_task(self, attempt: _Attempt, agent_id: uuid.UUID) -> None:
+    async def _dial_task(self, attempt: _Attempt) -> None:
+        agent_id = attempt.agent_id
+        assert agent_id is not None, "a dial activity names its agent"
         self._observer.on_dial(agent_id)
         conn: tuple[ConnT, Release] | None = None
         try:
@@ -321,9 +336,8 @@ class _Driver(Generic[ConnT]):
             return _Report(attempt, "validated_no_agent", {"cause": exc})
         except Exception as exc:
             return _Report(attempt, "validated_error", {"cause": exc})
-        if agent == self._chart.bound_agent:
-            return _Report(attempt, "validated_same")
-        return _Report(attempt, "validated_other", {"agent": agent})
+        # Same agent or another one: the chart's `same_agent` guard decides.
+        return _Report(attempt, "validated", {"agent": agent})
 
     async def _delay_task(self, attempt: _Attempt) -> None:
         with attempt.scope:

@@ -310,7 +310,9 @@ class _Turn:
         self.callbacks = callbacks
         self.load_prompt = load_prompt
         self.tool_context = tool_context
-        self.chart = CompactionChart(config.max_steps, config.compaction.max_compaction_retries)
+        self.chart = CompactionChart.fresh(
+            config.max_steps, config.compaction.max_compaction_retries, owner=self
+        )
         self.history: list[PromptMessage] = []
         # The in-flight step; None once persisted (nothing left to save on interrupt).
         self.step: _StepBuffer | None = None

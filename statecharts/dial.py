@@ -1,19 +1,21 @@
 """The lazy-validation dial (docs/spec.md §5.1) as a statechart.
 
-Every transition of the dial lives in this file, as data. The driver
+Every transition of the dial lives in this file, as data, including the one
+decision the driver could otherwise make itself: whether the workspace's current
+agent is the bound one (the `same_agent` guard of `validated`). The driver
 (`chatd_trio.dial`) runs the activities the current state asks for
-(`ACTIVITIES`), classifies what those activities report into events, feeds
-them here, and reads the outcome from the final state. Each row of the contract's
-table is a path from `dialing` to a final state:
+(`ACTIVITIES`), reports what those activities return as events, and reads the
+outcome from the final state. Each row of the contract's table is a path from
+`dialing` to a final state:
 
 - fast success: dialing -dial_ok-> connected
 - validate-same: dialing -dial_failed-> validating_after_failure
-  -validated_same-> redialing_same -dial_ok/dial_failed-> connected/failed
-- validate-switch: ... -validated_other-> dialing_other -dial_ok-> switched
+  -validated [same_agent]-> redialing_same -dial_ok/dial_failed-> connected/failed
+- validate-switch: ... -validated [else]-> dialing_other -dial_ok-> switched
 - fast-fail no agent / validation error: ... -> no_agent / failed
 - slow dial: dialing -delay_elapsed-> validating_while_dialing, then
-  validated_same/validated_error -> awaiting_bound (keep waiting),
-  validated_no_agent -> no_agent, validated_other -> dialing_other
+  validated [same_agent] / validated_error -> awaiting_bound (keep waiting),
+  validated_no_agent -> no_agent, validated [else] -> dialing_other
 - caller cancelled: any waiting state -cancel-> cancelled
 """
 
@@ -45,14 +47,12 @@ class Activity(enum.Enum):
 class DialChart(TracedChart):
     """Decides the lazy-validation dial; pure, synchronous, traced.
 
-    Events carry data as keyword arguments: `validated_other(agent=...)`
-    names the workspace's current agent; `dial_failed`, `validated_error` and
-    `validated_no_agent` carry `cause=` (the exception), kept in `cause` when
-    the chart ends in `failed` or `no_agent`.
+    Events carry data as keyword arguments (strict, see `statecharts.base`):
+    `validated(agent=...)` names the workspace's current agent, which the
+    `same_agent` guard compares with the bound one; `dial_failed`,
+    `validated_error` and `validated_no_agent` carry `cause=` (the exception),
+    kept in `cause` when the chart ends in `failed` or `no_agent`.
     """
-
-    # An event the table does not allow is a driver bug: fail loudly.
-    allow_event_without_transition = False
 
     dialing = State("dialing", initial=True)
     validating_after_failure = State("validating_after_failure")
@@ -83,13 +83,12 @@ class DialChart(TracedChart):
         name="dial_failed",
     )
     delay_elapsed = Event(dialing.to(validating_while_dialing), name="delay_elapsed")
-    validated_same = Event(
-        validating_after_failure.to(redialing_same) | validating_while_dialing.to(awaiting_bound),
-        name="validated_same",
-    )
-    validated_other = Event(
-        validating_after_failure.to(dialing_other) | validating_while_dialing.to(dialing_other),
-        name="validated_other",
+    validated = Event(
+        validating_after_failure.to(redialing_same, cond="same_agent")
+        | validating_after_failure.to(dialing_other, on="retarget")
+        | validating_while_dialing.to(awaiting_bound, cond="same_agent")
+        | validating_while_dialing.to(dialing_other, on="retarget"),
+        name="validated",
     )
     validated_no_agent = Event(
         validating_after_failure.to(no_agent) | validating_while_dialing.to(no_agent),
@@ -115,17 +114,25 @@ class DialChart(TracedChart):
         self.cause: BaseException | None = None
         super().__init__(**kwargs)
 
-    def on_validated_same(self) -> None:
-        self.target_agent = self.bound_agent
+    # -- guards -----------------------------------------------------------------
+    def same_agent(self, agent: uuid.UUID) -> bool:
+        """The workspace still runs the bound agent."""
+        return agent == self.bound_agent
 
-    def on_validated_other(self, agent: uuid.UUID) -> None:
+    # -- actions ----------------------------------------------------------------
+    def retarget(self, agent: uuid.UUID) -> None:
         self.target_agent = agent
 
-    def on_enter_failed(self, cause: BaseException | None = None) -> None:
+    def on_enter_failed(self, cause: BaseException) -> None:
         self.cause = cause
 
-    def on_enter_no_agent(self, cause: BaseException | None = None) -> None:
+    def on_enter_no_agent(self, cause: BaseException) -> None:
         self.cause = cause
+
+    def release(self) -> None:
+        # A pooled chart must not keep the last run's exception (and its frames) alive.
+        self.cause = None
+        super().release()
 
     @property
     def activities(self) -> frozenset[Activity]:

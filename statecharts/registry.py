@@ -29,10 +29,11 @@ Decides the lazy-validation dial of docs/spec.md §5.1; `chatd_trio.dial` drives
 The chart starts in `dialing`: the bound agent is dialled and the validation delay
 (5 s by default) is running. A dial that connects first ends in `connected` and no
 validation ever runs. A dial that fails first asks the workspace for its current
-agent (`validating_after_failure`): the same agent is dialled once more
-(`redialing_same`), another agent is dialled instead (`dialing_other`, ending in
-`switched`), no agent ends in `no_agent` (the caller gets `NoWorkspaceAgent`,
-unwrapped) and a validation error ends in `failed`.
+agent (`validating_after_failure`). The answer is the event `validated(agent=...)`
+and the chart's `same_agent` guard compares it with the bound agent: the same
+agent is dialled once more (`redialing_same`), another agent is dialled instead
+(`dialing_other`, ending in `switched`). No agent ends in `no_agent` (the caller
+gets `NoWorkspaceAgent`, unwrapped) and a validation error ends in `failed`.
 
 When the delay passes first, the bound dial keeps going while the binding is
 checked (`validating_while_dialing`). If the dial finishes during the check it

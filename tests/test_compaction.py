@@ -131,7 +131,9 @@ def test_chart_refuses_events_its_table_does_not_allow() -> None:
     with pytest.raises(TransitionNotAllowed):
         chart.send("summary_ok")
     chart.send("step_persisted", tool_calls=True, over_threshold=False)
-    assert chart.trace == [Step("stepping", "step_persisted", "stepping")]
+    assert chart.trace == [
+        Step("stepping", "step_persisted", "stepping", "tool_calls and budget_left")
+    ]
     assert chart.steps_used == 2
 
 

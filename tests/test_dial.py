@@ -8,6 +8,7 @@ exactly when the table says.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -165,8 +166,13 @@ async def run_dial(world: FakeWorld) -> Run:
     return Run(result, error, returned_at, recorder)
 
 
+def label(step: Step) -> str:
+    """An event and the guard that chose its transition: `validated[same_agent]`."""
+    return f"{step.event}[{step.guard}]" if step.guard else step.event
+
+
 def events(run: Run) -> list[str]:
-    return [step.event for step in run.recorder.steps]
+    return [label(step) for step in run.recorder.steps]
 
 
 # --- one test per row of the table ---------------------------------------------------
@@ -206,7 +212,7 @@ async def test_row_bound_dial_fails_before_delay_validate_same_agent(
         assert isinstance(run.error.__cause__, DialFailure)
     assert events(run) == [
         "dial_failed",
-        "validated_same",
+        "validated[same_agent]",
         "dial_ok" if retry_ok else "dial_failed",
     ]
     world.assert_no_leaks(run.result.conn if run.result else None)
@@ -355,6 +361,88 @@ async def test_row_caller_cancelled_at_any_point(
     assert all(conn.ok for conn in world.conns if plans[conn.index].ok)
 
 
+async def test_a_cancelled_dials_chart_is_reused_while_its_late_task_dials_its_own_agent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The chart goes back to the pool when the cancelled dial returns; a dial task that
+    was scheduled for it but starts only afterwards still dials the agent it was scheduled
+    for, not the target of the next dial that took the chart meanwhile."""
+    dialed: list[uuid.UUID] = []
+    conns: list[FakeConn] = []
+
+    async def dial(agent_id: uuid.UUID) -> tuple[FakeConn, Release]:
+        dialed.append(agent_id)
+        await trio.sleep(1.0)
+        if agent_id == BOUND:
+            raise DialFailure("refused")
+        conn = FakeConn(agent_id, len(conns), ok=True)
+        conns.append(conn)
+        return conn, conn.release
+
+    async def validate(workspace_id: uuid.UUID) -> uuid.UUID:
+        await trio.sleep(0.5)
+        return OTHER
+
+    async def never_validate(workspace_id: uuid.UUID) -> uuid.UUID:
+        raise AssertionError("the next dial connects at once")
+
+    caller = trio.CancelScope()
+    gate = trio.Event()
+    held = False
+
+    class CancelOnSwitch(Recorder):
+        def on_step(self, step: Step) -> None:
+            super().on_step(step)
+            if step.target == "dialing_other":
+                # The driver schedules the dial to OTHER next; hold that task back and
+                # cancel the caller before it can start.
+                nonlocal held
+                held = True
+                caller.cancel()
+
+    class HoldingNursery:
+        """A real nursery; tasks scheduled once `held` is set start only when `gate` is."""
+
+        def __init__(self, nursery: trio.Nursery) -> None:
+            self.nursery = nursery
+
+        def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+            if not held:
+                self.nursery.start_soon(fn, *args)
+                return
+
+            async def later() -> None:
+                await gate.wait()
+                await fn(*args)
+
+            self.nursery.start_soon(later)
+
+    third = uuid.UUID(int=3)
+    recorder = CancelOnSwitch()
+    async with trio.open_nursery() as nursery:
+        with caller:
+            await dial_with_lazy_validation(
+                BOUND,
+                WORKSPACE,
+                dial,
+                validate,
+                delay=DELAY,
+                nursery=HoldingNursery(nursery),  # type: ignore[arg-type]
+                observer=recorder,
+            )
+        assert caller.cancelled_caught
+        assert recorder.steps[-1] == Step("dialing_other", "cancel", "cancelled")
+        # The next dial takes the released chart from the pool and runs to the end.
+        result = await dial_with_lazy_validation(
+            third, WORKSPACE, dial, never_validate, delay=DELAY, nursery=nursery
+        )
+        assert (result.agent_id, result.was_switched, result.conn.agent_id) == (third, False, third)
+        gate.set()  # only now does the cancelled dial's scheduled task start
+    assert dialed == [BOUND, third, OTHER]
+    # That late dial was already cancelled (its driver had stopped): it never connected.
+    assert [conn.agent_id for conn in conns] == [third]
+
+
 # --- one test per invariant ------------------------------------------------------------
 
 
@@ -455,7 +543,7 @@ async def test_bound_dial_failing_during_validation_follows_the_validation(
     assert run.result is not None
     assert (run.result.agent_id, run.result.was_switched) == (OTHER, True)
     assert run.returned_at == DELAY + 3.0 + 1.0
-    assert events(run) == ["delay_elapsed", "dial_failed", "validated_other", "dial_ok"]
+    assert events(run) == ["delay_elapsed", "dial_failed", "validated", "dial_ok"]
 
 
 async def test_late_failure_of_stale_dial_does_not_crash_the_nursery(

@@ -40,9 +40,12 @@ from tests.test_dial import (
     FakeWorld,
     Recorder,
     ValidatePlan,
+    label,
 )
 
 EIGHTH = 0.125
+# The validated agent is the bound one: the chart's `same_agent` guard chose the transition.
+SAME = "validated[same_agent]"
 EXAMPLES = 400
 
 # Every DialChart transition any example took, for test_property_tests_cover_dial_chart.
@@ -122,9 +125,7 @@ def _after_failure(s: Scenario, path: list[tuple[float, str]], answered: float) 
     if s.validated == ERROR:
         message = "dial with lazy validation: workspace lookup failed"
         return Expected([*path, (answered, "validated_error")], "failed", 1, 1, None, message)
-    event, agent = (
-        ("validated_same", BOUND) if s.validated == "same" else ("validated_other", OTHER)
-    )
+    event, agent = (SAME, BOUND) if s.validated == "same" else ("validated", OTHER)
     return _second_dial(s, [*path, (answered, event)], answered, agent)
 
 
@@ -144,13 +145,13 @@ def _table(s: Scenario) -> Expected:
             return Expected([*path, bound_ok], "connected", 1, 1, 0)
         return _after_failure(s, [*path, bound_failed], answered)
     if s.validated in ("same", ERROR):  # keep waiting for the bound dial
-        path.append((answered, "validated_same" if s.validated == "same" else "validated_error"))
+        path.append((answered, SAME if s.validated == "same" else "validated_error"))
         if s.bound_ok:
             return Expected([*path, bound_ok], "connected", 1, 1, 0)
         return Expected([*path, bound_failed], "failed", 1, 1, None, _dial_error(0, BOUND))
     if s.validated == NO_AGENT:
         return Expected([*path, (answered, "validated_no_agent")], "no_agent", 1, 1)
-    return _second_dial(s, [*path, (answered, "validated_other")], answered, OTHER)
+    return _second_dial(s, [*path, (answered, "validated")], answered, OTHER)
 
 
 def cancel_time(s: Scenario) -> float | None:
@@ -238,7 +239,7 @@ def check(s: Scenario) -> None:
     world = got.world
     # The chart took the table's path, and the call returned when the table says:
     # it never waits for a stale dial.
-    assert [step.event for step in got.recorder.steps] == [event for _, event in want.path]
+    assert [label(step) for step in got.recorder.steps] == [event for _, event in want.path]
     assert got.recorder.steps[-1].target == want.kind
     assert got.returned_at == want.at, (got, want)
     if want.kind == "cancelled":
