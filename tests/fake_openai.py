@@ -30,7 +30,9 @@ class Reply:
     """One scripted answer.
 
     `events` are SSE data payloads sent in order (dicts are JSON-encoded, strings
-    sent verbatim, e.g. "[DONE]" or a malformed line). `cut_after` closes the
+    sent verbatim, e.g. "[DONE]" or a malformed line); `raw` is an event-stream body
+    sent as these exact writes (line endings, event fields and split points chosen by
+    the test). `cut_after` closes the
     socket after that many events without ending the body; `stall_after`
     stops sending after that many events until the server is closed. `stall`
     sends nothing until the server is closed. `reset` closes the socket before any
@@ -40,6 +42,7 @@ class Reply:
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
     events: list[JSONDict | str] | None = None
+    raw: list[bytes] | None = None
     body: JSONDict | str | None = None
     cut_after: int | None = None
     stall_after: int | None = None
@@ -225,7 +228,12 @@ class FakeOpenAI:
             if data:
                 await stream.send_all(data)
 
-        if reply.events is not None:
+        if reply.raw is not None:
+            headers = [("content-type", "text/event-stream"), *reply.headers]
+            await send(h11.Response(status_code=reply.status, headers=headers))
+            for piece in reply.raw:
+                await send(h11.Data(data=piece))
+        elif reply.events is not None:
             headers = [("content-type", "text/event-stream"), *reply.headers]
             await send(h11.Response(status_code=reply.status, headers=headers))
             for i, ev in enumerate(reply.events):
