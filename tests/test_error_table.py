@@ -186,3 +186,21 @@ def test_every_rule_kind_has_a_label_and_codes_are_lowercase() -> None:
         assert rule.kind in KIND_LABELS
         assert all(c == c.lower() for c in rule.codes | rule.stream_codes)
     assert readable_text("a\n\n b") == "a b"
+
+
+def test_the_providers_guide_documents_every_kind_and_its_examples_parse() -> None:
+    import ast
+    import re
+    from pathlib import Path
+
+    from chatd_trio.models import classify
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "providers.md").read_text()
+    kinds = {r.kind for r in RULES}
+    kinds |= {classify.UNREACHABLE, classify.CONNECTION, classify.STREAM_CUT, classify.MALFORMED}
+    for kind in kinds:
+        assert f"| `{kind}` |" in guide, kind
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.DOTALL)
+    assert len(blocks) >= 3
+    for block in blocks:
+        ast.parse(block)
