@@ -951,3 +951,22 @@ async def test_events_do_not_depend_on_how_the_bytes_are_split(
             Finish(Usage(), "stop", 128_000),
         ]
     )
+
+
+async def test_a_mid_stream_error_mentioning_stream_options_is_not_resent(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(
+            events=[
+                chunk({"content": "a"}),
+                {"error": {"message": "bad stream_options", "type": "invalid_request_error"}},
+            ]
+        ),
+        text_stream(["never"]),
+    )
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert (info.value.kind, got) == ("bad_request", [TextDelta("a")])
+    assert len(fake.requests) == 1

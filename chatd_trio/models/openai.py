@@ -330,12 +330,15 @@ class OpenAIChatModel(HTTPModel):
         self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec]
     ) -> AsyncIterator[AsyncIterator[Delta]]:
         body = self.request_body(messages, tools, stream=True)
+        opened = False
         try:
             async with self._open_stream(body) as deltas:
+                opened = True
                 yield deltas
                 return
         except ModelError as err:
-            if not self._refuses_stream_options(err, body):
+            # Only the opening is asked again: an error once deltas flowed is the step's.
+            if opened or not self._refuses_stream_options(err, body):
                 raise
         # The server rejects `stream_options`: ask again without it (usage then stays 0).
         self._refusals.stream_options = True
