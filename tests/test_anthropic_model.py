@@ -509,3 +509,19 @@ async def test_a_chat_turn_with_parallel_tools_runs_through_server(fake: FakeAnt
             {"type": "tool_result", "tool_use_id": "toolu_b", "content": '{"echo": {"n": 2}}'},
         ],
     }
+
+
+async def test_cancelling_a_stream_releases_the_connection(
+    fake: FakeAnthropic, model: AnthropicModel
+) -> None:
+    events = message_events([Text("a b c", pieces=3)])
+    fake.enqueue(Reply(events=events, stall_after=4), message_reply([Text("next")]))
+    got: list[Delta] = []
+    with trio.CancelScope() as scope:
+        async with model.stream(HELLO, ()) as deltas:
+            async for d in deltas:
+                got.append(d)
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert got == [TextDelta("a b")]
+    assert (await collect(model))[0] == TextDelta("next")
