@@ -13,7 +13,7 @@ import email.utils
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -32,6 +32,7 @@ from chatd_trio.models.classify import (
     UNREACHABLE,
     ErrorBody,
     classify,
+    error_object,
     parse_error_body,
 )
 
@@ -40,6 +41,12 @@ logger = logging.getLogger("chatd_trio.models")
 # What an adapter catches while decoding a provider's JSON: anything a hostile or broken
 # chunk can make the parsing code raise (RecursionError: a chunk nested 100 000 deep).
 DECODE_ERRORS = (ValueError, TypeError, LookupError, AttributeError, RecursionError)
+
+
+def count(d: Mapping[str, Any], key: str) -> int:
+    """A non-negative integer field of a usage object, 0 when absent or not one."""
+    v = d.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 def parse_retry_after(headers: httpx.Headers) -> float | None:
@@ -222,6 +229,35 @@ class HTTPModel:
             # Shielded so an interrupted step still returns its connection to the pool.
             with trio.move_on_after(self._config.close_timeout, shield=True):
                 await response.aclose()
+
+    async def _events(
+        self, response: httpx.Response, answered: Callable[[], bool]
+    ) -> AsyncGenerator[httpx_sse.ServerSentEvent, None]:
+        """The response's events. A transport error ends them quietly once `answered()`
+        (the finish or stop reason came: the answer is whole), else it is a stream cut."""
+        try:
+            async with aclosing(sse_events(response, self._config.max_sse_line_chars)) as events:
+                async for event in events:
+                    yield event
+        except httpx.HTTPError as exc:
+            if not answered():
+                raise self._transport_error(exc, in_body=True) from exc
+            logger.info(
+                "stream cut after the finish reason; the answer is complete",
+                extra={"provider": self._provider, "model": self._model, "error": repr(exc)},
+            )
+        except (LineTooLong, httpx_sse.SSEError) as exc:
+            raise self.malformed(str(exc)) from exc
+
+    async def _refuse_json_body(self, response: httpx.Response) -> None:
+        """A 2xx JSON body where an event stream was asked for: a proxy or server that
+        ignored `stream: true` (or an error object sent with status 200)."""
+        if not response.headers.get("content-type", "").startswith("application/json"):
+            return
+        found = error_object(await self._read_json(response))
+        if found is not None:
+            raise self.classified(None, found)
+        raise self.malformed("expected an event stream, got a JSON body")
 
     async def _read_error_body(self, response: httpx.Response) -> bytes:
         limit = self._config.max_error_body_bytes

@@ -33,7 +33,6 @@ ping, error) with httpx-sse, as the OpenAI-compatible adapter does:
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from chatd_trio.domain import (
     ToolResultPart,
     Usage,
 )
-from chatd_trio.models._http import DECODE_ERRORS, HTTPModel, LineTooLong, sse_events
+from chatd_trio.models._http import DECODE_ERRORS, HTTPModel, count
 from chatd_trio.models.base import (
     Delta,
     Finish,
@@ -67,8 +66,6 @@ from chatd_trio.models.base import (
 from chatd_trio.models.classify import error_object
 
 __all__ = ["AnthropicModel", "to_anthropic_messages", "to_anthropic_tools"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -202,11 +199,6 @@ def _tool_choice(options: RequestOptions) -> dict[str, Any] | None:
 # response parsing
 
 
-def _count(d: Mapping[str, Any], key: str) -> int:
-    v = d.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-
-
 @dataclass
 class _Block:
     kind: str
@@ -235,17 +227,17 @@ class _StreamState:
                 "cache_creation_input_tokens",
             ):
                 if isinstance(data.get(key), int):
-                    self.usage[key] = _count(data, key)
+                    self.usage[key] = count(data, key)
 
     def to_usage(self) -> Usage:
         return _usage(self.usage)
 
 
 def _usage(data: Mapping[str, Any]) -> Usage:
-    inp = _count(data, "input_tokens")
-    out = _count(data, "output_tokens")
-    read = _count(data, "cache_read_input_tokens")
-    created = _count(data, "cache_creation_input_tokens")
+    inp = count(data, "input_tokens")
+    out = count(data, "output_tokens")
+    read = count(data, "cache_read_input_tokens")
+    created = count(data, "cache_creation_input_tokens")
     return Usage(
         input_tokens=inp,
         output_tokens=out,
@@ -371,34 +363,20 @@ class AnthropicModel(HTTPModel):
     @asynccontextmanager
     async def _stream(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
         async with self._open(self._url, body, "text/event-stream") as response:
-            if response.headers.get("content-type", "").startswith("application/json"):
-                data = await self._read_json(response)
-                found = error_object(data)
-                if found is not None:
-                    raise self.classified(None, found)
-                raise self.malformed("expected an event stream, got a JSON body")
+            await self._refuse_json_body(response)
             async with aclosing(self._deltas(response)) as deltas:
                 yield deltas
 
     async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
         state = _StreamState()
-        try:
-            async with aclosing(sse_events(response, self._config.max_sse_line_chars)) as events:
-                async for event in events:
-                    if state.stopped:
-                        # Drained to the end so httpx's generators finish instead of being GC'd.
-                        continue
-                    for d in self._handle(event, state):
-                        yield d
-        except httpx.HTTPError as exc:
-            if state.stop_reason is None:
-                raise self._transport_error(exc, in_body=True) from exc
-            logger.info(
-                "stream cut after the stop reason; the answer is complete",
-                extra={"provider": self._provider, "model": self._model, "error": repr(exc)},
-            )
-        except (LineTooLong, httpx_sse.SSEError) as exc:
-            raise self.malformed(str(exc)) from exc
+        events = self._events(response, lambda: state.stop_reason is not None)
+        async with aclosing(events) as it:
+            async for event in it:
+                if state.stopped:
+                    # Drained to the end so httpx's generators finish instead of being GC'd.
+                    continue
+                for d in self._handle(event, state):
+                    yield d
         if state.stop_reason is None:
             raise self.stream_cut("the stream ended before message_delta gave a stop reason")
         # Blocks a cut left open after the stop reason (never seen; the stop reason follows them).

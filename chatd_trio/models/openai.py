@@ -45,7 +45,7 @@ from chatd_trio.domain import (
     Usage,
 )
 from chatd_trio.errors import ModelError
-from chatd_trio.models._http import DECODE_ERRORS, HTTPModel, LineTooLong, sse_events
+from chatd_trio.models._http import DECODE_ERRORS, HTTPModel, count
 from chatd_trio.models.base import (
     Delta,
     Finish,
@@ -149,24 +149,19 @@ def to_chat_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
 # response parsing
 
 
-def _count(d: Mapping[str, Any], key: str) -> int:
-    v = d.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-
-
 def _usage(data: object) -> tuple[Usage, int]:
     """Usage and reasoning tokens from a Chat Completions `usage` object."""
     if not isinstance(data, Mapping):
         return Usage(), 0
-    prompt = _count(data, "prompt_tokens")
-    completion = _count(data, "completion_tokens")
+    prompt = count(data, "prompt_tokens")
+    completion = count(data, "completion_tokens")
     details = data.get("prompt_tokens_details")
-    cached = _count(details, "cached_tokens") if isinstance(details, Mapping) else 0
+    cached = count(details, "cached_tokens") if isinstance(details, Mapping) else 0
     # DeepSeek reports its cache hits beside prompt_tokens_details.
-    cached = cached or _count(data, "prompt_cache_hit_tokens")
+    cached = cached or count(data, "prompt_cache_hit_tokens")
     out_details = data.get("completion_tokens_details")
-    reasoning = _count(out_details, "reasoning_tokens") if isinstance(out_details, Mapping) else 0
-    total = _count(data, "total_tokens") or prompt + completion
+    reasoning = count(out_details, "reasoning_tokens") if isinstance(out_details, Mapping) else 0
+    total = count(data, "total_tokens") or prompt + completion
     # prompt_tokens includes the cached ones: split them so context_tokens() is not doubled.
     usage = Usage(
         input_tokens=max(prompt - cached, 0),
@@ -352,40 +347,24 @@ class OpenAIChatModel(HTTPModel):
     @asynccontextmanager
     async def _open_stream(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
         async with self._open(self._url, body, "text/event-stream") as response:
-            if response.headers.get("content-type", "").startswith("application/json"):
-                # A proxy or server that ignored `stream: true`: its protocol is not ours.
-                data = await self._read_json(response)
-                found = error_object(data)
-                if found is not None:
-                    raise self.classified(None, found)
-                raise self.malformed("expected an event stream, got a JSON body")
+            await self._refuse_json_body(response)
             async with aclosing(self._deltas(response)) as deltas:
                 yield deltas
 
     async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
         state = _StreamState()
         done = False
-        try:
-            async with aclosing(sse_events(response, self._config.max_sse_line_chars)) as events:
-                async for event in events:
-                    if done:
-                        # Drained to the end so httpx's generators finish instead of being GC'd.
-                        continue
-                    if event.data.strip() == "[DONE]":
-                        done = True
-                        continue
-                    for d in self._handle(event, state):
-                        yield d
-        except httpx.HTTPError as exc:
-            if state.finish_reason is None:
-                raise self._transport_error(exc, in_body=True) from exc
-            # The finish reason came: the answer is whole, only usage or [DONE] is missing.
-            logger.info(
-                "stream cut after the finish reason; the answer is complete",
-                extra={"provider": self._provider, "model": self._model, "error": repr(exc)},
-            )
-        except (LineTooLong, httpx_sse.SSEError) as exc:
-            raise self.malformed(str(exc)) from exc
+        events = self._events(response, lambda: state.finish_reason is not None)
+        async with aclosing(events) as it:
+            async for event in it:
+                if done:
+                    # Drained to the end so httpx's generators finish instead of being GC'd.
+                    continue
+                if event.data.strip() == "[DONE]":
+                    done = True
+                    continue
+                for d in self._handle(event, state):
+                    yield d
         if not done and state.finish_reason is None:
             raise self.stream_cut("the stream ended before a finish reason")
         for d in self._finish_calls(state):
