@@ -7,6 +7,7 @@ and never hard-codes a number.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -30,12 +31,19 @@ class AcquireConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    """Model retry policy (docs/spec.md §3)."""
+    """Model retry policy (docs/spec.md §3, docs/providers.md "Errors and retries")."""
 
-    # Backoff min(1 s * 2^n, 60 s), at most 25 attempts: rides out ~20 min of throttling.
+    # Backoff min(1 s * 2^n, 60 s) between attempts of one step.
     base_delay: float = 1.0
     max_delay: float = 60.0
-    max_attempts: int = 25
+    # At most 12 attempts and 10 minutes per step, whichever ends first: rides out a
+    # provider's throttling or a short outage without leaving a chat "running" for long.
+    max_attempts: int = 12
+    max_elapsed: float = 600.0
+    # While no attempt of a step has reached the server (connection refused, DNS failure,
+    # connect timeout) the step gives up after 60 s: a wrong base_url fails within a
+    # minute, not after the whole budget.
+    unreachable_elapsed: float = 60.0
     retryable_status_codes: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504, 529})
 
 
@@ -198,7 +206,7 @@ class PostgresConfig:
 
 @dataclass(frozen=True)
 class ModelHTTPConfig:
-    """HTTP model adapters (OpenAI-compatible Chat Completions)."""
+    """HTTP model adapters (OpenAI-compatible Chat Completions, Anthropic Messages)."""
 
     # 10 s to open TCP+TLS: a provider that cannot by then is down; the retry policy takes over.
     connect_timeout: float = 10.0
@@ -211,8 +219,64 @@ class ModelHTTPConfig:
     max_sse_line_chars: int = 4 * 1024 * 1024
     # Provider error messages end up in events and logs: keep them readable.
     max_error_message_chars: int = 2000
+    # An error body is read up to 64 KiB: enough for any JSON error, bounded for HTML pages.
+    max_error_body_bytes: int = 64 * 1024
     # Closing a response is shielded from cancellation; 5 s bounds a wedged socket.
     close_timeout: float = 5.0
+    # The Messages API requires max_tokens; 8192 fits every current Claude model's output
+    # limit. `RequestOptions.max_tokens` overrides it.
+    anthropic_max_tokens: int = 8192
+    # The `anthropic-version` header the adapter speaks (the event stream it parses).
+    anthropic_version: str = "2023-06-01"
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Options of a model request, passed to the provider unchanged (docs/providers.md).
+
+    Every field defaults to None (not sent: the provider's default applies). Set them
+    per model (`OpenAIChatModel(options=...)`) and override them per chat with
+    `model.with_options(...)`. Fields a provider has no equivalent for are not sent
+    there: docs/providers.md lists which adapter sends what.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    # Anthropic only (Chat Completions has no top_k; use extra_body for vLLM's).
+    top_k: int | None = None
+    max_tokens: int | None = None
+    # OpenAI's reasoning models take max_completion_tokens instead of max_tokens.
+    max_completion_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    # "auto", "none", "required" or a provider-shaped object naming one tool.
+    tool_choice: str | Mapping[str, object] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    response_format: Mapping[str, object] | None = None
+    # An end-user id for the provider's abuse monitoring (Anthropic: metadata.user_id).
+    user: str | None = None
+    # Anthropic extended thinking: the token budget of the thinking blocks.
+    thinking_budget_tokens: int | None = None
+    # stream_options.include_usage: None sends it and drops it for good when the server
+    # refuses it (some OpenAI-compatible servers reject unknown fields); False never sends it.
+    include_usage: bool | None = None
+    # The escape hatch: headers added to, and keys merged into, every request.
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    extra_body: Mapping[str, object] = field(default_factory=dict)
+
+    def merged(self, override: RequestOptions) -> RequestOptions:
+        """These options with every field `override` sets replacing ours (headers and
+        body keys merged, `override` winning)."""
+        changes: dict[str, object] = {
+            f.name: getattr(override, f.name)
+            for f in dataclasses.fields(override)
+            if f.name not in ("extra_headers", "extra_body")
+            and getattr(override, f.name) is not None
+        }
+        changes["extra_headers"] = {**self.extra_headers, **override.extra_headers}
+        changes["extra_body"] = {**self.extra_body, **override.extra_body}
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

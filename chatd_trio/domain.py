@@ -205,13 +205,25 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ReasoningPart:
-    """The model's reasoning text."""
+    """The model's reasoning text.
+
+    `signature` is the provider's proof of an Anthropic thinking block, which must be
+    sent back unchanged with the block; a `redacted` block carries its encrypted
+    content in `signature` and no text.
+    """
 
     text: str
+    signature: str = ""
+    redacted: bool = False
     type: ClassVar[str] = "reasoning"
 
     def to_json(self) -> JSON:
-        return {"type": self.type, "text": self.text}
+        out: dict[str, JSON] = {"type": self.type, "text": self.text}
+        if self.signature:
+            out["signature"] = self.signature
+        if self.redacted:
+            out["redacted"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -284,7 +296,11 @@ def part_from_json(data: JSON, path: str = "part") -> Part:
     if kind == "text":
         return TextPart(_str(d, "text", path))
     if kind == "reasoning":
-        return ReasoningPart(_str(d, "text", path))
+        return ReasoningPart(
+            _str(d, "text", path),
+            _str(d, "signature", path, optional=True) or "",
+            _bool(d, "redacted", path, default=False),
+        )
     if kind == "tool_call":
         return ToolCallPart(
             _str(d, "call_id", path), _str(d, "name", path), _str(d, "arguments", path)

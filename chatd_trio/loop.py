@@ -13,9 +13,11 @@ the chat back as pending) and writes nothing.
 
 Decisions where the specification is silent:
 - Backoff: the n-th retry (n from 0) waits `min(base * 2^n, max_delay)`; a
-  provider's `retry_after` raises that to `min(retry_after, max_delay)` when
-  larger (honoured, but never beyond the configured ceiling). `max_attempts`
-  counts every attempt of a step, the first included.
+  provider's `retry_after` raises that when larger, whatever `max_delay` says.
+  A step stops retrying after `max_attempts` attempts (the first included) or
+  when the next wait would end past `max_elapsed` seconds since its first
+  attempt (`unreachable_elapsed` while no attempt has reached the server): a
+  Retry-After is honoured up to that budget, never beyond it.
 - A failed summary call (error, timeout) is handled like an empty summary: an
   error tool result is published, `on_error` is told, the turn goes on.
 - `PersistRefused` from any write (step or compaction) ends the turn as
@@ -33,7 +35,7 @@ import enum
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
@@ -66,6 +68,7 @@ from chatd_trio.models.base import (
     ToolCallDelta,
     ToolCallDone,
 )
+from chatd_trio.models.classify import UNREACHABLE
 from chatd_trio.store.base import Announcer, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
@@ -181,8 +184,19 @@ def retry_delay(config: RetryConfig, retry_index: int, retry_after: float | None
     # 2^62 s already exceeds any ceiling; cap the exponent so huge indices cannot overflow.
     backoff = min(config.base_delay * 2.0 ** min(retry_index, 62), config.max_delay)
     if retry_after is not None and retry_after > 0:
-        return max(backoff, min(retry_after, config.max_delay))
+        # Not capped by max_delay: the step's time budget bounds it (_stream_with_retries).
+        return max(backoff, retry_after)
     return backoff
+
+
+def format_elapsed(seconds: float) -> str:
+    """A duration for people: "45s", "5m12s", "1h02m"."""
+    whole = max(round(seconds), 0)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 def error_payload(exc: ModelError, provider: str) -> ErrorPayload:
@@ -440,6 +454,9 @@ class _Turn:
     async def _stream_with_retries(self) -> _StepBuffer:
         retry = self.config.retry
         attempt = 0
+        started = trio.current_time()
+        # Until an attempt reaches the server, a short budget applies (a wrong base_url).
+        reached = False
         while True:
             attempt += 1
             self.step = step = _StepBuffer()
@@ -447,11 +464,34 @@ class _Turn:
                 await self._stream_once(step)
                 return step
             except ModelError as exc:
-                if not exc.retryable or attempt >= retry.max_attempts:
+                if not exc.retryable:
                     raise _TurnFailed(error_payload(exc, self.model.provider)) from exc
+                elapsed = trio.current_time() - started
+                reached = reached or exc.kind != UNREACHABLE
+                budget = retry.max_elapsed
+                if not reached:
+                    budget = min(budget, retry.unreachable_elapsed)
+                delay = retry_delay(retry, attempt - 1, exc.retry_after)
+                if attempt >= retry.max_attempts or elapsed + delay > budget:
+                    failed = error_payload(exc, self.model.provider)
+                    message = (
+                        f"gave up after {attempt} attempt{'s' if attempt > 1 else ''} "
+                        f"over {format_elapsed(elapsed)}: {exc.message}"
+                    )
+                    logger.warning(
+                        "model call failed, giving up: %s",
+                        message,
+                        extra={
+                            **self.log_extra,
+                            "attempt": attempt,
+                            "elapsed_s": elapsed,
+                            "kind": exc.kind,
+                            "status_code": exc.status_code,
+                        },
+                    )
+                    raise _TurnFailed(replace(failed, message=message)) from exc
                 # The failed attempt's output is discarded: the retry starts clean.
                 self.step = None
-                delay = retry_delay(retry, attempt - 1, exc.retry_after)
                 self.retries += 1
                 payload = RetryPayload(
                     attempt=attempt,
@@ -462,9 +502,20 @@ class _Turn:
                     # Wall-clock time for people; the wait itself runs on Trio's clock.
                     retrying_at=datetime.now(UTC) + timedelta(seconds=delay),
                 )
-                logger.info(
-                    "model call failed, retrying",
-                    extra={**self.log_extra, "attempt": attempt, "delay_s": delay},
+                logger.warning(
+                    "model call failed (attempt %d of %d), retrying in %.1f s: %s",
+                    attempt,
+                    retry.max_attempts,
+                    delay,
+                    exc.message,
+                    extra={
+                        **self.log_extra,
+                        "attempt": attempt,
+                        "delay_s": delay,
+                        "kind": exc.kind,
+                        "status_code": exc.status_code,
+                        "error": exc.message,
+                    },
                 )
                 if self.callbacks.on_retry is not None:
                     await self.callbacks.on_retry(payload)

@@ -20,6 +20,9 @@ import h11
 import trio
 
 JSONDict = dict[str, Any]
+# An SSE event: its data (a dict is JSON-encoded, a string sent verbatim), or a
+# (name, data) pair sent with an `event:` field as the Anthropic API does.
+SSEEvent = JSONDict | str | tuple[str, JSONDict | str]
 
 # Enough for any test request in one read; h11 reassembles larger ones anyway.
 RECV_BYTES = 65536
@@ -30,7 +33,9 @@ class Reply:
     """One scripted answer.
 
     `events` are SSE data payloads sent in order (dicts are JSON-encoded, strings
-    sent verbatim, e.g. "[DONE]" or a malformed line). `cut_after` closes the
+    sent verbatim, e.g. "[DONE]" or a malformed line); `raw` is an event-stream body
+    sent as these exact writes (line endings, event fields and split points chosen by
+    the test). `cut_after` closes the
     socket after that many events without ending the body; `stall_after`
     stops sending after that many events until the server is closed. `stall`
     sends nothing until the server is closed. `reset` closes the socket before any
@@ -39,7 +44,8 @@ class Reply:
 
     status: int = 200
     headers: list[tuple[str, str]] = field(default_factory=list)
-    events: list[JSONDict | str] | None = None
+    events: list[SSEEvent] | None = None
+    raw: list[bytes] | None = None
     body: JSONDict | str | None = None
     cut_after: int | None = None
     stall_after: int | None = None
@@ -163,6 +169,13 @@ class FakeOpenAI:
         """Release stalled connections."""
         self._closed.set()
 
+    def check(self, request: RecordedRequest) -> Reply | None:
+        """An answer that replaces the script for a request the real API would refuse."""
+        return None
+
+    def unscripted(self) -> Reply:
+        return error_reply(500, "unscripted")
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self._port = listeners[0].socket.getsockname()[1]
@@ -177,7 +190,9 @@ class FakeOpenAI:
                 if request is None:
                     return
                 self.requests.append(request)
-                reply = self._replies.popleft() if self._replies else error_reply(500, "unscripted")
+                reply = self.check(request)
+                if reply is None:
+                    reply = self._replies.popleft() if self._replies else self.unscripted()
                 if not await self._respond(conn, stream, reply):
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -225,7 +240,12 @@ class FakeOpenAI:
             if data:
                 await stream.send_all(data)
 
-        if reply.events is not None:
+        if reply.raw is not None:
+            headers = [("content-type", "text/event-stream"), *reply.headers]
+            await send(h11.Response(status_code=reply.status, headers=headers))
+            for piece in reply.raw:
+                await send(h11.Data(data=piece))
+        elif reply.events is not None:
             headers = [("content-type", "text/event-stream"), *reply.headers]
             await send(h11.Response(status_code=reply.status, headers=headers))
             for i, ev in enumerate(reply.events):
@@ -234,8 +254,10 @@ class FakeOpenAI:
                 if reply.stall_after is not None and i >= reply.stall_after:
                     await self._closed.wait()
                     return False
-                payload = ev if isinstance(ev, str) else json.dumps(ev)
-                await send(h11.Data(data=f"data: {payload}\n\n".encode()))
+                name, data = ev if isinstance(ev, tuple) else ("", ev)
+                payload = data if isinstance(data, str) else json.dumps(data)
+                field = f"event: {name}\n" if name else ""
+                await send(h11.Data(data=f"{field}data: {payload}\n\n".encode()))
             if reply.cut_after is not None:
                 return False
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -11,9 +10,8 @@ from email.utils import format_datetime
 
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
+from chatd_trio.config import ModelHTTPConfig, RequestOptions
 from chatd_trio.domain import (
     ContextFilePart,
     NewMessage,
@@ -36,7 +34,8 @@ from chatd_trio.models.base import (
     ToolCallDone,
     ToolSpec,
 )
-from chatd_trio.models.openai import OpenAIChatModel, _SSELines
+from chatd_trio.models.classify import CONTEXT_LENGTH, UNREACHABLE
+from chatd_trio.models.openai import OpenAIChatModel
 from tests.fake_openai import (
     FakeOpenAI,
     JSONDict,
@@ -395,8 +394,9 @@ async def test_retryable_statuses(
         (401, "auth", "Incorrect API key provided"),
         (403, "permission", "Country not supported"),
         (404, "not_found", "The model `gpt-test` does not exist"),
-        (422, "client_error", "Unprocessable"),
-        (501, "server_error", "Not implemented"),
+        (422, "bad_request", "Unprocessable"),
+        (418, "client_error", "I am a teapot"),
+        (501, "not_implemented", "Not implemented"),
     ],
 )
 async def test_non_retryable_statuses_carry_the_provider_message(
@@ -417,16 +417,23 @@ async def test_context_length_error_gets_its_own_kind(
     reply.body["error"]["code"] = "context_length_exceeded"
     fake.enqueue(reply)
     err = await open_error(model)
-    assert (err.retryable, err.kind) == (False, "context_length_exceeded")
+    assert (err.retryable, err.kind) == (False, CONTEXT_LENGTH)
 
 
-async def test_non_json_error_body_is_reported_verbatim(
+async def test_html_error_page_becomes_a_short_readable_message(
     fake: FakeOpenAI, model: OpenAIChatModel
 ) -> None:
-    fake.enqueue(Reply(status=502, body="<html>Bad Gateway</html>"))
+    page = (
+        "<html><head><title>501 Not Implemented</title><style>body{color:red}</style></head>"
+        "<body><h1>Not Implemented</h1>" + "<p>padding</p>" * 2000 + "</body></html>"
+    )
+    fake.enqueue(Reply(status=501, body=page), Reply(status=502, body="<html>Bad Gateway</html>"))
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.status_code) == (False, "not_implemented", 501)
+    assert err.message == "HTTP 501 not implemented: 501 Not Implemented"
     err = await open_error(model)
     assert (err.retryable, err.kind) == (True, "server_error")
-    assert "<html>Bad Gateway</html>" in err.message
+    assert err.message == "HTTP 502 server error: Bad Gateway"
 
 
 # ---------------------------------------------------------------------------
@@ -512,13 +519,14 @@ async def test_error_event_inside_the_stream_is_retryable(
     assert "The server had an error" in info.value.message
 
 
-async def test_connect_error_is_retryable_connection() -> None:
+async def test_connect_error_is_retryable_unreachable() -> None:
     async with OpenAIChatModel(f"http://127.0.0.1:{unused_port()}/v1", "k", "m") as m:
         with pytest.raises(ModelError) as info:
             await collect(m)
+    # Its own kind: the retry policy gives a server nobody reached a short budget.
     assert (info.value.retryable, info.value.kind, info.value.status_code) == (
         True,
-        "connection",
+        UNREACHABLE,
         None,
     )
 
@@ -596,32 +604,369 @@ async def test_generate_classifies_errors(fake: FakeOpenAI, model: OpenAIChatMod
 
 
 # ---------------------------------------------------------------------------
-# SSE line splitting
+# request options (issue 17: nothing but model, messages, stream and tools was sent)
 
-
-def _events(text: str, cuts: list[int]) -> list[str]:
-    lines = _SSELines(1_000)
-    out: list[str] = []
-    bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
-    for a, b in itertools.pairwise(bounds):
-        out += lines.feed(text[a:b])
-    return out + lines.flush()
-
-
-@given(
-    payloads=st.lists(st.text(alphabet='ab{}:" ', max_size=8), min_size=1, max_size=5),
-    newline=st.sampled_from(["\n", "\r\n", "\r"]),
-    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+ALL_OPTIONS = RequestOptions(
+    temperature=0.2,
+    top_p=0.9,
+    max_tokens=512,
+    max_completion_tokens=1024,
+    stop=("END", "STOP"),
+    seed=7,
+    tool_choice="required",
+    parallel_tool_calls=False,
+    reasoning_effort="high",
+    response_format={"type": "json_object"},
+    user="user-42",
+    extra_headers={"x-trace": "abc", "openai-organization": "org-1"},
+    extra_body={"logit_bias": {"50256": -100}, "top_k": 20},
 )
-def test_sse_lines_do_not_depend_on_chunk_boundaries(
-    payloads: list[str], newline: str, cuts: list[int]
+
+
+async def test_every_request_option_reaches_the_body_unchanged(fake: FakeOpenAI) -> None:
+    fake.enqueue(text_stream(["ok"]), completion_reply("summary"))
+    async with OpenAIChatModel(fake.base_url, "k", "m", options=ALL_OPTIONS) as model:
+        await collect(model, tools=[ToolSpec("ls", "", {"type": "object"})])
+        await model.generate(HELLO)
+    step, summary = fake.requests
+    body = step.body
+    assert {k: body[k] for k in body if k not in ("messages", "tools")} == {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_tokens": 512,
+        "max_completion_tokens": 1024,
+        "stop": ["END", "STOP"],
+        "seed": 7,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "reasoning_effort": "high",
+        "response_format": {"type": "json_object"},
+        "user": "user-42",
+        "logit_bias": {"50256": -100},
+        "top_k": 20,
+    }
+    assert (step.headers["x-trace"], step.headers["openai-organization"]) == ("abc", "org-1")
+    # A summary takes the sampling options but neither tool options nor the response format.
+    assert "tool_choice" not in summary.body and "parallel_tool_calls" not in summary.body
+    assert "response_format" not in summary.body and "stream_options" not in summary.body
+    assert (summary.body["temperature"], summary.body["top_k"]) == (0.2, 20)
+    assert summary.headers["x-trace"] == "abc"
+
+
+async def test_unset_options_are_not_sent_and_tool_options_need_tools(fake: FakeOpenAI) -> None:
+    fake.enqueue(text_stream(["ok"]))
+    opts = RequestOptions(tool_choice="auto", parallel_tool_calls=True)
+    async with OpenAIChatModel(fake.base_url, "k", "m", options=opts) as model:
+        await collect(model)
+    assert set(fake.requests[0].body) == {"model", "messages", "stream", "stream_options"}
+
+
+async def test_with_options_overrides_per_copy_and_shares_the_client(fake: FakeOpenAI) -> None:
+    fake.enqueue(text_stream(["a"]), text_stream(["b"]))
+    base_opts = RequestOptions(temperature=0.5, extra_headers={"x-a": "1"}, extra_body={"k": 1})
+    async with OpenAIChatModel(fake.base_url, "k", "m", options=base_opts) as model:
+        cold = model.with_options(
+            RequestOptions(temperature=0.0, extra_headers={"x-b": "2"}, extra_body={"j": 2})
+        )
+        assert isinstance(cold, Model)
+        await collect(cold)
+        await collect(model)
+    first, second = fake.requests
+    assert (first.body["temperature"], first.body["k"], first.body["j"]) == (0.0, 1, 2)
+    assert (first.headers["x-a"], first.headers["x-b"]) == ("1", "2")
+    assert second.body["temperature"] == 0.5 and "j" not in second.body
+    assert "x-b" not in second.headers
+
+
+async def test_stream_options_are_dropped_for_good_when_the_server_refuses_them(
+    fake: FakeOpenAI, model: OpenAIChatModel
 ) -> None:
-    text = "".join(f"data: {p}{newline}{newline}" for p in payloads)
-    assert _events(text, cuts) == _events(text, [])
-    assert [line for line in _events(text, []) if line] == [f"data: {p}" for p in payloads]
+    fake.enqueue(
+        error_reply(400, "Unrecognized request argument supplied: stream_options"),
+        text_stream(["ok"]),
+        text_stream(["again"]),
+    )
+    deltas = await collect(model)
+    assert deltas[0] == TextDelta("ok")
+    copy = model.with_options(RequestOptions(temperature=1.0))
+    await collect(copy)
+    assert ["stream_options" in r.body for r in fake.requests] == [True, False, False]
 
 
-def test_sse_line_limit_refuses_runaway_lines() -> None:
-    lines = _SSELines(10)
-    with pytest.raises(ValueError, match="longer than 10"):
-        lines.feed("data: " + "x" * 20)
+async def test_include_usage_false_never_sends_stream_options(fake: FakeOpenAI) -> None:
+    fake.enqueue(text_stream(["ok"]))
+    opts = RequestOptions(include_usage=False)
+    async with OpenAIChatModel(fake.base_url, "k", "m", options=opts) as model:
+        await collect(model)
+    assert "stream_options" not in fake.requests[0].body
+
+
+async def test_a_400_about_something_else_is_not_resent(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(error_reply(400, "Invalid value for 'messages'"), text_stream(["never"]))
+    err = await open_error(model)
+    assert err.kind == "bad_request"
+    assert len(fake.requests) == 1
+
+
+# ---------------------------------------------------------------------------
+# the error table on the wire
+
+
+async def test_insufficient_quota_429_is_final_not_a_rate_limit(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(
+            status=429,
+            body={
+                "error": {
+                    "message": "You exceeded your current quota, please check your plan.",
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            },
+        )
+    )
+    err = await open_error(model)
+    assert (err.retryable, err.kind, err.status_code) == (False, "quota", 429)
+    assert err.message == (
+        "HTTP 429 quota or credits exhausted: "
+        "You exceeded your current quota, please check your plan. [insufficient_quota]"
+    )
+
+
+async def test_top_level_message_and_code_bodies_are_read(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    # Mistral's (and vLLM's) shape: message and code at the top level.
+    fake.enqueue(
+        Reply(
+            status=401,
+            body={
+                "object": "error",
+                "message": "Unauthorized",
+                "type": "unauthorized",
+                "param": None,
+                "code": None,
+            },
+        ),
+        Reply(
+            status=400,
+            body={
+                "object": "error",
+                "message": "Prompt contains 40000 tokens, too large",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "context_length_exceeded",
+            },
+        ),
+    )
+    err = await open_error(model)
+    assert (err.kind, err.message) == ("auth", "HTTP 401 authentication failed: Unauthorized")
+    err = await open_error(model)
+    assert (err.retryable, err.kind) == (False, CONTEXT_LENGTH)
+    assert "{" not in err.message
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "retryable"),
+    [
+        ({"message": "too long", "code": "context_length_exceeded"}, CONTEXT_LENGTH, False),
+        ({"message": "no money", "type": "insufficient_quota"}, "quota", False),
+        ({"message": "bad tools", "type": "invalid_request_error"}, "bad_request", False),
+        ({"message": "slow down", "type": "rate_limit_exceeded"}, "rate_limit", True),
+        ({"message": "The server had an error", "type": "server_error"}, "server_error", True),
+        ({"message": "something odd"}, "server_error", True),
+    ],
+)
+async def test_an_error_inside_the_stream_is_classified_by_its_code(
+    fake: FakeOpenAI, model: OpenAIChatModel, error: JSONDict, kind: str, retryable: bool
+) -> None:
+    fake.enqueue(Reply(events=[chunk({"content": "a"}), {"error": error}]))
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [TextDelta("a")]
+    assert (info.value.kind, info.value.retryable) == (kind, retryable)
+    assert error["message"] in info.value.message
+
+
+async def test_an_sse_error_event_with_a_top_level_message_is_an_error(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(raw=[b'event: error\ndata: {"object": "error", "message": "prompt is too long"}\n\n'])
+    )
+    err = await open_error(model)
+    assert (err.kind, err.retryable) == (CONTEXT_LENGTH, False)
+
+
+# ---------------------------------------------------------------------------
+# complete answers, reasoning, usage
+
+
+async def test_a_cut_after_the_finish_reason_keeps_the_complete_answer(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    events: list[JSONDict | str] = [
+        chunk({"content": "the whole answer"}),
+        chunk(finish_reason="stop"),
+        usage_chunk(10, 3),
+        "[DONE]",
+    ]
+    fake.enqueue(Reply(events=events, cut_after=2), text_stream(["generated twice"]))
+    deltas = await collect(model)
+    assert deltas == [TextDelta("the whole answer"), Finish(Usage(), "stop", 128_000)]
+    assert fake.pending == 1
+
+
+async def test_a_cut_after_a_tool_call_finish_keeps_the_calls(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    tc = {"index": 0, "id": "c", "type": "function", "function": {"name": "ls", "arguments": "{}"}}
+    events: list[JSONDict | str] = [chunk({"tool_calls": [tc]}), chunk(finish_reason="tool_calls")]
+    fake.enqueue(Reply(events=[*events, usage_chunk(1, 1)], cut_after=2))
+    deltas = await collect(model)
+    assert deltas[-2:] == [ToolCallDone(0, "c", "ls", "{}"), Finish(Usage(), "tool_calls", 128_000)]
+
+
+async def test_reasoning_sent_under_both_names_is_yielded_once(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(
+            events=[
+                chunk({"reasoning_content": "think", "reasoning": "think"}),
+                chunk({"reasoning": "more"}),
+                chunk({"content": "answer"}),
+                chunk(finish_reason="stop"),
+                "[DONE]",
+            ]
+        )
+    )
+    deltas = await collect(model)
+    assert deltas[:-1] == [ReasoningDelta("think"), ReasoningDelta("more"), TextDelta("answer")]
+
+
+async def test_usage_keeps_reasoning_and_cached_tokens(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    usage = usage_chunk(1000, 300, cached=600)
+    usage["usage"]["completion_tokens_details"] = {"reasoning_tokens": 250}
+    fake.enqueue(
+        Reply(events=[chunk({"content": "x"}), chunk(finish_reason="stop"), usage, "[DONE]"])
+    )
+    finish = (await collect(model))[-1]
+    assert finish == Finish(
+        Usage(input_tokens=400, output_tokens=300, cache_read_tokens=600, total_tokens=1300),
+        "stop",
+        128_000,
+        reasoning_tokens=250,
+    )
+    assert finish.usage.context_tokens() == 1000
+
+
+# ---------------------------------------------------------------------------
+# hostile and broken bodies (issue 15: RecursionError escaped the adapter)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "[" * 100_000,
+        '{"choices": ' + "[" * 100_000,
+        '{"choices": [{"delta": ' + '{"a": ' * 50_000 + "1" + "}" * 50_000 + "}]}",
+        '{"choices": [{"delta": {"tool_calls": [{"index": true}]}}]}',
+        '{"choices": [{"delta": {"tool_calls": "x"}}]}',
+        '{"choices": [7]}',
+        '"just a string"',
+        "null",
+    ],
+)
+async def test_every_malformed_chunk_is_the_adapters_own_error(
+    fake: FakeOpenAI, model: OpenAIChatModel, payload: str
+) -> None:
+    fake.enqueue(Reply(events=[chunk({"content": "ok"}), payload, chunk({"content": "x"})]))
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert got == [TextDelta("ok")]
+    assert (info.value.retryable, info.value.kind) == (False, "malformed_response")
+    assert len(info.value.message) <= 2000
+
+
+async def test_deeply_nested_bodies_outside_the_stream_are_own_errors_too(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(Reply(status=500, body="[" * 100_000), Reply(body="[" * 100_000))
+    err = await open_error(model)
+    assert (err.kind, err.status_code) == ("server_error", 500)
+    assert len(err.message) < 400
+    with pytest.raises(ModelError) as info:
+        await model.generate(HELLO)
+    assert info.value.kind == "malformed_response"
+
+
+async def test_a_runaway_sse_line_is_refused(fake: FakeOpenAI) -> None:
+    fake.enqueue(Reply(raw=[b"data: " + b"x" * 4096] * 8))
+    config = ModelHTTPConfig(max_sse_line_chars=10_000)
+    async with OpenAIChatModel(fake.base_url, "k", "m", config=config) as model:
+        with pytest.raises(ModelError) as info:
+            await collect(model)
+    assert info.value.kind == "malformed_response"
+    assert "longer than 10000" in info.value.message
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+async def test_events_do_not_depend_on_how_the_bytes_are_split(
+    fake: FakeOpenAI, model: OpenAIChatModel, newline: bytes
+) -> None:
+    """Line endings of every SSE flavour, a comment, an event field and multi-byte
+    characters, sent one byte per write: the same deltas as in one piece."""
+    events = [
+        json.dumps(chunk({"content": "héllo ✓"}), ensure_ascii=False),
+        json.dumps(chunk({"content": " wörld"}), ensure_ascii=False),
+        json.dumps(chunk(finish_reason="stop")),
+        "[DONE]",
+    ]
+    body = b": keep-alive" + newline + newline
+    body += b"".join(
+        b"event: message" + newline + b"data: " + e.encode() + newline + newline for e in events
+    )
+    fake.enqueue(Reply(raw=[body]), Reply(raw=[body[i : i + 1] for i in range(len(body))]))
+    whole = await collect(model)
+    split = await collect(model)
+    assert (
+        whole
+        == split
+        == [
+            TextDelta("héllo ✓"),
+            TextDelta(" wörld"),
+            Finish(Usage(), "stop", 128_000),
+        ]
+    )
+
+
+async def test_a_mid_stream_error_mentioning_stream_options_is_not_resent(
+    fake: FakeOpenAI, model: OpenAIChatModel
+) -> None:
+    fake.enqueue(
+        Reply(
+            events=[
+                chunk({"content": "a"}),
+                {"error": {"message": "bad stream_options", "type": "invalid_request_error"}},
+            ]
+        ),
+        text_stream(["never"]),
+    )
+    got: list[Delta] = []
+    with pytest.raises(ModelError) as info:
+        await collect(model, into=got)
+    assert (info.value.kind, got) == ("bad_request", [TextDelta("a")])
+    assert len(fake.requests) == 1

@@ -2,7 +2,10 @@
 
 A stream yields typed deltas and ends with exactly one `Finish`. Failures
 raise `chatd_trio.errors.ModelError`, classified (retryable, kind, provider,
-status code, retry-after) so the loop's retry policy can act on them.
+status code, retry-after) by one table, `chatd_trio.models.classify`, so the
+loop's retry policy can act on them. `with_options` returns the same model
+with other request options (temperature, max tokens...): a per-chat model
+selector given to `Server` uses it to override options per chat.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, Union, runtime_checkable
 
+from chatd_trio.config import RequestOptions
 from chatd_trio.domain import JSON, Part, Role, Usage
 
 
@@ -41,7 +45,12 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ReasoningDelta:
+    """Reasoning text. A delta with a `signature` closes one signed reasoning block
+    (Anthropic thinking); a `redacted` one is a whole encrypted block (in `signature`)."""
+
     text: str
+    signature: str = ""
+    redacted: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,9 +75,13 @@ class ToolCallDone:
 
 @dataclass(frozen=True)
 class Finish:
+    """The end of a step. `reasoning_tokens` is the part of `usage.output_tokens` the
+    model spent reasoning (0 when the provider does not say)."""
+
     usage: Usage
     finish_reason: str
     context_limit: int | None = None
+    reasoning_tokens: int = 0
 
 
 Delta = Union[TextDelta, ReasoningDelta, ToolCallDelta, ToolCallDone, Finish]  # noqa: UP007
@@ -98,4 +111,9 @@ class Model(Protocol):
 
     async def generate(self, messages: Sequence[PromptMessage]) -> GenerateResult:
         """One non-streaming call without tools (used for summaries)."""
+        ...
+
+    def with_options(self, options: RequestOptions) -> Model:
+        """This model with `options` merged over its own (see `RequestOptions.merged`);
+        it shares this model's connections, so it needs no closing of its own."""
         ...

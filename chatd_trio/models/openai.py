@@ -1,45 +1,41 @@
 """An OpenAI-compatible Chat Completions adapter of the Model port.
 
 Built on `httpx.AsyncClient` (which runs on Trio through its anyio/trio
-backends) with a small SSE parser of our own rather than the official SDK:
-the SDK drags in a second HTTP stack plus pydantic, hides transport causes
-behind its own exception types and leaves its async generators for Trio's GC
-finaliser; one request and one line parser are fewer moving parts.
+backends) and httpx-sse rather than the official SDK: the SDK drags in a second
+HTTP stack plus pydantic, hides transport causes behind its own exception types
+and leaves its async generators for Trio's GC finaliser.
 
-Failure classification (`ModelError.kind`, retryable per `RetryConfig`):
+Speaks to OpenAI and to any server that implements `/chat/completions`
+(vLLM, Ollama, LiteLLM, Mistral, OpenRouter...): docs/providers.md.
 
-- HTTP 408 "timeout", 429 "rate_limit", 529 "overloaded", other 5xx
-  "server_error"; 400 "bad_request" (or "context_length_exceeded"), 401
-  "auth", 403 "permission", 404 "not_found", other 4xx "client_error".
-  `Retry-After` / `retry-after-ms` become `retry_after` seconds.
-- Connect errors and resets before the response "connection", timeouts
-  "timeout" (retryable).
-- The body ending or breaking before `[DONE]` and before a finish reason
-  "stream_cut" (retryable); an `error` object inside the stream
-  "server_error" (retryable).
-- A chunk that is not JSON or not shaped like a chunk "malformed_response",
-  NOT retryable: a provider that speaks a broken protocol does so again on
-  the next attempt, and 25 backed-off retries would stall the chat ~20 min.
+- Request options (`RequestOptions`) go into the body unchanged;
+  `stream_options` is sent unless the server refused it once (then never again
+  by this model and its `with_options` copies) or `include_usage=False`.
+- Failures are classified by `chatd_trio.models.classify` (HTTP status, error
+  code, body shape, in-stream error objects); `Retry-After` / `retry-after-ms`
+  become `retry_after` seconds.
+- The body ending or breaking before a finish reason is "stream_cut"
+  (retryable). Once the finish reason has arrived the answer is complete: a cut
+  before the usage chunk or `[DONE]` ends the step normally (without usage).
+- A chunk that is not JSON or not shaped like a chunk, whatever it holds
+  (nesting 100 000 deep included), is "malformed_response", NOT retryable: a
+  provider that speaks a broken protocol does so again on the next attempt.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import httpx
-import trio
+import httpx_sse
 
-from chatd_trio.config import ModelHTTPConfig, RetryConfig
+from chatd_trio.config import ModelHTTPConfig, RequestOptions, RetryConfig
 from chatd_trio.domain import (
-    JSON,
     ContextFilePart,
     ReasoningPart,
     Role,
@@ -49,6 +45,7 @@ from chatd_trio.domain import (
     Usage,
 )
 from chatd_trio.errors import ModelError
+from chatd_trio.models._http import DECODE_ERRORS, HTTPModel, count
 from chatd_trio.models.base import (
     Delta,
     Finish,
@@ -60,20 +57,11 @@ from chatd_trio.models.base import (
     ToolCallDone,
     ToolSpec,
 )
+from chatd_trio.models.classify import BAD_REQUEST, CLIENT_ERROR, error_object
 
 __all__ = ["OpenAIChatModel", "to_chat_messages", "to_chat_tools"]
 
 logger = logging.getLogger(__name__)
-
-_STATUS_KINDS = {
-    400: "bad_request",
-    401: "auth",
-    403: "permission",
-    404: "not_found",
-    408: "timeout",
-    429: "rate_limit",
-    529: "overloaded",
-}
 
 
 # ---------------------------------------------------------------------------
@@ -161,66 +149,27 @@ def to_chat_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
 # response parsing
 
 
-def _usage(data: JSON) -> Usage:
+def _usage(data: object) -> tuple[Usage, int]:
+    """Usage and reasoning tokens from a Chat Completions `usage` object."""
     if not isinstance(data, Mapping):
-        return Usage()
-
-    def count(d: Mapping[str, Any], key: str) -> int:
-        v = d.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) else 0
-
+        return Usage(), 0
     prompt = count(data, "prompt_tokens")
     completion = count(data, "completion_tokens")
     details = data.get("prompt_tokens_details")
     cached = count(details, "cached_tokens") if isinstance(details, Mapping) else 0
+    # DeepSeek reports its cache hits beside prompt_tokens_details.
+    cached = cached or count(data, "prompt_cache_hit_tokens")
+    out_details = data.get("completion_tokens_details")
+    reasoning = count(out_details, "reasoning_tokens") if isinstance(out_details, Mapping) else 0
     total = count(data, "total_tokens") or prompt + completion
-    # prompt_tokens includes the cached ones; split them so context_tokens() is not doubled.
-    return Usage(
+    # prompt_tokens includes the cached ones: split them so context_tokens() is not doubled.
+    usage = Usage(
         input_tokens=max(prompt - cached, 0),
         output_tokens=completion,
-        cache_read_tokens=cached,
+        cache_read_tokens=min(cached, prompt) if prompt else cached,
         total_tokens=total,
     )
-
-
-def _parse_retry_after(headers: httpx.Headers) -> float | None:
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    # An HTTP date is wall-clock time by definition; Trio's clock cannot express it.
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
-
-
-def _error_detail(body: bytes) -> tuple[str, str]:
-    """(message, code) from an OpenAI-style error body, else the raw text."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body.decode("utf-8", "replace").strip(), ""
-    err = data.get("error") if isinstance(data, Mapping) else None
-    if isinstance(err, Mapping):
-        message = err.get("message")
-        code = err.get("code") or err.get("type") or ""
-        return (str(message) if message else json.dumps(err)), str(code)
-    if isinstance(err, str):
-        return err, ""
-    return body.decode("utf-8", "replace").strip(), ""
+    return usage, reasoning
 
 
 @dataclass
@@ -231,38 +180,32 @@ class _CallAcc:
     done: bool = False
 
 
-class _SSELines:
-    """Splits decoded text into lines, refusing absurdly long ones."""
+@dataclass
+class _StreamState:
+    calls: dict[int, _CallAcc] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    reasoning_tokens: int = 0
 
-    def __init__(self, max_chars: int) -> None:
-        self._buf = ""
-        self._max = max_chars
 
-    def feed(self, text: str) -> list[str]:
-        self._buf += text
-        # A "\r" at the very end may be the first half of "\r\n": keep it for the next feed.
-        cut = len(self._buf) - 1 if self._buf.endswith("\r") else len(self._buf)
-        lines = self._buf[:cut].replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        self._buf = lines.pop() + self._buf[cut:]
-        if len(self._buf) > self._max:
-            raise ValueError(f"SSE line longer than {self._max} characters")
-        return lines
+class _Refusals:
+    """What a server refused once, shared by a model and its `with_options` copies."""
 
-    def flush(self) -> list[str]:
-        rest, self._buf = self._buf, ""
-        return rest.replace("\r\n", "\n").replace("\r", "\n").split("\n") if rest else []
+    def __init__(self) -> None:
+        self.stream_options = False
 
 
 # ---------------------------------------------------------------------------
 # the adapter
 
 
-class OpenAIChatModel:
+class OpenAIChatModel(HTTPModel):
     """A model behind an OpenAI-compatible `/chat/completions` endpoint.
 
     Owns an `httpx.AsyncClient` unless one is passed in; close it with
     `aclose()` or `async with`. Connections are pooled, so one instance
-    belongs to one Trio run.
+    belongs to one Trio run. `options` are sent with every request;
+    `with_options` returns a copy with other options sharing the connections.
     """
 
     def __init__(
@@ -275,56 +218,27 @@ class OpenAIChatModel:
         timeout: float | None = None,
         context_limit: int | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        options: RequestOptions | None = None,
         config: ModelHTTPConfig | None = None,
         retry: RetryConfig | None = None,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._config = config or ModelHTTPConfig()
-        self._retryable = (retry or RetryConfig()).retryable_status_codes
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._model = model
-        self._provider = provider
-        self._context_limit = context_limit
-        self._headers = dict(extra_headers or {})
+        headers = dict(extra_headers or {})
         if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
-        cfg = self._config
-        self._timeout = (
-            httpx.Timeout(timeout)
-            if timeout is not None
-            else httpx.Timeout(
-                connect=cfg.connect_timeout,
-                read=cfg.read_timeout,
-                write=cfg.write_timeout,
-                pool=cfg.pool_timeout,
-            )
+            headers["authorization"] = f"Bearer {api_key}"
+        super().__init__(
+            model,
+            provider=provider,
+            timeout=timeout,
+            context_limit=context_limit,
+            headers=headers,
+            options=options,
+            config=config,
+            retry=retry,
+            client=client,
         )
-        self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
-
-    @property
-    def name(self) -> str:
-        return self._model
-
-    @property
-    def provider(self) -> str:
-        return self._provider
-
-    async def aclose(self) -> None:
-        """Close the HTTP client if this model created it."""
-        if self._owns_client:
-            await self._client.aclose()
-
-    async def __aenter__(self) -> OpenAIChatModel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._refusals = _Refusals()
 
     # -- port ----------------------------------------------------------------
 
@@ -332,292 +246,219 @@ class OpenAIChatModel:
         self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec]
     ) -> AbstractAsyncContextManager[AsyncIterator[Delta]]:
         """Open one streamed step; iterate the deltas inside the context."""
-        body: dict[str, Any] = {
-            "model": self._model,
-            "messages": to_chat_messages(messages),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if tools:
-            # An empty `tools` array is a 400 at OpenAI: omit the key instead.
-            body["tools"] = to_chat_tools(tools)
-        return self._stream(body)
+        return self._stream(messages, tools)
 
     async def generate(self, messages: Sequence[PromptMessage]) -> GenerateResult:
         """One non-streaming call without tools (used for summaries)."""
-        body = {"model": self._model, "messages": to_chat_messages(messages), "stream": False}
+        body = self.request_body(messages, (), stream=False)
+        async with self._open(self._url, body, "application/json") as response:
+            data = await self._read_json(response)
         try:
-            response = await self._client.post(
-                self._url,
-                json=body,
-                headers={**self._headers, "accept": "application/json"},
-                timeout=self._timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, in_body=False) from exc
-        if not response.is_success:
-            raise self._status_error(response.status_code, response.headers, response.content)
-        try:
-            data = response.json()
-            choice = data["choices"][0]
-            content = choice["message"].get("content") or ""
+            assert isinstance(data, Mapping), "the body is not an object"
+            found = error_object(data) if "choices" not in data else None
+            if found is not None:
+                raise self.classified(None, found)
+            content = data["choices"][0]["message"].get("content") or ""
             if not isinstance(content, str):
                 raise TypeError("message.content is not a string")
-        except (ValueError, LookupError, TypeError, AttributeError) as exc:
-            raise self._malformed(f"unexpected completion body: {exc}") from exc
-        return GenerateResult(text=content, usage=_usage(data.get("usage")))
+            usage, _ = _usage(data.get("usage"))
+        except (*DECODE_ERRORS, AssertionError) as exc:
+            raise self.malformed(f"unexpected completion body: {exc}") from exc
+        return GenerateResult(text=content, usage=usage)
+
+    # -- requests --------------------------------------------------------------
+
+    def request_body(
+        self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec], *, stream: bool
+    ) -> dict[str, Any]:
+        """The `/chat/completions` body: messages, tools and the request options.
+
+        Tool options are sent only with tools (OpenAI refuses `parallel_tool_calls`
+        without them); a summary (`stream=False`) gets no `response_format`.
+        """
+        o = self._options
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": to_chat_messages(messages),
+            "stream": stream,
+        }
+        if stream and o.include_usage is not False and not self._refusals.stream_options:
+            body["stream_options"] = {"include_usage": True}
+        if tools:
+            # An empty `tools` array is a 400 at OpenAI: omit the key instead.
+            body["tools"] = to_chat_tools(tools)
+            if o.tool_choice is not None:
+                body["tool_choice"] = o.tool_choice
+            if o.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = o.parallel_tool_calls
+        for key in (
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "max_completion_tokens",
+            "seed",
+            "reasoning_effort",
+            "user",
+        ):
+            value = getattr(o, key)
+            if value is not None:
+                body[key] = value
+        if o.stop is not None:
+            body["stop"] = list(o.stop)
+        if o.response_format is not None and stream:
+            body["response_format"] = o.response_format
+        body.update(o.extra_body)
+        return body
+
+    def _refuses_stream_options(self, err: ModelError, body: Mapping[str, Any]) -> bool:
+        return (
+            "stream_options" in body
+            and err.kind in (BAD_REQUEST, CLIENT_ERROR)
+            and "stream_options" in err.message
+            and self._options.include_usage is None
+        )
 
     # -- streaming -----------------------------------------------------------
 
     @asynccontextmanager
-    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
-        request = self._client.build_request(
-            "POST",
-            self._url,
-            json=body,
-            headers={**self._headers, "accept": "text/event-stream"},
-            timeout=self._timeout,
+    async def _stream(
+        self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[AsyncIterator[Delta]]:
+        body = self.request_body(messages, tools, stream=True)
+        opened = False
+        try:
+            async with self._open_stream(body) as deltas:
+                opened = True
+                yield deltas
+                return
+        except ModelError as err:
+            # Only the opening is asked again: an error once deltas flowed is the step's.
+            if opened or not self._refuses_stream_options(err, body):
+                raise
+        # The server rejects `stream_options`: ask again without it (usage then stays 0).
+        self._refusals.stream_options = True
+        logger.info(
+            "server refused stream_options; not sending it again",
+            extra={"provider": self._provider, "model": self._model},
         )
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, in_body=False) from exc
-        try:
-            is_json = response.headers.get("content-type", "").startswith("application/json")
-            if not response.is_success or is_json:
-                try:
-                    raw = await response.aread()
-                except httpx.HTTPError as exc:
-                    raise self._transport_error(exc, in_body=False) from exc
-                if not response.is_success:
-                    raise self._status_error(response.status_code, response.headers, raw)
-                # A proxy or server that ignored `stream: true`: its protocol is not ours.
-                message, _ = _error_detail(raw)
-                raise self._malformed(f"expected an event stream, got JSON: {message[:200]}")
+        async with self._open_stream(self.request_body(messages, tools, stream=True)) as deltas:
+            yield deltas
+
+    @asynccontextmanager
+    async def _open_stream(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
+        async with self._open(self._url, body, "text/event-stream") as response:
+            await self._refuse_json_body(response)
             async with aclosing(self._deltas(response)) as deltas:
                 yield deltas
-        finally:
-            # Shielded so an interrupted step still returns its connection to the pool.
-            with trio.move_on_after(self._config.close_timeout, shield=True):
-                await response.aclose()
 
     async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
-        calls: dict[int, _CallAcc] = {}
-        finish_reason: str | None = None
-        usage: Usage | None = None
+        state = _StreamState()
         done = False
-        lines = _SSELines(self._config.max_sse_line_chars)
-        data: list[str] = []
-
-        def events(new_lines: list[str]) -> list[str]:
-            out: list[str] = []
-            for line in new_lines:
-                if not line:
-                    if data:
-                        out.append("\n".join(data))
-                        data.clear()
+        events = self._events(response, lambda: state.finish_reason is not None)
+        async with aclosing(events) as it:
+            async for event in it:
+                if done:
+                    # Drained to the end so httpx's generators finish instead of being GC'd.
                     continue
-                name, _, value = line.partition(":")
-                if name == "data":
-                    data.append(value.removeprefix(" "))
-            return out
-
-        def finish_calls() -> list[Delta]:
-            out: list[Delta] = []
-            for index in sorted(calls):
-                acc = calls[index]
-                if acc.done:
+                if event.data.strip() == "[DONE]":
+                    done = True
                     continue
-                acc.done = True
-                if not acc.name:
-                    raise self._malformed(f"tool call {index} has no function name")
-                out.append(
-                    ToolCallDone(
-                        index=index,
-                        call_id=acc.call_id or f"call_{index}",
-                        name=acc.name,
-                        arguments="".join(acc.arguments) or "{}",
-                    )
-                )
-            return out
+                for d in self._handle(event, state):
+                    yield d
+        if not done and state.finish_reason is None:
+            raise self.stream_cut("the stream ended before a finish reason")
+        for d in self._finish_calls(state):
+            yield d
+        reason = state.finish_reason or ("tool_calls" if state.calls else "stop")
+        yield Finish(
+            usage=state.usage or Usage(),
+            finish_reason=reason,
+            context_limit=self._context_limit,
+            reasoning_tokens=state.reasoning_tokens,
+        )
 
-        def handle(payload: str) -> list[Delta]:
-            nonlocal finish_reason, usage
-            try:
-                chunk = json.loads(payload)
-            except ValueError as exc:
-                raise self._malformed(f"chunk is not JSON: {payload[:200]!r}") from exc
+    def _handle(self, event: httpx_sse.ServerSentEvent, state: _StreamState) -> list[Delta]:
+        payload = event.data
+        try:
+            chunk = json.loads(payload)
             if not isinstance(chunk, Mapping):
-                raise self._malformed(f"chunk is not an object: {payload[:200]!r}")
-            err = chunk.get("error")
-            if err is not None:
-                message, _ = _error_detail(json.dumps({"error": err}).encode())
-                raise ModelError(
-                    self._clip(f"{self._provider}: stream error: {message}"),
-                    retryable=True,
-                    kind="server_error",
-                    provider=self._provider,
-                )
+                raise TypeError("the chunk is not an object")
+            if "error" in chunk or chunk.get("object") == "error" or event.event == "error":
+                found = error_object(chunk)
+                if found is not None:
+                    raise self.classified(None, found)
             if chunk.get("usage") is not None:
-                usage = _usage(chunk["usage"])
+                state.usage, state.reasoning_tokens = _usage(chunk["usage"])
             choices = chunk.get("choices") or []
             if not isinstance(choices, list):
-                raise self._malformed("chunk.choices is not a list")
+                raise TypeError("chunk.choices is not a list")
             out: list[Delta] = []
             for choice in choices[:1]:
-                delta = choice.get("delta") if isinstance(choice, Mapping) else None
+                if not isinstance(choice, Mapping):
+                    raise TypeError("a choice is not an object")
+                delta = choice.get("delta")
                 if isinstance(delta, Mapping):
-                    out += self._delta_parts(delta, calls)
-                reason = choice.get("finish_reason") if isinstance(choice, Mapping) else None
+                    out += self._delta_parts(delta, state.calls)
+                reason = choice.get("finish_reason")
                 if isinstance(reason, str) and reason:
-                    finish_reason = reason
-                    out += finish_calls()
+                    state.finish_reason = reason
+                    out += self._finish_calls(state)
             return out
+        except DECODE_ERRORS as exc:
+            raise self.malformed(f"{type(exc).__name__}: {exc}; chunk {payload[:200]!r}") from exc
 
-        try:
-            # httpx implements aiter_text as an async generator; its annotation says less.
-            text_gen = cast(AsyncGenerator[str, None], response.aiter_text())
-            async with aclosing(text_gen) as text:
-                async for piece in text:
-                    if done:
-                        # Drained to the end so httpx's generators finish instead of being GC'd.
-                        continue
-                    for payload in events(lines.feed(piece)):
-                        if payload.strip() == "[DONE]":
-                            done = True
-                            break
-                        for d in handle(payload):
-                            yield d
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, in_body=True) from exc
-        except ValueError as exc:
-            raise self._malformed(str(exc)) from exc
-        if not done:
-            # Lenient about a last event without its blank line (some servers end that way).
-            for payload in events([*lines.flush(), ""]):
-                if payload.strip() == "[DONE]":
-                    done = True
-                    break
-                for d in handle(payload):
-                    yield d
-        if not done and finish_reason is None:
-            raise ModelError(
-                f"{self._provider}: stream ended before completion",
-                retryable=True,
-                kind="stream_cut",
-                provider=self._provider,
+    def _finish_calls(self, state: _StreamState) -> list[Delta]:
+        out: list[Delta] = []
+        for index in sorted(state.calls):
+            acc = state.calls[index]
+            if acc.done:
+                continue
+            acc.done = True
+            if not acc.name:
+                raise self.malformed(f"tool call {index} has no function name")
+            out.append(
+                ToolCallDone(
+                    index=index,
+                    call_id=acc.call_id or f"call_{index}",
+                    name=acc.name,
+                    arguments="".join(acc.arguments) or "{}",
+                )
             )
-        for d in finish_calls():
-            yield d
-        reason = finish_reason or ("tool_calls" if calls else "stop")
-        yield Finish(
-            usage=usage or Usage(), finish_reason=reason, context_limit=self._context_limit
-        )
+        return out
 
     def _delta_parts(self, delta: Mapping[str, Any], calls: dict[int, _CallAcc]) -> list[Delta]:
         out: list[Delta] = []
-        # `reasoning_content` (DeepSeek, vLLM) and `reasoning` (OpenRouter) are common extensions.
+        # `reasoning_content` (DeepSeek, vLLM) and `reasoning` (OpenRouter, newer vLLM) are
+        # two spellings of one text: servers sending both send it twice, so take one.
         for key in ("reasoning_content", "reasoning"):
             value = delta.get(key)
             if isinstance(value, str) and value:
                 out.append(ReasoningDelta(value))
+                break
         content = delta.get("content")
         if isinstance(content, str) and content:
             out.append(TextDelta(content))
         tool_calls = delta.get("tool_calls") or []
         if not isinstance(tool_calls, list):
-            raise self._malformed("delta.tool_calls is not a list")
+            raise TypeError("delta.tool_calls is not a list")
         for position, tc in enumerate(tool_calls):
             if not isinstance(tc, Mapping):
-                raise self._malformed("delta.tool_calls item is not an object")
+                raise TypeError("delta.tool_calls item is not an object")
             index = tc.get("index", position)
-            if not isinstance(index, int):
-                raise self._malformed("tool call index is not an integer")
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise TypeError("tool call index is not an integer")
             fn = tc.get("function") or {}
             if not isinstance(fn, Mapping):
-                raise self._malformed("tool call function is not an object")
+                raise TypeError("tool call function is not an object")
             call_id = tc.get("id") if isinstance(tc.get("id"), str) else None
             name = fn.get("name") if isinstance(fn.get("name"), str) else None
             raw_args = fn.get("arguments")
             args = raw_args if isinstance(raw_args, str) else ""
             acc = calls.setdefault(index, _CallAcc())
             if acc.done:
-                raise self._malformed(f"tool call {index} continued after the finish reason")
+                raise ValueError(f"tool call {index} continued after the finish reason")
             acc.call_id = call_id or acc.call_id
             acc.name = name or acc.name
             acc.arguments.append(args)
             out.append(ToolCallDelta(index, call_id, name, args))
         return out
-
-    # -- errors --------------------------------------------------------------
-
-    def _clip(self, message: str) -> str:
-        return message[: self._config.max_error_message_chars]
-
-    def _malformed(self, detail: str) -> ModelError:
-        logger.warning(
-            "malformed model response",
-            extra={"provider": self._provider, "model": self._model, "detail": detail[:200]},
-        )
-        return ModelError(
-            self._clip(f"{self._provider}: malformed response: {detail}"),
-            retryable=False,
-            kind="malformed_response",
-            provider=self._provider,
-        )
-
-    def _status_error(self, status: int, headers: httpx.Headers, body: bytes) -> ModelError:
-        message, code = _error_detail(body)
-        kind = _STATUS_KINDS.get(status, "server_error" if status >= 500 else "client_error")
-        if "context_length" in code:
-            kind = "context_length_exceeded"
-        retryable = status in self._retryable
-        retry_after = _parse_retry_after(headers)
-        logger.info(
-            "model call failed",
-            extra={
-                "provider": self._provider,
-                "model": self._model,
-                "status_code": status,
-                "kind": kind,
-                "retryable": retryable,
-                "retry_after": retry_after,
-            },
-        )
-        return ModelError(
-            self._clip(f"{self._provider}: HTTP {status}: {message or 'no error message'}"),
-            retryable=retryable,
-            kind=kind,
-            provider=self._provider,
-            status_code=status,
-            retry_after=retry_after,
-        )
-
-    def _transport_error(self, exc: httpx.HTTPError, *, in_body: bool) -> ModelError:
-        retryable = True
-        if isinstance(exc, httpx.TimeoutException):
-            kind = "timeout"
-        elif isinstance(exc, httpx.DecodingError):
-            kind, retryable = "malformed_response", False
-        elif isinstance(exc, httpx.UnsupportedProtocol | httpx.ProxyError):
-            kind, retryable = "configuration", False
-        elif in_body:
-            kind = "stream_cut"
-        else:
-            kind = "connection"
-        logger.info(
-            "model call failed",
-            extra={
-                "provider": self._provider,
-                "model": self._model,
-                "kind": kind,
-                "retryable": retryable,
-                "error": repr(exc),
-            },
-        )
-        return ModelError(
-            self._clip(f"{self._provider}: {kind}: {type(exc).__name__}: {exc}"),
-            retryable=retryable,
-            kind=kind,
-            provider=self._provider,
-        )

@@ -12,6 +12,7 @@ prompt is recorded so tests can assert what the model saw.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from chatd_trio.config import RequestOptions
 from chatd_trio.domain import JSON, Role, Usage
 from chatd_trio.errors import ModelError
 from chatd_trio.models.base import (
@@ -185,6 +187,9 @@ class ScriptedModel:
         self.stream_prompts: list[list[PromptMessage]] = []
         self.stream_tools: list[list[ToolSpec]] = []
         self.generate_prompts: list[list[PromptMessage]] = []
+        self.options = RequestOptions()
+        # The options in force at each stream call (retries included).
+        self.stream_options: list[RequestOptions] = []
 
     @property
     def name(self) -> str:
@@ -193,6 +198,13 @@ class ScriptedModel:
     @property
     def provider(self) -> str:
         return PROVIDER
+
+    def with_options(self, options: RequestOptions) -> ScriptedModel:
+        """A view playing the same script (and recording into the same lists) with
+        `options` merged over this model's."""
+        view = copy.copy(self)
+        view.options = self.options.merged(options)
+        return view
 
     @property
     def stream_count(self) -> int:
@@ -226,6 +238,7 @@ class ScriptedModel:
         """Open one scripted stream (see `ScriptStep`)."""
         step = self._next_step(messages)
         self.stream_tools.append(list(tools))
+        self.stream_options.append(self.options)
         await trio.lowlevel.checkpoint()
         if step.error is not None and step.cut_after is None:
             raise step.error
