@@ -144,13 +144,15 @@ async def main(messages: int, dsn: str) -> dict[str, Any]:
     result: dict[str, Any] = {"messages_per_scenario": messages, "subscribers": SUBSCRIBERS}
     result["memory"] = await run_backend(MemoryStore(), MemoryPubSub(), messages)
     try:
+        from chatd_trio.pubsub.auth import NotifyAuth
         from chatd_trio.pubsub.postgres import PostgresPubSub
         from chatd_trio.store.postgres import PostgresStore
 
         async with (
             throwaway_database(dsn) as db,
             PostgresStore.open(db) as store,
-            PostgresPubSub.open(db) as pubsub,
+            # One process, its own database: a notify key of this run.
+            PostgresPubSub.open(db, auth=NotifyAuth.generate()) as pubsub,
         ):
             result["postgres"] = await run_backend(store, pubsub, messages)
     except Exception as exc:  # no server: report it, keep the memory numbers

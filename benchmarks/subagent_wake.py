@@ -25,6 +25,7 @@ from chatd_trio.config import AcquireConfig, Config, SubagentConfig
 from chatd_trio.domain import Chat, ChatStatus, Role, ToolResultPart, text_of
 from chatd_trio.models.base import PromptMessage
 from chatd_trio.models.scripted import ScriptedModel, ScriptStep, text_step, tool_step
+from chatd_trio.pubsub.auth import NotifyAuth
 from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.postgres import PostgresStore
@@ -60,7 +61,8 @@ async def one_variant(dsn: str, use_pubsub: bool, rounds: int, child_latency: fl
     wakes: list[float] = []
     async with (
         PostgresStore.open(dsn) as store,
-        PostgresPubSub.open(dsn) as pubsub,
+        # One replica in this process: a notify key of this run.
+        PostgresPubSub.open(dsn, auth=NotifyAuth.generate()) as pubsub,
         Server(store, pubsub, model_for, config) as server,
     ):
         owner = uuid.uuid4()

@@ -77,11 +77,25 @@ class CompactionConfig:
 
 
 @dataclass(frozen=True)
+class StoreRetryConfig:
+    """Retrying a turn's writes through a transient store fault (docs/spec.md §1)."""
+
+    # A lost connection, a restart or a failover is over in seconds: back off from 0.2 s
+    # up to 5 s between attempts.
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    # Give up after 60 s and hand the chat back as pending (any replica may take it):
+    # well past a restart, well short of the 5 min after which stale recovery would.
+    budget: float = 60.0
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     """The agent loop (docs/spec.md §3)."""
 
     max_steps: int = 1200
     retry: RetryConfig = field(default_factory=RetryConfig)
+    store_retry: StoreRetryConfig = field(default_factory=StoreRetryConfig)
     compaction: CompactionConfig = field(default_factory=CompactionConfig)
     # Run a step's tools concurrently; False only for the baseline benchmark.
     parallel_tools: bool = True
@@ -339,11 +353,52 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class NotifyAuthConfig:
+    """Authenticated, encrypted notifies (docs/security.md, "A database login role").
+
+    Every payload a pubsub publishes, and every notify the store sends for it, is
+    sealed: encrypted with ChaCha20-Poly1305 and authenticated with HMAC-SHA256 under
+    a per-deployment key, bound to its channel and to the time it was sealed. A
+    received payload that does not open under one of the keys is dropped and counted
+    (`PubSubStatistics.rejected`), never delivered.
+
+    A key is the standard or URL-safe base64 of at least `min_key_bytes` random bytes;
+    ``python -m chatd_trio.pubsub.auth`` prints a fresh one. Several keys (comma-
+    separated in the environment variable) rotate: the first seals, every one
+    verifies. Rotate by adding the new key second on every replica, then moving it
+    first, then dropping the old one.
+
+    `PostgresPubSub` takes `keys`, else the variable named by `key_env`; with neither
+    it refuses to start, unless `allow_unauthenticated` says every login of the
+    database is trusted. `MemoryPubSub` takes `keys` or draws a random key of its own
+    (nothing outside the process can reach it); it never reads the environment.
+    """
+
+    # Key material stays out of reprs and logs; normally left empty in favour of `key_env`.
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    # Comma-separated base64 keys, the first one sealing.
+    key_env: str = "CHATD_NOTIFY_KEY"
+    # Any role that can log in to the database can NOTIFY and LISTEN on every channel:
+    # without a key a PostgresPubSub refuses to start unless this says that is acceptable
+    # (payloads then travel unsealed, readable and forgeable by such a role).
+    allow_unauthenticated: bool = False
+    # 256-bit keys: a MAC under them cannot be forged by guessing.
+    min_key_bytes: int = 32
+    # A sealed payload is accepted for 5 minutes either side of its sealing time: room for
+    # clock skew between replicas; a captured payload can be replayed within it only.
+    max_age: float = 300.0
+    # At most one WARN per 10 s about rejected payloads: a flood of forged notifies must
+    # not flood the logs (each is still counted).
+    reject_warn_interval: float = 10.0
+
+
+@dataclass(frozen=True)
 class PubSubConfig:
     """PubSub adapters: in-memory and PostgreSQL LISTEN/NOTIFY (docs/spec.md §4)."""
 
     # NOTIFY refuses payloads of 8000 bytes or more, so the largest accepted is 7999 bytes;
-    # the memory adapter uses the same limit so both behave identically.
+    # the memory adapter uses the same limit so both behave identically. This bounds the
+    # sealed payload: an adapter's `payload_limit` property is what fits before sealing.
     payload_limit: int = 7999
     # Channel names are PostgreSQL identifiers: longer ones would be silently truncated.
     max_channel_bytes: int = 63
@@ -368,6 +423,8 @@ class PubSubConfig:
     keepalives_idle: int = 30
     keepalives_interval: int = 10
     keepalives_count: int = 3
+    # Sealing of every payload: key, rotation, replay window.
+    auth: NotifyAuthConfig = field(default_factory=NotifyAuthConfig)
 
 
 @dataclass(frozen=True)

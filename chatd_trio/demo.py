@@ -72,6 +72,7 @@ from chatd_trio.models.scripted import (
     tool_step,
     usage_of,
 )
+from chatd_trio.pubsub.auth import NotifyAuth
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import Store
@@ -838,7 +839,7 @@ async def scratch_database(
 
 
 @asynccontextmanager
-async def _backend(dsn: str | None) -> AsyncIterator[tuple[Store, PubSub]]:
+async def _backend(dsn: str | None, auth: NotifyAuth) -> AsyncIterator[tuple[Store, PubSub]]:
     if dsn is None:
         from chatd_trio.pubsub.memory import MemoryPubSub
         from chatd_trio.store.memory import MemoryStore
@@ -849,7 +850,7 @@ async def _backend(dsn: str | None) -> AsyncIterator[tuple[Store, PubSub]]:
     from chatd_trio.pubsub.postgres import PostgresPubSub
     from chatd_trio.store.postgres import PostgresStore
 
-    async with PostgresStore.open(dsn) as store, PostgresPubSub.open(dsn) as pubsub:
+    async with PostgresStore.open(dsn) as store, PostgresPubSub.open(dsn, auth=auth) as pubsub:
         yield store, pubsub
 
 
@@ -996,9 +997,14 @@ class WorkerReplica:
 
 @asynccontextmanager
 async def _replica_processes(
-    dsn: str, count: int, demo: DemoConfig
+    dsn: str, count: int, demo: DemoConfig, auth: NotifyAuth | None = None
 ) -> AsyncIterator[list[WorkerReplica]]:
-    """Start `count` replica processes; they are killed and waited for on the way out."""
+    """Start `count` replica processes; they are killed and waited for on the way out.
+
+    `auth`: the notify key this process uses too (default: a fresh one for them only);
+    it reaches them in the hello, over their stdin pipe.
+    """
+    auth = auth or NotifyAuth.generate()
     cmd = [sys.executable, "-m", "chatd_trio.demo", "--replica-worker", "--dsn", dsn]
     procs: list[trio.Process] = []
     try:
@@ -1011,7 +1017,12 @@ async def _replica_processes(
             workers.append(WorkerReplica(index, proc))
         with trio.fail_after(demo.worker_start_timeout_s):
             for worker in workers:
-                await worker.request("hello", index=worker.index, demo=dataclasses.asdict(demo))
+                await worker.request(
+                    "hello",
+                    index=worker.index,
+                    demo=dataclasses.asdict(demo),
+                    notify_key=auth.key_text(),
+                )
         yield workers
     finally:
         # Also on failure and Ctrl-C: no replica process outlives the demo.
@@ -1079,10 +1090,11 @@ async def worker_main(dsn: str) -> None:
     except EOFError:
         return
     demo = DemoConfig(**hello["demo"])
+    auth = NotifyAuth.from_key_text(hello["notify_key"])
     config = demo_config(demo)
     script = DemoScript(config, demo)
     model = ScriptedModel(script, summaries=script.summary)
-    async with PostgresStore.open(dsn) as store, PostgresPubSub.open(dsn) as pubsub:
+    async with PostgresStore.open(dsn) as store, PostgresPubSub.open(dsn, auth=auth) as pubsub:
         pubsub_port: PubSub = pubsub
         async with Server(store, pubsub_port, model, config, dialer=dial_agent) as server:
             _reply(True, "ready")
@@ -1125,7 +1137,10 @@ async def _run_demo(
     started = trio.current_time()
     stats: list[dict[str, Any]] = []
     statements: list[dict[str, int]] = []
-    async with _backend(dsn) as (store, pubsub):
+    # The demo's own database and replicas: a notify key of this run, handed to the
+    # replica processes it starts.
+    auth = NotifyAuth.generate()
+    async with _backend(dsn, auth) as (store, pubsub):
         with tempfile.TemporaryDirectory(prefix="chatd-demo-") as tmp:
             async with trio.open_nursery() as agents:
                 provisioner = LocalProvisioner(store, agents, Path(tmp), config=config)
@@ -1147,7 +1162,7 @@ async def _run_demo(
                         workers: list[WorkerReplica] = []
                         if dsn is not None and replicas > 1:
                             workers = await stack.enter_async_context(
-                                _replica_processes(dsn, replicas - 1, demo)
+                                _replica_processes(dsn, replicas - 1, demo, auth=auth)
                             )
                         for server in servers:
                             await stack.enter_async_context(server)

@@ -508,6 +508,11 @@ class Chat:
     agent_id: uuid.UUID | None = None
     last_error: str | None = None
     mcp_servers: tuple[str, ...] = ()
+    # Incremented by every acquisition, stale recovery, release and finish: the token
+    # of the run that holds (or last held) the chat. A turn's writes carry it (fencing).
+    owner_token: int = 0
+    # The queue's length when the row was read.
+    queued: int = 0
 
     @property
     def is_child(self) -> bool:
@@ -531,6 +536,8 @@ class Chat:
             "agent_id": _opt(self.agent_id),
             "last_error": self.last_error,
             "mcp_servers": list(self.mcp_servers),
+            "owner_token": self.owner_token,
+            "queued": self.queued,
         }
 
     @classmethod
@@ -556,6 +563,8 @@ class Chat:
             agent_id=_uuid(d, "agent_id", path, optional=True),
             last_error=_str(d, "last_error", path, optional=True),
             mcp_servers=tuple(servers),
+            owner_token=_int(d, "owner_token", path, optional=True) or 0,
+            queued=_int(d, "queued", path, optional=True) or 0,
         )
 
 
@@ -826,6 +835,8 @@ class NotifyPayload:
     full_refresh: bool = False
     status: ChatStatus | None = None
     worker_id: uuid.UUID | None = None
+    # With `status`: the chat's ownership token after the change (docs/spec.md §1).
+    owner_token: int | None = None
     retry: RetryPayload | None = None
     error_payload: ErrorPayload | None = None
     error: str | None = None
@@ -842,6 +853,8 @@ class NotifyPayload:
             out["status"] = self.status.value
         if self.worker_id is not None:
             out["worker_id"] = str(self.worker_id)
+        if self.owner_token is not None:
+            out["owner_token"] = self.owner_token
         if self.retry is not None:
             out["retry"] = self.retry.to_json()
         if self.error_payload is not None:
@@ -871,6 +884,7 @@ class NotifyPayload:
             full_refresh=_bool(d, "full_refresh", path, default=False),
             status=_enum(ChatStatus, d, "status", path, optional=True),
             worker_id=_uuid(d, "worker_id", path, optional=True),
+            owner_token=_int(d, "owner_token", path, optional=True),
             retry=RetryPayload.from_json(retry, f"{path}.retry") if retry is not None else None,
             error_payload=ErrorPayload.from_json(err, f"{path}.error_payload")
             if err is not None

@@ -60,6 +60,11 @@ class PersistRefused(ChatdError):
     """The turn no longer owns the chat (edited, taken over): its step is not persisted."""
 
 
+class OwnershipLost(PersistRefused):
+    """A write carried an ownership token the chat no longer has: another run took it
+    (stale recovery, re-acquisition) or the run already finished. Nothing changed."""
+
+
 class StoreError(ChatdError):
     """The store failed (database unreachable, statement failed)."""
 
@@ -70,6 +75,10 @@ class StoreUnavailable(StoreError):
 
 class PubSubError(ChatdError):
     """The pubsub connection failed."""
+
+
+class NotifyKeyError(ChatdError, ValueError):
+    """The notify key is missing or malformed (docs/security.md, "A database login role")."""
 
 
 class NoWorkspaceAgent(ChatdError):

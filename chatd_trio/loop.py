@@ -1,15 +1,35 @@
 """The agent loop: one turn of a chat (docs/spec.md §3 and §3.1).
 
 `run_turn` is a Trio driver of `statecharts.compaction.CompactionChart`: the chart
-decides what comes next (step, compact, reload, re-enter, finish) and this module
-does it: streams model steps with retries, runs each step's tools concurrently,
-persists every step in one store call, compacts the history and publishes every
-delta, message, retry and non-fatal error through the caller's callbacks.
+decides what comes next (load, step, compact, reload, re-enter, finish) and how the
+turn ended; this module does it: streams model steps with retries, runs each
+step's tools concurrently, persists every step in one guarded store write (under
+the run's `Lease`), compacts the history and publishes every delta, message,
+retry and non-fatal error through the caller's callbacks. The turn's outcome is
+the chart's final state (`TurnResult.final_state`), mapped to a `TurnOutcome`.
 
 Stopping is cancellation. The caller holds a `TurnControl`: `interrupt()` ends the
-turn as INTERRUPTED after a shielded write of what the step produced so far;
-`shutdown()` lets `trio.Cancelled` propagate out of `run_turn` (the server hands
-the chat back as pending) and writes nothing.
+turn as INTERRUPTED after a write of what the step produced so far; `shutdown()`
+lets `trio.Cancelled` propagate out of `run_turn` (the server hands the chat back
+as pending) after recording the outcome on the control (`TurnControl.result`).
+
+Exactly once (docs/spec.md §1):
+- A completed step is written when the chart's next move needs it written (a
+  compaction, a reload, another step). A step after which the chart ends the turn
+  is not written here: it is `TurnResult.final_messages`, which the caller writes
+  together with the finish, in one transaction. A stored answer therefore always
+  has its finish, and a recovered turn whose answer is stored ends in `answered`
+  without calling the model (`already_answered`).
+- Every write of a step carries an operation id; an attempt retried after an
+  ambiguous failure, or the interrupted write of a step whose complete write was
+  cut off, lands at most once.
+- A transient store fault (`StoreUnavailable`) is retried with backoff within
+  `LoopConfig.store_retry`; past that budget the turn ends `unavailable` and the
+  chat is handed back as pending. A refused write (the run lost the chat, or an
+  edit made it pending) ends it `fenced`: nothing more is written.
+- Tools run in tasks of the caller's `tool_nursery` when given: an interrupted
+  turn stops waiting for a tool that ignores cancellation, and that tool's late
+  result is dropped and counted (`TurnCallbacks.on_late_tool_result`).
 
 Decisions where the specification is silent:
 - Backoff: the n-th retry (n from 0) waits `min(base * 2^n, max_delay)`; a
@@ -20,10 +40,6 @@ Decisions where the specification is silent:
   Retry-After is honoured up to that budget, never beyond it.
 - A failed summary call (error, timeout) is handled like an empty summary: an
   error tool result is published, `on_error` is told, the turn goes on.
-- `PersistRefused` from any write (step or compaction) ends the turn as
-  INTERRUPTED with no further writes. Any other persist-step error propagates.
-- Every persist (step, compaction) runs shielded with `cleanup_timeout`: a
-  cancellation never leaves it ambiguous whether a step was written.
 - `on_message` receives the user-visible persisted messages (the hidden summary
   is model-only); the caller clears its stream buffer there.
 - `on_error` receives non-fatal errors only; a fatal one is in `TurnResult.error`.
@@ -38,10 +54,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
+from typing import TypeVar
 
 import trio
 
-from chatd_trio.config import LoopConfig, RetryConfig
+from chatd_trio.config import LoopConfig, RetryConfig, StoreRetryConfig
 from chatd_trio.domain import (
     ErrorPayload,
     Message,
@@ -57,7 +74,7 @@ from chatd_trio.domain import (
     Visibility,
     new_id,
 )
-from chatd_trio.errors import ModelError, PersistRefused, StoreError
+from chatd_trio.errors import ModelError, PersistRefused, StoreUnavailable
 from chatd_trio.models.base import (
     Delta,
     Finish,
@@ -69,13 +86,14 @@ from chatd_trio.models.base import (
     ToolCallDone,
 )
 from chatd_trio.models.classify import UNREACHABLE
-from chatd_trio.store.base import Announcer, Store, TurnOutcome
+from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
 from statecharts.compaction import Activity, CompactionChart, over_threshold, usage_percent
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 PartCallback = Callable[[MessagePartEvent], Awaitable[None]]
 MessageCallback = Callable[[Message], Awaitable[None]]
@@ -92,6 +110,9 @@ class TurnCallbacks:
     `on_message`: each persisted user-visible message, in id order (durable).
     `on_retry`: before each retry's backoff sleep (publish locally and via pubsub).
     `on_error`: a non-fatal error (compaction failed); the turn goes on.
+    `on_late_tool_result`: a tool that ignored the turn's cancellation returned after
+    the turn stopped waiting for it; its result is dropped.
+    `on_store_retry`: a write failed transiently and is about to be retried.
     `announce`: passed to the store's persist operations, which then send the
     messages' notifies in the inserting transaction (see `Store.announces_to`).
     """
@@ -100,12 +121,15 @@ class TurnCallbacks:
     on_message: MessageCallback | None = None
     on_retry: RetryCallback | None = None
     on_error: ErrorCallback | None = None
+    on_late_tool_result: Callable[[ToolCallPart], None] | None = None
+    on_store_retry: Callable[[str, BaseException], None] | None = None
     announce: Announcer | None = None
 
 
 class StopReason(enum.StrEnum):
     INTERRUPT = "interrupt"
     SHUTDOWN = "shutdown"
+    FENCED = "fenced"
 
 
 class TurnControl:
@@ -116,7 +140,7 @@ class TurnControl:
         control = TurnControl()
         with control:
             result = await run_turn(..., control=control)
-        if control.stop_reason is StopReason.SHUTDOWN: ...  # hand the chat back
+        if control.stop_reason is StopReason.SHUTDOWN: ...  # control.result says how
 
     `interrupt()` needs no entering: `run_turn` owns that scope and returns INTERRUPTED.
     Either method may be called before the turn starts; it then stops at once. One
@@ -128,11 +152,21 @@ class TurnControl:
         self._shutdown_scope = trio.CancelScope()
         self.stop_reason: StopReason | None = None
         self.detail = ""
+        # Set by `run_turn` when a shutdown cancelled it: the chart's outcome.
+        self.result: TurnResult | None = None
 
     def interrupt(self, detail: str = "interrupted") -> None:
         """Stop the turn as a user interrupt: keep what was produced."""
         if self.stop_reason is None:
             self.stop_reason = StopReason.INTERRUPT
+            self.detail = detail
+        self._interrupt_scope.cancel()
+
+    def fence(self, detail: str = "the chat is held by another run") -> None:
+        """Stop the turn because its run lost the chat (another token holds it): nothing
+        it produced may be written, so it ends `fenced` without trying."""
+        if self.stop_reason in (None, StopReason.INTERRUPT):
+            self.stop_reason = StopReason.FENCED
             self.detail = detail
         self._interrupt_scope.cancel()
 
@@ -162,9 +196,27 @@ class TurnControl:
         return self._shutdown_scope.__exit__(exc_type, exc, tb)
 
 
+# How each final state of the chart ends the turn for the chat's lifecycle.
+OUTCOMES: dict[str, TurnOutcome] = {
+    "done": TurnOutcome.DONE,
+    "exhausted": TurnOutcome.DONE,
+    "step_limit": TurnOutcome.DONE,
+    "answered": TurnOutcome.DONE,
+    "failed": TurnOutcome.ERROR,
+    "interrupted": TurnOutcome.INTERRUPTED,
+    "shut_down": TurnOutcome.SHUTDOWN,
+    "fenced": TurnOutcome.LOST,
+    "unavailable": TurnOutcome.UNAVAILABLE,
+}
+
+
 @dataclass(frozen=True)
 class TurnResult:
-    """How a turn ended and what it used."""
+    """How a turn ended and what it used.
+
+    `final_messages` are the turn's last messages, not yet written: the caller writes
+    them with the final transition (`Store.finish_turn(..., messages=...)`).
+    """
 
     outcome: TurnOutcome
     steps: int
@@ -172,11 +224,16 @@ class TurnResult:
     reentries: int
     retries: int = 0
     error: ErrorPayload | None = None
-    # True when a write was refused (the chat was edited or taken over).
-    persist_refused: bool = False
-    # The compaction chart's path, for diagnostics and property tests.
+    final_messages: tuple[NewMessage, ...] = ()
+    store_retries: int = 0
+    # The compaction chart's path and final state (the outcome's source).
     trace: tuple[Step, ...] = ()
     final_state: str = ""
+
+    @property
+    def persist_refused(self) -> bool:
+        """True when a write was refused (the chat was edited or taken over)."""
+        return self.final_state == "fenced"
 
 
 def retry_delay(config: RetryConfig, retry_index: int, retry_after: float | None) -> float:
@@ -210,6 +267,62 @@ def error_payload(exc: ModelError, provider: str) -> ErrorPayload:
     )
 
 
+async def with_store_retries(
+    call: Callable[[], Awaitable[T]],
+    config: StoreRetryConfig,
+    *,
+    what: str,
+    on_retry: Callable[[str, BaseException], None] | None = None,
+    log_extra: dict[str, str] | None = None,
+) -> T:
+    """Run `call`, retrying `StoreUnavailable` with backoff until `config.budget` runs out.
+
+    The last `StoreUnavailable` propagates when the next attempt would start after the
+    budget. `call` must be idempotent (turn writes carry an operation id).
+    """
+    deadline = trio.current_time() + config.budget
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except StoreUnavailable as exc:
+            delay = min(config.base_delay * 2.0 ** min(attempt, 62), config.max_delay)
+            attempt += 1
+            if trio.current_time() + delay > deadline:
+                raise
+            logger.warning(
+                "store unavailable during %s, retrying in %.1f s",
+                what,
+                delay,
+                extra={**(log_extra or {}), "attempt": attempt, "error": str(exc)},
+            )
+            if on_retry is not None:
+                on_retry(what, exc)
+            await trio.sleep(delay)
+
+
+def already_answered(history: Sequence[PromptMessage]) -> bool:
+    """Whether the history after its last user message ends in a final answer: an
+    assistant message without tool calls, with every earlier tool call answered.
+
+    A recovered turn over such a history is complete; running the model again
+    would answer the same message twice.
+    """
+    last_user = None
+    for index, message in enumerate(history):
+        if message.role is Role.USER and not getattr(message, "compressed", False):
+            last_user = index
+    if last_user is None:
+        return False
+    tail = history[last_user + 1 :]
+    if not tail or tail[-1].role is not Role.ASSISTANT:
+        return False
+    calls = {p.call_id for m in tail for p in m.parts if isinstance(p, ToolCallPart)}
+    answered = {p.call_id for m in tail for p in m.parts if isinstance(p, ToolResultPart)}
+    final_calls = any(isinstance(p, ToolCallPart) for p in tail[-1].parts)
+    return not final_calls and calls <= answered
+
+
 class _TurnFailed(Exception):
     def __init__(self, payload: ErrorPayload) -> None:
         super().__init__(payload.message)
@@ -233,6 +346,10 @@ class _StepBuffer:
     finish: Finish | None = None
     # One slot per tool call once tools run; None until that call has a result.
     results: list[ToolResultPart | None] = field(default_factory=list)
+    # Every write of this step (complete, or interrupted) carries this id: it lands once.
+    op_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    # A write of the complete step was started: it may have landed, unacknowledged.
+    write_started: bool = False
 
     def apply(self, delta: Delta) -> Part | None:
         """Record a delta; returns the part to publish (None for `Finish`)."""
@@ -306,40 +423,54 @@ class _Turn:
     def __init__(
         self,
         store: Store,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         model: Model,
         tools: ToolRegistry,
         config: LoopConfig,
         callbacks: TurnCallbacks,
         load_prompt: PromptLoader,
         tool_context: ToolContext,
+        tool_nursery: trio.Nursery | None,
     ) -> None:
         self.store = store
-        self.chat_id = chat_id
-        self.worker_id = worker_id
+        self.lease = lease
+        self.chat_id = lease.chat_id
         self.model = model
         self.tools = tools
         self.config = config
         self.callbacks = callbacks
         self.load_prompt = load_prompt
         self.tool_context = tool_context
+        self.tool_nursery = tool_nursery
         self.chart = CompactionChart.fresh(
             config.max_steps, config.compaction.max_compaction_retries, owner=self
         )
         self.history: list[PromptMessage] = []
-        # The in-flight step; None once persisted (nothing left to save on interrupt).
+        # The in-flight step (streaming or running tools); None once it is complete.
         self.step: _StepBuffer | None = None
+        # A complete step not written yet: written before the next activity that needs
+        # it, or handed to the caller's finish when the chart ends the turn.
+        self.unwritten: tuple[_StepBuffer, list[NewMessage]] | None = None
         self.last_finish: Finish | None = None
+        self.error: ErrorPayload | None = None
         self.retries = 0
-        self.log_extra = {"chat_id": str(chat_id), "worker_id": str(worker_id)}
+        self.store_retries = 0
+        self.log_extra = {
+            "chat_id": str(lease.chat_id),
+            "worker_id": str(lease.worker_id),
+            "owner_token": str(lease.token),
+        }
 
     # -- driving the chart ----------------------------------------------------
     async def run(self) -> TurnResult:
-        self.history = list(await self.load_prompt())
-        try:
-            while (activity := self.chart.activity) is not None:
-                if activity is Activity.STEP:
+        while (activity := self.chart.activity) is not None:
+            try:
+                if activity is not Activity.CHECK and activity is not Activity.LOAD:
+                    await self._write_unwritten()
+                if activity is Activity.LOAD:
+                    self.history = list(await self._retrying(self.load_prompt, "loading"))
+                    self.chart.send("loaded", answered=already_answered(self.history))
+                elif activity is Activity.STEP:
                     tool_calls = await self._step()
                     self.chart.send(
                         "step_persisted", tool_calls=tool_calls, over_threshold=self._over()
@@ -348,37 +479,71 @@ class _Turn:
                     compacted = await self._compact()
                     self.chart.send("summary_ok" if compacted else "summary_failed")
                 elif activity is Activity.RELOAD:
-                    self.history = list(await self.load_prompt())
+                    self.history = list(await self._retrying(self.load_prompt, "reloading"))
                     self.chart.send("reloaded")
                 else:
                     self.chart.send("post_run_check", over_threshold=self._over())
-        except _TurnFailed as failed:
-            logger.warning("turn failed: %s", failed.payload.message, extra={**self.log_extra})
-            return self.result(TurnOutcome.ERROR, error=failed.payload)
-        return self.result(TurnOutcome.DONE)
+            except _TurnFailed as failed:
+                logger.warning("turn failed: %s", failed.payload.message, extra={**self.log_extra})
+                self.error = failed.payload
+                self.chart.send("model_failed")
+            except PersistRefused as refused:
+                logger.info("write refused, turn ends: %s", refused, extra={**self.log_extra})
+                self.unwritten = None
+                self.chart.send("write_refused")
+            except StoreUnavailable as exc:
+                logger.warning(
+                    "store unavailable past the retry budget, handing the chat back",
+                    extra={**self.log_extra, "error": str(exc)},
+                )
+                self.chart.send("store_unavailable")
+        return self.result()
 
-    def result(
-        self,
-        outcome: TurnOutcome,
-        *,
-        error: ErrorPayload | None = None,
-        persist_refused: bool = False,
-    ) -> TurnResult:
+    def result(self) -> TurnResult:
+        """The outcome the chart's final state names, with what the turn used."""
+        final = self.chart.state_id
+        outcome = OUTCOMES[final]
+        messages: tuple[NewMessage, ...] = ()
+        unwritten = self.unwritten
+        # A step whose own write was started (a shutdown or an outage cut it off) may
+        # have landed: written again with the finish, under another id, it would be
+        # stored twice. It is left to the next run, which finds it stored or repeats it.
+        if (
+            unwritten is not None
+            and not unwritten[0].write_started
+            and outcome is not TurnOutcome.LOST
+        ):
+            messages = tuple(unwritten[1])
         return TurnResult(
             outcome=outcome,
             steps=self.chart.steps_used,
             compactions=self.chart.compactions,
             reentries=self.chart.reentries,
             retries=self.retries,
-            error=error,
-            persist_refused=persist_refused,
+            error=self.error,
+            final_messages=messages,
+            store_retries=self.store_retries,
             trace=tuple(self.chart.trace),
-            final_state=self.chart.state_id,
+            final_state=final,
+        )
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        def on_retry(what: str, exc: BaseException) -> None:
+            self.store_retries += 1
+            if self.callbacks.on_store_retry is not None:
+                self.callbacks.on_store_retry(what, exc)
+
+        return await with_store_retries(
+            call,
+            self.config.store_retry,
+            what=what,
+            on_retry=on_retry,
+            log_extra=self.log_extra,
         )
 
     # -- facts ------------------------------------------------------------------
     def _context(self) -> tuple[int, int]:
-        """Context tokens and limit of the last persisted step (docs/spec.md §3.1)."""
+        """Context tokens and limit of the last completed step (docs/spec.md §3.1)."""
         finish = self.last_finish
         if finish is None:
             return 0, 0
@@ -394,39 +559,45 @@ class _Turn:
         if self.callbacks.on_part is not None:
             await self.callbacks.on_part(MessagePartEvent(self.chat_id, role, part))
 
-    async def _publish_messages(self, messages: Sequence[Message]) -> None:
+    async def publish_messages(self, messages: Sequence[Message]) -> None:
+        """Publish persisted messages, shielded (bounded by cleanup_timeout): a message
+        persisted but never announced would reach subscribers only at their next read."""
         if self.callbacks.on_message is None:
             return
-        for message in messages:
-            if message.user_visible:
-                await self.callbacks.on_message(message)
-
-    async def _persist_and_publish(
-        self,
-        write: Callable[[], Awaitable[list[Message]]],
-        what: str,
-        written: Callable[[list[Message]], None] | None = None,
-        publish_first: Callable[[], Awaitable[None]] | None = None,
-    ) -> list[Message]:
-        """Write, then publish what was written, as one unit no cancellation tears
-        (bounded by cleanup_timeout). `written` runs right after the write, before any
-        checkpoint; `publish_first` publishes before the messages. A message persisted
-        but never announced would reach subscribers only at their next read."""
-        persisted: list[Message] | None = None
         with trio.move_on_after(self.config.cleanup_timeout, shield=True):
-            persisted = await write()
-            if written is not None:
-                written(persisted)
-            if publish_first is not None:
-                await publish_first()
-            await self._publish_messages(persisted)
-        if persisted is None:
-            raise StoreError(f"{what} did not finish within {self.config.cleanup_timeout} s")
+            for message in messages:
+                if message.user_visible:
+                    await self.callbacks.on_message(message)
+
+    # -- writing ------------------------------------------------------------------
+    async def _persist(
+        self, messages: Sequence[NewMessage], op_id: uuid.UUID, what: str
+    ) -> list[Message]:
+        """Write messages under the lease (retried through transient faults), publish them."""
+        persisted = await self._retrying(
+            lambda: self.store.persist_step(
+                self.lease, messages, announce=self.callbacks.announce, op_id=op_id
+            ),
+            what,
+        )
+        await self.publish_messages(persisted)
         return persisted
+
+    async def _write_unwritten(self) -> None:
+        """Write the completed step the chart's next activity builds on."""
+        if self.unwritten is None:
+            return
+        step, messages = self.unwritten
+        step.write_started = True
+        persisted = await self._persist(messages, step.op_id, "persisting a step")
+        # The step is in the store: an interrupt from here on has nothing left to save.
+        self.unwritten = None
+        self.history.extend(persisted)
 
     # -- one step ---------------------------------------------------------------
     async def _step(self) -> bool:
-        """Stream, run tools, persist, publish; True when the model called tools."""
+        """Stream, run tools; the complete step waits in `unwritten`. True when the model
+        called tools."""
         step = await self._stream_with_retries()
         calls = step.tool_calls()
         if calls:
@@ -434,21 +605,11 @@ class _Turn:
             for result in step.results:
                 assert result is not None
                 await self._publish_part(Role.TOOL, result)
-        messages = step.messages(self.config.compaction.context_limit, None)
-
-        def written(persisted: list[Message]) -> None:
-            # No checkpoint between the write and this: an interrupt cannot persist twice.
-            self.step = None
-            self.history.extend(persisted)
-            self.last_finish = step.finish
-
-        await self._persist_and_publish(
-            lambda: self.store.persist_step(
-                self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
-            ),
-            "persisting a step",
-            written,
-        )
+        # No checkpoint between these: an interrupt sees either the in-flight step or
+        # the complete one, never neither.
+        self.unwritten = (step, step.messages(self.config.compaction.context_limit, None))
+        self.step = None
+        self.last_finish = step.finish
         return bool(calls)
 
     async def _stream_with_retries(self) -> _StepBuffer:
@@ -539,15 +700,52 @@ class _Turn:
             for index, call in enumerate(calls):
                 await run_one(index, call)
             return
-        try:
+        if self.tool_nursery is None:
             async with trio.open_nursery() as nursery:
                 for index, call in enumerate(calls):
                     nursery.start_soon(run_one, index, call)
-        except BaseExceptionGroup as group:
-            # `invoke` turns every Exception into a result, so only cancellation gets
-            # here; we are cancelled too, so this checkpoint raises a plain Cancelled.
-            if group.split(trio.Cancelled)[1] is None:
-                await trio.lowlevel.checkpoint()
+            return
+        await self._run_tools_detachable(calls, results)
+
+    async def _run_tools_detachable(
+        self, calls: list[ToolCallPart], results: list[ToolResultPart | None]
+    ) -> None:
+        """Run the calls in the caller's tool nursery and wait for them; when this turn
+        is cancelled it stops waiting at once. A tool that ignores the cancellation
+        (a blocking thread) finishes in the tool nursery; its late result is dropped."""
+        assert self.tool_nursery is not None
+        remaining = len(calls)
+        all_done = trio.Event()
+        scopes = [trio.CancelScope() for _ in calls]
+        abandoned = False
+
+        async def run_one(index: int, call: ToolCallPart, scope: trio.CancelScope) -> None:
+            nonlocal remaining
+            result: ToolResultPart | None = None
+            with scope:
+                result = await self.tools.invoke(call, self.tool_context)
+            if abandoned:
+                if result is not None:
+                    logger.warning(
+                        "late tool result dropped",
+                        extra={**self.log_extra, "tool": call.name, "call_id": call.call_id},
+                    )
+                    if self.callbacks.on_late_tool_result is not None:
+                        self.callbacks.on_late_tool_result(call)
+                return
+            results[index] = result
+            remaining -= 1
+            if remaining == 0:
+                all_done.set()
+
+        for index, call in enumerate(calls):
+            self.tool_nursery.start_soon(run_one, index, call, scopes[index])
+        try:
+            await all_done.wait()
+        except BaseException:
+            abandoned = True
+            for scope in scopes:
+                scope.cancel()
             raise
 
     # -- compaction -------------------------------------------------------------
@@ -594,18 +792,23 @@ class _Turn:
             NewMessage(Role.ASSISTANT, (call,), Visibility.USER, compressed=True),
             NewMessage(Role.TOOL, (result,), Visibility.USER, compressed=True),
         ]
+        op_id = uuid.uuid4()
         try:
-            await self._persist_and_publish(
+            persisted = await self._retrying(
                 lambda: self.store.persist_compaction(
-                    self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
+                    self.lease, messages, announce=self.callbacks.announce, op_id=op_id
                 ),
                 "persisting a compaction",
-                publish_first=lambda: self._publish_part(Role.TOOL, result),
             )
-        except PersistRefused:
+        except (PersistRefused, StoreUnavailable):
             raise
         except Exception as exc:
             return await self._compaction_failed(call, "failed to persist compaction result", exc)
+        # The result only once it is stored (a failed write reports an error result
+        # instead); then the stored messages, as one unit no cancellation tears.
+        with trio.move_on_after(self.config.cleanup_timeout, shield=True):
+            await self._publish_part(Role.TOOL, result)
+            await self.publish_messages(persisted)
         logger.info(
             "compacted",
             extra={**self.log_extra, "context_tokens": tokens, "context_limit": limit},
@@ -626,20 +829,35 @@ class _Turn:
         return False
 
     # -- interrupt ----------------------------------------------------------------
-    async def persist_interrupted(self) -> None:
-        """Write what the in-flight step produced; shielded, bounded by cleanup_timeout."""
-        step, self.step = self.step, None
-        if step is None:
-            return
-        messages = step.messages(
+    def kept_on_interrupt(self) -> tuple[uuid.UUID, list[NewMessage]] | None:
+        """What an interrupt keeps: the complete unwritten step, else the in-flight one's
+        partial (text, calls, a synthetic result for every call without one)."""
+        if self.unwritten is not None:
+            step, messages = self.unwritten
+            return step.op_id, messages
+        if self.step is None:
+            return None
+        messages = self.step.messages(
             self.config.compaction.context_limit, self.config.interrupted_tool_result
         )
-        if not messages:
+        return (self.step.op_id, messages) if messages else None
+
+    async def persist_interrupted(self) -> None:
+        """Write what the interrupted turn produced; shielded, bounded by cleanup_timeout.
+
+        Under the step's operation id: if the step's own write was cut off after it
+        landed, this recognises it instead of writing the step twice.
+        """
+        kept = self.kept_on_interrupt()
+        self.step = None
+        self.unwritten = None
+        if kept is None:
             return
+        op_id, messages = kept
         with trio.move_on_after(self.config.cleanup_timeout, shield=True) as scope:
             try:
                 persisted = await self.store.persist_step(
-                    self.chat_id, self.worker_id, messages, announce=self.callbacks.announce
+                    self.lease, messages, announce=self.callbacks.announce, op_id=op_id
                 )
             except PersistRefused:
                 logger.info("interrupted step not persisted: refused", extra={**self.log_extra})
@@ -647,15 +865,22 @@ class _Turn:
             except Exception:
                 logger.exception("persisting the interrupted step failed", extra={**self.log_extra})
                 return
-            await self._publish_messages(persisted)
+            await self.publish_messages(persisted)
         if scope.cancelled_caught:
             logger.warning("persisting the interrupted step timed out", extra={**self.log_extra})
 
 
+def _cancellation(exc: BaseException) -> bool:
+    """Whether `exc` is a cancellation: bare, or grouped by a nursery it went through (a
+    shutdown that lands while tools run leaves their nursery as a group)."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None
+
+
 async def run_turn(
     store: Store,
-    chat_id: uuid.UUID,
-    worker_id: uuid.UUID,
+    lease: Lease,
     model: Model,
     *,
     tools: ToolRegistry | None = None,
@@ -664,36 +889,51 @@ async def run_turn(
     control: TurnControl | None = None,
     load_prompt: PromptLoader | None = None,
     tool_context: ToolContext | None = None,
+    tool_nursery: trio.Nursery | None = None,
 ) -> TurnResult:
-    """Run one turn of `chat_id` as `worker_id` until the model stops or a limit is hit.
+    """Run one turn of the chat `lease` holds until the chart reaches a final state.
 
     The store is used for `prompt_messages` (unless `load_prompt` is given: the caller
     may add system prompts and instruction files to what the store returns),
-    `persist_step` and `persist_compaction` only.
+    `persist_step` and `persist_compaction`, every write under `lease`. The result's
+    `final_messages` are for the caller's `finish_turn`. With `tool_nursery`, tools
+    run there (see the module docstring).
 
-    Returns DONE, INTERRUPTED (interrupt, or a write refused after an edit) or ERROR
-    (a non-retryable model error, or retries exhausted). Raises `trio.Cancelled` on
-    shutdown and propagates store errors other than `PersistRefused`.
+    Returns the outcome the chart's final state names (DONE, INTERRUPTED, ERROR, LOST,
+    UNAVAILABLE). On shutdown the cancellation propagates (bare, or grouped by the
+    nursery of the tools it went through), after recording the outcome (SHUTDOWN) in
+    `control.result`.
     """
     control = control if control is not None else TurnControl()
     turn = _Turn(
         store,
-        chat_id,
-        worker_id,
+        lease,
         model,
         tools if tools is not None else ToolRegistry(),
         config if config is not None else LoopConfig(),
         callbacks if callbacks is not None else TurnCallbacks(),
-        load_prompt if load_prompt is not None else (lambda: store.prompt_messages(chat_id)),
-        tool_context if tool_context is not None else ToolContext(chat_id, worker_id),
+        load_prompt if load_prompt is not None else (lambda: store.prompt_messages(lease.chat_id)),
+        tool_context if tool_context is not None else ToolContext(lease.chat_id, lease.worker_id),
+        tool_nursery,
     )
     try:
         with control._interrupt_scope:
             return await turn.run()
-    except PersistRefused:
-        logger.info("write refused, turn ends as interrupted", extra={**turn.log_extra})
-        return turn.result(TurnOutcome.INTERRUPTED, persist_refused=True)
+    except BaseException as exc:
+        if control.stop_reason is StopReason.SHUTDOWN and _cancellation(exc):
+            # The step in progress is dropped: the next run repeats it (docs/spec.md §1).
+            turn.step = None
+            turn.chart.send("shutdown")
+            control.result = turn.result()
+            logger.info("turn shut down: %s", control.detail, extra={**turn.log_extra})
+        raise
     # Only reached when the interrupt scope absorbed its own cancellation.
+    if control.stop_reason is StopReason.FENCED:
+        logger.info("turn fenced: %s", control.detail, extra={**turn.log_extra})
+        turn.unwritten = None
+        turn.chart.send("write_refused")
+        return turn.result()
     logger.info("turn interrupted: %s", control.detail, extra={**turn.log_extra})
+    turn.chart.send("interrupt")
     await turn.persist_interrupted()
-    return turn.result(TurnOutcome.INTERRUPTED)
+    return turn.result()

@@ -106,6 +106,7 @@ from chatd_trio.domain import (
 )
 from chatd_trio.errors import ChatdError, PubSubError, StoreError
 from chatd_trio.models.scripted import ScriptedModel, ToolsThenAnswer
+from chatd_trio.pubsub.auth import NotifyAuth, new_key_text
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import Store
@@ -1461,6 +1462,9 @@ class _Supervisor:
         self.stopping = False
         self.faults: list[dict[str, Any]] = []
         self.crashes: list[dict[str, Any]] = []
+        # The run's notify key, shared by its replicas (in the hello, over stdin: never
+        # in the plan, which reports repeat).
+        self.notify_key = new_key_text()
 
     # -- processes ----------------------------------------------------------------------
     async def spawn(self, index: int) -> _Worker:
@@ -1481,6 +1485,7 @@ class _Supervisor:
                 "plan": self.plan.to_json(),
                 "go": self.go_sent,
                 "finals": dict(self.progress.finals),
+                "notify_key": self.notify_key,
             }
         )
         self.nursery.start_soon(self._writer, worker, receive)
@@ -1873,6 +1878,7 @@ async def worker_main() -> None:
             PostgresPubSub.open(
                 plan.dsn,
                 config=PubSubConfig(application_name=pubsub_application_name(plan, index)),
+                auth=NotifyAuth.from_key_text(hello["notify_key"]),
             ) as pubsub,
         ):
             pubsub_port: PubSub = pubsub

@@ -21,6 +21,7 @@ from typing import Literal
 
 import trio
 
+from chatd_trio import lifecycle
 from chatd_trio.config import Config
 from chatd_trio.domain import (
     Chat,
@@ -28,6 +29,7 @@ from chatd_trio.domain import (
     ErrorPayload,
     Message,
     MessagePartEvent,
+    NewMessage,
     NotifyPayload,
     Part,
     RetryPayload,
@@ -41,11 +43,21 @@ from chatd_trio.errors import (
     DecodeError,
     PermissionDenied,
     PubSubError,
+    StoreError,
+    StoreUnavailable,
 )
-from chatd_trio.loop import TurnCallbacks, TurnControl, TurnResult, run_turn
+from chatd_trio.lifecycle import ChatView
+from chatd_trio.loop import TurnCallbacks, TurnControl, TurnResult, run_turn, with_store_retries
 from chatd_trio.models.base import Model
 from chatd_trio.pubsub.base import PubSub, Resync
-from chatd_trio.store.base import EditResult, SendResult, Store, TurnOutcome
+from chatd_trio.store.base import (
+    EditResult,
+    FinishResult,
+    Lease,
+    SendResult,
+    Store,
+    TurnOutcome,
+)
 from chatd_trio.streams import ChatStreams, StreamSubscription
 from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
 from chatd_trio.tools import ToolContext, ToolRegistry
@@ -73,6 +85,8 @@ class TurnEnv:
     control: TurnControl
     nursery: trio.Nursery
     extras: dict[str, object] = field(default_factory=dict)
+    # The turn's claim on the chat (`None` only for environments built outside a Server).
+    lease: Lease | None = None
     # Run after the turn (shielded, in reverse order): release turn-local resources.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -98,12 +112,24 @@ class ServerStats:
     steps: int
     extra: dict[str, int]
     streams: dict[str, int]
+    # Turns that ended because their run no longer held the chat (a write or the finish
+    # was refused: fenced by a newer ownership token, or edited).
+    fenced: int = 0
+    # Tool results that arrived after their turn stopped waiting (dropped).
+    late_tool_results_dropped: int = 0
+    # Turn writes retried through a transient store fault.
+    store_retries: int = 0
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+def _ended(outcome: TurnOutcome, error: ErrorPayload | None = None) -> TurnResult:
+    """The result of a turn that ended before its loop decided anything."""
+    return TurnResult(outcome=outcome, steps=0, compactions=0, reentries=0, error=error)
 
 
 class Server:
@@ -147,13 +173,12 @@ class Server:
         self.mcp_cache = McpToolCache(self.config.workspace)
         self.workspace_stats = WorkspaceStats()
         self.subagent_stats = SubagentStats()
+        # The current turn of each chat running here, and every turn not yet ended (a
+        # turn that lost its chat may still be ending when the chat is acquired again).
         self._turns: dict[uuid.UUID, TurnControl] = {}
+        self._controls: set[TurnControl] = set()
         self._turns_idle = trio.Event()
         self._turns_idle.set()
-        # Replaced each time a turn is over: the acquire loop waits on it for stopped turns.
-        self._turn_over = trio.Event()
-        # Chats handed back because their previous turn here had not ended yet.
-        self._rerun: set[uuid.UUID] = set()
         self._work = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._background = trio.CancelScope()
@@ -203,7 +228,7 @@ class Server:
             self._closed.set()
             return
         self._background.cancel()
-        for control in list(self._turns.values()):
+        for control in list(self._controls):
             control.shutdown("replica shutting down")
         await self._turns_idle.wait()
         self._closed.set()
@@ -227,20 +252,13 @@ class Server:
                 await self._work.wait()
             self._work = trio.Event()
 
-    async def _wait_for_stopped_turns(self) -> None:
-        # Ownership is per replica (worker_id), not per turn: a stopped turn that has not
-        # ended yet would see its chat, re-acquired here, as its own and write into it
-        # (its interrupted step, its final transition). Stopped turns end within their
-        # cleanup deadlines, so acquisition waits for them.
-        while any(c.stop_reason is not None for c in self._turns.values()):
-            await self._turn_over.wait()
-
     async def _acquire_until_short_batch(self) -> None:
         limit = self.config.acquire.max_chats_per_acquire
         while True:
-            await self._wait_for_stopped_turns()
             # The claim runs shielded so that a close cannot cancel it after the database
-            # committed; a close observed afterwards hands the chats straight back.
+            # committed; a close observed afterwards hands the chats straight back. A claim
+            # cut off by its deadline may have committed: stale recovery returns those.
+            chats: list[Chat] = []
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
                 try:
@@ -257,21 +275,7 @@ class Server:
             except trio.Cancelled:
                 await self._release_on_close(chats)
                 raise
-            assert self._nursery is not None
-            # A chat whose previous turn is still here (stopped elsewhere, not yet noticed):
-            # hand it back, stop that turn, acquire again once it has ended.
-            busy = {c.id for c in chats if c.id in self._turns}
-            # Marked before the release awaits: the old turn may end meanwhile, and its
-            # end is what wakes acquisition for the rerun.
-            for chat_id in busy:
-                self._rerun.add(chat_id)
-                self._stop_local(chat_id, "chat changed elsewhere")
-            if busy:
-                await self._release([c for c in chats if c.id in busy], "released_busy")
             for chat in chats:
-                if chat.id in busy:
-                    continue
-                self._rerun.discard(chat.id)
                 self._bump("acquired")
                 self._start_turn(chat)
             if len(chats) < limit:
@@ -286,7 +290,7 @@ class Server:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
             try:
-                await self.store.release(self.worker_id, [c.id for c in chats])
+                await self.store.release([Lease.of(c) for c in chats])
                 self._bump(counter, len(chats))
             except ChatdError as exc:
                 # Stale recovery hands them back once their heartbeat goes stale.
@@ -314,8 +318,15 @@ class Server:
     # -- turns --------------------------------------------------------------------------
     def _start_turn(self, chat: Chat) -> None:
         assert self._nursery is not None
+        previous = self._turns.get(chat.id)
+        if previous is not None:
+            # A turn of this chat that lost it (its token is stale: every write it tries
+            # is refused) has not ended yet; it must not keep running alongside.
+            self._bump("interrupts")
+            previous.fence("chat acquired again")
         control = TurnControl()
         self._turns[chat.id] = control
+        self._controls.add(control)
         self._turns_idle = trio.Event()
         self._nursery.start_soon(self._turn, chat, control)
 
@@ -325,65 +336,73 @@ class Server:
         return self._model(chat)
 
     async def _turn(self, chat: Chat, control: TurnControl) -> None:
-        log = {"chat_id": str(chat.id), "worker_id": str(self.worker_id)}
+        lease = Lease.of(chat)
+        log = {
+            "chat_id": str(chat.id),
+            "worker_id": str(self.worker_id),
+            "owner_token": str(lease.token),
+        }
         self._bump("turns_started")
-        outcome = TurnOutcome.SHUTDOWN
-        error: ErrorPayload | None = None
-        # Stays None when a shutdown cancels the turn: `with control` absorbs that.
-        result: TurnResult | None = None
+        crashed: ErrorPayload | None = None
+        # Buffering starts BEFORE `running` is published (docs/spec.md §4).
+        generation = self.streams.start_turn(chat.id)
         try:
-            # Buffering starts BEFORE `running` is published (docs/spec.md §4).
-            self.streams.start_turn(chat.id)
             await self._publish_quietly(
-                self.streams.publish_status(chat.id, ChatStatus.RUNNING, self.worker_id)
+                self.streams.publish_status(
+                    chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
+                )
             )
             with control:
-                result = await self._supervised_turn(chat, control)
-            if result is not None:
-                outcome, error = result.outcome, result.error
-                self._record(result)
+                await self._supervised_turn(chat, lease, control)
         except* Exception as group:
             # `except*`: a failure raised beside a cancellation (a store error in a
             # shielded write while the replica is being cancelled) is handled here and
             # the cancellation goes on; it must not escape the server's nursery.
             logger.exception("turn crashed", extra=log)
-            if trio.current_effective_deadline() != -math.inf:
-                leaf = _first_leaf(group)
-                outcome = TurnOutcome.ERROR
-                error = ErrorPayload(message=str(leaf) or type(leaf).__name__, kind="internal")
+            leaf = _first_leaf(group)
+            crashed = ErrorPayload(message=str(leaf) or type(leaf).__name__, kind="internal")
         finally:
-            if control.shut_down:
-                outcome = TurnOutcome.SHUTDOWN
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
-                await self._finish(chat, control, outcome, error)
-            self._turn_done(chat.id, control, outcome)
+            result = control.result
+            if crashed is not None and (result is None or not result.final_state):
+                result = _ended(TurnOutcome.ERROR, crashed)
+            elif result is None:
+                # Stopped before the loop started (a shutdown during the turn's setup).
+                result = _ended(TurnOutcome.SHUTDOWN)
+            if trio.current_effective_deadline() == -math.inf and not control.shut_down:
+                # Cancelled from outside (the replica's nursery): hand the chat back.
+                result = dataclasses.replace(result, outcome=TurnOutcome.SHUTDOWN, error=None)
+            self._record(result)
+            try:
+                await self._finish(chat, lease, control, result, generation)
+            finally:
+                self._turn_done(chat.id, control, result.outcome, generation)
 
-    def _turn_done(self, chat_id: uuid.UUID, control: TurnControl, outcome: TurnOutcome) -> None:
+    def _turn_done(
+        self,
+        chat_id: uuid.UUID,
+        control: TurnControl,
+        outcome: TurnOutcome,
+        generation: int,
+    ) -> None:
         """The turn wrote its last row: it no longer counts as running here (idempotent)."""
-        # Once the final transition has run the chat may be acquired again here; only
-        # this turn's own entry and stream buffering end.
-        if self._turns.get(chat_id) is not control:
+        if control not in self._controls:
             return
-        del self._turns[chat_id]
+        self._controls.discard(control)
         self._finished[outcome.value] = self._finished.get(outcome.value, 0) + 1
-        self.streams.end_turn(chat_id)
-        self._turn_over.set()
-        self._turn_over = trio.Event()
-        if chat_id in self._rerun:
-            self._rerun.discard(chat_id)
-            self.wake()
-        if not self._turns:
+        self.streams.end_turn(chat_id, generation)
+        if self._turns.get(chat_id) is control:
+            del self._turns[chat_id]
+        if not self._controls:
             self._turns_idle.set()
 
-    async def _supervised_turn(self, chat: Chat, control: TurnControl) -> TurnResult | None:
+    async def _supervised_turn(self, chat: Chat, lease: Lease, control: TurnControl) -> None:
         async with trio.open_nursery() as aux:
-            aux.start_soon(self._heartbeat, chat.id, control)
+            aux.start_soon(self._heartbeat, lease, control)
             if self.pubsub is not None:
-                await aux.start(self._control_listener, chat.id, control)
-            env = TurnEnv(self, chat, control, aux)
+                await aux.start(self._control_listener, lease, control)
+            env = TurnEnv(self, chat, control, aux, lease=lease)
             try:
-                return await self._run_loop(chat, control, env)
+                control.result = await self._run_loop(chat, lease, control, env)
             finally:
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
@@ -394,7 +413,9 @@ class Server:
                             logger.exception("turn cleanup failed", extra={"chat_id": str(chat.id)})
                 aux.cancel_scope.cancel()
 
-    async def _run_loop(self, chat: Chat, control: TurnControl, env: TurnEnv) -> TurnResult:
+    async def _run_loop(
+        self, chat: Chat, lease: Lease, control: TurnControl, env: TurnEnv
+    ) -> TurnResult:
         factory = self._tools_factory or self._default_tools
         tools = await factory(env)
         callbacks = TurnCallbacks(
@@ -402,30 +423,35 @@ class Server:
             on_message=self._on_message_for(chat.id),
             on_retry=self._on_retry_for(chat.id),
             on_error=self._on_error_for(chat.id),
+            on_late_tool_result=lambda call: self._bump("late_tool_results_dropped"),
+            on_store_retry=lambda what, exc: self._bump("store_retries"),
             announce=self.streams.announcer,
         )
-        result = await run_turn(
+        assert self._nursery is not None
+        return await run_turn(
             self.store,
-            chat.id,
-            self.worker_id,
+            lease,
             self._model_for(chat),
             tools=tools,
             config=self.config.loop,
             callbacks=callbacks,
             control=control,
             tool_context=ToolContext(chat.id, self.worker_id, env.extras),
+            # Tools run in the replica's nursery: a turn stopped while a tool ignores
+            # cancellation ends (and releases its chat) without waiting for it.
+            tool_nursery=self._nursery,
         )
-        return result
 
     async def _default_tools(self, env: TurnEnv) -> ToolRegistry:
         """The configured tools, plus workspace tools (with a dialer) and, for root
         chats, the subagent tools."""
         tools = list(self._tools)
         if self._dialer is not None:
+            assert env.lease is not None
             ctx = WorkspaceContext(
                 self.store,
                 env.chat,
-                self.worker_id,
+                env.lease,
                 self._dialer,
                 self.config.workspace,
                 env.nursery,
@@ -451,6 +477,8 @@ class Server:
         return ToolRegistry(tools)
 
     def _record(self, result: TurnResult) -> None:
+        if result.outcome is TurnOutcome.LOST:
+            self._bump("fenced")
         self._bump("steps", result.steps)
         self._bump("compactions", result.compactions)
         self._bump("reentries", result.reentries)
@@ -481,101 +509,159 @@ class Server:
     async def _finish(
         self,
         chat: Chat,
+        lease: Lease,
         control: TurnControl,
-        outcome: TurnOutcome,
-        error: ErrorPayload | None,
+        result: TurnResult,
+        generation: int,
     ) -> None:
-        try:
-            fin = await self.store.finish_turn(
-                chat.id,
-                self.worker_id,
-                outcome,
-                error.message if error else None,
-                announce=self.streams.announcer,
-            )
-        except ChatdError as exc:
-            # Stale recovery hands the chat back once the heartbeat goes stale.
-            logger.warning(
-                "final transition failed", extra={"chat_id": str(chat.id), "error": str(exc)}
-            )
-            return
-        finally:
-            self._turn_done(chat.id, control, outcome)
-        if fin.owned_elsewhere:
-            return
-        if (
-            outcome is TurnOutcome.ERROR
-            and error is not None
-            and fin.chat.status is ChatStatus.ERROR
-        ):
-            await self._publish_quietly(self.streams.publish_error(chat.id, error))
-        if fin.promoted is not None:
-            await self._publish_message(fin.promoted)
-            await self._publish_quietly(self.streams.publish_queue_update(chat.id, fin.queue))
-        if fin.changed:
-            await self._publish_quietly(self.streams.publish_status(chat.id, fin.chat.status))
-            await self._publish_owner(fin.chat, "status")
-        if fin.chat.status is ChatStatus.PENDING:
-            self.wake()
+        """The final transition, with the turn's final messages, then what it publishes.
 
-    async def _heartbeat(self, chat_id: uuid.UUID, control: TurnControl) -> None:
+        Retried through transient store faults within the write budget (the replica
+        closing: within `cleanup_timeout`); a finish that still fails leaves the chat to
+        stale recovery, and a recovered turn whose answer is stored is not run again.
+        """
+        outcome, error = result.outcome, result.error
+        log = {"chat_id": str(chat.id), "owner_token": str(lease.token)}
+        if outcome is TurnOutcome.LOST:
+            logger.info("turn ended: the chat is held by another run", extra=log)
+            self._turn_done(chat.id, control, outcome, generation)
+            return
+        op_id = uuid.uuid4()
+        budget = self.config.loop.store_retry
+        if control.shut_down:
+            budget = dataclasses.replace(
+                budget, budget=min(budget.budget, self.config.loop.cleanup_timeout)
+            )
+        fin: FinishResult | None = None
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + budget.budget + self.config.loop.cleanup_timeout
+
+            async def final(
+                outcome: TurnOutcome, error: ErrorPayload | None, messages: Sequence[NewMessage]
+            ) -> FinishResult:
+                return await with_store_retries(
+                    lambda: self.store.finish_turn(
+                        lease,
+                        outcome,
+                        error.message if error else None,
+                        messages=messages,
+                        announce=self.streams.announcer,
+                        op_id=op_id,
+                    ),
+                    budget,
+                    what="the final transition",
+                    on_retry=lambda what, exc: self._bump("store_retries"),
+                    log_extra=log,
+                )
+
+            try:
+                fin = await final(outcome, error, result.final_messages)
+            except StoreUnavailable as exc:
+                # Stale recovery hands the chat back once the heartbeat goes stale; the
+                # answer was not stored, so the turn runs again there.
+                logger.warning("final transition failed", extra={**log, "error": str(exc)})
+            except StoreError as exc:
+                if not result.final_messages:
+                    logger.warning("final transition failed", extra={**log, "error": str(exc)})
+                else:
+                    # The store refused the turn's answer itself: the turn failed, and
+                    # says why, rather than being run again and again.
+                    logger.warning(
+                        "the answer could not be stored", extra={**log, "error": str(exc)}
+                    )
+                    outcome = TurnOutcome.ERROR
+                    error = ErrorPayload(
+                        message=f"the answer could not be stored: {exc}", kind="store"
+                    )
+                    op_id = uuid.uuid4()
+                    try:
+                        fin = await final(outcome, error, ())
+                    except ChatdError as again:
+                        logger.warning(
+                            "final transition failed", extra={**log, "error": str(again)}
+                        )
+            # The turn wrote its last row: once it no longer counts as running here the
+            # chat may be acquired here again (its publishes below still go out).
+            refused = fin is not None and not fin.changed
+            self._turn_done(chat.id, control, TurnOutcome.LOST if refused else outcome, generation)
+            if fin is None:
+                return
+            if not fin.changed:
+                self._bump("fenced")
+                logger.info("final transition refused: the run no longer holds the chat", extra=log)
+                return
+            for message in fin.inserted:
+                await self._publish_message(message)
+            if fin.inserted:
+                self.streams.step_persisted(chat.id)
+            failed = outcome is TurnOutcome.ERROR and fin.chat.status is ChatStatus.ERROR
+            if failed and error is not None:
+                await self._publish_quietly(self.streams.publish_error(chat.id, error))
+            if fin.promoted is not None:
+                await self._publish_message(fin.promoted)
+                await self._publish_quietly(self.streams.publish_queue_update(chat.id, fin.queue))
+            await self._publish_quietly(
+                self.streams.publish_status(chat.id, fin.chat.status, None, fin.chat.owner_token)
+            )
+            await self._publish_owner(fin.chat, "status")
+            if fin.chat.status is ChatStatus.PENDING:
+                self.wake()
+
+    async def _heartbeat(self, lease: Lease, control: TurnControl) -> None:
         interval = self.config.acquire.heartbeat_interval
         while True:
             await trio.sleep(interval)
             try:
-                owned = await self.store.heartbeat(chat_id, self.worker_id)
+                owned = await self.store.heartbeat(lease)
             except ChatdError as exc:
                 logger.warning(
-                    "heartbeat failed", extra={"chat_id": str(chat_id), "error": str(exc)}
+                    "heartbeat failed", extra={"chat_id": str(lease.chat_id), "error": str(exc)}
                 )
                 continue
             if not owned:
                 self._bump("heartbeats_lost")
-                logger.info("chat taken or finished elsewhere", extra={"chat_id": str(chat_id)})
-                control.interrupt("lost ownership")
+                logger.info(
+                    "chat taken or stopped elsewhere", extra={"chat_id": str(lease.chat_id)}
+                )
+                try:
+                    chat = await self.store.get_chat(lease.chat_id)
+                except ChatdError:
+                    control.fence("lost ownership")
+                else:
+                    self._stop_turn(control, ChatView.of(chat), lease)
                 return
-
-    def _should_stop(self, status: ChatStatus | None, worker_id: uuid.UUID | None) -> bool:
-        if status in (ChatStatus.WAITING, ChatStatus.PENDING, ChatStatus.ERROR):
-            return True
-        return (
-            status is ChatStatus.RUNNING and worker_id is not None and worker_id != self.worker_id
-        )
 
     async def _control_listener(
         self,
-        chat_id: uuid.UUID,
+        lease: Lease,
         control: TurnControl,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         assert self.pubsub is not None
+        chat_id = lease.chat_id
         started = False
         try:
             async with self.pubsub.subscribe(stream_channel(chat_id)) as sub:
                 task_status.started()
                 started = True
                 async for delivery in sub:
-                    status: ChatStatus | None
-                    worker: uuid.UUID | None
-                    if isinstance(delivery, Resync):
-                        chat = await self.store.get_chat(chat_id)
-                        status, worker = chat.status, chat.worker_id
-                    else:
+                    if not isinstance(delivery, Resync):
                         try:
                             payload = NotifyPayload.decode(delivery)
                         except DecodeError:
                             continue
-                        status, worker = payload.status, payload.worker_id
-                        if self._should_stop(status, worker):
-                            # Notifies from other replicas may be stale: a sender's
-                            # `pending` can arrive after this replica acquired the chat.
-                            # The store has the last word before a turn is stopped.
-                            chat = await self.store.get_chat(chat_id)
-                            status, worker = chat.status, chat.worker_id
-                    if self._should_stop(status, worker):
-                        self._bump("interrupts")
-                        control.interrupt(f"chat became {status}")
+                        if payload.status is None:
+                            continue
+                        heard = ChatView(payload.status, payload.owner_token or 0)
+                        if lifecycle.still_owner(heard, lease.token):
+                            continue
+                    # Notifies from other replicas may be stale (a sender's `pending` can
+                    # arrive after this run acquired the chat): the store has the last
+                    # word before a turn is stopped.
+                    chat = await self.store.get_chat(chat_id)
+                    if not lifecycle.still_owner(ChatView.of(chat), lease.token):
+                        self._stop_turn(control, ChatView.of(chat), lease)
                         return
         except (PubSubError, ChatdError) as exc:
             # The heartbeat still notices a takeover; log and go on without the fast path.
@@ -584,6 +670,22 @@ class Server:
             )
             if not started:
                 task_status.started()
+
+    def _stop_turn(self, control: TurnControl, view: ChatView, lease: Lease) -> None:
+        """Stop a turn whose run no longer runs the chat: as an interrupt (what it made is
+        kept) when the chat is still under its token (the user stopped or edited it),
+        fenced (nothing more written) when another run holds it."""
+        if view.token == lease.token:
+            self._interrupt_turn(control, f"chat became {view.status}")
+        else:
+            control.fence(f"chat held by token {view.token}")
+
+    def _interrupt_turn(self, control: TurnControl, why: str) -> None:
+        # Counted once per turn, whichever noticed the stop first (this replica's own
+        # call, the control listener or the heartbeat).
+        if control.stop_reason is None:
+            self._bump("interrupts")
+        control.interrupt(why)
 
     async def _publish_message(self, message: Message) -> None:
         """Publish a message a store operation inserted with `announce=streams.announcer`."""
@@ -601,6 +703,11 @@ class Server:
             await publish
         except ChatdError as exc:
             logger.warning("publish failed", extra={"error": str(exc)})
+
+    async def _publish_status(self, chat: Chat) -> None:
+        await self._publish_quietly(
+            self.streams.publish_status(chat.id, chat.status, chat.worker_id, chat.owner_token)
+        )
 
     async def _publish_owner(self, chat: Chat, kind: str) -> None:
         if self.pubsub is None:
@@ -688,21 +795,21 @@ class Server:
 
         `busy_behavior="interrupt"` queues, then interrupts the running turn.
         """
-        await self._owned_chat(owner_id, chat_id)
         result = await self.store.send_message(
             chat_id,
             self._as_parts(content),
             max_queued=self.config.queue.max_queued,
             announce=self.streams.announcer,
+            owner_id=owner_id,
         )
         if result.message is not None:
             await self._publish_message(result.message)
-            await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
+            await self._publish_status(result.chat)
             self.wake()
         else:
             await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
             if busy_behavior == "interrupt" and result.chat.status is ChatStatus.RUNNING:
-                await self._interrupt(chat_id)
+                await self._interrupt(chat_id, owner_id)
         return result
 
     async def edit_message(
@@ -714,10 +821,9 @@ class Server:
     ) -> EditResult:
         """Replace a user message: it and every later message are dropped, the queue is
         cleared, the chat goes `pending` (a running turn stops)."""
-        await self._owned_chat(owner_id, chat_id)
         announce = self.streams.announcer
         result = await self.store.edit_message(
-            chat_id, message_id, self._as_parts(content), announce=announce
+            chat_id, message_id, self._as_parts(content), announce=announce, owner_id=owner_id
         )
         # The edit may have dropped the instruction message: the next turn re-checks.
         self.mcp_cache.forget_chat(chat_id)
@@ -725,39 +831,38 @@ class Server:
         await self._publish_committed(
             self.streams.publish_edited_message(result.message, announced=announce is not None)
         )
-        await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
+        await self._publish_status(result.chat)
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
         self.wake()
         return result
 
     async def interrupt(self, owner_id: uuid.UUID, chat_id: uuid.UUID) -> Chat:
         """Stop the chat's running turn (kept output is persisted); it ends `waiting`."""
-        await self._owned_chat(owner_id, chat_id)
-        return await self._interrupt(chat_id)
+        return await self._interrupt(chat_id, owner_id)
 
-    async def _interrupt(self, chat_id: uuid.UUID) -> Chat:
-        chat = await self.store.interrupt(chat_id)
+    async def _interrupt(self, chat_id: uuid.UUID, owner_id: uuid.UUID | None) -> Chat:
+        chat = await self.store.interrupt(chat_id, owner_id=owner_id)
         self._stop_local(chat_id, "user interrupt")
-        await self._publish_quietly(self.streams.publish_status(chat_id, chat.status))
+        await self._publish_quietly(
+            self.streams.publish_status(chat_id, chat.status, None, chat.owner_token)
+        )
         return chat
 
     def _stop_local(self, chat_id: uuid.UUID, why: str) -> None:
         control = self._turns.get(chat_id)
         if control is not None:
-            self._bump("interrupts")
-            control.interrupt(why)
+            self._interrupt_turn(control, why)
 
     async def promote_queued(
         self, owner_id: uuid.UUID, chat_id: uuid.UUID, queued_id: int
     ) -> SendResult:
         """Send a queued message now (or move it to the front while the chat runs)."""
-        await self._owned_chat(owner_id, chat_id)
         result = await self.store.promote_queued(
-            chat_id, queued_id, announce=self.streams.announcer
+            chat_id, queued_id, announce=self.streams.announcer, owner_id=owner_id
         )
         if result.message is not None:
             await self._publish_message(result.message)
-            await self._publish_quietly(self.streams.publish_status(chat_id, result.chat.status))
+            await self._publish_status(result.chat)
             self.wake()
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
         return result
@@ -803,6 +908,9 @@ class Server:
             compactions=c.get("compactions", 0),
             reentries=c.get("reentries", 0),
             steps=c.get("steps", 0),
+            fenced=c.get("fenced", 0),
+            late_tool_results_dropped=c.get("late_tool_results_dropped", 0),
+            store_retries=c.get("store_retries", 0),
             extra={
                 **self.workspace_stats.snapshot(),
                 **{
@@ -818,6 +926,10 @@ class Server:
                 "cache_hits": s.cache_hits,
                 "carried_hits": s.carried_hits,
                 "snapshot_reads": s.snapshot_reads,
+                # Received notifies that did not open (forged, altered, expired): dropped.
+                "notifies_rejected": 0
+                if self.pubsub is None
+                else self.pubsub.statistics().rejected,
             },
         )
 

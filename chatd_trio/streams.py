@@ -524,15 +524,21 @@ class ChatStreams:
     def _announce(
         self, messages: Sequence[Message], *, refresh: bool = False
     ) -> list[tuple[str, str]]:
+        # Sealed like every publish: the store sends these with its own NOTIFY.
+        assert self._pubsub is not None, "announcer is None without a pubsub"
+        seal = self._pubsub.seal
         if refresh:
             chats = {m.chat_id for m in messages}
             payload = NotifyPayload(full_refresh=True).encode()
-            return [(stream_channel(c), payload) for c in sorted(chats)]
-        return [
-            (stream_channel(m.chat_id), self._message_notify(m, m.prev_id).encode())
-            for m in messages
-            if m.user_visible and not m.deleted
-        ]
+            return [(stream_channel(c), seal(stream_channel(c), payload)) for c in sorted(chats)]
+        notifies: list[tuple[str, str]] = []
+        for m in messages:
+            if m.user_visible and not m.deleted:
+                channel = stream_channel(m.chat_id)
+                notifies.append(
+                    (channel, seal(channel, self._message_notify(m, m.prev_id).encode()))
+                )
+        return notifies
 
     def _message_notify(self, message: Message, prev: int | None) -> NotifyPayload:
         """The notify announcing `message`: carrying it (after its known predecessor)
@@ -564,12 +570,16 @@ class ChatStreams:
         state.reset_drops()
 
     # -- lifecycle hooks (called by the server and the agent loop) -------------------
-    def start_turn(self, chat_id: uuid.UUID) -> None:
-        """A turn starts: buffer parts from now on. Call BEFORE publishing `running`."""
+    def start_turn(self, chat_id: uuid.UUID) -> int:
+        """A turn starts: buffer parts from now on. Call BEFORE publishing `running`.
+
+        Returns the turn's generation, for `end_turn`.
+        """
         state = self._state(chat_id)
         state.turn_running = True
         state.turn_gen += 1
         self._clear(state)
+        return state.turn_gen
 
     def step_persisted(self, chat_id: uuid.UUID) -> None:
         """A step's messages are persisted: its parts are no longer in flight."""
@@ -584,10 +594,14 @@ class ChatStreams:
             self._clear(state)
         await self.publish_retry(chat_id, payload)
 
-    def end_turn(self, chat_id: uuid.UUID) -> None:
-        """The turn is over: stop buffering; the state goes when nobody subscribes."""
+    def end_turn(self, chat_id: uuid.UUID, generation: int | None = None) -> None:
+        """The turn is over: stop buffering; the state goes when nobody subscribes.
+
+        With `generation` (from `start_turn`), only if no later turn of the chat started
+        here since (a turn that lost its chat may end after its successor started).
+        """
         state = self._chats.get(chat_id)
-        if state is None:
+        if state is None or (generation is not None and generation != state.turn_gen):
             return
         state.turn_running = False
         self._clear(state)
@@ -704,12 +718,16 @@ class ChatStreams:
             self._maybe_remove(state)
 
     async def publish_status(
-        self, chat_id: uuid.UUID, status: ChatStatus, worker_id: uuid.UUID | None = None
+        self,
+        chat_id: uuid.UUID,
+        status: ChatStatus,
+        worker_id: uuid.UUID | None = None,
+        owner_token: int | None = None,
     ) -> None:
-        """Publish a status change."""
+        """Publish a status change (with the ownership token after it, when known)."""
         await self._publish_control(
             chat_id,
-            NotifyPayload(status=status, worker_id=worker_id),
+            NotifyPayload(status=status, worker_id=worker_id, owner_token=owner_token),
             StatusEvent(chat_id, status, worker_id),
         )
 

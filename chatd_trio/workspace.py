@@ -13,7 +13,7 @@ agent, and which chats already hold an agent's instruction files) and
 
 Wiring it into a turn (the server's tools factory)::
 
-    ctx = WorkspaceContext(store, chat, worker_id, dial_agent, config.workspace,
+    ctx = WorkspaceContext(store, chat, lease, dial_agent, config.workspace,
                            turn_nursery, mcp_cache, stats, provisioner=provisioner)
     env.cleanups.append(ctx.aclose)
     await ctx.prepare()  # bounded, never raises for workspace problems
@@ -69,7 +69,7 @@ from chatd_trio.errors import (
     NoWorkspaceAgent,
     ToolError,
 )
-from chatd_trio.store.base import Store
+from chatd_trio.store.base import Lease, Store
 from chatd_trio.tools import ErrorResult, FunctionTool, Tool, ToolContext, ToolFunction
 
 __all__ = [
@@ -261,7 +261,7 @@ class WorkspaceContext:
         self,
         store: Store,
         chat: Chat,
-        worker_id: uuid.UUID,
+        lease: Lease,
         dialer: AgentDialer,
         config: WorkspaceConfig,
         nursery: trio.Nursery,
@@ -272,7 +272,8 @@ class WorkspaceContext:
     ) -> None:
         self._store = store
         self._chat = chat
-        self._worker_id = worker_id
+        # The turn's claim on the chat: its writes (binding, instruction files) carry it.
+        self._claim = lease
         self._dialer = dialer
         self._config = config
         self._nursery = nursery
@@ -392,7 +393,9 @@ class WorkspaceContext:
         )
         self._stats.binding_updates += 1
         try:
-            await self._store.update_binding(chat.id, agent.workspace_id, agent.build_id, agent.id)
+            await self._store.update_binding(
+                chat.id, agent.workspace_id, agent.build_id, agent.id, lease=self._claim
+            )
         except ChatdError as exc:
             # The binding is an optimistic cache: a failed write costs a lookup next turn.
             logger.warning(
@@ -512,7 +515,9 @@ class WorkspaceContext:
             self._agent = None
             self._stats.binding_updates += 1
             try:
-                await self._store.update_binding(chat.id, workspace_id, None, None)
+                await self._store.update_binding(
+                    chat.id, workspace_id, None, None, lease=self._claim
+                )
             finally:
                 await self._drop_connection()
 
@@ -558,7 +563,7 @@ class WorkspaceContext:
             Role.SYSTEM, parts or (ContextFilePart(target.id),), visibility=Visibility.MODEL
         )
         try:
-            await self._store.persist_step(chat_id, self._worker_id, [message])
+            await self._store.persist_step(self._claim, [message])
         except ChatdError as exc:
             logger.warning(
                 "persisting instruction files failed",

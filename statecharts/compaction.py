@@ -6,6 +6,7 @@ reports facts as events, and reads the next state. A turn is one or more
 *passes*; a pass steps until the model stops (no tool calls) or the shared
 `max_steps` budget runs out, then runs the post-run check:
 
+- loading -loaded-> stepping (or answered, see below).
 - stepping -step_persisted-> stepping while the model calls tools and steps remain;
   -> compacting when the step's context crossed the threshold (inline compaction);
   -> checking when the model stopped or the budget ran out.
@@ -23,11 +24,24 @@ reports facts as events, and reads the next state. A turn is one or more
   (the new pass runs only its post-run check).
 
 Pinned consequence: with `max_steps=1` and one above-threshold text step the path
-is stepping, compacting, checking, reentering, checking, safety_compacting, done:
+is loading, stepping, compacting, checking, reentering, checking, safety_compacting,
+done:
 the model streams once and compaction persists twice.
 
-Interrupts, shutdowns and errors end a turn outside the chart; its trace is then a
-prefix of a valid path.
+Every end of a turn is a final state, so the driver reads a turn's outcome from
+the chart alone: `done`, `exhausted` (re-entry limit), `step_limit` (the budget ran
+out while the model still called tools), `answered` (a recovered turn whose final
+answer was already stored: `loading -loaded-> answered`, the model is not called),
+and the events of the working states: `model_failed` -> `failed`, `interrupt` ->
+`interrupted`, `shutdown` -> `shut_down`, `write_refused` -> `fenced` (the run no
+longer holds the chat), `store_unavailable` -> `unavailable` (the store stayed down
+past the write retry budget). Each is declared only where its driver can observe it:
+`checking` runs no I/O and never waits (its activity is a synchronous measurement),
+so it takes none of them; only a state whose activity writes (`stepping` writes the
+step before, `compacting` and `safety_compacting` the step and the compaction) can
+see a write refused - the reloads read, since the step they build on was written
+before its compaction. A strict chart then refuses, loudly, an event its driver
+should never send.
 """
 
 from __future__ import annotations
@@ -43,6 +57,8 @@ from statecharts.base import TracedChart
 class Activity(enum.Enum):
     """What the driver does while the chart is in a state, then reports as an event."""
 
+    LOAD = "load"
+    """Load the prompt history; report `loaded(answered=...)`."""
     STEP = "step"
     """Stream one model step, run its tools, persist it; report `step_persisted`."""
     COMPACT = "compact"
@@ -80,7 +96,8 @@ class CompactionChart(TracedChart):
     allow_event_without_transition = False
     catch_errors_as_events = False
 
-    stepping = State("stepping", initial=True)
+    loading = State("loading", initial=True)
+    stepping = State("stepping")
     compacting = State("compacting")
     reloading = State("reloading")
     checking = State("checking")
@@ -88,7 +105,17 @@ class CompactionChart(TracedChart):
     reentering = State("reentering")
     done = State("done", final=True)
     exhausted = State("exhausted", final=True)
+    step_limit = State("step_limit", final=True)
+    answered = State("answered", final=True)
+    failed = State("failed", final=True)
+    interrupted = State("interrupted", final=True)
+    shut_down = State("shut_down", final=True)
+    fenced = State("fenced", final=True)
+    unavailable = State("unavailable", final=True)
 
+    # Recovery of a turn whose answer was stored but whose finish was not: the history
+    # after the last user message ends in a final answer, so the model is not called.
+    loaded = loading.to(answered, cond="already_answered") | loading.to(stepping)
     step_persisted = (
         stepping.to(compacting, cond="crossed_threshold")
         | stepping.to(stepping, cond=["tool_calls", "budget_left"], on="continue_with_tools")
@@ -101,12 +128,14 @@ class CompactionChart(TracedChart):
         | compacting.to(checking, on="compacted_final_step")
         | safety_compacting.to(reentering, cond=["stopped_by_model", "reentry_left"])
         | safety_compacting.to(exhausted, cond="stopped_by_model")
+        | safety_compacting.to(step_limit, cond="out_of_steps")
         | safety_compacting.to(done)
     )
     summary_failed = (
         compacting.to(stepping, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
         | compacting.to(checking, cond="last_had_tools", on="stop_at_budget")
         | compacting.to(checking, on="stop_by_model")
+        | safety_compacting.to(step_limit, cond="out_of_steps")
         | safety_compacting.to(done)
     )
     reloaded = (
@@ -118,7 +147,40 @@ class CompactionChart(TracedChart):
         checking.to(safety_compacting, cond="safety_net_due")
         | checking.to(reentering, cond=["reentry_due", "reentry_left"])
         | checking.to(exhausted, cond="reentry_due")
+        | checking.to(step_limit, cond="out_of_steps")
         | checking.to(done)
+    )
+    # Every other end of a turn is an event too (docs/spec.md §3): the driver reads the
+    # outcome from the final state, never from an exception path the chart does not know.
+    model_failed = stepping.to(failed)
+    # Not from `checking`: its activity never waits, so no stop and no store fault lands there.
+    interrupt = (
+        loading.to(interrupted)
+        | stepping.to(interrupted)
+        | compacting.to(interrupted)
+        | reloading.to(interrupted)
+        | safety_compacting.to(interrupted)
+        | reentering.to(interrupted)
+    )
+    shutdown = (
+        loading.to(shut_down)
+        | stepping.to(shut_down)
+        | compacting.to(shut_down)
+        | reloading.to(shut_down)
+        | safety_compacting.to(shut_down)
+        | reentering.to(shut_down)
+    )
+    # A write carried a token the chat no longer has (or an edit made it pending); only
+    # these states' activities write.
+    write_refused = stepping.to(fenced) | compacting.to(fenced) | safety_compacting.to(fenced)
+    # The store stayed unavailable past the write retry budget: hand the chat back.
+    store_unavailable = (
+        loading.to(unavailable)
+        | stepping.to(unavailable)
+        | compacting.to(unavailable)
+        | reloading.to(unavailable)
+        | safety_compacting.to(unavailable)
+        | reentering.to(unavailable)
     )
 
     def __init__(self, max_steps: int, max_reentries: int) -> None:
@@ -133,6 +195,7 @@ class CompactionChart(TracedChart):
         self.compacted_this_pass = False
         self.stopped_by_model = False
         self.compacted_on_final_step = False
+        self.stopped_at_budget = False
         super().__init__()
 
     # -- guards ---------------------------------------------------------------
@@ -154,6 +217,12 @@ class CompactionChart(TracedChart):
     def safety_net_due(self, over_threshold: bool = False) -> bool:
         return not self.compacted_this_pass and over_threshold
 
+    def already_answered(self, answered: bool = False) -> bool:
+        return answered
+
+    def out_of_steps(self) -> bool:
+        return self.stopped_at_budget
+
     # -- actions (bookkeeping only) ---------------------------------------------
     def on_enter_stepping(self) -> None:
         self.steps_used += 1
@@ -172,6 +241,7 @@ class CompactionChart(TracedChart):
     def stop_at_budget(self) -> None:
         self.stopped_by_model = False
         self.compacted_on_final_step = False
+        self.stopped_at_budget = True
 
     def stop_by_model(self) -> None:
         self.stopped_by_model = True
@@ -185,6 +255,7 @@ class CompactionChart(TracedChart):
         self.compacted_this_pass = False
         self.stopped_by_model = False
         self.compacted_on_final_step = False
+        self.stopped_at_budget = False
 
     # -- reading --------------------------------------------------------------
     @property
@@ -194,6 +265,7 @@ class CompactionChart(TracedChart):
 
 
 ACTIVITIES: Mapping[str, Activity] = {
+    "loading": Activity.LOAD,
     "stepping": Activity.STEP,
     "compacting": Activity.COMPACT,
     "safety_compacting": Activity.COMPACT,
@@ -202,9 +274,22 @@ ACTIVITIES: Mapping[str, Activity] = {
     "checking": Activity.CHECK,
 }
 
-FINAL_STATES: frozenset[str] = frozenset({"done", "exhausted"})
+FINAL_STATES: frozenset[str] = frozenset(
+    {
+        "done",
+        "exhausted",
+        "step_limit",
+        "answered",
+        "failed",
+        "interrupted",
+        "shut_down",
+        "fenced",
+        "unavailable",
+    }
+)
 
 DESCRIPTION: Mapping[str, str] = {
+    "loading": "load the history; a stored final answer means the turn is over",
     "stepping": "stream a step, run its tools, persist it",
     "compacting": "inline compaction after a persisted step",
     "reloading": "reload the compacted history, keep stepping",
@@ -213,4 +298,11 @@ DESCRIPTION: Mapping[str, str] = {
     "reentering": "reload and re-enter the step loop with the summary",
     "done": "turn finished",
     "exhausted": "re-entry limit reached",
+    "step_limit": "max_steps used while the model still called tools",
+    "answered": "recovered turn whose answer was already stored",
+    "failed": "the model failed (not retryable, or retries exhausted)",
+    "interrupted": "the user stopped the turn (or it lost the chat to a takeover)",
+    "shut_down": "the replica is closing; another one runs the chat",
+    "fenced": "a write was refused: the run no longer holds the chat",
+    "unavailable": "the store stayed unavailable past the write retry budget",
 }

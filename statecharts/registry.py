@@ -50,42 +50,58 @@ the deciding error as "dial with lazy validation: <error>".
 """
 
 LIFECYCLE_PROSE = """\
-The statuses of one chat (docs/spec.md §1) and every change between them; tests
-use it as an oracle (`statecharts.lifecycle.check_status_path`).
+The statuses of one chat (docs/spec.md §1) and every change between them. This
+chart decides: `chatd_trio.lifecycle.decide` asks it what an event does in a
+chat's status, given what the deciding actor knows (the queue's length and bound,
+whether it holds the row's ownership token), and both store adapters execute the
+answer as one guarded write. Tests also replay observed status sequences through it
+(`statecharts.lifecycle.check_status_path`).
 
 A chat is created `pending` with its first message. A replica acquires it
-(`running`). A run that finishes goes back to `waiting`, or to `pending` when a
-queued message was promoted; a failed run goes to `error`. A user interrupt ends
-in `waiting` (or `pending` when a queued message is promoted); a replica shutting
-down and stale recovery put the chat back to `pending` with no error, so another
-replica retries it.
+(`running`, with a new ownership token). A run that finishes goes back to
+`waiting`, or to `pending` when a queued message is promoted; a failed run goes to
+`error`; a run that shuts down, or whose store stayed unavailable, hands the chat
+back `pending`. Every finish ends the run's token. A user interrupt sets `waiting`
+without changing the token, so the stopped run can still write what it produced and
+its finish, which then ends like the interrupt. Stale recovery puts the chat back to
+`pending` with a new token: the old run can never write into it again.
 
-A message sent to a `waiting` or `error` chat makes it `pending`; one sent while
-the chat is `pending` or `running` is queued and changes nothing. An edit always
-leaves the chat `pending`, even mid-run: the run's next persist is refused.
+A message sent to a `waiting` or `error` chat with an empty queue makes it
+`pending`; otherwise it is queued while the queue has room. An edit always leaves
+the chat `pending`, even mid-run: the run's next write is refused.
 """
 
 COMPACTION_PROSE = """\
 Decides a turn's control flow in the agent loop (docs/spec.md §3 and §3.1):
-step, compact, reload, re-enter or finish; `chatd_trio.loop` drives it.
+load, step, compact, reload, re-enter or finish, and how the turn ended;
+`chatd_trio.loop` drives it.
 
-A turn starts in `stepping`: one model step is streamed, its tools run and the
-step is persisted. The model calling tools keeps the loop in `stepping` while the
-shared `max_steps` budget lasts. A step whose context tokens reach the threshold
-(70 % of the context limit by default) goes to `compacting`: the summary is
-generated and persisted. After a tool-calling step the loop then `reloading`s the
-compacted history and steps on; after the model's final step (no tool calls) it
-goes to `checking` remembering that it compacted on the final step. A failed
-summary is reported and the turn goes on uncompacted.
+A turn starts in `loading`: the history is loaded, and a recovered turn whose answer
+is already stored ends in `answered` without calling the model. In `stepping` one
+model step is streamed and its tools run. The model calling tools keeps the loop in
+`stepping` while the shared `max_steps` budget lasts. A step whose context tokens
+reach the threshold (70 % of the context limit by default) goes to `compacting`:
+the summary is generated and persisted. After a tool-calling step the loop then
+`reloading`s the compacted history and steps on; after the model's final step (no
+tool calls) it goes to `checking` remembering that it compacted on the final step.
+A failed summary is reported and the turn goes on uncompacted.
 
 `checking` is the post-run check of one pass: if nothing was compacted in the
 pass and the last step's usage crosses the threshold, the safety net compacts once
 (`safety_compacting`). Compacting on the model's final step re-enters the step
 loop with the summarised context (`reentering`), at most three times; then the
-chart ends in `exhausted` instead of `done`. A re-entry with no step left runs only
-the post-run check, which is why `max_steps = 1` with one above-threshold text
-step streams once and compacts twice.
+chart ends in `exhausted` instead of `done`; a budget spent while the model still
+called tools ends in `step_limit`. A re-entry with no step left runs only the
+post-run check, which is why `max_steps = 1` with one above-threshold text step
+streams once and compacts twice.
+
+Every other end of a turn is a final state too, reached from the states whose
+activity can observe it: a model failure (`failed`), a user interrupt
+(`interrupted`), a replica shutdown (`shut_down`), a write refused because the run
+lost the chat (`fenced`) and a store unavailable past the retry budget
+(`unavailable`). `checking` waits for nothing, so none of them lands there.
 """
+
 
 CHARTS: tuple[ChartEntry, ...] = (
     ChartEntry("dial", DialChart, DIAL_PROSE),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import itertools
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,9 @@ def _dot_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+END_COLUMN = 7
+"""A chart with at least this many final states draws them as one column, top to bottom."""
+
 GUARD_WIDTH = 24
 """Characters per guard line in the SVGs: long guards wrap at `and` to keep diagrams narrow."""
 
@@ -132,51 +136,93 @@ def label_lines(row: Row) -> list[str]:
     head = row.event + (f" ({row.order})" if row.alternatives > 1 else "")
     if not row.condition:
         return [head]
+    return [head, *_wrapped(row.condition.split(" and "), " and ", "[", "]")]
+
+
+def _wrapped(items: Sequence[str], joiner: str, opening: str, closing: str) -> list[str]:
+    """`items` joined by `joiner` between `opening` and `closing`, a new line after a
+    joiner once a line would pass GUARD_WIDTH."""
     lines: list[str] = []
     current = ""
-    for term in row.condition.split(" and "):
-        joined = f"{current} and {term}" if current else term
+    for item in items:
+        joined = f"{current}{joiner}{item}" if current else item
         if current and len(joined) > GUARD_WIDTH:
-            lines.append(current + " and")
-            current = term
+            lines.append(current + joiner.rstrip())
+            current = item
         else:
             current = joined
     lines.append(current)
-    lines[0] = "[" + lines[0]
-    lines[-1] += "]"
-    return [head, *lines]
+    lines[0] = opening + lines[0]
+    lines[-1] += closing
+    return lines
 
 
-def _folded_event(chart: type[StateChart[Any]]) -> tuple[str, str, list[str]] | None:
-    """An event every non-final state takes, unguarded, to one target: drawn once.
+class _Folded(NamedTuple):
+    """An event several non-final states take alike: drawn once, from their dashed group."""
 
-    Returns (event, target, sources) for the event with the most sources, if any:
-    the diagram draws its sources as one dashed group with a single edge.
+    event: str
+    target: str
+    sources: list[str]
+    waiting: list[str]
+    """Every non-final state."""
+
+    def label_lines(self) -> list[str]:
+        """`event`, then which states take it, wrapped like a guard, unless all do:
+        `(not in a, b)` or, when fewer take it than not, `(only in c, d, e)`."""
+        missing = [s for s in self.waiting if s not in self.sources]
+        if not missing:
+            return [self.event]
+        if len(self.sources) < len(missing):
+            return [self.event, *_wrapped(self.sources, ", ", "(only in ", ")")]
+        return [self.event, *_wrapped(missing, ", ", "(not in ", ")")]
+
+
+def _folded(chart: type[StateChart[Any]]) -> list[_Folded]:
+    """Events drawn once from the group of every non-final state, in declaration order.
+
+    An event is folded when it leaves at least three non-final states, unguarded and
+    without alternatives, for one final state; its label says which states take it
+    when not all do. Such events are a chart's common ends (a stop, a failure): folded,
+    they do not cross the whole drawing once per state.
     """
     waiting = [state.id for state in chart.states_map.values() if not state.final]
+    final = {state.id for state in chart.states_map.values() if state.final}
     by_event: dict[str, list[Row]] = {}
     for row in rows_of(chart):
         by_event.setdefault(row.event, []).append(row)
-    best: tuple[str, str, list[str]] | None = None
+    folded: list[_Folded] = []
     for event, rows in by_event.items():
-        targets = {row.target for row in rows}
         sources = [row.source for row in rows]
         if (
-            len(targets) == 1
+            len({row.target for row in rows}) == 1
+            and rows[0].target in final
             and all(row.alternatives == 1 and not row.guard for row in rows)
-            and sorted(sources) == sorted(waiting)
             and len(sources) >= 3
-            and rows[0].target not in sources
-            and (best is None or len(sources) > len(best[2]))
         ):
-            best = (event, rows[0].target, sources)
-    return best
+            folded.append(_Folded(event, rows[0].target, sources, waiting))
+    return folded
+
+
+def _ends_in_order(chart: type[StateChart[Any]], folded: set[str]) -> list[str]:
+    """Final states, nearest to the start first (by transitions other than `folded`
+    events, ties in declaration order), then those reached only by folded events."""
+    distance: dict[str, int] = {s.id: 0 for s in chart.states if s.initial}
+    frontier = list(distance)
+    rows = [row for row in rows_of(chart) if row.event not in folded]
+    while frontier:
+        reached = [r.target for r in rows if r.source in frontier and r.target not in distance]
+        for target in reached:
+            distance[target] = distance[frontier[0]] + 1
+        frontier = list(dict.fromkeys(reached))
+    finals = [state.id for state in chart.states if state.final]
+    return sorted(finals, key=lambda s: distance.get(s, len(distance) + 1))
 
 
 def dot_of(chart: type[StateChart[Any]]) -> str:
     """Graphviz DOT source of a chart class: top to bottom, one edge per pair of states."""
     name = chart.__name__
-    folded = _folded_event(chart)
+    folded = _folded(chart)
+    by_fold = {fold.event for fold in folded}
     lines = [
         f"digraph {_dot_string(name)} {{",
         f"    graph [rankdir=TB, label={_dot_string(name)}, labelloc=t, fontname=Helvetica,"
@@ -187,30 +233,43 @@ def dot_of(chart: type[StateChart[Any]]) -> str:
         '    "__start" [shape=point, width=0.15, label=""];',
     ]
     states = list(chart.states_map.values())
+    waiting = [s.id for s in states if not s.final]
+    cluster = f"cluster_{folded[0].event}" if folded else ""
     if folded:
         lines.append(
-            f'    subgraph "cluster_{folded[0]}" {{ label="every non-final state";'
+            f'    subgraph {_dot_string(cluster)} {{ label="every non-final state";'
             f' style="rounded,dashed"; fontname=Helvetica; fontsize={LABEL_SIZE};'
             " labeljust=l;"
         )
-        lines += [f"        {_dot_string(s.id)};" for s in states if s.id in folded[2]]
+        lines += [f"        {_dot_string(s)};" for s in waiting]
         lines.append("    }")
     for state in states:
         extra = ", peripheries=2" if state.final else ""
         lines.append(f"    {_dot_string(state.id)} [label={_dot_string(state.id)}{extra}];")
+    finals = _ends_in_order(chart, by_fold)
+    if len(finals) >= END_COLUMN:
+        # Many ends as one column (an invisible chain, one rank each): side by side,
+        # they and their labelled edges spread the drawing far wider than the page.
+        lines.append('    subgraph "cluster_ends" { style=invis;')
+        lines += [f"        {_dot_string(s)};" for s in finals]
+        lines.append("    }")
+        lines += [
+            f"    {_dot_string(a)} -> {_dot_string(b)} [style=invis];"
+            for a, b in itertools.pairwise(finals)
+        ]
     lines += [f'    "__start" -> {_dot_string(s.id)};' for s in chart.states if s.initial]
     for (source, target), rows in _edges(chart).items():
-        rows = [row for row in rows if not (folded and row.event == folded[0])]
+        rows = [row for row in rows if row.event not in by_fold]
         if not rows:
             continue
         # `\l` ends a left-aligned line of a multi-line label.
         label = "".join(_escape(line) + "\\l" for row in rows for line in label_lines(row))
         lines.append(f'    {_dot_string(source)} -> {_dot_string(target)} [label="{label}"];')
-    if folded:
-        event, target, sources = folded
+    for fold in folded:
+        label = "".join(_escape(line) + "\\l" for line in fold.label_lines())
         lines.append(
-            f"    {_dot_string(sources[-1])} -> {_dot_string(target)}"
-            f' [label="{_escape(event)}\\l", ltail="cluster_{event}"];'
+            f"    {_dot_string(waiting[-1])} -> {_dot_string(fold.target)}"
+            f' [label="{label}", ltail="{cluster}"];'
         )
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -276,8 +335,10 @@ def markdown_of(charts: Sequence[ChartEntry]) -> str:
         "Reading the diagrams: a label is `event [guard]`. When one event may leave a",
         "state by several transitions, their guards are tried in the order shown,",
         "`event (1) [...]`, `event (2) [...]`, and the first that holds is taken; an",
-        "unguarded last transition reads `else`. Each diagram has a Mermaid source",
-        "next to it (`statecharts/<name>.mmd`).",
+        "unguarded last transition reads `else`. An edge leaving the dashed group of",
+        "every non-final state stands for that transition from each state in it, or",
+        "from those its label names (`not in ...`, `only in ...`). Each diagram has a",
+        "Mermaid source next to it (`statecharts/<name>.mmd`), listing every transition.",
     ]
     for entry in charts:
         name = entry.chart.__name__

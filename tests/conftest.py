@@ -1,4 +1,4 @@
-"""Test-wide fixtures: the PostgreSQL test database.
+"""Test-wide fixtures: the PostgreSQL test database and the notify key.
 
 The server comes from CHATD_TEST_DSN, else postgresql://postgres@127.0.0.1:5432/postgres.
 Each test session creates its own database and drops it afterwards. When no
@@ -14,7 +14,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from chatd_trio.pubsub.auth import new_key_text
 from tests.pgcluster import admin_dsn_or_start, create_database, drop_database
+
+
+@pytest.fixture(scope="session", autouse=True)
+def notify_key() -> Iterator[str]:
+    """A fresh notify key for this test run in CHATD_NOTIFY_KEY: every PostgresPubSub
+    a test opens without `auth=`, and every replica process a test starts (they inherit
+    the environment), seals and opens with it."""
+    with pytest.MonkeyPatch.context() as patch:
+        key = new_key_text()
+        patch.setenv("CHATD_NOTIFY_KEY", key)
+        yield key
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ waits on stream events, test configurations.
 As a script (`python -m tests.server_replica DSN WORKER_ID`): one replica on
 PostgreSQL whose model answers the first step of a turn with a tool call and then
 hangs in the middle of the next step's stream, so that the test can SIGKILL it
-mid-turn. It prints `ready` once it serves.
+mid-turn (a `quick...` message is answered at once). It prints `ready` once it serves.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,9 +33,12 @@ from chatd_trio.domain import (
     StatusEvent,
     StreamEvent,
     Usage,
+    dumps,
+    parts_to_json,
     text_of,
 )
-from chatd_trio.errors import StoreError
+from chatd_trio.errors import StoreError, StoreUnavailable
+from chatd_trio.loop import TurnControl
 from chatd_trio.models.base import Finish, PromptMessage, TextDelta
 from chatd_trio.models.scripted import (
     ScriptedModel,
@@ -44,7 +48,8 @@ from chatd_trio.models.scripted import (
     text_step,
     tool_step,
 )
-from chatd_trio.store.base import Announcer, FinishResult, Store, TurnOutcome
+from chatd_trio.server import Server
+from chatd_trio.store.base import Announcer, FinishResult, Lease, Store, TurnOutcome
 from chatd_trio.streams import StreamSubscription
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 
@@ -134,35 +139,75 @@ def registry() -> ToolRegistry:
     return ToolRegistry([echo])
 
 
+@dataclass(frozen=True)
+class Finished:
+    """One final transition a turn asked for, and what the store did."""
+
+    lease: Lease
+    outcome: TurnOutcome
+    result: FinishResult
+
+
 class ObservedStore:
-    """A thin wrapper around a real store: records final transitions and can make
-    `persist_step` fail (a step whose text contains `fail_marker` raises StoreError)."""
+    """A thin wrapper around a real store: records final transitions, and injects faults
+    into a turn's writes (`persist_step`, `finish_turn`).
+
+    - `fail_marker`: a write whose messages contain it (in any part) raises StoreError,
+      a fault the store keeps refusing; nothing is written.
+    - `fail_next(operation, times, after_commit=...)`: the next `times` calls raise
+      StoreUnavailable, a transient fault: before the write (nothing landed) or after
+      the real write committed (as a connection lost around COMMIT).
+    """
 
     def __init__(self, inner: Store, *, fail_marker: str | None = None) -> None:
         self.inner = inner
         self.fail_marker = fail_marker
         # Ids claimed by each acquire statement, in order.
         self.acquired: list[list[uuid.UUID]] = []
-        self.finished: list[tuple[uuid.UUID, uuid.UUID, TurnOutcome, FinishResult]] = []
+        self.finished: list[Finished] = []
         self._finish_event = trio.Event()
+        self._faults: dict[str, list[bool]] = {}
+        # Transient faults injected so far, by operation.
+        self.injected: dict[str, int] = {}
+
+    def fail_next(self, operation: str, times: int = 1, *, after_commit: bool = False) -> None:
+        """Make the next `times` calls of `operation` raise StoreUnavailable."""
+        self._faults.setdefault(operation, []).extend([after_commit] * times)
+
+    def _fault(self, operation: str) -> bool | None:
+        """None: no fault; else whether this call's fault comes after the commit."""
+        pending = self._faults.get(operation)
+        if not pending:
+            return None
+        self.injected[operation] = self.injected.get(operation, 0) + 1
+        return pending.pop(0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
+    def _maybe_fail(self, messages: Sequence[NewMessage]) -> None:
+        if self.fail_marker is not None and any(
+            self.fail_marker in dumps(parts_to_json(m.parts)) for m in messages
+        ):
+            raise StoreError("disk on fire")
+
     async def persist_step(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         messages: Sequence[NewMessage],
         *,
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> list[Message]:
-        if self.fail_marker is not None and any(
-            self.fail_marker in text_of(m.parts) for m in messages
-        ):
-            await trio.lowlevel.checkpoint()
-            raise StoreError("disk on fire")
-        return await self.inner.persist_step(chat_id, worker_id, messages, announce=announce)
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail(messages)
+        fault = self._fault("persist_step")
+        if fault is False:
+            raise StoreUnavailable("connection lost (injected)")
+        inserted = await self.inner.persist_step(lease, messages, announce=announce, op_id=op_id)
+        if fault:
+            raise StoreUnavailable("connection lost around COMMIT (injected)")
+        return inserted
 
     async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
         chats = await self.inner.acquire(worker_id, limit)
@@ -171,29 +216,91 @@ class ObservedStore:
 
     async def finish_turn(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         outcome: TurnOutcome,
         last_error: str | None = None,
         *,
+        messages: Sequence[NewMessage] = (),
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> FinishResult:
+        await trio.lowlevel.checkpoint()
+        self._maybe_fail(messages)
+        fault = self._fault("finish_turn")
+        if fault is False:
+            raise StoreUnavailable("connection lost (injected)")
         result = await self.inner.finish_turn(
-            chat_id, worker_id, outcome, last_error, announce=announce
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
         )
-        self.finished.append((chat_id, worker_id, outcome, result))
+        if fault:
+            raise StoreUnavailable("connection lost around COMMIT (injected)")
+        self.finished.append(Finished(lease, outcome, result))
         self._finish_event.set()
         self._finish_event = trio.Event()
         return result
 
-    async def wait_finished(self, chat_id: uuid.UUID, count: int = 1) -> FinishResult:
-        """Wait until `count` final transitions of the chat have run; the last one."""
+    def finishes(self, chat_id: uuid.UUID, outcome: TurnOutcome | None = None) -> list[Finished]:
+        """The chat's final transitions so far (of one outcome, if given), in order."""
+        return [
+            f
+            for f in self.finished
+            if f.lease.chat_id == chat_id and (outcome is None or f.outcome is outcome)
+        ]
+
+    async def wait_finished(
+        self, chat_id: uuid.UUID, count: int = 1, *, outcome: TurnOutcome | None = None
+    ) -> FinishResult:
+        """Wait until `count` final transitions of the chat (of `outcome`, if given) have
+        run; the last one."""
+        return (await self.wait_finish(chat_id, count, outcome=outcome)).result
+
+    async def wait_finish(
+        self, chat_id: uuid.UUID, count: int = 1, *, outcome: TurnOutcome | None = None
+    ) -> Finished:
+        """As `wait_finished`, with the lease and outcome the turn finished with."""
         with trio.fail_after(WAIT):
             while True:
-                mine = [f for f in self.finished if f[0] == chat_id]
+                mine = self.finishes(chat_id, outcome)
                 if len(mine) >= count:
-                    return mine[count - 1][3]
+                    return mine[count - 1]
                 await self._finish_event.wait()
+
+
+class ObservedServer(Server):
+    """A Server that records how each of its turns ended (`ended`, in order).
+
+    A turn that lost its chat ends without a final transition (it writes nothing),
+    so the store never hears of that end: `wait_ended` waits for it here.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ended: list[tuple[uuid.UUID, TurnOutcome]] = []
+        self._ended_event = trio.Event()
+
+    def _turn_done(
+        self, chat_id: uuid.UUID, control: TurnControl, outcome: TurnOutcome, generation: int
+    ) -> None:
+        first = control in self._controls  # the Server's hook is idempotent; record once
+        super()._turn_done(chat_id, control, outcome, generation)
+        if first:
+            self.ended.append((chat_id, outcome))
+            self._ended_event.set()
+            self._ended_event = trio.Event()
+
+    async def wait_ended(
+        self, chat_id: uuid.UUID, count: int = 1, *, outcome: TurnOutcome | None = None
+    ) -> TurnOutcome:
+        """Wait until `count` turns of the chat (ending in `outcome`, if given) have ended
+        here; the last one's outcome."""
+        with trio.fail_after(WAIT):
+            while True:
+                mine = [
+                    o for c, o in self.ended if c == chat_id and (outcome is None or o is outcome)
+                ]
+                if len(mine) >= count:
+                    return mine[count - 1]
+                await self._ended_event.wait()
 
 
 async def until_statuses(
@@ -231,9 +338,13 @@ def status_events(events: Iterable[StreamEvent]) -> list[StatusEvent]:
 
 
 def crash_step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
-    """First step of a turn: one tool call. After the tool result: hang mid-stream."""
+    """`quick...` is answered at once. Otherwise the first step of a turn is one tool
+    call, and after the tool result the next step hangs mid-stream."""
     if prompt and prompt[-1].role is Role.TOOL:
         return hang_step()
+    text = _last_user_text(prompt) or ""
+    if text.startswith("quick"):
+        return text_step(f"re: {text}")
     return tool_step([("echo", {"n": index})], call_id_prefix=f"crash{index}")
 
 
@@ -252,8 +363,6 @@ async def _opened(dsn: str) -> AsyncIterator[tuple[Any, Any]]:
 
 
 async def _replica_main(dsn: str, worker_id: uuid.UUID) -> None:
-    from chatd_trio.server import Server
-
     async with _opened(dsn) as (store, pubsub):
         model = ScriptedModel(crash_step)
         async with Server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from statemachine.exceptions import TransitionNotAllowed
@@ -11,14 +12,12 @@ from statemachine.exceptions import TransitionNotAllowed
 from chatd_trio.config import CompactionConfig, LoopConfig
 from chatd_trio.domain import (
     Message,
-    NewMessage,
     Role,
     TextPart,
     ToolCallPart,
     ToolResultPart,
     Visibility,
 )
-from chatd_trio.errors import StoreError
 from chatd_trio.loop import run_turn
 from chatd_trio.models.base import PromptMessage
 from chatd_trio.models.scripted import (
@@ -28,12 +27,12 @@ from chatd_trio.models.scripted import (
     tool_step,
     usage_of,
 )
-from chatd_trio.store.base import Announcer, TurnOutcome
-from chatd_trio.store.memory import MemoryStore
+from chatd_trio.store.base import Store, TurnOutcome
 from chatd_trio.tools import ToolRegistry
 from statecharts.base import Step
 from statecharts.compaction import CompactionChart, over_threshold, usage_percent
-from tests.test_loop import Recorder, echo, start_chat
+from tests import test_loop
+from tests.test_loop import FATAL, FaultyStore, Recorder, echo, finish, start_chat
 
 LIMIT = 1000
 PREFIX = CompactionConfig().summary_prefix
@@ -48,31 +47,13 @@ def config(max_steps: int = 50, **compaction: object) -> LoopConfig:
     )
 
 
-class CountingStore(MemoryStore):
-    """A MemoryStore that logs its compaction writes (and can fail them)."""
-
-    def __init__(self, log: list[str] | None = None, *, fail_compaction: bool = False) -> None:
-        super().__init__()
-        self.log = log if log is not None else []
-        self.compaction_writes = 0
-        self.fail_compaction = fail_compaction
-
-    async def persist_compaction(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        *,
-        announce: Announcer | None = None,
-    ) -> list[Message]:
-        self.log.append("persist_compaction")
-        self.compaction_writes += 1
-        if self.fail_compaction:
-            raise StoreError("disk full")
-        return await super().persist_compaction(chat_id, worker_id, messages, announce=announce)
+# test_loop's store fixtures: every test runs on both adapters.
+store_kind = test_loop.store_kind
+store_dsn = test_loop.store_dsn
+store = test_loop.store
 
 
-async def compressed(store: MemoryStore, chat_id: uuid.UUID) -> list[Message]:
+async def compressed(store: Store, chat_id: uuid.UUID) -> list[Message]:
     """The compressed messages: the latest (hidden) summary and every visible one."""
     messages = await store.prompt_messages(chat_id) + await store.messages_after(chat_id, 0)
     by_id = {m.id: m for m in messages if m.compressed}
@@ -108,6 +89,7 @@ def test_usage_percent_and_threshold_rule() -> None:
 
 def test_chart_pinned_path_for_one_step() -> None:
     chart = CompactionChart(max_steps=1, max_reentries=3)
+    chart.send("loaded", answered=False)
     chart.send("step_persisted", tool_calls=False, over_threshold=True)
     chart.send("summary_ok")
     chart.send("post_run_check", over_threshold=True)
@@ -115,13 +97,14 @@ def test_chart_pinned_path_for_one_step() -> None:
     chart.send("post_run_check", over_threshold=True)
     chart.send("summary_ok")
 
-    assert [s.target for s in chart.trace] == [
-        "compacting",
-        "checking",
-        "reentering",
-        "checking",
-        "safety_compacting",
-        "done",
+    assert [(s.source, s.event, s.target) for s in chart.trace] == [
+        ("loading", "loaded", "stepping"),
+        ("stepping", "step_persisted", "compacting"),
+        ("compacting", "summary_ok", "checking"),
+        ("checking", "post_run_check", "reentering"),
+        ("reentering", "reloaded", "checking"),
+        ("checking", "post_run_check", "safety_compacting"),
+        ("safety_compacting", "summary_ok", "done"),
     ]
     assert (chart.steps_used, chart.compactions, chart.reentries) == (1, 2, 1)
 
@@ -130,11 +113,65 @@ def test_chart_refuses_events_its_table_does_not_allow() -> None:
     chart = CompactionChart(max_steps=3, max_reentries=3)
     with pytest.raises(TransitionNotAllowed):
         chart.send("summary_ok")
+    with pytest.raises(TransitionNotAllowed):
+        chart.send("write_refused")  # loading writes nothing
+    chart.send("loaded", answered=False)
     chart.send("step_persisted", tool_calls=True, over_threshold=False)
     assert chart.trace == [
-        Step("stepping", "step_persisted", "stepping", "tool_calls and budget_left")
+        Step("loading", "loaded", "stepping"),
+        Step("stepping", "step_persisted", "stepping", "tool_calls and budget_left"),
     ]
     assert chart.steps_used == 2
+
+
+def _chart_in(state: str) -> CompactionChart:
+    """A chart driven (through its own events) into `state`."""
+    chart = CompactionChart(max_steps=3, max_reentries=3)
+    paths: dict[str, list[tuple[str, dict[str, Any]]]] = {
+        "loading": [],
+        "stepping": [("loaded", {"answered": False})],
+        "checking": [
+            ("loaded", {"answered": False}),
+            ("step_persisted", {"tool_calls": False, "over_threshold": False}),
+        ],
+        "reloading": [
+            ("loaded", {"answered": False}),
+            ("step_persisted", {"tool_calls": True, "over_threshold": True}),
+            ("summary_ok", {}),
+        ],
+        "reentering": [
+            ("loaded", {"answered": False}),
+            ("step_persisted", {"tool_calls": False, "over_threshold": True}),
+            ("summary_ok", {}),
+            ("post_run_check", {"over_threshold": False}),
+        ],
+    }
+    for event, data in paths[state]:
+        chart.send(event, **data)
+    assert chart.state_id == state
+    return chart
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        ("checking", "interrupt"),
+        ("checking", "shutdown"),
+        ("checking", "write_refused"),
+        ("checking", "store_unavailable"),
+        ("checking", "model_failed"),
+        ("reloading", "write_refused"),
+        ("reentering", "write_refused"),
+        ("loading", "model_failed"),
+    ],
+)
+def test_ends_the_loop_cannot_observe_in_a_state_are_refused_there(state: str, event: str) -> None:
+    """`checking` never waits and the reloads write nothing: an event that could only come
+    from a driver bug is refused loudly, not taken."""
+    chart = _chart_in(state)
+    with pytest.raises(TransitionNotAllowed):
+        chart.send(event)
+    assert chart.state_id == state
 
 
 # -- compaction driven by the loop -----------------------------------------------------
@@ -144,21 +181,20 @@ def test_chart_refuses_events_its_table_does_not_allow() -> None:
     ("reported_limit", "expected_limit"), [(None, LIMIT), (800, 800)], ids=["config", "model"]
 )
 async def test_threshold_reached_persists_summary_with_tokens_limit_percent(
-    reported_limit: int | None, expected_limit: int
+    store: Store, reported_limit: int | None, expected_limit: int
 ) -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     usage = usage_of(600)  # 60 % of 1000 (no compaction) but 75 % of 800
     model = ScriptedModel(
         [text_step("answer", usage=usage, context_limit=reported_limit), text_step("more")],
         summaries=["the summary"],
     )
 
-    result = await run_turn(store, chat_id, worker, model, config=config(threshold_percent=60))
+    result = await run_turn(store, lease, model, config=config(threshold_percent=60))
 
     assert result.outcome is TurnOutcome.DONE
     assert result.compactions == 1
-    summary, call, report = await compressed(store, chat_id)
+    summary, call, report = await compressed(store, lease.chat_id)
     assert (summary.role, summary.visibility) == (Role.USER, Visibility.MODEL)
     assert summary.parts == (TextPart(PREFIX + "the summary"),)
     assert (call.role, call.visibility) == (Role.ASSISTANT, Visibility.USER)
@@ -176,20 +212,22 @@ async def test_threshold_reached_persists_summary_with_tokens_limit_percent(
     }
 
 
-async def test_below_threshold_at_configured_limit_does_not_compact() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_below_threshold_at_configured_limit_does_not_compact(store: Store) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel([text_step("answer", usage=usage_of(600))], summaries=["never"])
 
-    result = await run_turn(store, chat_id, worker, model, config=config())
+    result = await run_turn(store, lease, model, config=config())
 
     assert (result.compactions, model.generate_count) == (0, 0)
+    assert result.final_state == "done"
 
 
-async def test_publish_order_tool_call_part_generate_persist_tool_result_part() -> None:
+async def test_publish_order_tool_call_part_generate_persist_tool_result_part(
+    store: Store,
+) -> None:
     log: list[str] = []
-    store = CountingStore(log)
-    chat_id, worker = await start_chat(store)
+    faulty = FaultyStore(store, log)
+    lease = await start_chat(store)
     rec = Recorder(log=log)
 
     def summarise(prompt: Sequence[PromptMessage], index: int) -> str:
@@ -201,15 +239,17 @@ async def test_publish_order_tool_call_part_generate_persist_tool_result_part() 
     )
 
     await run_turn(
-        store,
-        chat_id,
-        worker,
+        faulty.as_store(),
+        lease,
         model,
         tools=ToolRegistry([echo]),
         config=config(max_steps=1),
         callbacks=rec.callbacks(),
     )
 
+    # The step the compaction summarises is written first, then published.
+    start = log.index("persist_step")
+    assert log[start : start + 3] == ["persist_step", "message:assistant", "message:tool"]
     start = log.index("part:tool_call:chat_summarized")
     assert log[start : start + 4] == [
         "part:tool_call:chat_summarized",
@@ -225,68 +265,76 @@ async def test_publish_order_tool_call_part_generate_persist_tool_result_part() 
     assert prompt[-1].parts == (TextPart(CompactionConfig().summary_prompt),)
 
 
-async def test_no_publish_below_threshold() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_no_publish_below_threshold(store: Store) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel(
         [tool_step([("echo", {})], usage=UNDER), text_step("ok", usage=UNDER)], summaries=["S"]
     )
     rec = Recorder()
 
     result = await run_turn(
-        store,
-        chat_id,
-        worker,
-        model,
-        tools=ToolRegistry([echo]),
-        config=config(),
-        callbacks=rec.callbacks(),
+        store, lease, model, tools=ToolRegistry([echo]), config=config(), callbacks=rec.callbacks()
     )
 
     assert result.compactions == 0
     assert summarized_parts(rec) == []
     assert model.generate_count == 0
-    assert await compressed(store, chat_id) == []
+    assert await compressed(store, lease.chat_id) == []
 
 
-async def test_mid_loop_compaction_reloads_messages_and_model_called_exactly_twice() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_mid_loop_compaction_reloads_messages_and_model_called_exactly_twice(
+    store: Store,
+) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel(
         [tool_step([("echo", {})], usage=OVER), text_step("ok", usage=UNDER)], summaries=["S"]
     )
 
-    result = await run_turn(
-        store, chat_id, worker, model, tools=ToolRegistry([echo]), config=config()
-    )
+    result = await run_turn(store, lease, model, tools=ToolRegistry([echo]), config=config())
 
     assert result.outcome is TurnOutcome.DONE
     assert model.stream_count == 2
     assert (result.compactions, result.reentries) == (1, 0)
+    assert [(s.source, s.target) for s in result.trace] == [
+        ("loading", "stepping"),
+        ("stepping", "compacting"),
+        ("compacting", "reloading"),
+        ("reloading", "stepping"),
+        ("stepping", "checking"),
+        ("checking", "done"),
+    ]
     # the second step sees the reloaded history: the summary replaces everything before it
     (summary,) = model.stream_prompts[1]
     assert is_summary(summary, "S")
+    # the final answer is the caller's to write, after the compaction
+    assert [m.parts for m in result.final_messages] == [(TextPart("ok"),)]
+    await finish(store, lease, result)
+    prompt = await store.prompt_messages(lease.chat_id)
+    assert [m.parts for m in prompt] == [(TextPart(PREFIX + "S"),), (TextPart("ok"),)]
 
 
-async def test_no_post_run_compaction_after_inline_one() -> None:
-    store = CountingStore()
-    chat_id, worker = await start_chat(store)
-    # One step (the budget), over the threshold, with tool calls: inline compaction only.
+async def test_no_post_run_compaction_after_inline_one_ends_at_the_step_limit(
+    store: Store,
+) -> None:
+    faulty = FaultyStore(store)
+    lease = await start_chat(store)
+    # One step (the budget), over the threshold, with tool calls: inline compaction only;
+    # the budget ran out while the model still called tools.
     model = ScriptedModel([tool_step([("echo", {})], usage=OVER)], summaries=["S", "S2"])
 
     result = await run_turn(
-        store, chat_id, worker, model, tools=ToolRegistry([echo]), config=config(max_steps=1)
+        faulty.as_store(), lease, model, tools=ToolRegistry([echo]), config=config(max_steps=1)
     )
 
     assert result.outcome is TurnOutcome.DONE
     assert model.generate_count == 1
-    assert store.compaction_writes == 1
-    assert (result.compactions, result.reentries, result.final_state) == (1, 0, "done")
+    assert len(faulty.ops("persist_compaction")) == 1
+    assert (result.compactions, result.reentries, result.final_state) == (1, 0, "step_limit")
+    assert result.trace[-1] == Step("checking", "post_run_check", "step_limit", "out_of_steps")
 
 
-async def test_summary_errors_reported_run_still_succeeds() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_summary_errors_reported_run_still_succeeds(store: Store) -> None:
+    lease = await start_chat(store)
     # inline: empty summary; post-run safety net: the summary call fails
     model = ScriptedModel(
         [text_step("answer", usage=OVER)],
@@ -294,9 +342,7 @@ async def test_summary_errors_reported_run_still_succeeds() -> None:
     )
     rec = Recorder()
 
-    result = await run_turn(
-        store, chat_id, worker, model, config=config(), callbacks=rec.callbacks()
-    )
+    result = await run_turn(store, lease, model, config=config(), callbacks=rec.callbacks())
 
     assert result.outcome is TurnOutcome.DONE
     assert result.compactions == 0
@@ -307,33 +353,41 @@ async def test_summary_errors_reported_run_still_succeeds() -> None:
     parts = summarized_parts(rec)
     assert [type(p).__name__ for p in parts] == ["ToolCallPart", "ToolResultPart"] * 2
     assert all(p.is_error for p in parts if isinstance(p, ToolResultPart))
-    assert await compressed(store, chat_id) == []
+    assert await compressed(store, lease.chat_id) == []
+    # The answer was written before the compaction was tried: the finish has nothing left.
+    assert result.final_messages == ()
+    assert [m.parts for m in await store.messages_after(lease.chat_id, 0)][-1] == (
+        TextPart("answer"),
+    )
 
 
-async def test_compaction_persist_failure_reported_run_still_succeeds() -> None:
-    store = CountingStore(fail_compaction=True)
-    chat_id, worker = await start_chat(store)
+async def test_compaction_persist_failure_reported_run_still_succeeds(store: Store) -> None:
+    faulty = FaultyStore(store)
+    faulty.faults["persist_compaction"] = [FATAL, FATAL]
+    lease = await start_chat(store)
     model = ScriptedModel([text_step("answer", usage=OVER)], summaries=["S", "S"])
     rec = Recorder()
 
     result = await run_turn(
-        store, chat_id, worker, model, config=config(), callbacks=rec.callbacks()
+        faulty.as_store(), lease, model, config=config(), callbacks=rec.callbacks()
     )
 
     assert result.outcome is TurnOutcome.DONE
     assert result.compactions == 0
-    assert store.compaction_writes == 2  # inline, then the post-run safety net
+    assert len(faulty.ops("persist_compaction")) == 2  # inline, then the post-run safety net
     assert [e.message for e in rec.errors] == ["failed to persist compaction result"] * 2
+    assert await compressed(store, lease.chat_id) == []
 
 
-async def test_text_only_over_threshold_final_step_reenters_with_summary_in_prompt() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_text_only_over_threshold_final_step_reenters_with_summary_in_prompt(
+    store: Store,
+) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel(
         [text_step("first", usage=OVER), text_step("second", usage=UNDER)], summaries=["S"]
     )
 
-    result = await run_turn(store, chat_id, worker, model, config=config())
+    result = await run_turn(store, lease, model, config=config())
 
     assert result.outcome is TurnOutcome.DONE
     assert model.stream_count == 2
@@ -342,15 +396,14 @@ async def test_text_only_over_threshold_final_step_reenters_with_summary_in_prom
     assert not any(is_summary(m, "S") for m in model.stream_prompts[0])
 
 
-async def test_reentry_stops_after_three() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_reentry_stops_after_three(store: Store) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel(
         lambda prompt, i: text_step(f"answer {i}", usage=OVER),
         summaries=lambda prompt, i: f"S{i}",
     )
 
-    result = await run_turn(store, chat_id, worker, model, config=config())
+    result = await run_turn(store, lease, model, config=config())
 
     assert result.outcome is TurnOutcome.DONE
     assert result.reentries == 3
@@ -359,26 +412,25 @@ async def test_reentry_stops_after_three() -> None:
     assert result.final_state == "exhausted"
 
 
-async def test_max_steps_one_compaction_persists_exactly_twice() -> None:
-    store = CountingStore()
-    chat_id, worker = await start_chat(store)
+async def test_max_steps_one_compaction_persists_exactly_twice(store: Store) -> None:
+    faulty = FaultyStore(store)
+    lease = await start_chat(store)
     model = ScriptedModel([text_step("answer", usage=OVER)], summaries=["S1", "S2"])
 
-    result = await run_turn(store, chat_id, worker, model, config=config(max_steps=1))
+    result = await run_turn(faulty.as_store(), lease, model, config=config(max_steps=1))
 
     assert result.outcome is TurnOutcome.DONE
-    assert store.compaction_writes == 2
+    assert len(faulty.ops("persist_compaction")) == 2
     assert model.stream_count == 1
-    visible = [m for m in await store.messages_after(chat_id, 0) if m.compressed]
+    visible = [m for m in await store.messages_after(lease.chat_id, 0) if m.compressed]
     assert [m.role for m in visible] == [Role.ASSISTANT, Role.TOOL] * 2
-    assert (await store.prompt_messages(chat_id))[0].parts == (TextPart(PREFIX + "S2"),)
+    assert (await store.prompt_messages(lease.chat_id))[0].parts == (TextPart(PREFIX + "S2"),)
 
 
-async def test_threshold_100_disables_compaction() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_threshold_100_disables_compaction(store: Store) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel([text_step("answer", usage=usage_of(5000))], summaries=["S"])
 
-    result = await run_turn(store, chat_id, worker, model, config=config(threshold_percent=100))
+    result = await run_turn(store, lease, model, config=config(threshold_percent=100))
 
     assert (result.compactions, model.generate_count) == (0, 0)

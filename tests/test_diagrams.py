@@ -60,6 +60,50 @@ class _Toggle(TracedChart):
     flip = Event(off.to(on) | on.to(off), name="flip")
 
 
+class _Ends(TracedChart):
+    """Seven working states, seven ends; three events most states take alike."""
+
+    s1 = State("s1", initial=True)
+    s2 = State("s2")
+    s3 = State("s3")
+    s4 = State("s4")
+    s5 = State("s5")
+    s6 = State("s6")
+    s7 = State("s7")
+    done = State("done", final=True)
+    halted = State("halted", final=True)
+    failed = State("failed", final=True)
+    lost = State("lost", final=True)
+    skipped = State("skipped", final=True)
+    early = State("early", final=True)
+    late = State("late", final=True)
+    step = Event(s1.to(s2) | s2.to(s3) | s3.to(s4) | s4.to(s5) | s5.to(s6) | s6.to(s7), name="step")
+    finish = Event(s7.to(done), name="finish")
+    halt = Event(
+        s1.to(halted)
+        | s2.to(halted)
+        | s3.to(halted)
+        | s4.to(halted)
+        | s5.to(halted)
+        | s6.to(halted)
+        | s7.to(halted),
+        name="halt",
+    )
+    fail = Event(
+        s1.to(failed)
+        | s2.to(failed)
+        | s3.to(failed)
+        | s4.to(failed)
+        | s5.to(failed)
+        | s6.to(failed),
+        name="fail",
+    )
+    lose = Event(s2.to(lost) | s3.to(lost) | s4.to(lost), name="lose")
+    skip = Event(s6.to(skipped), name="skip")
+    quit = Event(s1.to(early), name="quit")
+    expire = Event(s7.to(late), name="expire")
+
+
 def _parse_label(label: str) -> tuple[str, str]:
     """(event, guard) of a Mermaid label `event (n) [guard]`; `else` is no guard."""
     match = re.fullmatch(r"(\w+)(?: \((\d+)\))?(?: \[(.+)\])?", label)
@@ -75,7 +119,7 @@ def test_committed_diagrams_match_the_code() -> None:
 
 def test_mermaid_lists_every_transition_with_its_guard() -> None:
     edge = re.compile(r"^    (\w+) --> (\w+) : (.+)$")
-    for entry in (*CHARTS, ChartEntry("gate", _Gate, "")):
+    for entry in (*CHARTS, ChartEntry("gate", _Gate, ""), ChartEntry("ends", _Ends, "")):
         drawn = []
         for line in mermaid_of(entry.chart).splitlines():
             match = edge.match(line)
@@ -140,6 +184,34 @@ def test_an_event_every_waiting_state_takes_is_drawn_once() -> None:
     assert mermaid_of(next(e.chart for e in CHARTS if e.name == "dial")).count(": cancel") == 6
 
 
+def test_common_ends_are_drawn_once_each_saying_which_states_take_them() -> None:
+    dot = dot_of(_Ends)
+    cluster = re.search(r'subgraph "cluster_halt" \{[^}]*\}', dot)
+    assert cluster, dot
+    assert re.findall(r'"(s\d)";', cluster.group(0)) == [f"s{i}" for i in range(1, 8)]
+    assert "every non-final state" in cluster.group(0)
+    for label in ["halt\\l", "fail\\l(not in s7)\\l", "lose\\l(only in s2, s3, s4)\\l"]:
+        assert dot.count(f'label="{label}", ltail="cluster_halt"') == 1, label
+    # Drawn once: no per-state edge of a folded event is left.
+    assert dot.count("halt\\l") == dot.count("fail\\l") == dot.count("lose\\l") == 1
+    assert 'label="skip\\l"' in dot  # taken from one state only: an ordinary edge
+    # The folded labels reach the SVG's check as their first line (the event).
+    assert ["halt"] in [label_lines(row) for row in rows_of(_Ends) if row.event == "halt"]
+
+
+def test_many_ends_are_drawn_as_one_column_nearest_first() -> None:
+    dot = dot_of(_Ends)
+    chain = re.findall(r'    "(\w+)" -> "(\w+)" \[style=invis\];', dot)
+    column = [chain[0][0], *(b for _, b in chain)]
+    # By distance from the start over ordinary transitions (ties in declaration order),
+    # then the ends reached only by folded events.
+    assert column == ["early", "skipped", "done", "late", "halted", "failed", "lost"]
+    assert 'subgraph "cluster_ends" { style=invis;' in dot
+    # Fewer ends: side by side, as Graphviz places them.
+    for chart in (_Gate, *(entry.chart for entry in CHARTS if entry.name == "dial")):
+        assert "style=invis" not in dot_of(chart)
+
+
 def test_markdown_embeds_each_chart_without_mermaid() -> None:
     text = markdown_of(CHARTS)
     assert "```mermaid" not in text  # the page must not need a script from a CDN
@@ -155,10 +227,14 @@ def test_committed_svgs_are_readable_at_page_width() -> None:
         svg = (DOCS / CHARTS_DIR / f"{entry.name}.svg").read_text()
         match = re.search(r'<svg width="(\d+)pt"', svg)
         assert match, entry.name
+        # Graphviz scales the drawing itself when asked to fit a size: count that too.
+        drawn = re.search(r'transform="scale\(([\d.]+) ([\d.]+)\)', svg)
+        assert drawn, entry.name
         width_px = int(match.group(1)) * 96 / 72
-        scale = min(1.0, PAGE_WIDTH_PX / width_px)
+        scale = min(1.0, PAGE_WIDTH_PX / width_px) * float(drawn.group(1))
         label_px = LABEL_SIZE * 96 / 72 * scale
         assert label_px >= MIN_LABEL_PX, (entry.name, round(label_px, 1))
+        assert f'font-size="{LABEL_SIZE:.2f}"' in svg, entry.name
 
 
 @needs_graphviz

@@ -1,18 +1,29 @@
-"""The agent loop (docs/spec.md §3): steps, tools, retries, interrupt and shutdown."""
+"""The agent loop (docs/spec.md §3 and §1): steps, tools, retries, interrupt and shutdown,
+fenced and retried writes, recovery of an answered turn.
+
+Tests that persist run against both store adapters (`store` fixture: MemoryStore and
+PostgreSQL); the few that assert virtual time run on MemoryStore under a MockClock.
+Store faults are injected by `FaultyStore`, which wraps a real store and fails a turn
+write the way a lost connection does: before it reaches the database, or after it
+committed with the acknowledgement lost.
+"""
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import pytest
 import trio
 import trio.testing
 
-from chatd_trio.config import LoopConfig, RetryConfig
+from chatd_trio.config import LoopConfig, RetryConfig, StoreRetryConfig
 from chatd_trio.domain import (
     JSON,
+    ChatStatus,
     ErrorPayload,
     Message,
     MessagePartEvent,
@@ -23,10 +34,18 @@ from chatd_trio.domain import (
     TextPart,
     ToolCallPart,
     ToolResultPart,
+    Visibility,
 )
-from chatd_trio.errors import StoreError
-from chatd_trio.loop import TurnCallbacks, TurnControl, retry_delay, run_turn
-from chatd_trio.models.base import ReasoningDelta, TextDelta, ToolCallDelta
+from chatd_trio.errors import OwnershipLost, StoreError, StoreUnavailable
+from chatd_trio.loop import (
+    TurnCallbacks,
+    TurnControl,
+    TurnResult,
+    already_answered,
+    retry_delay,
+    run_turn,
+)
+from chatd_trio.models.base import PromptMessage, ReasoningDelta, TextDelta, ToolCallDelta
 from chatd_trio.models.scripted import (
     ScriptedModel,
     ScriptStep,
@@ -35,20 +54,55 @@ from chatd_trio.models.scripted import (
     text_step,
     tool_step,
 )
-from chatd_trio.store.base import Announcer, TurnOutcome
+from chatd_trio.store.base import FinishResult, Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
+from statecharts.base import Step
+from tests.contract.conftest import STORE_KINDS, open_store
 
 # -- helpers shared by the loop test modules ------------------------------------
 
 
-async def start_chat(store: MemoryStore, text: str = "hello") -> tuple[uuid.UUID, uuid.UUID]:
-    """A chat with one user message, acquired (running) by a fresh worker."""
+@pytest.fixture(params=STORE_KINDS)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_dsn(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    return str(request.getfixturevalue("pg_dsn")) if store_kind == "postgres" else None
+
+
+@pytest.fixture
+async def store(store_kind: str, store_dsn: str | None) -> AsyncIterator[Store]:
+    """An empty store of each kind."""
+    async with open_store(store_kind, store_dsn) as opened:
+        yield opened
+
+
+@pytest.fixture
+def clock(store_kind: str) -> trio.testing.MockClock | None:
+    """pytest-trio runs the test on this clock when it is one: virtual time on the memory
+    store; PostgreSQL's I/O needs the real clock (its waits are real)."""
+    return trio.testing.MockClock(autojump_threshold=0) if store_kind == "memory" else None
+
+
+async def start_chat(store: Store, text: str = "hello") -> Lease:
+    """A chat with one user message, acquired (running) by a fresh worker: its lease."""
     chat, _ = await store.create_chat(uuid.uuid4(), "test", [TextPart(text)])
-    worker = uuid.uuid4()
-    acquired = await store.acquire(worker, 10)
+    acquired = await store.acquire(uuid.uuid4(), 10)
     assert [c.id for c in acquired] == [chat.id]
-    return chat.id, worker
+    return Lease.of(acquired[0])
+
+
+async def finish(store: Store, lease: Lease, result: TurnResult) -> FinishResult:
+    """The final transition as the Server makes it: the turn's final messages with it."""
+    return await store.finish_turn(
+        lease,
+        result.outcome,
+        result.error.message if result.error else None,
+        messages=result.final_messages,
+    )
 
 
 @dataclass
@@ -59,6 +113,8 @@ class Recorder:
     messages: list[Message] = field(default_factory=list)
     retries: list[RetryPayload] = field(default_factory=list)
     errors: list[ErrorPayload] = field(default_factory=list)
+    store_retries: list[str] = field(default_factory=list)
+    late: list[ToolCallPart] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
     async def on_part(self, event: MessagePartEvent) -> None:
@@ -77,8 +133,22 @@ class Recorder:
         self.errors.append(payload)
         self.log.append("error")
 
+    def on_store_retry(self, what: str, exc: BaseException) -> None:
+        assert isinstance(exc, StoreUnavailable)
+        self.store_retries.append(what)
+
+    def on_late_tool_result(self, call: ToolCallPart) -> None:
+        self.late.append(call)
+
     def callbacks(self) -> TurnCallbacks:
-        return TurnCallbacks(self.on_part, self.on_message, self.on_retry, self.on_error)
+        return TurnCallbacks(
+            self.on_part,
+            self.on_message,
+            self.on_retry,
+            self.on_error,
+            on_late_tool_result=self.on_late_tool_result,
+            on_store_retry=self.on_store_retry,
+        )
 
 
 @tool("echo", "Return the arguments.")
@@ -87,62 +157,200 @@ async def echo(args: dict[str, JSON], ctx: ToolContext) -> JSON:
     return args
 
 
-async def history(store: MemoryStore, chat_id: uuid.UUID) -> list[Message]:
+async def history(store: Store, chat_id: uuid.UUID) -> list[Message]:
     """Every user-visible message (what the store would stream)."""
     return await store.messages_after(chat_id, 0)
 
 
-def tool_results(messages: Sequence[Message]) -> list[ToolResultPart]:
+def tool_results(messages: Sequence[Message | NewMessage]) -> list[ToolResultPart]:
     return [p for m in messages for p in m.parts if isinstance(p, ToolResultPart)]
 
 
-def tool_calls(messages: Sequence[Message]) -> list[ToolCallPart]:
+def tool_calls(messages: Sequence[Message | NewMessage]) -> list[ToolCallPart]:
     return [p for m in messages for p in m.parts if isinstance(p, ToolCallPart)]
+
+
+# What a fault does to one call of a turn's store operation (see FaultyStore).
+OK = "ok"
+BEFORE = "before"  # StoreUnavailable before the write reaches the database
+AFTER = "after"  # the write commits, then StoreUnavailable (the acknowledgement is lost)
+STUCK = "stuck"  # the write commits, then the call waits until it is cancelled
+FATAL = "fatal"  # a StoreError that is not transient
+
+
+class FaultyStore:
+    """A real store whose turn operations fail on cue, like a database connection does.
+
+    The fault of a call of a turn operation (persist_step, persist_compaction,
+    prompt_messages) is the next entry of `faults[op]`; when that runs out, `plan(n, op)`
+    decides for the n-th call (1-based, over all three operations), if set; else every
+    call of an operation in `outage` fails before it reaches the database. Every call
+    is recorded with its operation id (`calls`) and its name appended to `log`; what
+    the real store raised is kept in `errors`. `on_call(n, op)` runs first (a stop, an
+    edit or a takeover landing just then); then the call yields once, as a round trip
+    to the database does. Everything else goes to `inner`.
+    """
+
+    def __init__(self, inner: Store, log: list[str] | None = None) -> None:
+        self.inner = inner
+        self.log = log if log is not None else []
+        self.faults: dict[str, list[str]] = {}
+        self.plan: Callable[[int, str], str] | None = None
+        self.outage: set[str] = set()
+        self.calls: list[tuple[str, uuid.UUID | None]] = []
+        self.errors: list[BaseException] = []  # raised by the real store
+        self.stuck = trio.Event()
+        self.on_call: Callable[[int, str], Awaitable[None]] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def as_store(self) -> Store:
+        return cast(Store, self)
+
+    def ops(self, name: str) -> list[uuid.UUID | None]:
+        """The operation ids of every call of `name`, in call order."""
+        return [op_id for op, op_id in self.calls if op == name]
+
+    async def _call(
+        self, op: str, op_id: uuid.UUID | None, run: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        self.calls.append((op, op_id))
+        self.log.append(op)
+        n = len(self.calls)
+        if self.on_call is not None:
+            await self.on_call(n, op)
+        queue = self.faults.get(op)
+        if queue:
+            fault = queue.pop(0)
+        elif self.plan is not None:
+            fault = self.plan(n, op)
+        else:
+            fault = BEFORE if op in self.outage else OK
+        await trio.lowlevel.checkpoint()
+        if fault == BEFORE:
+            raise StoreUnavailable(f"{op}: connection refused")
+        if fault == FATAL:
+            raise StoreError(f"{op}: value too long for column")
+        try:
+            out = await run()
+        except Exception as exc:
+            self.errors.append(exc)
+            raise
+        if fault == AFTER:
+            raise StoreUnavailable(f"{op}: connection lost before the commit was acknowledged")
+        if fault == STUCK:
+            self.stuck.set()
+            await trio.sleep_forever()
+        return out
+
+    async def persist_step(
+        self, lease: Lease, messages: Sequence[NewMessage], **kw: Any
+    ) -> list[Message]:
+        out: list[Message] = await self._call(
+            "persist_step",
+            kw.get("op_id"),
+            lambda: self.inner.persist_step(lease, messages, **kw),
+        )
+        return out
+
+    async def persist_compaction(
+        self, lease: Lease, messages: Sequence[NewMessage], **kw: Any
+    ) -> list[Message]:
+        out: list[Message] = await self._call(
+            "persist_compaction",
+            kw.get("op_id"),
+            lambda: self.inner.persist_compaction(lease, messages, **kw),
+        )
+        return out
+
+    async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
+        out: list[Message] = await self._call(
+            "prompt_messages", None, lambda: self.inner.prompt_messages(chat_id)
+        )
+        return out
 
 
 # -- steps and tools ------------------------------------------------------------
 
 
-async def test_multi_step_tool_execution() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_multi_step_tool_execution(store: Store) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel([tool_step([("echo", {"x": 1})]), text_step("all done")])
     rec = Recorder()
 
     result = await run_turn(
-        store, chat_id, worker, model, tools=ToolRegistry([echo]), callbacks=rec.callbacks()
+        store, lease, model, tools=ToolRegistry([echo]), callbacks=rec.callbacks()
     )
 
     assert result.outcome is TurnOutcome.DONE
-    assert result.steps == 2
+    assert (result.steps, result.final_state) == (2, "done")
     assert model.stream_count == 2
     assert [spec.name for spec in model.stream_tools[0]] == ["echo"]
     second = model.stream_prompts[1]
     assert [m.role for m in second] == [Role.USER, Role.ASSISTANT, Role.TOOL]
     assert second[1].parts == (ToolCallPart("call_0", "echo", '{"x": 1}'),)
     assert second[2].parts == (ToolResultPart("call_0", "echo", {"x": 1}),)
-    stored = await history(store, chat_id)
-    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.ASSISTANT]
-    assert stored[-1].parts == (TextPart("all done"),)
-    # every persisted message was published as a durable message, in id order
+    # The loop wrote the tool step (the next step built on it); the answer is the caller's
+    # to write, with the final transition.
+    stored = await history(store, lease.chat_id)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    assert [(m.role, m.parts) for m in result.final_messages] == [
+        (Role.ASSISTANT, (TextPart("all done"),))
+    ]
+    # every message the loop persisted was published as a durable message, in id order
     assert [m.id for m in rec.messages] == [m.id for m in stored[1:]]
 
+    fin = await finish(store, lease, result)
+    assert fin.changed and fin.chat.status is ChatStatus.WAITING
+    stored = await history(store, lease.chat_id)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.ASSISTANT]
+    assert stored[-1].parts == (TextPart("all done"),)
 
-async def test_unknown_raising_and_error_tools_become_error_results() -> None:
+
+async def test_a_one_step_text_turn_writes_nothing_its_answer_comes_back(store: Store) -> None:
+    """The final step is not written by the loop: it lands with the finish, atomically, so
+    a stored answer always has its finish (docs/spec.md §1, idempotent completion)."""
+    faulty = FaultyStore(store)
+    lease = await start_chat(store)
+    rec = Recorder()
+
+    result = await run_turn(
+        faulty.as_store(), lease, ScriptedModel([text_step("hi there")]), callbacks=rec.callbacks()
+    )
+
+    assert (result.outcome, result.final_state, result.steps) == (TurnOutcome.DONE, "done", 1)
+    assert faulty.ops("persist_step") == []
+    assert rec.messages == []
+    assert [m.parts for m in await history(store, lease.chat_id)] == [(TextPart("hello"),)]
+    (answer,) = result.final_messages
+    assert (answer.role, answer.parts, answer.visibility) == (
+        Role.ASSISTANT,
+        (TextPart("hi there"),),
+        Visibility.BOTH,
+    )
+    fin = await finish(store, lease, result)
+    assert [m.parts for m in fin.inserted] == [(TextPart("hi there"),)]
+    assert [m.parts for m in await history(store, lease.chat_id)] == [
+        (TextPart("hello"),),
+        (TextPart("hi there"),),
+    ]
+
+
+async def test_unknown_raising_and_error_tools_become_error_results(store: Store) -> None:
     @tool("boom", "Raise.")
     async def boom(args: dict[str, JSON], ctx: ToolContext) -> JSON:
         raise RuntimeError("kaput")
 
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel(
         [tool_step([("boom", {}), ("nope", {}), ("echo", "not json")]), text_step("ok")]
     )
 
-    result = await run_turn(store, chat_id, worker, model, tools=ToolRegistry([echo, boom]))
+    result = await run_turn(store, lease, model, tools=ToolRegistry([echo, boom]))
 
     assert result.outcome is TurnOutcome.DONE
-    results = tool_results(await history(store, chat_id))
+    results = tool_results(await history(store, lease.chat_id))
     assert [r.call_id for r in results] == ["call_0", "call_1", "call_2"]
     assert all(r.is_error for r in results)
     assert "kaput" in results[0].result["error"]
@@ -150,24 +358,20 @@ async def test_unknown_raising_and_error_tools_become_error_results() -> None:
     assert "JSON" in results[2].result["error"]
 
 
-async def test_persist_step_error_propagates() -> None:
-    class BrokenStore(MemoryStore):
-        async def persist_step(
-            self,
-            chat_id: uuid.UUID,
-            worker_id: uuid.UUID,
-            messages: Sequence[NewMessage],
-            *,
-            announce: Announcer | None = None,
-        ) -> list[Message]:
-            raise StoreError("database gone")
+async def test_a_store_error_that_is_not_transient_propagates(store: Store) -> None:
+    """Only `StoreUnavailable` is retried; another store error leaves run_turn (the Server
+    ends the turn in error) and nothing of the step is stored."""
+    faulty = FaultyStore(store)
+    faulty.faults["persist_step"] = [FATAL]
+    lease = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {})]), text_step("never")])
 
-    store = BrokenStore()
-    chat_id, worker = await start_chat(store)
-    model = ScriptedModel([text_step("hi")])
+    with pytest.raises(StoreError, match="value too long"):
+        await run_turn(faulty.as_store(), lease, model, tools=ToolRegistry([echo]))
 
-    with pytest.raises(StoreError, match="database gone"):
-        await run_turn(store, chat_id, worker, model)
+    assert model.stream_count == 1
+    assert len(faulty.ops("persist_step")) == 1
+    assert len(await history(store, lease.chat_id)) == 1
 
 
 async def test_five_tools_of_one_second_finish_in_one_virtual_second(
@@ -183,21 +387,20 @@ async def test_five_tools_of_one_second_finish_in_one_virtual_second(
 
     async def run(parallel: bool) -> tuple[float, list[Message], Recorder]:
         store = MemoryStore()
-        chat_id, worker = await start_chat(store)
+        lease = await start_chat(store)
         # Later calls are scheduled first so that completion order differs from call order.
         model = ScriptedModel([tool_step([("slow", {"i": i}) for i in range(5)]), text_step("ok")])
         rec = Recorder()
         start = trio.current_time()
         await run_turn(
             store,
-            chat_id,
-            worker,
+            lease,
             model,
             tools=ToolRegistry([slow]),
             config=LoopConfig(parallel_tools=parallel),
             callbacks=rec.callbacks(),
         )
-        return trio.current_time() - start, await history(store, chat_id), rec
+        return trio.current_time() - start, await history(store, lease.chat_id), rec
 
     elapsed, stored, rec = await run(parallel=True)
     assert elapsed == pytest.approx(1.0)
@@ -213,14 +416,14 @@ async def test_five_tools_of_one_second_finish_in_one_virtual_second(
     assert finished == [0, 1, 2, 3, 4]
 
 
-# -- retries and errors -----------------------------------------------------------
+# -- model retries and errors ---------------------------------------------------------
 
 
 async def test_retry_backoff_schedule_and_retry_events(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     cut = ScriptStep(
         deltas=(TextDelta("partial "), TextDelta("never")),
         error=model_error(500, kind="server_error"),
@@ -237,7 +440,7 @@ async def test_retry_backoff_schedule_and_retry_events(
     rec = Recorder()
     start = trio.current_time()
 
-    result = await run_turn(store, chat_id, worker, model, callbacks=rec.callbacks())
+    result = await run_turn(store, lease, model, callbacks=rec.callbacks())
 
     assert result.outcome is TurnOutcome.DONE
     assert result.retries == 3
@@ -249,10 +452,10 @@ async def test_retry_backoff_schedule_and_retry_events(
     assert all(r.retrying_at is not None for r in rec.retries)
     assert trio.current_time() - start == pytest.approx(10.0)
     assert model.stream_count == 4
-    # the cut attempt's partial text was published, then discarded: only the answer persists
+    # the cut attempt's partial text was published, then discarded: only the answer is kept
     assert any(e.part == TextPart("partial ") for e in rec.parts)
-    stored = await history(store, chat_id)
-    assert [m.parts for m in stored[1:]] == [(TextPart("answer"),)]
+    assert [m.parts for m in result.final_messages] == [(TextPart("answer"),)]
+    assert len(await history(store, lease.chat_id)) == 1
 
 
 def test_retry_delay_caps_and_honours_retry_after() -> None:
@@ -266,30 +469,31 @@ def test_retry_delay_caps_and_honours_retry_after() -> None:
 
 async def test_retries_exhausted_end_in_error(autojump_clock: trio.testing.MockClock) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel([error_step(model_error(429))] * 3 + [text_step("late")])
     rec = Recorder()
     config = LoopConfig(retry=RetryConfig(max_attempts=3))
 
-    result = await run_turn(store, chat_id, worker, model, config=config, callbacks=rec.callbacks())
+    result = await run_turn(store, lease, model, config=config, callbacks=rec.callbacks())
 
-    assert result.outcome is TurnOutcome.ERROR
+    assert (result.outcome, result.final_state) == (TurnOutcome.ERROR, "failed")
     assert model.stream_count == 3
     assert len(rec.retries) == 2
     assert result.error is not None
     assert (result.error.status_code, result.error.retryable) == (429, True)
+    assert "gave up after 3 attempts" in result.error.message
 
 
-async def test_non_retryable_error_ends_in_error() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_non_retryable_error_ends_in_error(store: Store) -> None:
+    lease = await start_chat(store)
     err = model_error(400, retryable=False, kind="bad_request", message="context too long")
     model = ScriptedModel([error_step(err), text_step("never")])
     rec = Recorder()
 
-    result = await run_turn(store, chat_id, worker, model, callbacks=rec.callbacks())
+    result = await run_turn(store, lease, model, callbacks=rec.callbacks())
 
-    assert result.outcome is TurnOutcome.ERROR
+    assert (result.outcome, result.final_state) == (TurnOutcome.ERROR, "failed")
+    assert result.trace[-1] == Step("stepping", "model_failed", "failed")
     assert result.error == ErrorPayload(
         message="context too long",
         kind="bad_request",
@@ -299,13 +503,105 @@ async def test_non_retryable_error_ends_in_error() -> None:
     )
     assert model.stream_count == 1
     assert rec.retries == []
-    assert len(await history(store, chat_id)) == 1
+    assert result.final_messages == ()
+    assert len(await history(store, lease.chat_id)) == 1
+
+
+# -- transient store faults ---------------------------------------------------------------
+
+
+async def test_a_step_write_cut_off_twice_is_retried_and_lands_once(
+    store: Store, clock: trio.testing.MockClock | None
+) -> None:
+    """A write that fails before reaching the database, then one whose commit landed but
+    whose acknowledgement was lost: both retried, under the step's one operation id, and
+    the turn completes with the step stored once."""
+    faulty = FaultyStore(store)
+    faulty.faults["persist_step"] = [BEFORE, AFTER]
+    lease = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {"a": 1})]), text_step("done")])
+    rec = Recorder()
+    start = trio.current_time()
+
+    result = await run_turn(
+        faulty.as_store(),
+        lease,
+        model,
+        tools=ToolRegistry([echo]),
+        callbacks=rec.callbacks(),
+    )
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.DONE, "done")
+    assert result.store_retries == 2
+    assert rec.store_retries == ["persisting a step"] * 2
+    ops = faulty.ops("persist_step")
+    assert len(ops) == 3 and ops[0] is not None and len(set(ops)) == 1
+    stored = await history(store, lease.chat_id)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    assert [c.call_id for c in tool_calls(stored)] == ["call_0"]
+    # The second step saw the step once, too.
+    assert [m.role for m in model.stream_prompts[1]] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    if clock is not None:
+        # StoreRetryConfig(): 0.2 s, then 0.4 s
+        assert trio.current_time() - start == pytest.approx(0.6)
+
+
+async def test_a_store_down_past_the_retry_budget_ends_the_turn_unavailable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Not `error`: a transient fault is nothing the user can act on; the chat is handed
+    back (docs/spec.md §1, store faults)."""
+    store = MemoryStore()
+    faulty = FaultyStore(store)
+    faulty.outage.add("persist_step")
+    lease = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {})]), text_step("never")])
+    retry = StoreRetryConfig(base_delay=0.5, max_delay=4.0, budget=20.0)
+    start = trio.current_time()
+
+    result = await run_turn(
+        faulty.as_store(),
+        lease,
+        model,
+        tools=ToolRegistry([echo]),
+        config=LoopConfig(store_retry=retry),
+    )
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.UNAVAILABLE, "unavailable")
+    assert result.error is None
+    # Waits 0.5, 1, 2, 4, 4, 4, 4 (19.5 s); one more would end past the 20 s budget.
+    assert len(faulty.ops("persist_step")) == 8
+    assert result.store_retries == 7
+    assert trio.current_time() - start == pytest.approx(19.5)
+    assert model.stream_count == 1
+    # The step's write was started: it may have landed, so it is not the finish's to write.
+    assert result.final_messages == ()
+    fin = await finish(store, lease, result)
+    assert (fin.changed, fin.chat.status) == (True, ChatStatus.PENDING)
+    assert len(await history(store, lease.chat_id)) == 1
+
+
+async def test_a_load_outage_past_the_budget_ends_unavailable_before_the_model(
+    store: Store, clock: trio.testing.MockClock | None
+) -> None:
+    faulty = FaultyStore(store)
+    faulty.outage.add("prompt_messages")
+    lease = await start_chat(store)
+    model = ScriptedModel([text_step("never")])
+    retry = StoreRetryConfig(base_delay=0.01, max_delay=0.02, budget=0.05)
+
+    result = await run_turn(faulty.as_store(), lease, model, config=LoopConfig(store_retry=retry))
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.UNAVAILABLE, "unavailable")
+    assert result.trace == (Step("loading", "store_unavailable", "unavailable"),)
+    assert model.stream_count == 0
+    assert len(faulty.ops("prompt_messages")) >= 2
 
 
 # -- interrupt, shutdown, refused writes ---------------------------------------------
 
 
-async def test_shutdown_during_tool_yields_cancellation_not_interrupt() -> None:
+async def test_shutdown_during_tool_yields_cancellation_and_records_shutdown(store: Store) -> None:
     started = trio.Event()
 
     @tool("hang", "Never finish.")
@@ -313,35 +609,81 @@ async def test_shutdown_during_tool_yields_cancellation_not_interrupt() -> None:
         started.set()
         await trio.sleep_forever()
 
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
-    model = ScriptedModel([tool_step([("echo", {}), ("hang", {})], text="working")])
+    lease = await start_chat(store)
+    model = ScriptedModel(
+        [tool_step([("echo", {})], text="first"), tool_step([("hang", {})], text="working")]
+    )
     control = TurnControl()
-    outcome: list[str] = []
+    outcome: list[BaseException | None] = []
 
     async def turn() -> None:
         with control:
             try:
                 await run_turn(
-                    store, chat_id, worker, model, tools=ToolRegistry([echo, hang]), control=control
+                    store, lease, model, tools=ToolRegistry([echo, hang]), control=control
                 )
-            except trio.Cancelled:
-                outcome.append("cancelled")
+            except BaseException as exc:
+                outcome.append(exc)
                 raise
-            outcome.append("returned")
+            outcome.append(None)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(turn)
         await started.wait()
         control.shutdown()
 
-    assert outcome == ["cancelled"]
+    # The cancellation left run_turn (grouped by the tools' nursery it went through).
+    (raised,) = outcome
+    assert isinstance(raised, BaseExceptionGroup)
+    assert raised.split(trio.Cancelled)[1] is None
     assert control.shut_down
-    # nothing of the step was written: another replica will run it again
-    assert len(await history(store, chat_id)) == 1
+    result = control.result
+    assert result is not None
+    assert (result.outcome, result.final_state) == (TurnOutcome.SHUTDOWN, "shut_down")
+    assert result.trace[-1] == Step("stepping", "shutdown", "shut_down")
+    assert result.final_messages == ()
+    # The first step was written (the second built on it); nothing of the stopped one
+    # was: another replica will run it again.
+    stored = await history(store, lease.chat_id)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    assert [c.name for c in tool_calls(stored)] == ["echo"]
 
 
-async def test_interrupt_during_tool_persists_text_reasoning_call_and_synthetic_result() -> None:
+async def test_shutdown_while_a_step_write_lands_unacknowledged_stores_it_once(
+    store: Store,
+) -> None:
+    """The step's write committed, the replica shuts down before it is acknowledged: the
+    step is not handed to the finish as well (it would be stored twice)."""
+    faulty = FaultyStore(store)
+    faulty.faults["persist_step"] = [STUCK]
+    lease = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {"a": 1})]), text_step("never")])
+    control = TurnControl()
+
+    async def turn() -> None:
+        with control:
+            await run_turn(
+                faulty.as_store(), lease, model, tools=ToolRegistry([echo]), control=control
+            )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(turn)
+        await faulty.stuck.wait()
+        control.shutdown()
+
+    result = control.result
+    assert result is not None and result.outcome is TurnOutcome.SHUTDOWN
+    assert result.final_messages == ()
+    fin = await finish(store, lease, result)
+    assert (fin.changed, fin.chat.status) == (True, ChatStatus.PENDING)
+    stored = await history(store, lease.chat_id)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    assert model.stream_count == 1
+
+
+async def test_interrupt_during_tool_persists_text_reasoning_call_and_synthetic_result(
+    store: Store,
+) -> None:
     started = trio.Event()
 
     @tool("hang", "Never finish.")
@@ -349,8 +691,7 @@ async def test_interrupt_during_tool_persists_text_reasoning_call_and_synthetic_
         started.set()
         await trio.sleep_forever()
 
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel(
         [tool_step([("echo", {"a": 1}), ("hang", {})], text="looking", reasoning="hmm")]
     )
@@ -362,8 +703,7 @@ async def test_interrupt_during_tool_persists_text_reasoning_call_and_synthetic_
         results.append(
             await run_turn(
                 store,
-                chat_id,
-                worker,
+                lease,
                 model,
                 tools=ToolRegistry([echo, hang]),
                 control=control,
@@ -377,8 +717,9 @@ async def test_interrupt_during_tool_persists_text_reasoning_call_and_synthetic_
         await trio.testing.wait_all_tasks_blocked()
         control.interrupt()
 
-    assert results[0].outcome is TurnOutcome.INTERRUPTED
-    stored = await history(store, chat_id)
+    assert (results[0].outcome, results[0].final_state) == (TurnOutcome.INTERRUPTED, "interrupted")
+    assert results[0].final_messages == ()
+    stored = await history(store, lease.chat_id)
     assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.TOOL]
     assert stored[1].parts == (
         ReasoningPart("hmm"),
@@ -398,7 +739,7 @@ async def test_interrupt_during_tool_persists_text_reasoning_call_and_synthetic_
     assert [m.id for m in rec.messages] == [m.id for m in stored[1:]]
 
 
-async def test_interrupt_during_streaming_persists_partial_output() -> None:
+async def test_interrupt_during_streaming_persists_partial_output(store: Store) -> None:
     step = ScriptStep(
         deltas=(
             ReasoningDelta("think"),
@@ -409,8 +750,7 @@ async def test_interrupt_during_streaming_persists_partial_output() -> None:
         ),
         hang_after=4,
     )
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel([step])
     control = TurnControl()
     rec = Recorder()
@@ -422,17 +762,11 @@ async def test_interrupt_during_streaming_persists_partial_output() -> None:
 
     callbacks = TurnCallbacks(on_part=on_part, on_message=rec.on_message)
     result = await run_turn(
-        store,
-        chat_id,
-        worker,
-        model,
-        tools=ToolRegistry([echo]),
-        control=control,
-        callbacks=callbacks,
+        store, lease, model, tools=ToolRegistry([echo]), control=control, callbacks=callbacks
     )
 
     assert result.outcome is TurnOutcome.INTERRUPTED
-    stored = await history(store, chat_id)
+    stored = await history(store, lease.chat_id)
     assert stored[1].parts == (
         ReasoningPart("think"),
         TextPart("hello"),
@@ -446,22 +780,24 @@ async def test_interrupt_during_streaming_persists_partial_output() -> None:
     assert len(stored) == 3
 
 
-async def test_interrupt_before_anything_streamed_writes_nothing() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+async def test_interrupt_before_the_turn_starts_writes_nothing(store: Store) -> None:
+    lease = await start_chat(store)
     model = ScriptedModel([ScriptStep(deltas=(TextDelta("x"),), hang_after=0)])
     control = TurnControl()
     control.interrupt()
 
-    result = await run_turn(store, chat_id, worker, model, control=control)
+    result = await run_turn(store, lease, model, control=control)
 
     assert result.outcome is TurnOutcome.INTERRUPTED
-    assert len(await history(store, chat_id)) == 1
+    assert result.trace == (Step("loading", "interrupt", "interrupted"),)
+    assert model.stream_count == 0
+    assert len(await history(store, lease.chat_id)) == 1
 
 
-async def test_persist_refused_after_edit_ends_loop_as_interrupted() -> None:
-    store = MemoryStore()
-    chat_id, worker = await start_chat(store, "first")
+async def test_an_edit_meanwhile_refuses_the_next_write_and_fences_the_turn(
+    store: Store,
+) -> None:
+    lease = await start_chat(store, "first")
 
     @tool("edit", "The user edits their message meanwhile.")
     async def edit(args: dict[str, JSON], ctx: ToolContext) -> JSON:
@@ -469,19 +805,107 @@ async def test_persist_refused_after_edit_ends_loop_as_interrupted() -> None:
         await store.edit_message(ctx.chat_id, first.id, [TextPart("edited")])
         return "ok"
 
+    faulty = FaultyStore(store)
     model = ScriptedModel([tool_step([("edit", {})]), text_step("never")])
     rec = Recorder()
 
     result = await run_turn(
-        store, chat_id, worker, model, tools=ToolRegistry([edit]), callbacks=rec.callbacks()
+        faulty.as_store(), lease, model, tools=ToolRegistry([edit]), callbacks=rec.callbacks()
     )
 
-    assert result.outcome is TurnOutcome.INTERRUPTED
+    assert (result.outcome, result.final_state) == (TurnOutcome.LOST, "fenced")
     assert result.persist_refused
+    assert result.trace[-1] == Step("stepping", "write_refused", "fenced")
+    assert result.final_messages == ()
     assert model.stream_count == 1
-    stored = await history(store, chat_id)
+    assert len(faulty.ops("persist_step")) == 1
+    stored = await history(store, lease.chat_id)
     assert [m.parts for m in stored] == [(TextPart("edited"),)]
     assert rec.messages == []
+    assert (await store.get_chat(lease.chat_id)).status is ChatStatus.PENDING
+
+
+async def test_a_takeover_refuses_the_next_write_and_nothing_more_is_written(
+    store: Store,
+) -> None:
+    """Another run took the chat (the old one was handed back and acquired again) while a
+    tool ran: the old run's next write is refused (OwnershipLost), it ends `fenced` and
+    writes nothing else."""
+    lease = await start_chat(store)
+    taken: list[Lease] = []
+
+    @tool("slow", "Meanwhile the chat is taken over.")
+    async def slow(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+        await store.release([lease])
+        (chat,) = await store.acquire(uuid.uuid4(), 1)
+        taken.append(Lease.of(chat))
+        return "ok"
+
+    faulty = FaultyStore(store)
+    model = ScriptedModel(
+        [tool_step([("slow", {})]), tool_step([("echo", {})]), text_step("never")]
+    )
+
+    result = await run_turn(faulty.as_store(), lease, model, tools=ToolRegistry([slow, echo]))
+
+    assert (result.outcome, result.final_state, result.persist_refused) == (
+        TurnOutcome.LOST,
+        "fenced",
+        True,
+    )
+    assert [type(exc) for exc in faulty.errors] == [OwnershipLost]
+    assert model.stream_count == 1
+    assert [op for op, _ in faulty.calls] == ["prompt_messages", "persist_step"]
+    assert result.final_messages == ()
+    assert len(await history(store, lease.chat_id)) == 1
+    (new,) = taken
+    chat = await store.get_chat(lease.chat_id)
+    assert (chat.status, chat.owner_token) == (ChatStatus.RUNNING, new.token)
+    assert new.token > lease.token
+    with pytest.raises(ValueError, match="writes nothing"):
+        await finish(store, lease, result)
+
+
+async def test_an_interrupt_while_the_steps_write_was_cut_off_does_not_write_it_twice(
+    store: Store,
+) -> None:
+    """The complete step's write committed, then hung; the interrupt writes what the turn
+    produced under the step's operation id, so the store recognises the landed write."""
+    faulty = FaultyStore(store)
+    faulty.faults["persist_step"] = [STUCK]
+    lease = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {"a": 1})], text="one"), text_step("never")])
+    control = TurnControl()
+    rec = Recorder()
+    results: list[TurnResult] = []
+
+    async def turn() -> None:
+        results.append(
+            await run_turn(
+                faulty.as_store(),
+                lease,
+                model,
+                tools=ToolRegistry([echo]),
+                control=control,
+                callbacks=rec.callbacks(),
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(turn)
+        await faulty.stuck.wait()
+        control.interrupt()
+
+    (result,) = results
+    assert (result.outcome, result.final_state) == (TurnOutcome.INTERRUPTED, "interrupted")
+    ops = faulty.ops("persist_step")
+    assert len(ops) == 2 and ops[0] is not None and ops[0] == ops[1]
+    stored = await history(store, lease.chat_id)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    assert tool_results(stored) == [ToolResultPart("call_0", "echo", {"a": 1})]
+    # What the replayed write returned is what was published.
+    assert [m.id for m in rec.messages] == [m.id for m in stored[1:]]
+    assert model.stream_count == 1
 
 
 async def test_interrupt_while_a_persisted_step_is_published_still_publishes_all_of_it(
@@ -491,7 +915,7 @@ async def test_interrupt_while_a_persisted_step_is_published_still_publishes_all
     lands while the first message is being published does not drop the rest (each
     persisted message would otherwise reach subscribers only at their next read)."""
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel([tool_step([("echo", {"a": 1})], text="one"), text_step("two")])
     control = TurnControl()
     publishing = trio.Event()
@@ -508,8 +932,7 @@ async def test_interrupt_while_a_persisted_step_is_published_still_publishes_all
         results.append(
             await run_turn(
                 store,
-                chat_id,
-                worker,
+                lease,
                 model,
                 tools=ToolRegistry([echo]),
                 control=control,
@@ -523,7 +946,139 @@ async def test_interrupt_while_a_persisted_step_is_published_still_publishes_all
         control.interrupt()
 
     assert results[0].outcome is TurnOutcome.INTERRUPTED
-    stored = await history(store, chat_id)
-    # The tool step (call + result) was persisted and is published in full.
+    stored = await history(store, lease.chat_id)
+    # The tool step (call + result) was persisted and is published in full, once.
     assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL]
     assert published == [m.id for m in stored[1:]]
+
+
+async def test_an_interrupted_tool_that_ignores_cancellation_does_not_hold_the_turn(
+    store: Store,
+) -> None:
+    """With `tool_nursery`, the interrupted turn returns at once although its tool sits in
+    a thread that cannot be cancelled; when the thread returns, its result is dropped
+    (and reported once), never written."""
+    release = threading.Event()
+    in_thread = trio.Event()
+
+    def blocking() -> str:
+        trio.from_thread.run_sync(in_thread.set)
+        release.wait()
+        return "late"
+
+    @tool("stuck", "A blocking call that ignores cancellation.")
+    async def stuck(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+        return await trio.to_thread.run_sync(blocking)
+
+    lease = await start_chat(store)
+    model = ScriptedModel([tool_step([("echo", {"a": 1}), ("stuck", {})]), text_step("never")])
+    control = TurnControl()
+    rec = Recorder()
+    late_seen = trio.Event()
+
+    def on_late(call: ToolCallPart) -> None:
+        rec.on_late_tool_result(call)
+        late_seen.set()
+
+    callbacks = TurnCallbacks(on_message=rec.on_message, on_late_tool_result=on_late)
+
+    async with trio.open_nursery() as tools_nursery:
+        # The thread ignores cancellation: whatever fails here, let it end.
+        try:
+            async with trio.open_nursery() as nursery:
+                results: list[TurnResult] = []
+
+                async def turn() -> None:
+                    results.append(
+                        await run_turn(
+                            store,
+                            lease,
+                            model,
+                            tools=ToolRegistry([echo, stuck]),
+                            control=control,
+                            callbacks=callbacks,
+                            tool_nursery=tools_nursery,
+                        )
+                    )
+
+                nursery.start_soon(turn)
+                await in_thread.wait()
+                control.interrupt()
+            # run_turn returned while the thread still blocks.
+            assert not release.is_set()
+            (result,) = results
+            assert (result.outcome, result.final_state) == (TurnOutcome.INTERRUPTED, "interrupted")
+            stored = await history(store, lease.chat_id)
+            assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.TOOL]
+            interrupted = ToolResultPart(
+                "call_1",
+                "stuck",
+                {"error": "tool call was interrupted before it produced a result"},
+                is_error=True,
+            )
+            assert tool_results(stored) == [ToolResultPart("call_0", "echo", {"a": 1}), interrupted]
+            assert rec.late == []
+        finally:
+            release.set()
+        await late_seen.wait()
+    assert [c.call_id for c in rec.late] == ["call_1"]
+    assert len(await history(store, lease.chat_id)) == 4
+    assert [m.id for m in rec.messages] == [m.id for m in stored[1:]]
+
+
+# -- recovery of a completed turn ---------------------------------------------------------
+
+
+def _msg(role: Role, *parts: Any, compressed: bool = False) -> PromptMessage:
+    return NewMessage(role, tuple(parts), compressed=compressed)
+
+
+USER = _msg(Role.USER, TextPart("q"))
+ANSWER = _msg(Role.ASSISTANT, TextPart("a"))
+CALL = _msg(Role.ASSISTANT, ToolCallPart("c1", "echo", "{}"))
+RESULT = _msg(Role.TOOL, ToolResultPart("c1", "echo", {}))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "answered"),
+    [
+        ([USER, ANSWER], True),
+        ([USER, CALL, RESULT, ANSWER], True),
+        # a summary (compressed user message) is not the question being answered
+        ([USER, _msg(Role.USER, TextPart("summary"), compressed=True), ANSWER], True),
+        ([USER], False),
+        ([USER, CALL, RESULT], False),  # the model has not answered the tool result yet
+        ([USER, CALL], False),
+        ([USER, _msg(Role.ASSISTANT, TextPart("a"), ToolCallPart("c2", "echo", "{}"))], False),
+        ([USER, CALL, ANSWER], False),  # a call without a result
+        ([USER, ANSWER, USER], False),  # a follow-up question
+        ([ANSWER], False),
+        ([], False),
+    ],
+)
+def test_already_answered(prompt: list[PromptMessage], answered: bool) -> None:
+    assert already_answered(prompt) is answered
+
+
+async def test_a_recovered_turn_whose_answer_is_stored_ends_answered_without_the_model(
+    store: Store,
+) -> None:
+    """The answer was stored, the run's finish was not (an older replica, a crash); the
+    chat was recovered and acquired again: the new run finishes it without a second
+    answer (docs/spec.md §1, idempotent completion)."""
+    first = await start_chat(store, "question")
+    await store.persist_step(first, [NewMessage(Role.ASSISTANT, (TextPart("the answer"),))])
+    await store.release([first])
+    (chat,) = await store.acquire(uuid.uuid4(), 1)
+    lease = Lease.of(chat)
+    model = ScriptedModel([text_step("a second answer")])
+
+    result = await run_turn(store, lease, model)
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.DONE, "answered")
+    assert result.trace == (Step("loading", "loaded", "answered", "already_answered"),)
+    assert (result.steps, model.stream_count, result.final_messages) == (0, 0, ())
+    fin = await finish(store, lease, result)
+    assert (fin.changed, fin.chat.status) == (True, ChatStatus.WAITING)
+    stored = await history(store, lease.chat_id)
+    assert [m.parts for m in stored] == [(TextPart("question"),), (TextPart("the answer"),)]

@@ -1,14 +1,33 @@
-"""Property tests of the agent loop over random step scripts (docs/spec.md §3 and §3.1).
+"""Property tests of the agent loop over random step scripts and faults (docs/spec.md §1,
+§3 and §3.1).
 
 Each example runs one turn under `MockClock(autojump_threshold=0)` with Hypothesis
-controlling Trio's scheduling (`st.random_module()`): random tool calls, usages
-around the threshold, retryable failures, summary failures and an interrupt at a
-random virtual time. The chart transitions every run fires are collected; a test
-asserts that together they cover every transition of `CompactionChart`.
+controlling Trio's scheduling (`st.random_module()`): random tool calls, usages around
+the threshold, retryable model failures, summary failures, and faults: a user
+interrupt or a replica shutdown (at a virtual time, or while a given store call is in
+flight), a refused write (the user edits the chat, or another run takes it over, just
+before a given write), a store outage (a run of store calls failing before they reach
+the database, or after they committed, the acknowledgement lost), a non-retryable
+model failure, a history that already ends in the answer (a recovered turn). After
+the turn, the caller's finish is made as the Server makes it.
+
+The invariant (`check`): the turn's outcome is the one its chart's final state names,
+along a path the chart declares; the outcome is explained by the faults (no fault, no
+stop: DONE; ERROR only from a non-retryable model failure; LOST only from a refused
+write; UNAVAILABLE only from an outage longer than the retry budget; INTERRUPTED and
+SHUTDOWN only when stopped, a shutdown recorded in `control.result`); nothing lands
+after a refusal; and what the store holds after the finish holds every step at most
+once, every tool call with exactly one result right after it, at most `max_steps`
+steps, the answer of a recovered turn only once; and every message the loop wrote
+was published once, in id order.
+
+The chart transitions every run fires are collected; a test asserts that together
+they cover every transition of `CompactionChart`, each guarded branch on its own.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,9 +36,18 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatd_trio.config import CompactionConfig, LoopConfig, RetryConfig
-from chatd_trio.domain import JSON, Message, Role, ToolCallPart, ToolResultPart
-from chatd_trio.loop import TurnControl, TurnResult, run_turn
+from chatd_trio.config import CompactionConfig, LoopConfig, RetryConfig, StoreRetryConfig
+from chatd_trio.domain import (
+    JSON,
+    Message,
+    NewMessage,
+    Role,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+    text_of,
+)
+from chatd_trio.loop import OUTCOMES, TurnCallbacks, TurnControl, TurnResult, run_turn
 from chatd_trio.models.base import PromptMessage
 from chatd_trio.models.scripted import (
     ScriptedModel,
@@ -30,20 +58,26 @@ from chatd_trio.models.scripted import (
     tool_step,
     usage_of,
 )
-from chatd_trio.store.base import TurnOutcome
+from chatd_trio.store.base import Lease, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 from statecharts.base import Step, transitions_of
 from statecharts.compaction import FINAL_STATES, CompactionChart
-from tests.test_loop import start_chat
+from tests.test_loop import AFTER, BEFORE, OK, FaultyStore, finish, start_chat
 
 LIMIT = 1000
 MAX_REENTRIES = 3
 SEEN: set[Step] = set()
+FINALS_SEEN: set[str] = set()
 RANDOM_RUNS: list[Case] = []
 
 # Usages around the default 70 % threshold of LIMIT (0: the provider reported none).
 TOKENS = st.sampled_from([0, 300, 699, 700, 950])
+# Store writes are retried for 10 s: waits 0.5, 1, 2, 2, 2, 2; the 7th failure in a
+# row ends the turn `unavailable`.
+STORE_RETRY = StoreRetryConfig(base_delay=0.5, max_delay=2.0, budget=10.0)
+LONG_OUTAGE = 7
+RECOVERED_ANSWER = "the stored answer"
 
 
 @dataclass(frozen=True)
@@ -51,6 +85,16 @@ class StepPlan:
     calls: tuple[float, ...]  # one tool call per entry: how long the tool runs
     tokens: int
     failures: int  # retryable failures before the step streams
+    fatal: bool = False  # the step's model call fails, not retryable
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A user interrupt or a replica shutdown, at a virtual time or during a store call."""
+
+    kind: str  # "interrupt" | "shutdown"
+    at_time: float | None = None  # 0: before the turn starts
+    at_call: int | None = None  # while the n-th store call of the turn is in flight
 
 
 @dataclass(frozen=True)
@@ -58,8 +102,12 @@ class Case:
     steps: tuple[StepPlan, ...]
     summaries: tuple[str | None, ...]  # None: the summary call fails; "": empty summary
     max_steps: int
-    interrupt_at: float | None
+    stop: Stop | None = None
     parallel: bool = True
+    refuse: tuple[int, str] | None = None  # before the n-th write: "edit" | "takeover"
+    # (first store call, how many fail in a row, BEFORE or AFTER the database has them)
+    outage: tuple[int, int, str] | None = None
+    answered: bool = False  # the history already ends in the answer (a recovered turn)
 
 
 @tool("work", "Sleep for `d` virtual seconds.")
@@ -73,23 +121,45 @@ def script(case: Case) -> list[ScriptStep]:
     for n, plan in enumerate(case.steps):
         out += [error_step(model_error(503, kind="overloaded"))] * plan.failures
         usage = usage_of(plan.tokens)
-        if plan.calls:
+        if plan.fatal:
+            out.append(error_step(model_error(400, retryable=False, kind="bad_request")))
+        elif plan.calls:
             calls = [("work", {"d": d}) for d in plan.calls]
             out.append(
-                tool_step(calls, text="t", usage=usage, call_id_prefix=f"s{n}", latency=0.25)
+                tool_step(calls, text=f"t{n}", usage=usage, call_id_prefix=f"s{n}", latency=0.25)
             )
         else:
             out.append(text_step(f"answer {n}", usage=usage, chunks=2, latency=0.25))
     return out
 
 
-async def run_case(case: Case) -> tuple[TurnResult, list[Message], ScriptedModel]:
+@dataclass
+class Run:
+    result: TurnResult
+    cancelled: bool  # a cancellation left run_turn (a shutdown)
+    stored: list[Message]  # after the caller's finish
+    model: ScriptedModel
+    refused_after: int | None  # the last message id when a refusal landed
+    outage_calls: int  # store calls that failed for the outage
+    published: list[int]  # ids of the messages the loop published (on_message)
+    finished: list[int]  # ids of the messages the finish inserted
+    before: int  # the last message id before the turn
+    finish_changed: bool | None  # None: no finish (the run was fenced)
+
+
+async def run_case(case: Case) -> Run:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
+    if case.answered:
+        # An earlier run stored the answer, but not its finish; the chat was recovered.
+        await store.persist_step(lease, [NewMessage(Role.ASSISTANT, (TextPart(RECOVERED_ANSWER),))])
+        await store.release([lease])
+        (chat,) = await store.acquire(uuid.uuid4(), 1)
+        lease = Lease.of(chat)
     steps = script(case)
 
     def next_step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
-        return steps[index] if index < len(steps) else text_step("end", usage=usage_of(10))
+        return steps[index] if index < len(steps) else text_step(f"end {index}", usage=usage_of(10))
 
     def summarise(prompt: Sequence[PromptMessage], index: int) -> str:
         outcome = case.summaries[index % len(case.summaries)]
@@ -97,87 +167,208 @@ async def run_case(case: Case) -> tuple[TurnResult, list[Message], ScriptedModel
             raise model_error(500, message="summary failed")
         return outcome
 
-    model = ScriptedModel(next_step, summaries=summarise)
+    model = ScriptedModel(next_step, summaries=summarise, summary_latency=0.5)
     config = LoopConfig(
         max_steps=case.max_steps,
         parallel_tools=case.parallel,
         retry=RetryConfig(base_delay=0.5, max_delay=2.0),
+        store_retry=STORE_RETRY,
         compaction=CompactionConfig(context_limit=LIMIT, max_compaction_retries=MAX_REENTRIES),
     )
     control = TurnControl()
+    faulty = FaultyStore(store)
+    writes = 0
+    refused_after: int | None = None
+    outage_calls = 0
+
+    def stop() -> None:
+        assert case.stop is not None
+        if case.stop.kind == "interrupt":
+            control.interrupt()
+        else:
+            control.shutdown()
+
+    async def on_call(n: int, op: str) -> None:
+        nonlocal writes, refused_after
+        if case.stop is not None and case.stop.at_call == n:
+            stop()
+        if op == "prompt_messages":
+            return
+        writes += 1
+        if case.refuse is not None and case.refuse[0] == writes and refused_after is None:
+            if case.refuse[1] == "edit":
+                first = (await store.messages_after(lease.chat_id, 0))[0]
+                await store.edit_message(lease.chat_id, first.id, [TextPart("edited")])
+            else:
+                await store.release([lease])
+                await store.acquire(uuid.uuid4(), 1)
+            refused_after = max(m.id for m in await store.messages_after(lease.chat_id, 0))
+
+    def plan(n: int, op: str) -> str:
+        nonlocal outage_calls
+        if case.outage is not None and case.outage[0] <= n < case.outage[0] + case.outage[1]:
+            outage_calls += 1
+            return case.outage[2]
+        return OK
+
+    faulty.on_call = on_call
+    faulty.plan = plan
+    published: list[Message] = []
+
+    async def on_message(message: Message) -> None:
+        published.append(message)
+
+    before = max(m.id for m in await store.messages_after(lease.chat_id, 0))
     results: list[TurnResult] = []
+    cancelled: list[bool] = []
 
     async def turn(cancel: trio.CancelScope) -> None:
-        results.append(
-            await run_turn(
-                store,
-                chat_id,
-                worker,
-                model,
-                tools=ToolRegistry([work]),
-                config=config,
-                control=control,
-            )
-        )
+        with control:
+            try:
+                results.append(
+                    await run_turn(
+                        faulty.as_store(),
+                        lease,
+                        model,
+                        tools=ToolRegistry([work]),
+                        config=config,
+                        control=control,
+                        callbacks=TurnCallbacks(on_message=on_message),
+                    )
+                )
+            except BaseException:
+                cancelled.append(True)
+                raise
         cancel.cancel()
 
-    async def interrupter(at: float) -> None:
+    async def stopper(at: float) -> None:
         await trio.sleep(at)
-        control.interrupt()
+        stop()
 
+    if case.stop is not None and case.stop.at_time == 0:
+        stop()
     async with trio.open_nursery() as nursery:
-        if case.interrupt_at is not None:
-            nursery.start_soon(interrupter, case.interrupt_at)
+        if case.stop is not None and case.stop.at_time:
+            nursery.start_soon(stopper, case.stop.at_time)
         nursery.start_soon(turn, nursery.cancel_scope)
-    (result,) = results
-    return result, await store.messages_after(chat_id, 0), model
-
-
-def check(case: Case, result: TurnResult, messages: list[Message], model: ScriptedModel) -> None:
-    SEEN.update(result.trace)
-    # max_steps is shared across re-entries; re-entries are bounded
-    assert result.steps <= case.max_steps
-    steps_written = [m for m in messages if m.role is Role.ASSISTANT and not m.compressed]
-    assert len(steps_written) <= case.max_steps
-    assert result.reentries <= MAX_REENTRIES
-    # only retryable failures and interrupts were injected
-    if case.interrupt_at is None:
-        assert result.outcome is TurnOutcome.DONE
+    if cancelled:
+        assert control.result is not None, "a shutdown records the turn's outcome"
+        result = control.result
     else:
-        assert result.outcome in (TurnOutcome.DONE, TurnOutcome.INTERRUPTED)
-    if result.outcome is TurnOutcome.DONE:
-        assert result.final_state in FINAL_STATES
-        assert model.stream_count == result.steps + result.retries
-    # every tool call has exactly one result, right after its call, in call order
-    calls = [p for m in messages for p in m.parts if isinstance(p, ToolCallPart)]
-    results = [p for m in messages for p in m.parts if isinstance(p, ToolResultPart)]
-    assert sorted(c.call_id for c in calls) == sorted(r.call_id for r in results)
-    assert len({c.call_id for c in calls}) == len(calls)
-    for i, message in enumerate(messages):
-        ids = [p.call_id for p in message.parts if isinstance(p, ToolCallPart)]
-        following = messages[i + 1 : i + 1 + len(ids)]
-        assert [m.role for m in following] == [Role.TOOL] * len(ids)
-        assert [m.parts[0].call_id for m in following] == ids  # type: ignore[union-attr]
-    # the visible compaction records match the chart's count
-    summarized = [c for c in calls if c.name == "chat_summarized"]
-    assert len(summarized) == result.compactions
-    # the chart's trace is a valid path from its initial state
-    universe = transitions_of_chart()
-    state = "stepping"
+        (result,) = results
+    finished: list[int] = []
+    changed: bool | None = None
+    if result.outcome is not TurnOutcome.LOST:
+        fin = await finish(store, lease, result)
+        finished, changed = [m.id for m in fin.inserted], fin.changed
+    return Run(
+        result,
+        bool(cancelled),
+        await store.messages_after(lease.chat_id, 0),
+        model,
+        refused_after,
+        outage_calls,
+        [m.id for m in published],
+        finished,
+        before,
+        changed,
+    )
+
+
+def check(case: Case, run: Run) -> None:
+    result, stored, model = run.result, run.stored, run.model
+    SEEN.update(result.trace)
+    FINALS_SEEN.add(result.final_state)
+    # The outcome is the chart's: a path it declares, from its initial state.
+    universe = transitions_of(CompactionChart)
+    state = "loading"
     for step in result.trace:
         assert step in universe
         assert step.source == state
         state = step.target
-    assert state == result.final_state
-
-
-def transitions_of_chart() -> set[Step]:
-    return transitions_of(CompactionChart)
+    assert state == result.final_state in FINAL_STATES
+    assert result.outcome is OUTCOMES[result.final_state]
+    # The outcome is explained by the faults.
+    stopped = case.stop.kind if case.stop is not None else None
+    fatal = any(p.fatal for p in case.steps)
+    long_outage = case.outage is not None and case.outage[1] >= LONG_OUTAGE
+    assert run.cancelled is (result.outcome is TurnOutcome.SHUTDOWN)
+    if result.outcome is TurnOutcome.SHUTDOWN:
+        assert stopped == "shutdown"
+    if result.outcome is TurnOutcome.INTERRUPTED:
+        assert stopped == "interrupt"
+    if result.outcome is TurnOutcome.LOST:
+        assert run.refused_after is not None and result.persist_refused
+    if result.outcome is TurnOutcome.UNAVAILABLE:
+        assert long_outage and result.error is None
+    if result.outcome is TurnOutcome.ERROR:
+        assert fatal and result.error is not None and not result.error.retryable
+    if stopped is None and case.refuse is None and not fatal and not long_outage:
+        assert result.outcome is TurnOutcome.DONE
+        assert model.stream_count == result.steps + result.retries
+    # Every transient store fault before the end was retried, none turned into an error.
+    if result.outcome is TurnOutcome.DONE and run.refused_after is None:
+        assert result.store_retries == run.outage_calls
+    assert result.steps <= case.max_steps
+    assert result.reentries <= MAX_REENTRIES
+    # A recovered turn whose answer is stored never calls the model.
+    if case.answered:
+        assert model.stream_count == 0 and result.steps == 0
+        if stopped is None and case.outage is None:
+            assert result.final_state == "answered"
+        assert [text_of(m.parts) for m in stored].count(RECOVERED_ANSWER) == 1
+    # A refused write ends the turn's writes: nothing lands after it.
+    acknowledged = case.outage is None or case.outage[2] == BEFORE
+    if run.refused_after is not None:
+        # ... and the finish lands nowhere either.
+        assert [m for m in stored if m.id > run.refused_after] == []
+        assert run.finish_changed is not True
+        # The run learns of the refusal from its write, unless that write was the retry
+        # of one that had landed before the refusal (a replay is not refused).
+        if acknowledged:
+            assert result.outcome not in (TurnOutcome.DONE, TurnOutcome.ERROR)
+    if result.outcome is TurnOutcome.LOST:
+        assert result.final_messages == ()
+    # What is stored after the finish: each step at most once, every tool call with
+    # exactly one result right after it, in call order.
+    steps_written = [m for m in stored if m.role is Role.ASSISTANT and not m.compressed]
+    texts = [text_of(m.parts) for m in steps_written]
+    assert len(texts) == len(set(texts)), texts
+    assert len(steps_written) <= case.max_steps + case.answered
+    calls = [p for m in stored for p in m.parts if isinstance(p, ToolCallPart)]
+    results = [p for m in stored for p in m.parts if isinstance(p, ToolResultPart)]
+    assert sorted(c.call_id for c in calls) == sorted(r.call_id for r in results)
+    assert len({c.call_id for c in calls}) == len(calls)
+    for i, message in enumerate(stored):
+        ids = [p.call_id for p in message.parts if isinstance(p, ToolCallPart)]
+        following = stored[i + 1 : i + 1 + len(ids)]
+        assert [m.role for m in following] == [Role.TOOL] * len(ids)
+        assert [m.parts[0].call_id for m in following] == ids  # type: ignore[union-attr]
+    # The visible compaction records match the chart's count (a compaction write that
+    # fails ends the turn or is reported, never half-stored).
+    summarized = [c for c in calls if c.name == "chat_summarized"]
+    edited = run.refused_after is not None and case.refuse is not None and case.refuse[1] == "edit"
+    if not edited:
+        # A compaction whose acknowledgement was lost for good landed uncounted.
+        assert len(summarized) >= result.compactions
+        assert len(summarized) == result.compactions or not acknowledged
+        # Every message the loop stored was published once, in id order (an edit deletes
+        # what was published before it), but for a write whose acknowledgement was lost
+        # for good: the loop never learnt it landed (the store's own notifies announce it).
+        written = [
+            m.id
+            for m in stored
+            if m.id > run.before and m.role is not Role.USER and m.id not in run.finished
+        ]
+        assert run.published == sorted(set(run.published))
+        assert set(run.published) <= set(written)
+        if acknowledged:
+            assert run.published == written
 
 
 def run(case: Case) -> None:
     async def main() -> None:
-        check(case, *await run_case(case))
+        check(case, await run_case(case))
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -187,6 +378,13 @@ step_plans = st.builds(
     calls=st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), max_size=3).map(tuple),
     tokens=TOKENS,
     failures=st.sampled_from([0, 0, 0, 1, 2]),
+    fatal=st.sampled_from([False] * 15 + [True]),
+)
+stops = st.builds(
+    Stop,
+    kind=st.sampled_from(["interrupt", "shutdown"]),
+    at_time=st.none() | st.just(0.0) | st.floats(0.01, 15, allow_nan=False),
+    at_call=st.none() | st.integers(1, 12),
 )
 cases = st.builds(
     Case,
@@ -195,14 +393,26 @@ cases = st.builds(
         tuple
     ),
     max_steps=st.integers(1, 8),
-    interrupt_at=st.none() | st.floats(0, 15, allow_nan=False),
+    stop=st.none() | st.none() | stops,
     parallel=st.booleans(),
+    refuse=st.none()
+    | st.none()
+    | st.tuples(st.integers(1, 6), st.sampled_from(["edit", "takeover"])),
+    outage=st.none()
+    | st.none()
+    | st.tuples(
+        st.integers(1, 12),
+        st.sampled_from([1, 2, 3, LONG_OUTAGE, 50]),
+        st.sampled_from([BEFORE, AFTER]),
+    ),
+    answered=st.sampled_from([False] * 9 + [True]),
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases, _random=st.random_module())
-def test_loop_invariants_over_random_scripts(case: Case, _random: object) -> None:
+def test_loop_invariants_over_random_scripts_and_faults(case: Case, _random: object) -> None:
+    """Invariant: see the module docstring (`check`)."""
     RANDOM_RUNS.append(case)
     run(case)
 
@@ -215,34 +425,86 @@ def tools(tokens: int) -> StepPlan:
     return StepPlan((0.5,), tokens, 0)
 
 
-# Paths that random scripts reach rarely; each names the transition it guarantees.
+FATAL_STEP = StepPlan((), 10, 0, fatal=True)
+# Store calls of the turn `Case((tools(950), text(10)), ("S",), 5)` makes: the load (1),
+# the tool step before compacting (2), the compaction (3), the reload (4), and of
+# `Case((text(950), text(10)), ("", "S"), 5)`: the load (1), the answer before the inline
+# compaction (2), the safety net's compaction (3), the re-entry's reload (4).
+INLINE = (tools(950), text(10))
+SAFETY = (text(950), text(10))
+
+
+def stopped(kind: str, call: int) -> Stop:
+    return Stop(kind, at_call=call)
+
+
+# Paths that random scripts reach rarely; each names the transitions it guarantees.
 CRAFTED = [
     # safety_compacting -summary_ok-> reentering: inline summary empty, safety net succeeds
-    Case((text(950), text(10)), ("", "S"), 5, None),
+    Case(SAFETY, ("", "S"), 5),
     # safety_compacting -summary_ok-> exhausted: three re-entries, then the same
-    Case((text(950),) * 5, ("S", "S", "S", "", "S"), 8, None),
+    Case((text(950),) * 5, ("S", "S", "S", "", "S"), 8),
     # safety_compacting -summary_failed-> done
-    Case((text(950),), ("", None), 3, None),
+    Case((text(950),), ("", None), 3),
     # compacting -summary_failed-> stepping, then compacting -summary_ok-> reloading
-    Case((tools(950), tools(950), text(10)), ("", "S"), 5, None),
+    Case((tools(950), tools(950), text(10)), ("", "S"), 5),
     # compacting -summary_failed-> checking (tool calls, no step left)
-    Case((tools(950),), ("",), 1, None),
-    # compacting -summary_ok-> checking (tool calls, no step left)
-    Case((tools(950),), ("S",), 1, None),
+    Case((tools(950),), ("",), 1),
+    # compacting -summary_ok-> checking (tool calls, no step left) ... -> step_limit
+    Case((tools(950),), ("S",), 1),
     # reentering -reloaded-> checking (the pinned max_steps=1 case)
-    Case((text(950),), ("S",), 1, None),
-    # stepping -step_persisted-> checking (tool calls, no step left)
-    Case((tools(10),), ("S",), 1, None),
+    Case((text(950),), ("S",), 1),
+    # stepping -step_persisted-> checking (tool calls, no step left) -> step_limit
+    Case((tools(10),), ("S",), 1),
     # checking -post_run_check-> exhausted
-    Case((text(950),) * 4, ("S",), 8, None),
+    Case((text(950),) * 4, ("S",), 8),
+    # safety_compacting -summary_ok/failed-> step_limit: a budget spent on tool calls,
+    # under the threshold inline, over it at the check
+    Case((tools(950),), ("", "S"), 1),
+    Case((tools(950),), ("", None), 1),
+    # loading -loaded-> answered
+    Case(SAFETY, ("S",), 5, answered=True),
+    # stepping -model_failed-> failed
+    Case((tools(10), FATAL_STEP), ("S",), 5),
+    # every stop, every refusal and every outage, in each state that can observe it
+    *[
+        Case(INLINE, ("S",), 5, stop=stopped(kind, call))
+        for kind in ("interrupt", "shutdown")
+        for call in (1, 2, 3, 4)  # loading, stepping->compacting, compacting, reloading
+    ],
+    *[Case(SAFETY, ("", "S"), 5, stop=stopped(kind, 3)) for kind in ("interrupt", "shutdown")],
+    *[Case(SAFETY, ("", "S"), 5, stop=stopped(kind, 4)) for kind in ("interrupt", "shutdown")],
+    # stops while the first step streams (0 - 0.75 s) and while its tool runs (0.75 - 1.25 s)
+    *[
+        Case((tools(10), text(10)), ("S",), 5, stop=Stop(kind, at_time=at), parallel=parallel)
+        for kind in ("interrupt", "shutdown")
+        for at in (0.5, 1.0)
+        for parallel in (True, False)
+    ],
+    *[Case(INLINE, ("S",), 5, outage=(call, LONG_OUTAGE, BEFORE)) for call in (1, 2, 3, 4)],
+    *[Case(SAFETY, ("", "S"), 5, outage=(call, LONG_OUTAGE, BEFORE)) for call in (3, 4)],
+    Case((tools(10), text(10)), ("S",), 5, outage=(2, LONG_OUTAGE, BEFORE)),
+    Case((tools(10), text(10)), ("S",), 5, refuse=(1, "takeover")),
+    Case(INLINE, ("S",), 5, refuse=(2, "edit")),
+    Case(SAFETY, ("", "S"), 5, refuse=(2, "takeover")),
+    Case(SAFETY, ("", "S"), 5, refuse=(1, "edit")),
+    # short outages are retried through
+    Case(INLINE, ("S",), 5, outage=(1, 3, BEFORE)),
+    Case(INLINE, ("S",), 5, outage=(3, 2, BEFORE)),
+    Case(INLINE, ("S",), 5, outage=(2, 3, AFTER)),
+    # an outage that lets every write land but loses its acknowledgement, past the budget
+    Case(INLINE, ("S",), 5, outage=(2, LONG_OUTAGE, AFTER)),
 ]
 
 
 def test_compaction_chart_transition_coverage_is_complete() -> None:
+    """Every transition of CompactionChart, each guarded branch on its own, is taken by
+    some run of the loop, and every final state is reached."""
     if not RANDOM_RUNS:
         # run alone: collect the random scripts' transitions first
-        test_loop_invariants_over_random_scripts()
+        test_loop_invariants_over_random_scripts_and_faults()
     for case in CRAFTED:
         run(case)
-    missing = transitions_of_chart() - SEEN
+    missing = transitions_of(CompactionChart) - SEEN
     assert not missing, f"transitions never fired: {sorted(missing)}"
+    assert FINALS_SEEN == FINAL_STATES

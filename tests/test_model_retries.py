@@ -32,12 +32,12 @@ async def test_retry_after_beyond_max_delay_is_honoured(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel([error_step(model_error(429, retry_after=120.0)), text_step("ok")])
     rec = Recorder()
     start = trio.current_time()
 
-    result = await run_turn(store, chat_id, worker, model, callbacks=rec.callbacks())
+    result = await run_turn(store, lease, model, callbacks=rec.callbacks())
 
     assert result.outcome is TurnOutcome.DONE
     # max_delay is 60 s; the provider asked for 120 s and got them.
@@ -49,14 +49,14 @@ async def test_retry_after_beyond_the_budget_gives_up_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel(
         [error_step(model_error(429, retry_after=3600.0, message="HTTP 429 rate limited: x"))]
     )
     config = LoopConfig(retry=RetryConfig(max_elapsed=600.0))
     start = trio.current_time()
 
-    result = await run_turn(store, chat_id, worker, model, config=config)
+    result = await run_turn(store, lease, model, config=config)
 
     assert result.outcome is TurnOutcome.ERROR
     assert model.stream_count == 1
@@ -69,14 +69,14 @@ async def test_the_time_budget_ends_a_step_and_says_so(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     busy = model_error(503, kind="server_error", message="HTTP 503 server error: busy")
     model = ScriptedModel([error_step(busy)] * 100)
     config = LoopConfig(retry=RetryConfig(max_attempts=100, max_elapsed=300.0))
     rec = Recorder()
     start = trio.current_time()
 
-    result = await run_turn(store, chat_id, worker, model, config=config, callbacks=rec.callbacks())
+    result = await run_turn(store, lease, model, config=config, callbacks=rec.callbacks())
 
     # Attempts at 0, 1, 3, 7, 15, 31, 63, 123, 183, 243 s; the next would start at 303 s.
     assert result.outcome is TurnOutcome.ERROR
@@ -92,11 +92,11 @@ async def test_the_time_budget_ends_a_step_and_says_so(
 
 async def test_max_attempts_still_bounds_a_step(autojump_clock: trio.testing.MockClock) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel([error_step(model_error(429))] * 3 + [text_step("late")])
     config = LoopConfig(retry=RetryConfig(max_attempts=3))
 
-    result = await run_turn(store, chat_id, worker, model, config=config)
+    result = await run_turn(store, lease, model, config=config)
 
     assert model.stream_count == 3
     assert result.error is not None
@@ -107,11 +107,11 @@ async def test_a_server_nobody_reached_fails_within_a_minute(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     model = ScriptedModel([error_step(unreachable())] * 30)
     start = trio.current_time()
 
-    result = await run_turn(store, chat_id, worker, model)  # the default RetryConfig
+    result = await run_turn(store, lease, model)  # the default RetryConfig
 
     # Attempts at 0, 1, 3, 7, 15, 31 s; the next would start at 63 s > 60 s.
     assert result.outcome is TurnOutcome.ERROR
@@ -125,13 +125,13 @@ async def test_once_the_server_answered_the_whole_budget_applies(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     # A 503 first (the server is there), then it drops off the network for a while.
     script = [error_step(model_error(503, kind="server_error"))]
     script += [error_step(unreachable())] * 8 + [text_step("back")]
     model = ScriptedModel(script)
 
-    result = await run_turn(store, chat_id, worker, model)
+    result = await run_turn(store, lease, model)
 
     assert result.outcome is TurnOutcome.DONE
     assert model.stream_count == 10
@@ -141,18 +141,18 @@ async def test_each_retry_is_a_warning_with_chat_attempt_and_cause(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     busy = model_error(503, kind="server_error", message="HTTP 503 server error: busy")
     model = ScriptedModel([error_step(busy), error_step(busy), text_step("ok")])
 
     with caplog.at_level(logging.WARNING, logger="chatd_trio.loop"):
-        result = await run_turn(store, chat_id, worker, model)
+        result = await run_turn(store, lease, model)
 
     assert result.outcome is TurnOutcome.DONE
     retries = [r for r in caplog.records if r.getMessage().startswith("model call failed")]
     assert [r.levelno for r in retries] == [logging.WARNING] * 2
     assert [r.__dict__["attempt"] for r in retries] == [1, 2]
-    assert {r.__dict__["chat_id"] for r in retries} == {str(chat_id)}
+    assert {r.__dict__["chat_id"] for r in retries} == {str(lease.chat_id)}
     assert {r.__dict__["kind"] for r in retries} == {"server_error"}
     assert all("HTTP 503 server error: busy" in r.getMessage() for r in retries)
 
@@ -163,11 +163,11 @@ async def test_wrong_base_url_through_the_real_adapter(
     """Nothing listens on the port: the turn ends in error within a minute of (virtual)
     retrying, with every retry logged, instead of ~20 minutes of silent "running"."""
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    lease = await start_chat(store)
     start = trio.current_time()
     with caplog.at_level(logging.WARNING, logger="chatd_trio.loop"):
         async with OpenAIChatModel(f"http://127.0.0.1:{unused_port()}/v1", "k", "m") as model:
-            result = await run_turn(store, chat_id, worker, model)
+            result = await run_turn(store, lease, model)
 
     assert result.outcome is TurnOutcome.ERROR
     assert result.error is not None

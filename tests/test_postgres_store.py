@@ -19,10 +19,11 @@ import psycopg
 import pytest
 import trio
 
+from chatd_trio._pgcluster import Cluster, ClusterError
 from chatd_trio.config import PostgresConfig
-from chatd_trio.domain import NewMessage, Role, TextPart, parse_uuid
+from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, parse_uuid, text_of
 from chatd_trio.errors import ChatNotFound, DecodeError, StoreError, StoreUnavailable
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import FinishResult, Lease, Store, TurnOutcome
 from chatd_trio.store.postgres import PostgresStore, load_migrations
 from tests.pgcluster import create_database, drop_database, truncate_all
 
@@ -283,10 +284,11 @@ async def test_terminated_idle_connections_recover(pg_dsn: str) -> None:
 async def test_statement_error_is_store_error(store: PostgresStore) -> None:
     worker = uuid.UUID(int=7)
     chat, _ = await store.create_chat(uuid.uuid4(), "t", _text("hi"))
-    assert [c.id for c in await store.acquire(worker, 1)] == [chat.id]
+    (running,) = await store.acquire(worker, 1)
+    assert running.id == chat.id
     # PostgreSQL's jsonb refuses NUL characters: a statement-level failure.
     with pytest.raises(StoreError) as info:
-        await store.persist_step(chat.id, worker, [NewMessage(Role.ASSISTANT, _text("a\x00b"))])
+        await store.persist_step(Lease.of(running), [NewMessage(Role.ASSISTANT, _text("a\x00b"))])
     assert not isinstance(info.value, StoreUnavailable | psycopg.Error)
     # The failed transaction was rolled back and the connection is reusable.
     assert [m.id for m in await store.messages_after(chat.id, 0)] == [1]
@@ -340,7 +342,7 @@ async def test_invalid_uuid_is_a_domain_error_and_missing_chat_not_found(
     with pytest.raises(ChatNotFound):
         await store.parent_of(missing)
     with pytest.raises(ChatNotFound):
-        await store.finish_turn(missing, uuid.uuid4(), TurnOutcome.DONE)
+        await store.finish_turn(Lease(missing, uuid.uuid4(), 1), TurnOutcome.DONE)
 
 
 # -- coordination between replicas --------------------------------------------------------
@@ -386,6 +388,200 @@ async def test_stale_recovery_rechecks_heartbeat(store: PostgresStore, pg_dsn: s
     assert await store.recover_stale(300) == [stale.id]
     assert (await store.get_chat(stale.id)).status.value == "pending"
     assert (await store.get_chat(fresh.id)).status.value == "running"
-    assert await store.heartbeat(fresh.id, worker)
-    assert not await store.heartbeat(stale.id, worker)
+    assert await store.heartbeat(Lease.of(fresh))
+    assert not await store.heartbeat(Lease.of(stale))
     assert await store.recover_stale(300) == []
+
+
+# -- retried writes after a lost connection -----------------------------------------------
+
+
+def _answer(s: str) -> list[NewMessage]:
+    return [NewMessage(Role.ASSISTANT, _text(s))]
+
+
+async def _kill_store_backends(dsn: str) -> None:
+    """Terminate every connection of the store's pool and wait until they are gone."""
+    rows = await admin(
+        dsn,
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = %s",
+        APP,
+    )
+    pids = [r[0] for r in rows]
+    assert pids
+    await admin(dsn, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", pids)
+
+    def all_gone() -> bool:
+        left = _query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+        return int(left[0][0]) == 0
+
+    await wait_until(all_gone)
+
+
+async def test_a_step_retried_after_a_lost_connection_lands_once(pg_dsn: str) -> None:
+    async with PostgresStore.open(pg_dsn, min_size=1, max_size=1) as store:
+        await trio.to_thread.run_sync(truncate_all, pg_dsn)
+        chat, _ = await store.create_chat(uuid.uuid4(), "t", _text("hi"))
+        (running,) = await store.acquire(uuid.UUID(int=5), 1)
+        lease = Lease.of(running)
+        op = uuid.uuid4()
+        await _kill_store_backends(pg_dsn)
+        with pytest.raises(StoreUnavailable):
+            await store.persist_step(lease, _answer("a1"), op_id=op)
+        assert [m.id for m in await store.messages_after(chat.id, 0)] == [1]
+        first = await store.persist_step(lease, _answer("a1"), op_id=op)
+        again = await store.persist_step(lease, _answer("a1"), op_id=op)
+        assert again == first
+        assert [text_of(m.parts) for m in await store.messages_after(chat.id, 0)] == ["hi", "a1"]
+        assert store.statement_counts()["GetChatMessagesByOp"] == 1
+
+
+# A cluster of this module's own whose commits wait for a synchronous standby that never
+# comes: a COMMIT is written locally and then waits, observable in pg_stat_activity. A
+# connection terminated there loses the reply while the transaction stays committed -
+# the ambiguous failure an op_id exists for. Sessions that must not wait commit locally.
+SYNC_DB = "chatd_sync"
+
+
+@pytest.fixture(scope="module")
+def waiting_cluster() -> Iterator[Cluster]:
+    try:
+        cluster = Cluster.create()
+    except ClusterError as exc:  # pragma: no cover - the binaries are part of the dev setup
+        pytest.skip(f"no throwaway PostgreSQL cluster: {exc}")
+    try:
+        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        cluster.restart()  # every process, the checkpointer too, starts with the setting
+        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = local")
+            conn.execute(f"CREATE DATABASE {SYNC_DB}")
+            conn.execute(f"ALTER DATABASE {SYNC_DB} SET synchronous_commit = local")
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def _sync_dsn(cluster: Cluster, commit: str) -> str:
+    base, _, _ = cluster.dsn.rpartition("/")
+    return f"{base}/{SYNC_DB}?options=-c%20synchronous_commit%3D{commit}"
+
+
+def _waiting_commits(dsn: str) -> list[int]:
+    rows = _query(
+        dsn,
+        "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+        " AND datname = current_database()",
+    )
+    return [int(r[0]) for r in rows]
+
+
+@pytest.mark.parametrize("write", ["persist_step", "finish_turn"])
+async def test_a_write_whose_connection_dies_after_commit_is_replayed_by_its_op_id(
+    waiting_cluster: Cluster, write: str
+) -> None:
+    """The first attempt commits and its connection is killed before the reply
+    (StoreUnavailable); the retry with the same op_id reports what landed and writes
+    nothing twice: no duplicate step, no second finish."""
+    local = _sync_dsn(waiting_cluster, "local")
+    async with PostgresStore.open(local) as steady:
+        await trio.to_thread.run_sync(truncate_all, local)
+        chat, _ = await steady.create_chat(uuid.uuid4(), "t", _text("hi"))
+        (running,) = await steady.acquire(uuid.UUID(int=6), 1)
+        lease = Lease.of(running)
+        op = uuid.uuid4()
+
+        async def attempt(store: PostgresStore) -> tuple[Message, ...]:
+            if write == "persist_step":
+                return tuple(await store.persist_step(lease, _answer("a1"), op_id=op))
+            fin = await store.finish_turn(lease, TurnOutcome.DONE, messages=_answer("a1"), op_id=op)
+            assert fin.changed and fin.promoted is None
+            return fin.inserted
+
+        failures: list[StoreError] = []
+        async with PostgresStore.open(_sync_dsn(waiting_cluster, "on")) as waiting:
+
+            async def first_attempt() -> None:
+                try:
+                    await attempt(waiting)
+                except StoreError as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first_attempt)
+                await wait_until(lambda: bool(_waiting_commits(local)))
+                (pid,) = await trio.to_thread.run_sync(_waiting_commits, local)
+                await admin(local, "SELECT pg_terminate_backend(%s)", pid)
+        (failure,) = failures
+        assert isinstance(failure, StoreUnavailable)
+
+        # It committed: the answer is there once, and (a finish) the chat is waiting.
+        landed = await steady.messages_after(chat.id, 0)
+        assert [text_of(m.parts) for m in landed] == ["hi", "a1"]
+        status = ChatStatus.RUNNING if write == "persist_step" else ChatStatus.WAITING
+        assert (await steady.get_chat(chat.id)).status is status
+        before = await steady.get_chat(chat.id)
+
+        # The retry goes through a connection that does not wait for the missing standby
+        # (as a replica's next connection would after a failover).
+        retried = await attempt(steady)
+        assert retried == (landed[1],)
+        assert await steady.messages_after(chat.id, 0) == landed
+        assert await steady.get_chat(chat.id) == before
+        assert steady.statement_counts()["GetChatMessagesByOp"] == 1
+
+
+# -- a guarded write blocked on the row lock ----------------------------------------------
+
+
+class RowLockThenWrite(RowLock):
+    """Holds the chat row's lock from an outside connection, then commits a change
+    under it: what a concurrent write finds once the lock is granted."""
+
+    def commit(self, query: str, *params: Any) -> None:
+        assert self.conn is not None
+        self.conn.execute(query, params)
+        self.conn.commit()
+
+
+@pytest.mark.parametrize("change", ["queued message", "takeover"])
+async def test_a_write_blocked_on_the_row_lock_decides_on_what_committed_meanwhile(
+    store: PostgresStore, pg_dsn: str, change: str
+) -> None:
+    chat, _ = await store.create_chat(uuid.uuid4(), "t", _text("hi"))
+    (running,) = await store.acquire(uuid.UUID(int=8), 1)
+    lease = Lease.of(running)
+    results: list[FinishResult] = []
+
+    async def finish() -> None:
+        answer = _answer("answer")
+        results.append(await store.finish_turn(lease, TurnOutcome.DONE, messages=answer))
+
+    lock = RowLockThenWrite(pg_dsn, chat.id)
+    async with trio.open_nursery() as nursery, lock.held():
+        nursery.start_soon(finish)
+        await wait_until(lambda: _blocked_on_lock(pg_dsn, 1))
+        if change == "queued message":
+            # The finish was decided on an empty queue: it must see this one and promote it.
+            sql = (
+                "INSERT INTO chat_queued_messages (chat_id, content, position)"
+                ' VALUES (%s, \'[{"type": "text", "text": "late"}]\'::jsonb, 1)'
+            )
+        else:
+            sql = (
+                "UPDATE chats SET owner_token = owner_token + 1, worker_id = NULL,"
+                " started_at = NULL, heartbeat_at = NULL, status = 'pending' WHERE id = %s"
+            )
+        await trio.to_thread.run_sync(lock.commit, sql, chat.id)
+    (fin,) = results
+    texts = [text_of(m.parts) for m in await store.messages_after(chat.id, 0)]
+    got = await store.get_chat(chat.id)
+    if change == "queued message":
+        assert fin.changed and fin.promoted is not None
+        assert texts == ["hi", "answer", "late"]
+        assert (got.status, got.queued) == (ChatStatus.PENDING, 0)
+    else:
+        assert not fin.changed and fin.inserted == ()
+        assert texts == ["hi"]
+        assert got.status is ChatStatus.PENDING and got.owner_token == lease.token + 1

@@ -3,15 +3,19 @@
 Every test runs twice: `memory` (MemoryStore + MemoryPubSub, MockClock with
 autojump, store timestamps on Trio's clock) and `postgres` (PostgresStore +
 PostgresPubSub on the session database, wiped first, real clock, short intervals).
-Tests wait on stream events or on final transitions recorded by a thin store
-wrapper, never on time passing.
+Tests wait on stream events, on final transitions recorded by a thin store wrapper
+(`ObservedStore`, which also injects store faults) or on turn ends recorded by the
+server (`ObservedServer`: a fenced turn writes nothing, so the store never hears of
+its end), never on time passing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +24,18 @@ import pytest
 import trio
 import trio.testing
 
-from chatd_trio.config import AcquireConfig, Config
+from chatd_trio.config import AcquireConfig, Config, StoreRetryConfig
 from chatd_trio.domain import (
+    JSON,
     ChatStatus,
     ErrorEvent,
     Message,
+    MessageEvent,
+    NewMessage,
     Role,
     TextPart,
+    ToolResultPart,
+    Visibility,
     text_of,
 )
 from chatd_trio.errors import (
@@ -37,19 +46,22 @@ from chatd_trio.errors import (
     QueuedMessageNotFound,
     StoreError,
 )
-from chatd_trio.models.base import Model
+from chatd_trio.models.base import Model, PromptMessage
+from chatd_trio.models.scripted import ScriptedModel, ScriptStep, text_step, tool_step
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server, TurnEnv
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
-from chatd_trio.tools import ToolRegistry
+from chatd_trio.tools import ToolContext, ToolRegistry, tool
 from tests.server_replica import (
     MEMORY_CONFIG,
     MODEL_ERROR_PREFIX,
     PARTIAL,
     POSTGRES_CONFIG,
     WAIT,
+    Finished,
+    ObservedServer,
     ObservedStore,
     answering_model,
     hanging_model,
@@ -79,8 +91,12 @@ class Env:
         config: Config | None = None,
         tools: ToolRegistry | None = None,
         on_turn: Callable[[TurnEnv], None] | None = None,
-    ) -> Server:
-        """A Server on this env; `on_turn` runs as each turn starts (its tools factory)."""
+        notifies: bool = True,
+    ) -> ObservedServer:
+        """A Server on this env; `on_turn` runs as each turn starts (its tools factory).
+
+        `notifies=False` gives a replica without pubsub, that hears no notifies (its turns
+        have no control listener): it learns of a lost chat only through its own writes."""
         reg = tools if tools is not None else registry()
 
         async def factory(env: TurnEnv) -> ToolRegistry:
@@ -89,9 +105,9 @@ class Env:
             await trio.lowlevel.checkpoint()
             return reg
 
-        return Server(
+        return ObservedServer(
             self.store,  # type: ignore[arg-type]
-            self.pubsub,
+            self.pubsub if notifies else None,
             model,
             config or self.config,
             tools_factory=factory,
@@ -168,6 +184,13 @@ OWNER = uuid.UUID(int=1)
 OTHER = uuid.UUID(int=2)
 
 
+def assert_changed_nothing(finishes: list[Finished], token: int) -> None:
+    """Every final transition the run holding `token` tried was refused, inserted nothing."""
+    for finish in finishes:
+        if finish.lease.token == token:
+            assert not finish.result.changed and finish.result.inserted == ()
+
+
 # -- a turn end to end -------------------------------------------------------------------
 
 
@@ -206,19 +229,27 @@ async def test_interrupt_clears_the_worker_and_keeps_the_partial_output(
         assert stored.worker_id is None and stored.started_at is None
         assert await history(env.store, chat.id) == [("user", "hang on"), ("assistant", PARTIAL)]
         assert server.stats().turns_finished == {"interrupted": 1}
+        # Counted once, though the control listener hears the stop too.
+        assert server.stats().interrupts == 1
 
 
 # -- heartbeat and ownership -----------------------------------------------------------
 
 
 async def take_over(env: Env, chat_id: uuid.UUID, thief: uuid.UUID) -> None:
-    """Another worker owns the running chat now; nobody is notified."""
+    """Another run holds the running chat now (a newer ownership token); nobody is
+    notified."""
     if env.kind == "memory":
         assert await env.store.recover_stale(0) == [chat_id]
         (chat,) = await env.store.acquire(thief, 1)
         assert chat.id == chat_id
     else:
-        await env.sql("UPDATE chats SET worker_id = %s WHERE id = %s", thief, chat_id)
+        # What a stale recovery and an acquisition by `thief` leave, without their notifies.
+        await env.sql(
+            "UPDATE chats SET worker_id = %s, owner_token = owner_token + 2 WHERE id = %s",
+            thief,
+            chat_id,
+        )
 
 
 async def test_heartbeat_requires_ownership_takeover_stops_the_turn_silently(
@@ -231,15 +262,18 @@ async def test_heartbeat_requires_ownership_takeover_stops_the_turn_silently(
             await until_part(sub)
             published = server.streams.statistics().events_published.copy()
             await take_over(env, chat.id, thief)
-            fin = await env.store.wait_finished(chat.id)
-            assert fin.owned_elsewhere and not fin.changed
+            # The heartbeat is refused; the turn ends fenced, without a final transition.
+            assert await server.wait_ended(chat.id) is TurnOutcome.LOST
+            assert env.store.finishes(chat.id) == []
             # Nothing was published after the takeover: no status, no message, no error.
             assert server.streams.statistics().events_published == published
-            assert server.stats().heartbeats_lost == 1
-            assert server.stats().turns_finished == {"interrupted": 1}
+            stats = server.stats()
+            assert stats.heartbeats_lost == 1
+            assert stats.fenced == 1
+            assert stats.turns_finished == {"lost": 1}
         stored = await env.store.get_chat(chat.id)
         assert stored.status is ChatStatus.RUNNING and stored.worker_id == thief
-        # The partial step was refused: the thief owns the row.
+        # The partial step was not written: the thief holds the row.
         assert await history(env.store, chat.id) == [("user", "hang on")]
 
 
@@ -304,16 +338,20 @@ async def test_edit_truncates_clears_the_queue_and_sets_pending(env: Env, clock:
         async with server.subscribe(OWNER, chat.id, after_message_id=sent.message.id) as sub:
             # A partial step exists: the stopped turn will try to write it.
             await until_part(sub)
+            stopped_token = (await env.store.get_chat(chat.id)).owner_token
             queued = await server.send_message(OWNER, chat.id, "queued one")
             assert queued.queued is not None
             edited = await server.edit_message(OWNER, chat.id, sent.message.id, "edited")
             assert edited.chat.status is ChatStatus.PENDING
             assert edited.chat.worker_id is None
             assert await env.store.list_queued(chat.id) == []
-            # The hanging turn is refused its partial step and changes nothing.
-            fin = await env.store.wait_finished(chat.id, 2)
-            assert not fin.changed and fin.chat.status is ChatStatus.PENDING
-            await env.store.wait_finished(chat.id, 3)
+            # The hanging turn is refused its partial step and its finish (if it gets as
+            # far as trying) changes nothing: the row is pending, or held by the re-run.
+            assert await server.wait_ended(chat.id, outcome=TurnOutcome.LOST)
+            rerun = await env.store.wait_finish(chat.id, 2, outcome=TurnOutcome.DONE)
+            assert rerun.result.changed and rerun.result.chat.status is ChatStatus.WAITING
+            assert rerun.lease.token > stopped_token
+        assert_changed_nothing(env.store.finishes(chat.id), stopped_token)
         assert await history(env.store, chat.id) == [
             ("user", "hello"),
             ("assistant", "re: hello"),
@@ -321,36 +359,49 @@ async def test_edit_truncates_clears_the_queue_and_sets_pending(env: Env, clock:
             ("assistant", "re: edited"),
         ]
         assert await env.store.list_queued(chat.id) == []
-    # The stopped turn wrote nothing into the re-run chat (same worker id, see server.py).
-    assert server.stats().turns_finished == {"done": 2, "interrupted": 1}
+    # The stopped turn wrote nothing into the re-run chat: its token was fenced out.
+    assert server.stats().turns_finished == {"done": 2, "lost": 1}
+    assert server.stats().fenced == 1
 
 
-@pytest.mark.parametrize("kind", ["memory"], indirect=True)
-async def test_a_stopped_turn_ending_slowly_does_not_touch_the_chat_run_again(
+async def test_a_stopped_turn_ending_slowly_does_not_hold_up_or_touch_the_chat_run_again(
     env: Env, clock: Any
 ) -> None:
-    """Ownership is the replica's worker id: the edited chat must not be acquired here
-    again before the stopped turn has written its last row (its final transition)."""
+    """Ownership is the run's token: the edited chat is acquired here again at once,
+    while the stopped turn is still releasing its resources, and that turn's final
+    transition, arriving after the re-run's answer, changes nothing."""
+    release = trio.Event()
+    turns = 0
 
     async def slow_release() -> None:
         # A turn-local resource (a workspace connection) that takes a while to release.
-        await trio.sleep(5.0)
+        with trio.fail_after(WAIT):
+            await release.wait()
 
     def on_turn(turn: TurnEnv) -> None:
-        turn.cleanups.append(slow_release)
+        nonlocal turns
+        turns += 1
+        if turns == 1:
+            turn.cleanups.append(slow_release)
 
     async with env.server(user_model(), on_turn=on_turn) as server:
         chat = await server.create_chat(OWNER, "hang here", title="t")
         async with server.subscribe(OWNER, chat.id) as sub:
             await until_part(sub)
+            stopped_token = (await env.store.get_chat(chat.id)).owner_token
             first = (await env.store.messages_after(chat.id, 0))[0]
             await server.edit_message(OWNER, chat.id, first.id, "edited")
-            stopped = await env.store.wait_finished(chat.id)
-            assert not stopped.changed and stopped.chat.status is ChatStatus.PENDING
-            rerun = await env.store.wait_finished(chat.id, 2)
-            assert rerun.changed and rerun.chat.status is ChatStatus.WAITING
+            rerun = await env.store.wait_finish(chat.id)
+            assert rerun.outcome is TurnOutcome.DONE and rerun.lease.token > stopped_token
+            assert rerun.result.changed and rerun.result.chat.status is ChatStatus.WAITING
+            # The stopped turn is still in its cleanup: it has not ended yet.
+            assert server.stats().turns_finished == {"done": 1}
+            release.set()
+            assert await server.wait_ended(chat.id, outcome=TurnOutcome.LOST)
+    assert_changed_nothing(env.store.finishes(chat.id), stopped_token)
     assert await history(env.store, chat.id) == [("user", "edited"), ("assistant", "re: edited")]
-    assert server.stats().turns_finished == {"interrupted": 1, "done": 1}
+    assert server.stats().turns_finished == {"lost": 1, "done": 1}
+    assert server.stats().fenced == 1
 
 
 async def test_edit_of_a_missing_or_non_user_message_is_refused_and_changes_nothing(
@@ -400,20 +451,33 @@ async def test_last_error_is_stored_on_error_and_cleared_by_the_next_send(
         assert server.stats().turns_finished == {"error": 1, "done": 1}
 
 
+@pytest.mark.parametrize(
+    ("prompt", "error"),
+    [
+        # A tool step: its write (before the next model call) fails.
+        ("tools boom", "disk on fire"),
+        # A one-step answer: it is written with the finish, which fails.
+        ("boom please", "the answer could not be stored: disk on fire"),
+    ],
+    ids=["step", "final_answer"],
+)
 async def test_persist_failure_ends_the_chat_in_error_and_the_server_keeps_serving(
-    env: Env, clock: Any
+    env: Env, clock: Any, prompt: str, error: str
 ) -> None:
+    """A write the store refuses for good (not a transient fault) ends the turn in
+    `error` and says why; nothing of the refused write is stored."""
     env.store.fail_marker = "boom"
     async with env.server(user_model()) as server:
-        broken = await server.create_chat(OWNER, "boom please", title="t")
+        broken = await server.create_chat(OWNER, prompt, title="t")
         fin = await env.store.wait_finished(broken.id)
         assert fin.chat.status is ChatStatus.ERROR
-        assert fin.chat.last_error == "disk on fire"
+        assert fin.chat.last_error == error
         healthy = await server.create_chat(OWNER, "hello", title="t2")
         fin = await env.store.wait_finished(healthy.id)
         assert fin.chat.status is ChatStatus.WAITING
         assert server.stats().turns_finished == {"error": 1, "done": 1}
-    assert await history(env.store, broken.id) == [("user", "boom please")]
+        assert server.stats().store_retries == 0
+    assert await history(env.store, broken.id) == [("user", prompt)]
     assert await history(env.store, healthy.id) == [("user", "hello"), ("assistant", "re: hello")]
 
 
@@ -436,13 +500,23 @@ async def make_stale(env: Env, chat_id: uuid.UUID, dead_worker: uuid.UUID) -> No
         )
 
 
+async def age_heartbeat(env: Env, chat_id: uuid.UUID) -> None:
+    """The running chat's last heartbeat is older than stale_after (its worker died)."""
+    if env.kind == "memory":
+        await trio.sleep(env.config.acquire.stale_after + 1)
+    else:
+        await env.sql(
+            "UPDATE chats SET heartbeat_at = now() - interval '1 hour' WHERE id = %s", chat_id
+        )
+
+
 async def test_stale_chats_are_recovered_at_start_up_and_periodically_waiting_never(
     env: Env, clock: Any
 ) -> None:
     dead = uuid.uuid4()
     waiting, _ = await env.store.create_chat(OWNER, "w", (TextPart("hello"),))
-    await env.store.acquire(dead, 1)
-    await env.store.finish_turn(waiting.id, dead, TurnOutcome.DONE)
+    (acquired,) = await env.store.acquire(dead, 1)
+    await env.store.finish_turn(Lease.of(acquired), TurnOutcome.DONE)
     waiting_before = await env.store.get_chat(waiting.id)
     assert waiting_before.status is ChatStatus.WAITING
     at_start, _ = await env.store.create_chat(OWNER, "s", (TextPart("from the dead"),))
@@ -634,15 +708,21 @@ async def test_another_owner_gets_permission_denied_and_no_data(env: Env, clock:
 # from `send_message` to the final transition, with a subscriber attached. Acquisition,
 # heartbeats and stale recovery are kept out of the way (long intervals): one wake-driven
 # AcquireChats. Both adapters count the same statements.
+#
+# Changed with fenced ownership (issue 13): every status change is one guarded write
+# that locks the row and reads it with its queue length (LockChatForUpdate +
+# GetChatForWrite) and writes it as "UpdateChat" (was UpdateChatStatus). The owner check
+# of send_message moved into that write (no GetChatByID), the queue's length comes
+# with the row (no GetQueuedMessages; nothing to pop when it is empty: no
+# PopQueuedMessage), and the final step is written by the finish itself: three
+# guarded writes (send, step 1, step 2 + finish) instead of four locks.
 STEADY_TURN = {
-    "GetChatByID": 1,  # the owner check of send_message
-    "LockChatForUpdate": 4,  # send, persist step 1, persist step 2, finish
-    "GetQueuedMessages": 1,
-    "InsertChatMessages": 3,  # user message, step 1 (assistant + tool), step 2
-    "UpdateChatStatus": 2,  # pending (send), waiting (finish)
+    "LockChatForUpdate": 3,  # send, step 1 (assistant + tool), step 2 with the finish
+    "GetChatForWrite": 3,  # the row and its queue length, read under each lock
+    "InsertChatMessages": 3,  # user message, step 1, step 2
+    "UpdateChat": 2,  # pending (send), waiting (finish)
     "AcquireChats": 1,
     "GetPromptMessages": 1,
-    "PopQueuedMessage": 1,
     # The message notifies, sent inside the inserting transactions (user message, step 1,
     # step 2) instead of by separate publishes after the commits.
     "NotifyInTransaction": 3,
@@ -681,9 +761,10 @@ async def test_steady_state_turn_statement_counts(env: Env, clock: Any) -> None:
 async def test_store_error_in_a_shielded_write_during_cancellation_does_not_escape(
     clock: Any,
 ) -> None:
-    """The replica's scope is cancelled while a step's (shielded) write is in flight and
-    that write then fails: the cancellation ends the server quietly (the error is
-    logged, not raised out of its nursery) and the chat is handed back `pending`."""
+    """The replica's scope is cancelled while a step's write is in flight (a write the
+    adapter shields: its COMMIT is under way) and that write then fails: the
+    cancellation ends the server quietly (the error is logged, not raised out of its
+    nursery) and the chat is handed back `pending`."""
 
     class FailingWrite(MemoryStore):
         entered = trio.Event()
@@ -691,18 +772,278 @@ async def test_store_error_in_a_shielded_write_during_cancellation_does_not_esca
 
         async def persist_step(self, *args: Any, **kwargs: Any) -> list[Message]:
             self.entered.set()
-            await self.release.wait()
+            with trio.CancelScope(shield=True):
+                await self.release.wait()
             raise StoreError("database gone while the replica stops")
 
     store = FailingWrite(clock=trio_clock)
-    server = Server(store, None, answering_model(), MEMORY_CONFIG, tools=registry())
-    with trio.CancelScope() as outer:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            chat = await server.create_chat(OWNER, "hello", title="t")
-            await store.entered.wait()
-            outer.cancel()
-            await trio.testing.wait_all_tasks_blocked()
-            store.release.set()
-    assert outer.cancelled_caught
-    assert (await store.get_chat(chat.id)).status is ChatStatus.PENDING
+    # "tools ...": the tool step is written before the next model call.
+    server = Server(store, None, user_model(), MEMORY_CONFIG, tools=registry())
+
+    async def fail_the_write_once_cancelled() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        store.release.set()
+
+    async with trio.open_nursery() as helper:
+        with trio.CancelScope() as outer:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                chat = await server.create_chat(OWNER, "tools please", title="t")
+                with trio.fail_after(WAIT):
+                    await store.entered.wait()
+                helper.start_soon(fail_the_write_once_cancelled)
+                outer.cancel()
+    assert outer.cancelled_caught and store.release.is_set()
+    stored = await store.get_chat(chat.id)
+    assert stored.status is ChatStatus.PENDING and stored.last_error is None
+    assert await history(store, chat.id) == [("user", "tools please")]
+
+
+# -- fenced ownership (issue 13) ---------------------------------------------------------
+
+
+def paused_replica_config(config: Config) -> Config:
+    """A replica frozen as by SIGSTOP: its heartbeat, stale recovery and acquisition poll
+    do not run within the test (only a local wake acquires)."""
+    frozen = 10_000 * WAIT
+    return config.replace(
+        acquire=dataclasses.replace(
+            config.acquire,
+            acquire_interval=frozen,
+            heartbeat_interval=frozen,
+            stale_after=frozen,
+        )
+    )
+
+
+async def test_split_brain_the_paused_replica_writes_nothing_after_the_takeover(
+    env: Env, clock: Any
+) -> None:
+    """Replica A is paused in a tool step past stale_after (its heartbeat cannot run, it
+    hears no notify); B recovers the chat and answers. When A resumes, its step write
+    carries a fenced token: nothing lands (no tool call or result after B's answer), A's
+    turn ends fenced, counted, and the tool ran once."""
+    entered, resume = trio.Event(), trio.Event()
+    tool_runs = 0
+
+    @tool("pause", "Blocks until the test resumes the replica.", {"type": "object"})
+    async def pause(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+        nonlocal tool_runs
+        tool_runs += 1
+        entered.set()
+        await resume.wait()
+        return {"resumed": True}
+
+    def a_step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
+        if prompt and prompt[-1].role is Role.TOOL:
+            return text_step("A's answer")
+        return tool_step([("pause", {})], call_id_prefix=f"a{index}")
+
+    a_server = env.server(
+        ScriptedModel(a_step),
+        config=paused_replica_config(env.config),
+        tools=ToolRegistry([pause]),
+        notifies=False,
+    )
+    async with a_server as a:
+        chat = await a.create_chat(OWNER, "pause please", title="t")
+        with trio.fail_after(WAIT):
+            await entered.wait()
+        a_token = (await env.store.get_chat(chat.id)).owner_token
+        # B starts only now: the chat is running on A. Its stale recovery takes it back
+        # once A's heartbeat is older than stale_after, and it answers.
+        async with env.server(answering_model()) as b:
+            answered = await env.store.wait_finish(chat.id)
+            assert answered.lease.worker_id == b.worker_id and answered.lease.token > a_token
+            assert answered.result.changed and answered.result.chat.status is ChatStatus.WAITING
+            assert b.stats().stale_recovered == 1
+            after_b = await history(env.store, chat.id)
+            assert after_b == [("user", "pause please"), ("assistant", "re: pause please")]
+            resume.set()
+            assert await a.wait_ended(chat.id) is TurnOutcome.LOST
+            assert b.stats().turns_finished == {"done": 1}
+        stats = a.stats()
+        assert stats.fenced == 1
+        assert stats.turns_finished == {"lost": 1}
+        assert stats.late_tool_results_dropped == 0
+    # A tried no final transition; nothing of A's step landed.
+    assert [f.lease.worker_id for f in env.store.finishes(chat.id)] == [b.worker_id]
+    assert await history(env.store, chat.id) == after_b
+    messages = await env.store.messages_after(chat.id, 0)
+    assert all(isinstance(p, TextPart) for m in messages for p in m.parts)
+    assert tool_runs == 1
+    stored = await env.store.get_chat(chat.id)
+    assert stored.status is ChatStatus.WAITING and stored.owner_token == answered.lease.token + 1
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before_commit", "after_commit"])
+async def test_a_finish_failing_transiently_is_retried_and_answers_once(
+    env: Env, clock: Any, after_commit: bool
+) -> None:
+    """The final transition (with the answer) meets StoreUnavailable twice: before its
+    write, or after its COMMIT (the retry, same operation id, recognises it). The turn
+    still ends `waiting`, with exactly one answer, published once."""
+    env.store.fail_next("finish_turn", 2, after_commit=after_commit)
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "hello", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        fin = await env.store.wait_finished(chat.id)
+        assert fin.changed and fin.chat.status is ChatStatus.WAITING
+        stats = server.stats()
+        assert env.store.injected == {"finish_turn": 2}
+        assert stats.store_retries == 2
+        assert stats.turns_finished == {"done": 1}
+        assert stats.fenced == 0
+    assert await history(env.store, chat.id) == [("user", "hello"), ("assistant", "re: hello")]
+    answers = [
+        e for e in events if isinstance(e, MessageEvent) and e.message.role is Role.ASSISTANT
+    ]
+    assert [text_of(e.message.parts) for e in answers] == ["re: hello"]
+    assert ChatStatus.ERROR not in {e.status for e in status_events(events)}
+
+
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before_commit", "after_commit"])
+async def test_a_step_write_failing_transiently_does_not_end_the_turn_in_error(
+    env: Env, clock: Any, after_commit: bool
+) -> None:
+    """The tool step's write meets StoreUnavailable twice; it is retried under its
+    operation id and lands once: one tool call, one result, the turn ends `done`."""
+    env.store.fail_next("persist_step", 2, after_commit=after_commit)
+    async with env.server(user_model()) as server:
+        chat = await server.create_chat(OWNER, "tools please", title="t")
+        fin = await env.store.wait_finished(chat.id)
+        assert fin.changed and fin.chat.status is ChatStatus.WAITING
+        assert fin.chat.last_error is None
+        stats = server.stats()
+        assert env.store.injected == {"persist_step": 2}
+        assert stats.store_retries == 2
+        assert stats.turns_finished == {"done": 1}
+    messages = await env.store.messages_after(chat.id, 0)
+    assert [m.role for m in messages] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.ASSISTANT]
+    assert text_of(messages[-1].parts) == "done"
+
+
+async def test_a_store_outage_past_the_retry_budget_hands_the_chat_back_not_failed(
+    env: Env, clock: Any
+) -> None:
+    """The step write stays unavailable past the retry budget: the turn ends
+    `unavailable` and the chat goes back to `pending` (never `error`); the next turn,
+    with the store back, completes it. The tool step is kept, the tool ran once."""
+    loop = dataclasses.replace(
+        env.config.loop,
+        store_retry=StoreRetryConfig(base_delay=0.2, max_delay=0.4, budget=0.9),
+    )
+    # Attempts at 0, 0.2 and 0.6 s; the next (at 1.0 s) would start after the budget.
+    env.store.fail_next("persist_step", 3)
+    echoes = 0
+
+    @tool("echo", "Echo the arguments.", {"type": "object"})
+    async def counted_echo(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+        nonlocal echoes
+        echoes += 1
+        await trio.lowlevel.checkpoint()
+        return {"echo": args}
+
+    config = env.config.replace(loop=loop)
+    async with env.server(user_model(), config=config, tools=ToolRegistry([counted_echo])) as s:
+        chat = await s.create_chat(OWNER, "tools please", title="t")
+        async with s.subscribe(OWNER, chat.id) as sub:
+            handed_back = await env.store.wait_finish(chat.id)
+            assert handed_back.outcome is TurnOutcome.UNAVAILABLE
+            assert handed_back.result.chat.status is ChatStatus.PENDING
+            assert handed_back.result.chat.last_error is None
+            done = await env.store.wait_finish(chat.id, 2)
+            assert done.outcome is TurnOutcome.DONE
+            assert done.result.chat.status is ChatStatus.WAITING
+            events = await until_statuses(sub, [ChatStatus.WAITING])
+        assert s.stats().turns_finished == {"unavailable": 1, "done": 1}
+        assert s.stats().store_retries == 2
+    assert env.store.injected == {"persist_step": 3}
+    assert ChatStatus.ERROR not in {e.status for e in status_events(events)}
+    messages = await env.store.messages_after(chat.id, 0)
+    assert [m.role for m in messages] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.ASSISTANT]
+    assert echoes == 1
+
+
+async def test_a_stuck_tool_never_blocks_its_replica(env: Env, clock: Any) -> None:
+    """A tool blocks in a thread that ignores cancellation. Interrupting its chat ends
+    the turn at once (`waiting`, the call kept with an interrupted result); another
+    user's chat is acquired and answered while the thread is still blocked; when the
+    thread returns, its late result is dropped (counted, not written)."""
+    release = threading.Event()
+    entered, returned = trio.Event(), trio.Event()
+
+    @tool("stuck", "Blocks in a thread until the test releases it.", {"type": "object"})
+    async def stuck(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+        entered.set()
+        # Not abandoned on cancel: the task waits for the thread whatever happens.
+        result: bool = await trio.to_thread.run_sync(release.wait)
+        returned.set()
+        return {"released": result}
+
+    def step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
+        if prompt and prompt[-1].role is Role.TOOL:
+            return text_step("done")
+        text = text_of(prompt[-1].parts) if prompt else ""
+        if text.startswith("stuck"):
+            return tool_step([("stuck", {})], call_id_prefix=f"s{index}")
+        return text_step(f"re: {text}")
+
+    async with env.server(ScriptedModel(step), tools=ToolRegistry([stuck])) as server:
+        chat = await server.create_chat(OWNER, "stuck please", title="t")
+        with trio.fail_after(WAIT):
+            await entered.wait()
+        stopped = await server.interrupt(OWNER, chat.id)
+        assert stopped.status is ChatStatus.WAITING
+        fin = await env.store.wait_finished(chat.id)
+        assert fin.changed and fin.chat.status is ChatStatus.WAITING
+        assert await server.wait_ended(chat.id) is TurnOutcome.INTERRUPTED
+        assert not release.is_set() and server.running_chats == frozenset()
+        other = await server.create_chat(OTHER, "hello", title="t2")
+        answered = await env.store.wait_finished(other.id)
+        assert answered.chat.status is ChatStatus.WAITING
+        assert await history(env.store, other.id) == [("user", "hello"), ("assistant", "re: hello")]
+        assert not release.is_set() and server.stats().late_tool_results_dropped == 0
+        if clock is not None:
+            # Virtual time stands still while the thread wakes up (nothing else is due).
+            clock.autojump_threshold = math.inf
+        release.set()
+        with trio.fail_after(WAIT):
+            await returned.wait()
+        # The result was dropped as the tool returned, with no checkpoint in between.
+        assert server.stats().late_tool_results_dropped == 1
+        assert server.stats().turns_finished == {"interrupted": 1, "done": 1}
+    messages = await env.store.messages_after(chat.id, 0)
+    assert [m.role for m in messages] == [Role.USER, Role.ASSISTANT, Role.TOOL]
+    (result,) = messages[-1].parts
+    assert isinstance(result, ToolResultPart) and result.is_error
+    assert result.result == {"error": env.config.loop.interrupted_tool_result}
+
+
+async def test_a_recovered_turn_whose_answer_is_stored_is_not_answered_again(
+    env: Env, clock: Any
+) -> None:
+    """A run died after its answer was stored but before its final transition (the chat
+    is left `running`). Stale recovery hands it back; the next turn sees the answer and
+    finishes without calling the model: one answer to the user's message."""
+    dead = uuid.uuid4()
+    chat, _ = await env.store.create_chat(OWNER, "t", (TextPart("question"),))
+    (row,) = await env.store.acquire(dead, 1)
+    answer = NewMessage(Role.ASSISTANT, (TextPart("the answer"),), Visibility.BOTH)
+    await env.store.persist_step(Lease.of(row), [answer])
+    await age_heartbeat(env, chat.id)
+    model_calls: list[int] = []
+
+    def step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
+        model_calls.append(index)
+        return text_step("a second answer")
+
+    async with env.server(ScriptedModel(step)) as server:
+        fin = await env.store.wait_finished(chat.id)
+        assert fin.changed and fin.chat.status is ChatStatus.WAITING
+        assert fin.inserted == ()
+        assert server.stats().stale_recovered == 1
+        assert server.stats().turns_finished == {"done": 1}
+    assert model_calls == []
+    assert await history(env.store, chat.id) == [("user", "question"), ("assistant", "the answer")]

@@ -2,11 +2,13 @@
 
 The victim runs in a subprocess (`python -m tests.server_replica`): its model asks
 for one tool call, and the next step hangs mid-stream. Once that first step is
-persisted (seen as a durable `message` event through LISTEN/NOTIFY) the process is
-killed. With a 0.5 s heartbeat and `stale_after` 2 s, the survivor's periodic stale
-recovery hands the chat back, acquires it and completes it: no user message lost
-(a message queued while the victim ran is promoted and answered), no assistant
-message persisted twice.
+persisted (seen as a durable `message` event through LISTEN/NOTIFY), a second chat
+is answered by the victim, and the process is killed as soon as that final answer is
+seen. With a 0.5 s heartbeat and `stale_after` 2 s, the survivor's periodic stale
+recovery hands the running chat back, acquires it and completes it: no user message
+lost (a message queued while the victim ran is promoted and answered), no assistant
+message persisted twice, and no user message answered twice (the answered chat's
+answer landed with its final transition: nothing is left to recover there).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from chatd_trio.domain import ChatStatus, MessageEvent, Role, TextPart, text_of
+from chatd_trio.domain import ChatStatus, Message, MessageEvent, Role, TextPart, text_of
 from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.postgres import PostgresStore
@@ -47,6 +49,15 @@ async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
     return data
 
 
+async def _until_message(streams: ChatStreams, after: Message, role: Role) -> None:
+    """Wait until a message of `role` follows `after` in its chat (a durable notify)."""
+    async with streams.subscribe(after.chat_id, after.id) as sub:
+        with trio.fail_after(STEP_DEADLINE):
+            async for event in sub:
+                if isinstance(event, MessageEvent) and event.message.role is role:
+                    return
+
+
 async def test_sigkilled_replica_mid_turn_is_recovered_by_the_survivor(pg_dsn: str) -> None:
     await trio.to_thread.run_sync(truncate_all, pg_dsn)
     victim = uuid.uuid4()
@@ -66,16 +77,14 @@ async def test_sigkilled_replica_mid_turn_is_recovered_by_the_survivor(pg_dsn: s
                 assert await _read_line(proc.stdout) == b"ready\n"
             streams = ChatStreams(store, pubsub)  # type: ignore[arg-type]
             chat, first = await store.create_chat(owner, "t", (TextPart("start"),))
-            async with streams.subscribe(chat.id, first.id) as sub:
-                # The victim acquires by its 0.2 s poll, runs the tool step and persists it.
-                with trio.fail_after(STEP_DEADLINE):
-                    async for event in sub:
-                        if isinstance(event, MessageEvent) and event.message.role is Role.TOOL:
-                            break
+            # The victim acquires by its 0.2 s poll, runs the tool step and persists it.
+            await _until_message(streams, first, Role.TOOL)
             running = await store.get_chat(chat.id)
             assert running.status is ChatStatus.RUNNING and running.worker_id == victim
             queued = await store.send_message(chat.id, (TextPart("follow up"),), max_queued=20)
             assert queued.queued is not None
+            quick, asked = await store.create_chat(owner, "q", (TextPart("quick one"),))
+            await _until_message(streams, asked, Role.ASSISTANT)
             proc.kill()  # SIGKILL: no shutdown, no final transition, no release.
             with trio.fail_after(STEP_DEADLINE):
                 await proc.wait()
@@ -98,6 +107,11 @@ async def test_sigkilled_replica_mid_turn_is_recovered_by_the_survivor(pg_dsn: s
             assert fin.chat.status is ChatStatus.WAITING
             assert survivor.stats().stale_recovered == 1
             assert survivor.stats().turns_finished == {"done": 2}
+        # The victim's answer was stored with its final transition: the chat is waiting
+        # and the survivor never ran it.
+        answered = await store.get_chat(quick.id)
+        assert answered.status is ChatStatus.WAITING and answered.worker_id is None
+        assert store.finishes(quick.id) == []
 
     messages = await _messages(pg_dsn, chat.id)
     assert [(role, text) for role, text, _ in messages] == [
@@ -111,6 +125,28 @@ async def test_sigkilled_replica_mid_turn_is_recovered_by_the_survivor(pg_dsn: s
     # Nothing persisted twice: every tool call id appears once.
     calls = Counter(call for _, _, call in messages if call)
     assert calls and all(n == 2 for n in calls.values())  # the call and its result
+    quick_messages = await _messages(pg_dsn, quick.id)
+    assert [(role, text) for role, text, _ in quick_messages] == [
+        ("user", "quick one"),
+        ("assistant", "re: quick one"),
+    ]
+    # Every user message has at most one final answer (here: exactly one).
+    for history in (messages, quick_messages):
+        assert all(n == 1 for n in _final_answers(history).values())
+
+
+def _final_answers(messages: list[tuple[str, str, str]]) -> dict[int, int]:
+    """For each user message (by position), how many final answers follow it before the
+    next user message: assistant messages that call no tool."""
+    answers: dict[int, int] = {}
+    current: int | None = None
+    for index, (role, _, call) in enumerate(messages):
+        if role == "user":
+            current = index
+            answers[current] = 0
+        elif role == "assistant" and not call and current is not None:
+            answers[current] += 1
+    return answers
 
 
 async def _messages(dsn: str, chat_id: uuid.UUID) -> list[tuple[str, str, str]]:

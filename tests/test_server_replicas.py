@@ -30,6 +30,7 @@ from chatd_trio.domain import (
 from chatd_trio.models.base import Model
 from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server
+from chatd_trio.store.base import TurnOutcome
 from chatd_trio.store.postgres import PostgresStore
 from chatd_trio.streams import ChatStreams, StreamSubscription
 from tests.pgcluster import truncate_all
@@ -37,6 +38,7 @@ from tests.server_replica import (
     PARTIAL,
     POSTGRES_CONFIG,
     WAIT,
+    ObservedServer,
     ObservedStore,
     registry,
     until_part,
@@ -54,8 +56,8 @@ class Replica:
     store: ObservedStore
     pubsub: PostgresPubSub
 
-    def server(self, model: Model) -> Server:
-        return Server(self.store, self.pubsub, model, POSTGRES_CONFIG, tools=registry())  # type: ignore[arg-type]
+    def server(self, model: Model) -> ObservedServer:
+        return ObservedServer(self.store, self.pubsub, model, POSTGRES_CONFIG, tools=registry())  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -83,7 +85,7 @@ async def history(store: ObservedStore, chat_id: uuid.UUID) -> list[tuple[str, s
 @asynccontextmanager
 async def running_on_b(
     a: Replica, b: Replica, text: str
-) -> AsyncIterator[tuple[Server, Server, uuid.UUID, StreamSubscription]]:
+) -> AsyncIterator[tuple[ObservedServer, ObservedServer, uuid.UUID, StreamSubscription]]:
     """B runs a hanging turn of a new chat (its first part streamed); then A starts and
     subscribes to the chat."""
     async with AsyncExitStack() as stack:
@@ -152,13 +154,18 @@ async def test_edit_on_a_stops_the_turn_on_b_which_writes_nothing_after_it(
     replicas: tuple[Replica, Replica],
 ) -> None:
     a, b = replicas
-    async with running_on_b(a, b, "hang on") as (server_a, _, chat_id, sub_a):
+    async with running_on_b(a, b, "hang on") as (server_a, server_b, chat_id, sub_a):
         first = (await a.store.messages_after(chat_id, 0))[0]
         assert first.role is Role.USER
+        b_token = (await b.store.get_chat(chat_id)).owner_token
         await server_a.edit_message(OWNER, chat_id, first.id, "edited")
-        fin = await b.store.wait_finished(chat_id)
-        # Refused: the row was pending (or already re-acquired by A: owned elsewhere).
-        assert not fin.changed
+        # B's turn stops: as an interrupt whose writes are refused (the row is pending),
+        # or fenced without writing (A already holds the chat under a newer token).
+        assert await server_b.wait_ended(chat_id) is TurnOutcome.LOST
+        assert server_b.stats().fenced == 1
+        for fin in b.store.finishes(chat_id):
+            assert fin.lease.token == b_token
+            assert not fin.result.changed and fin.result.inserted == ()
         with trio.fail_after(WAIT):
             while (await a.store.get_chat(chat_id)).status is not ChatStatus.WAITING:
                 await until_statuses(sub_a, [ChatStatus.WAITING])
@@ -173,15 +180,21 @@ async def test_takeover_the_old_worker_publishes_nothing_at_the_end(
     async with running_on_b(a, b, "hang on") as (server_a, server_b, chat_id, sub_a):
         await until_statuses(sub_a, [ChatStatus.RUNNING])
         published = server_b.streams.statistics().events_published.copy()
-        # Another worker owns the row now; nobody is told (as after a missed notify).
+        # Another run holds the row now (a newer ownership token, as after a stale recovery
+        # and an acquisition elsewhere); nobody is told (as after a missed notify).
         await trio.to_thread.run_sync(
-            _sql, pg_dsn, "UPDATE chats SET worker_id = %s WHERE id = %s", (thief, chat_id)
+            _sql,
+            pg_dsn,
+            "UPDATE chats SET worker_id = %s, owner_token = owner_token + 2 WHERE id = %s",
+            (thief, chat_id),
         )
-        fin = await b.store.wait_finished(chat_id)
-        assert fin.owned_elsewhere and not fin.changed
+        # B's heartbeat is refused: its turn ends fenced, with no final transition.
+        assert await server_b.wait_ended(chat_id) is TurnOutcome.LOST
+        assert b.store.finishes(chat_id) == []
         assert server_b.streams.statistics().events_published == published
         assert server_b.stats().heartbeats_lost == 1
-        assert server_b.stats().turns_finished == {"interrupted": 1}
+        assert server_b.stats().fenced == 1
+        assert server_b.stats().turns_finished == {"lost": 1}
         # A sentinel published after B's turn ended: everything B published reached A
         # before it, in order on the channel.
         await server_a.streams.publish_queue_update(chat_id, ())

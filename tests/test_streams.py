@@ -38,7 +38,7 @@ from chatd_trio.domain import (
 from chatd_trio.errors import StoreError
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.streams import ChatStreams, StreamSubscription
 
@@ -103,23 +103,16 @@ class SpyStore:
         return await self.inner.messages_after(chat_id, after_id)
 
 
-async def running_chat(store: Store, first: str = "hello") -> tuple[uuid.UUID, Message, uuid.UUID]:
-    """A fresh chat acquired by a fresh worker: (chat id, first message, worker id)."""
-    worker = uuid.uuid4()
+async def running_chat(store: Store, first: str = "hello") -> tuple[uuid.UUID, Message, Lease]:
+    """A fresh chat acquired by a fresh worker: (chat id, first message, the run's lease)."""
     chat, message = await store.create_chat(uuid.uuid4(), "a chat", (TextPart(first),))
-    while True:
-        got = await store.acquire(worker, 100)
-        if any(c.id == chat.id for c in got):
-            return chat.id, message, worker
-        assert got, "the new chat was never acquired"
+    return chat.id, message, await acquire_lease(store, chat.id, uuid.uuid4())
 
 
 async def persist(
-    store: Store, chat_id: uuid.UUID, worker: uuid.UUID, *texts: str, role: Role = Role.ASSISTANT
+    store: Store, lease: Lease, *texts: str, role: Role = Role.ASSISTANT
 ) -> list[Message]:
-    return await store.persist_step(
-        chat_id, worker, [NewMessage(role, (TextPart(t),)) for t in texts]
-    )
+    return await store.persist_step(lease, [NewMessage(role, (TextPart(t),)) for t in texts])
 
 
 def part(chat_id: uuid.UUID, text: str) -> MessagePartEvent:
@@ -167,13 +160,13 @@ async def test_message_delivered_locally_is_not_read_from_the_database(
 ) -> None:
     store, pubsub = backend
     streams = ChatStreams(store, pubsub)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
     async with streams.subscribe(chat_id, 0) as sub:
         snapshot = await until(sub, lambda e: isinstance(e, MessageEvent))
         assert message_ids(snapshot) == [first.id]
         before = reads(store)
-        msgs = await persist(store, chat_id, worker, "one", "two", "three")
+        msgs = await persist(store, lease, "one", "two", "three")
         streams.step_persisted(chat_id)
         await streams.publish_messages(msgs)
         await sentinel(streams, chat_id)
@@ -190,14 +183,14 @@ async def test_message_delivered_locally_is_not_read_from_the_database(
 async def test_cached_but_undelivered_messages_are_served_from_the_cache() -> None:
     store = SpyStore(MemoryStore())
     streams = ChatStreams(store, MemoryPubSub(), StreamConfig(notify_carries_messages=False))
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
     async with streams.subscribe(chat_id, first.id) as sub:
         assert isinstance((await take(sub, 1))[0], StatusEvent)
         store.reads.clear()
         # Both are cached before the subscriber handles the first notify: it gets both
         # from the cache at once and skips the second notify.
-        msgs = await persist(store, chat_id, worker, "a", "b")
+        msgs = await persist(store, lease, "a", "b")
         await streams.publish_messages(msgs)
         await sentinel(streams, chat_id)
         live = await until(sub, is_sentinel)
@@ -212,12 +205,12 @@ async def test_cache_miss_reads_the_database_after_the_cursor() -> None:
     store = SpyStore(MemoryStore())
     config = StreamConfig(durable_cache_size=2, notify_carries_messages=False)
     streams = ChatStreams(store, MemoryPubSub(), config)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
     async with streams.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)  # status
         store.reads.clear()
-        msgs = await persist(store, chat_id, worker, "a", "b", "c", "d")
+        msgs = await persist(store, lease, "a", "b", "c", "d")
         await streams.publish_messages(msgs)  # evicts a and b: watermark = b
         assert streams.chat_statistics(chat_id).watermark == msgs[1].id  # type: ignore[union-attr]
         await sentinel(streams, chat_id)
@@ -232,12 +225,12 @@ async def test_message_published_by_another_replica_reads_after_the_cursor() -> 
     pubsub = MemoryPubSub()
     config = StreamConfig(notify_carries_messages=False)
     a, b = ChatStreams(store, pubsub, config), ChatStreams(store, pubsub, config)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     a.start_turn(chat_id)
     async with b.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
         store.reads.clear()
-        msgs = await persist(store, chat_id, worker, "a")
+        msgs = await persist(store, lease, "a")
         await a.publish_messages(msgs)
         await sentinel(a, chat_id)
         live = await until(sub, is_sentinel)
@@ -249,12 +242,12 @@ async def test_message_published_by_another_replica_reads_after_the_cursor() -> 
 async def test_edit_full_refresh_rereads_from_zero() -> None:
     store = SpyStore(MemoryStore())
     streams = ChatStreams(store, MemoryPubSub())
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
     async with streams.subscribe(chat_id, 0) as sub:
         await take(sub, 2)  # status, first
-        msgs = await persist(store, chat_id, worker, "answer")
-        user = await persist(store, chat_id, worker, "second question", role=Role.USER)
+        msgs = await persist(store, lease, "answer")
+        user = await persist(store, lease, "second question", role=Role.USER)
         await streams.publish_messages(msgs + user)
         await until(sub, lambda e: message_ids([e]) == [user[0].id])
         streams.end_turn(chat_id)
@@ -324,10 +317,10 @@ async def test_notify_fields_are_handled_in_order_and_malformed_ones_skipped() -
     store = MemoryStore()
     pubsub = MemoryPubSub()
     streams = ChatStreams(store, pubsub)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     async with streams.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
-        (msg,) = await persist(store, chat_id, worker, "x")
+        (msg,) = await persist(store, lease, "x")
         queued = (await store.send_message(chat_id, (TextPart("later"),), max_queued=20)).queue
         channel = stream_channel(chat_id)
         await pubsub.publish(channel, "{not json")
@@ -359,13 +352,13 @@ async def test_carried_message_skips_the_database_on_another_replica(
 ) -> None:
     store, pubsub = backend
     a, b = ChatStreams(store, pubsub), ChatStreams(store, pubsub)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     a.start_turn(chat_id)
     async with b.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
         before = reads(store)
-        msgs = await persist(store, chat_id, worker, "one", "two")
-        msgs += await persist(store, chat_id, worker, "three")
+        msgs = await persist(store, lease, "one", "two")
+        msgs += await persist(store, lease, "three")
         await a.publish_messages(msgs)
         await sentinel(a, chat_id)
         live = await until(sub, is_sentinel)
@@ -380,12 +373,12 @@ async def test_baseline_reads_the_database_once_per_message_on_another_replica(
     store, pubsub = backend
     baseline = StreamConfig(notify_carries_messages=False, durable_cache_enabled=False)
     a, b = ChatStreams(store, pubsub, baseline), ChatStreams(store, pubsub, baseline)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     a.start_turn(chat_id)
     async with b.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
         for text in ("one", "two"):
-            (m,) = await persist(store, chat_id, worker, text)
+            (m,) = await persist(store, lease, text)
             await a.publish_message(m)
             assert message_ids(await take(sub, 1)) == [m.id]
     assert b.statistics().db_catchup_reads == 2
@@ -395,36 +388,38 @@ async def test_carried_message_after_a_gap_falls_back_to_the_database() -> None:
     store = SpyStore(MemoryStore())
     pubsub = MemoryPubSub()
     a, b = ChatStreams(store, pubsub), ChatStreams(store, pubsub)
-    chat_id, first, worker = await running_chat(store)
-    other_id, _, other_worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
+    _, _, other_lease = await running_chat(store)
     async with b.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
         store.reads.clear()
         # No turn on `a`: the predecessor is unknown, and another chat's message took
         # the id in between, so the carried message cannot prove there is no gap.
-        (m1,) = await persist(store, chat_id, worker, "one")
-        await persist(store, other_id, other_worker, "elsewhere")
-        (m2,) = await persist(store, chat_id, worker, "two")
+        (m1,) = await persist(store, lease, "one")
+        await persist(store, other_lease, "elsewhere")
+        (m2,) = await persist(store, lease, "two")
         await a.publish_message(m2)
         assert message_ids(await take(sub, 2)) == [m1.id, m2.id]
         assert store.reads == [(chat_id, first.id)]
         # During a turn the predecessor is known, ids interleaved or not.
         a.start_turn(chat_id)
-        (m3,) = await persist(store, chat_id, worker, "three")
+        (m3,) = await persist(store, lease, "three")
         await a.publish_message(m3)
-        await persist(store, other_id, other_worker, "elsewhere again")
-        (m4,) = await persist(store, chat_id, worker, "four")
+        await persist(store, other_lease, "elsewhere again")
+        (m4,) = await persist(store, lease, "four")
         await a.publish_message(m4)
         assert message_ids(await take(sub, 2)) == [m3.id, m4.id]
         assert store.reads == [(chat_id, first.id)]
     assert b.statistics().carried_hits == 2
 
 
-async def _acquire(store: Store, chat_id: uuid.UUID, worker: uuid.UUID) -> None:
+async def acquire_lease(store: Store, chat_id: uuid.UUID, worker: uuid.UUID) -> Lease:
+    """Acquire until `worker` holds the chat; the lease of that run."""
     while True:
         got = await store.acquire(worker, 100)
-        if any(c.id == chat_id for c in got):
-            return
+        for chat in got:
+            if chat.id == chat_id:
+                return Lease.of(chat)
         assert got, "the chat was never acquired"
 
 
@@ -435,8 +430,8 @@ async def test_store_predecessor_lets_every_message_skip_the_database(
     carry their predecessor from the store: no catch-up read on either replica."""
     store, pubsub = backend
     a, b = ChatStreams(store, pubsub), ChatStreams(store, pubsub)
-    other_id, _, other_worker = await running_chat(store)
-    chat_id, first, worker = await running_chat(store)
+    _, _, other_lease = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     async with a.subscribe(chat_id, 0) as local, b.subscribe(chat_id, 0) as remote:
         for sub in (local, remote):
             assert message_ids(await until(sub, lambda e: isinstance(e, MessageEvent))) == [
@@ -447,30 +442,30 @@ async def test_store_predecessor_lets_every_message_skip_the_database(
 
         async def publish(m: Message) -> None:
             # Another chat's insert in between: the id never follows the cursor.
-            await persist(store, other_id, other_worker, "elsewhere")
+            await persist(store, other_lease, "elsewhere")
             await a.publish_message(m)
             published.append(m)
 
         for turn in ("one", "two"):
             a.start_turn(chat_id)
-            (answer,) = await persist(store, chat_id, worker, f"answer {turn}")
+            (answer,) = await persist(store, lease, f"answer {turn}")
             await publish(answer)  # the turn's first message
             queued = await store.send_message(chat_id, (TextPart(f"q {turn}"),), max_queued=5)
             assert queued.queued is not None
             a.end_turn(chat_id)
-            done = await store.finish_turn(chat_id, worker, TurnOutcome.DONE)
+            done = await store.finish_turn(lease, TurnOutcome.DONE)
             assert done.promoted is not None
             await publish(done.promoted)  # promoted outside a turn
-            await _acquire(store, chat_id, worker)
+            lease = await acquire_lease(store, chat_id, lease.worker_id)
             a.start_turn(chat_id)
-            (reply,) = await persist(store, chat_id, worker, f"reply {turn}")
+            (reply,) = await persist(store, lease, f"reply {turn}")
             await publish(reply)
             a.end_turn(chat_id)
-            assert (await store.finish_turn(chat_id, worker, TurnOutcome.DONE)).promoted is None
+            assert (await store.finish_turn(lease, TurnOutcome.DONE)).promoted is None
             sent = await store.send_message(chat_id, (TextPart(f"u {turn}"),), max_queued=5)
             assert sent.message is not None
             await publish(sent.message)  # sent outside a turn
-            await _acquire(store, chat_id, worker)
+            lease = await acquire_lease(store, chat_id, lease.worker_id)
         await sentinel(a, chat_id)
         for sub in (local, remote):
             assert message_ids(await until(sub, is_sentinel)) == [m.id for m in published]
@@ -486,14 +481,14 @@ async def test_store_predecessor_lets_every_message_skip_the_database(
 async def test_snapshot_starts_with_status_then_parts_messages_and_queue() -> None:
     store = MemoryStore()
     streams = ChatStreams(store, MemoryPubSub())
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
-    await streams.publish_status(chat_id, ChatStatus.RUNNING, worker)
+    await streams.publish_status(chat_id, ChatStatus.RUNNING, lease.worker_id)
     streams.publish_part(part(chat_id, "thinking"))
     await store.send_message(chat_id, (TextPart("queued"),), max_queued=20)
     async with streams.subscribe(chat_id, 0) as sub:
         got = await take(sub, 4)
-    assert got[0] == StatusEvent(chat_id, ChatStatus.RUNNING, worker)
+    assert got[0] == StatusEvent(chat_id, ChatStatus.RUNNING, lease.worker_id)
     assert got[1] == part(chat_id, "thinking")
     assert message_ids(got[2:3]) == [first.id]
     assert isinstance(got[3], QueueUpdateEvent) and len(got[3].queued) == 1
@@ -502,8 +497,8 @@ async def test_snapshot_starts_with_status_then_parts_messages_and_queue() -> No
 async def test_after_message_id_filters_the_snapshot() -> None:
     store = MemoryStore()
     streams = ChatStreams(store, MemoryPubSub())
-    chat_id, _, worker = await running_chat(store)
-    msgs = await persist(store, chat_id, worker, "a", "b", "c")
+    chat_id, _, lease = await running_chat(store)
+    msgs = await persist(store, lease, "a", "b", "c")
     async with streams.subscribe(chat_id, msgs[0].id) as sub:
         await sentinel(streams, chat_id)
         got = await until(sub, is_sentinel)
@@ -525,13 +520,13 @@ async def test_failed_snapshot_read_yields_an_error_event() -> None:
 async def test_without_pubsub_no_duplicate_parts_and_every_event_forwarded() -> None:
     store = MemoryStore()
     streams = ChatStreams(store, None)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
     streams.publish_part(part(chat_id, "p1"))
     streams.publish_part(part(chat_id, "p2"))
     async with streams.subscribe(chat_id, 0) as sub:
         streams.publish_part(part(chat_id, "p3"))
-        (msg,) = await persist(store, chat_id, worker, "done")
+        (msg,) = await persist(store, lease, "done")
         await streams.publish_message(msg)
         await streams.publish_message(msg)  # a duplicate publish is not delivered twice
         await streams.retry(chat_id, RetryPayload(1, 1.0, "boom"))
@@ -583,11 +578,11 @@ async def test_pubsub_resync_catches_up_from_the_database() -> None:
     store = MemoryStore()
     pubsub = MemoryPubSub()
     streams = ChatStreams(store, pubsub)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     async with streams.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
         # Persisted, but its notify was lost with the connection.
-        (lost,) = await persist(store, chat_id, worker, "lost")
+        (lost,) = await persist(store, lease, "lost")
         assert pubsub.force_resync() == 1
         got = await take(sub, 3)
     assert message_ids(got) == [lost.id]
@@ -599,13 +594,13 @@ async def test_subscriber_overflow_of_durable_events_resyncs_instead_of_losing_t
     store = SpyStore(MemoryStore())
     config = StreamConfig(subscriber_queue_size=3)
     streams = ChatStreams(store, MemoryPubSub(), config)
-    chat_id, first, worker = await running_chat(store)
+    chat_id, first, lease = await running_chat(store)
     streams.start_turn(chat_id)
     async with streams.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
         msgs = []
         for i in range(10):
-            msgs += await persist(store, chat_id, worker, f"m{i}")
+            msgs += await persist(store, lease, f"m{i}")
             await streams.publish_message(msgs[-1])
             streams.publish_part(part(chat_id, f"p{i}"))
         await trio.testing.wait_all_tasks_blocked()

@@ -43,7 +43,7 @@ from chatd_trio.domain import Message, MessageEvent, MessagePartEvent, Role, Str
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.store.base import Store
 from chatd_trio.streams import ChatStreams, StreamSubscription
-from tests.test_streams import open_backend, persist, running_chat
+from tests.test_streams import acquire_lease, open_backend, persist, running_chat
 
 T = TypeVar("T")
 SETTLE_TIMEOUT = 15.0
@@ -206,7 +206,7 @@ class StreamsMachine(RuleBasedStateMachine):
     def setup(self) -> None:
         h = self.harness
         self.replicas = [ChatStreams(h.store, h.pubsub, CONFIG) for _ in range(2)]
-        self.chat_id, first, self.worker = h.call(running_chat, h.store)
+        self.chat_id, first, self.lease = h.call(running_chat, h.store)
         self.owner = 0
         self.user_ids = [first.id]
         self.edits = 0
@@ -214,7 +214,7 @@ class StreamsMachine(RuleBasedStateMachine):
         self.subs: list[Sub] = []
         self.closed_cursors: list[int] = []
         # Another chat whose messages take ids in between: ids are global across chats.
-        self.other_id, _, self.other_worker = h.call(running_chat, h.store)
+        self.other_id, _, self.other_lease = h.call(running_chat, h.store)
         h.call_sync(self.replicas[0].start_turn, self.chat_id)
 
     # -- helpers ------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class StreamsMachine(RuleBasedStateMachine):
         texts = [f"m{i}" for i in range(n)]
 
         async def step() -> list[Message]:
-            msgs = await persist(self.harness.store, self.chat_id, self.worker, *texts, role=role)
+            msgs = await persist(self.harness.store, self.lease, *texts, role=role)
             streams.step_persisted(self.chat_id)
             await streams.publish_messages(msgs)
             return msgs
@@ -262,7 +262,7 @@ class StreamsMachine(RuleBasedStateMachine):
     @rule()
     def other_chat_message(self) -> None:
         h = self.harness
-        h.call(persist, h.store, self.other_id, self.other_worker, "elsewhere")
+        h.call(persist, h.store, self.other_lease, "elsewhere")
 
     @precondition(lambda self: bool(self.subs))
     @rule(data=st.data(), n=st.integers(2, 6))
@@ -299,10 +299,7 @@ class StreamsMachine(RuleBasedStateMachine):
             await self.replicas[replica].publish_edited_message(result.message)
             # The edit ends the turn; the chat is acquired again and a new turn starts.
             self.replicas[self.owner].end_turn(self.chat_id)
-            while True:
-                got = await h.store.acquire(self.worker, 100)
-                if any(c.id == self.chat_id for c in got):
-                    break
+            self.lease = await acquire_lease(h.store, self.chat_id, self.lease.worker_id)
             self.replicas[self.owner].start_turn(self.chat_id)
             return result.message
 

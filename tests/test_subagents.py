@@ -32,7 +32,7 @@ from chatd_trio.domain import (
 from chatd_trio.errors import SubagentError
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.subagents import (
     NO_REPORT_ERROR,
@@ -68,15 +68,18 @@ async def finish(
     last_error: str | None = None,
 ) -> None:
     """Run the chat's turn to its end the way a replica would: acquire, persist, finish."""
-    worker = uuid.uuid4()
-    await store.acquire(worker, 10_000)
+    lease = await acquire(store, chat_id)
     if texts:
         await store.persist_step(
-            chat_id,
-            worker,
-            [NewMessage(Role.ASSISTANT, (TextPart(t),), Visibility.BOTH) for t in texts],
+            lease, [NewMessage(Role.ASSISTANT, (TextPart(t),), Visibility.BOTH) for t in texts]
         )
-    await store.finish_turn(chat_id, worker, outcome, last_error)
+    await store.finish_turn(lease, outcome, last_error)
+
+
+async def acquire(store: Store, chat_id: uuid.UUID) -> Lease:
+    """Acquire every pending chat under a fresh worker; the lease of `chat_id`'s run."""
+    (chat,) = [c for c in await store.acquire(uuid.uuid4(), 10_000) if c.id == chat_id]
+    return Lease.of(chat)
 
 
 async def notify(pubsub: PubSub, chat_id: uuid.UUID, status: ChatStatus) -> None:
@@ -464,17 +467,15 @@ async def test_model_only_assistant_text_is_not_a_report() -> None:
     store = MemoryStore()
     root = await new_chat(store)
     child = await new_chat(store, root)
-    worker = uuid.uuid4()
-    await store.acquire(worker, 10_000)
+    lease = await acquire(store, child.id)
     await store.persist_step(
-        child.id,
-        worker,
+        lease,
         [
             NewMessage(Role.ASSISTANT, (TextPart("visible"),), Visibility.BOTH),
             NewMessage(Role.ASSISTANT, (TextPart("hidden"),), Visibility.MODEL),
         ],
     )
-    await store.finish_turn(child.id, worker, TurnOutcome.DONE)
+    await store.finish_turn(lease, TurnOutcome.DONE)
     assert await await_subagent(store, None, root.id, child.id, config=CFG) == "visible"
 
 

@@ -40,7 +40,7 @@ from chatd_trio.errors import (
     ChatHasNoWorkspace,
     NoWorkspaceAgent,
 )
-from chatd_trio.store.base import Store
+from chatd_trio.store.base import Lease, Store
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.workspace import (
@@ -56,7 +56,9 @@ WORKER = uuid.UUID(int=7)
 
 BY_ID = "GetWorkspaceAgentByID"
 LATEST = "GetWorkspaceAgentsInLatestBuild"
-BIND = "UpdateChatBinding"
+# The binding is written under the turn's lease: a guarded write of the chat row, counted
+# as "UpdateChat" (after the "LockChatForUpdate" + "GetChatForWrite" every guarded write runs).
+BIND = "UpdateChat"
 PROMPT = "GetPromptMessages"
 GET_CHAT = "GetChatByID"
 INSERT = "InsertChatMessages"
@@ -158,7 +160,7 @@ class World:
         return WorkspaceContext(
             self.store,
             chat or self.chat,
-            WORKER,
+            Lease.of(chat or self.chat),
             self.agents.dial,
             config,
             nursery,

@@ -19,6 +19,7 @@ import trio
 from chatd_trio.agent import McpServerConfig, dial_agent
 from chatd_trio.config import AgentConfig, WorkspaceConfig
 from chatd_trio.domain import Chat, ContextFilePart, TextPart, ToolCallPart, ToolResultPart
+from chatd_trio.store.base import Lease
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.workspace import (
@@ -32,7 +33,8 @@ from chatd_trio.workspace import (
 GUARD = 30
 WORKER = uuid.UUID(int=9)
 FIXTURE_MCP = Path(__file__).with_name("fixtures_mcp_server.py")
-WATCHED = ("GetWorkspaceAgentByID", "GetWorkspaceAgentsInLatestBuild", "UpdateChatBinding")
+# The binding is written under the turn's lease: a guarded write of the chat row ("UpdateChat").
+WATCHED = ("GetWorkspaceAgentByID", "GetWorkspaceAgentsInLatestBuild", "UpdateChat")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Env:
         return WorkspaceContext(
             self.store,
             chat,
-            WORKER,
+            Lease.of(chat),
             dial_agent,
             self.config,
             self.nursery,
@@ -130,7 +132,7 @@ async def test_execute_then_rebuild_switches_and_persists_the_binding(env: Env) 
         assert delta(before, env.counts()) == {
             "GetWorkspaceAgentByID": 1,
             "GetWorkspaceAgentsInLatestBuild": 1,
-            "UpdateChatBinding": 1,
+            "UpdateChat": 1,
         }
         assert (env.stats.switches, env.stats.validations, env.stats.dials) == (1, 1, 3)
         chat = await env.store.get_chat(chat.id)

@@ -3,6 +3,12 @@
 Per-channel order is preserved. After a connection loss an adapter delivers a
 `Resync` marker to every subscription: a notify may have been missed, so the
 subscriber must catch up from the store.
+
+Every payload is sealed on its way out (`publish`, or `seal` for a store that sends
+the notify itself) and opened on its way in: a subscription only ever receives
+payloads sealed for its channel under the deployment's key. Anything else that
+arrives on the channel (a forged NOTIFY, a payload copied from another channel) is
+dropped and counted in `PubSubStatistics.rejected` (chatd_trio.pubsub.auth).
 """
 
 from __future__ import annotations
@@ -11,6 +17,24 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
+
+
+@dataclass(frozen=True)
+class PubSubStatistics:
+    """A snapshot of a PubSub's counters."""
+
+    channels: int
+    subscriptions: int
+    published: int
+    delivered: int
+    resyncs: int
+    #: LISTEN / UNLISTEN statements and reconnects (always 0 in memory).
+    listens: int = 0
+    unlistens: int = 0
+    reconnects: int = 0
+    #: Received payloads dropped because they did not open (forged, altered, expired,
+    #: sealed for another channel or under another key); counted once per payload.
+    rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,7 +60,12 @@ class Subscription(Protocol):
 @runtime_checkable
 class PubSub(Protocol):
     async def publish(self, channel: str, payload: str) -> None:
-        """Publish; raises PayloadTooLarge above the adapter's limit."""
+        """Seal and publish; raises PayloadTooLarge above `payload_limit`."""
+        ...
+
+    def seal(self, channel: str, payload: str) -> str:
+        """The sealed form of `payload` for `channel`, for a store that sends the notify
+        itself (`Store.announces_to`); raises like `publish`."""
         ...
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
@@ -45,5 +74,9 @@ class PubSub(Protocol):
 
     @property
     def payload_limit(self) -> int:
-        """Largest payload in bytes."""
+        """Largest payload in UTF-8 bytes, before sealing."""
+        ...
+
+    def statistics(self) -> PubSubStatistics:
+        """Counters since the adapter was created."""
         ...

@@ -5,6 +5,11 @@ errors) so the contract suite runs unchanged against both. Publishing never
 blocks: each subscription buffers without bound, which is fine in one process
 where the reader is a local task (the per-chat stream applies its own bounded
 queues on top).
+
+Payloads are sealed and opened exactly as by the PostgreSQL adapter, under a key
+of its own unless one is given: nothing outside the process can publish here, but
+the same path runs, so a payload that does not open (a store handing over a raw
+`publish_nowait`) is dropped and counted the same way.
 """
 
 from __future__ import annotations
@@ -12,22 +17,22 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
-from chatd_trio.pubsub.base import Delivery, Resync
+from chatd_trio.pubsub.auth import NotifyAuth, NotifyGate
+from chatd_trio.pubsub.base import Delivery, PubSubStatistics, Resync
 
 __all__ = ["MemoryPubSub", "PubSubStatistics", "QueueSubscription", "check_publish"]
 
 
-def check_publish(channel: str, payload: str, config: PubSubConfig) -> None:
+def check_publish(channel: str, payload: str, config: PubSubConfig, limit: int) -> None:
     """Refuse what PostgreSQL's NOTIFY would refuse, before anything is sent.
 
     Raises `DecodeError` naming `channel` (empty, too long, NUL) or `payload`
-    (NUL, not encodable), and `PayloadTooLarge` above `config.payload_limit` bytes.
+    (NUL, not encodable), and `PayloadTooLarge` above `limit` UTF-8 bytes.
     """
     check_channel(channel, config)
     if "\x00" in payload:
@@ -36,10 +41,16 @@ def check_publish(channel: str, payload: str, config: PubSubConfig) -> None:
         size = len(payload.encode("utf-8"))
     except UnicodeEncodeError:
         raise DecodeError("payload", "not encodable as UTF-8") from None
-    if size > config.payload_limit:
-        raise PayloadTooLarge(
-            "payload", f"{size} bytes exceeds the limit of {config.payload_limit}"
-        )
+    if size > limit:
+        sealed = f" ({config.payload_limit} sealed)" if limit != config.payload_limit else ""
+        raise PayloadTooLarge("payload", f"{size} bytes exceeds the limit of {limit}{sealed}")
+
+
+def _memory_auth(config: PubSubConfig) -> NotifyAuth:
+    """The configured keys, else a random key of this process."""
+    if config.auth.keys:
+        return NotifyAuth.from_config(config.auth)
+    return NotifyAuth.generate(max_age=config.auth.max_age)
 
 
 def check_channel(channel: str, config: PubSubConfig) -> None:
@@ -56,21 +67,6 @@ def check_channel(channel: str, config: PubSubConfig) -> None:
         raise DecodeError(
             "channel", f"{size} bytes exceeds the limit of {config.max_channel_bytes}"
         )
-
-
-@dataclass(frozen=True)
-class PubSubStatistics:
-    """A snapshot of a PubSub's counters."""
-
-    channels: int
-    subscriptions: int
-    published: int
-    delivered: int
-    resyncs: int
-    #: LISTEN / UNLISTEN statements and reconnects (always 0 in memory).
-    listens: int = 0
-    unlistens: int = 0
-    reconnects: int = 0
 
 
 class QueueSubscription:
@@ -127,8 +123,13 @@ class QueueSubscription:
 class MemoryPubSub:
     """PubSub for one process: every payload once to every subscription active when published."""
 
-    def __init__(self, config: PubSubConfig | None = None) -> None:
+    def __init__(
+        self, config: PubSubConfig | None = None, *, auth: NotifyAuth | None = None
+    ) -> None:
+        """`auth`: the keys to seal and open with; default `config.auth.keys`, else a
+        random key of this instance (the environment is not read)."""
         self._config = config or PubSubConfig()
+        self._gate = NotifyGate(auth or _memory_auth(self._config), self._config.auth, "memory")
         self._subs: dict[str, set[QueueSubscription]] = {}
         self._published = 0
         self._delivered = 0
@@ -136,30 +137,43 @@ class MemoryPubSub:
 
     @property
     def payload_limit(self) -> int:
-        """Largest payload in bytes (the same as PostgreSQL's NOTIFY)."""
-        return self._config.payload_limit
+        """Largest payload in bytes before sealing (what PostgreSQL's NOTIFY carries)."""
+        return self._gate.auth.max_payload(self._config.payload_limit)
+
+    def seal(self, channel: str, payload: str) -> str:
+        """The sealed form of `payload` for `channel` (for `publish_nowait`)."""
+        check_publish(channel, payload, self._config, self.payload_limit)
+        return self._gate.auth.seal(channel, payload)
 
     async def publish(self, channel: str, payload: str) -> None:
         """Deliver `payload` to every current subscription of `channel`; never blocks."""
-        check_publish(channel, payload, self._config)
+        wire = self.seal(channel, payload)
         # Check for cancellation first, then publish atomically: a cancelled publish
         # has delivered nothing, a returned one has delivered everywhere.
         await trio.lowlevel.checkpoint_if_cancelled()
         self._published += 1
-        self._deliver_all(channel, payload)
+        self._deliver_all(channel, wire)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def publish_nowait(self, channel: str, payload: str) -> None:
-        """Deliver without checkpoints: for a `MemoryStore` sending within an operation.
+    def publish_nowait(self, channel: str, wire: str) -> None:
+        """Deliver `wire` exactly as given, without checkpoints, as PostgreSQL delivers a
+        NOTIFY: for a `MemoryStore` sending what `seal` returned within an operation.
 
-        Not counted as `published`: like PostgreSQL's NOTIFY inside a transaction, the
-        store counts it (`NotifyInTransaction`).
+        Opened on delivery like every payload: one that does not open is dropped and
+        counted. Not counted as `published`: like PostgreSQL's NOTIFY inside a
+        transaction, the store counts it (`NotifyInTransaction`).
         """
-        check_publish(channel, payload, self._config)
-        self._deliver_all(channel, payload)
+        check_publish(channel, wire, self._config, self._config.payload_limit)
+        self._deliver_all(channel, wire)
 
-    def _deliver_all(self, channel: str, payload: str) -> None:
-        for sub in list(self._subs.get(channel, ())):
+    def _deliver_all(self, channel: str, wire: str) -> None:
+        subs = self._subs.get(channel)
+        if not subs:
+            return  # nobody listens: like an unLISTENed channel, nothing is received
+        payload = self._gate.admit(channel, wire)
+        if payload is None:
+            return
+        for sub in list(subs):
             if sub.deliver(payload):
                 self._delivered += 1
 
@@ -219,4 +233,5 @@ class MemoryPubSub:
             published=self._published,
             delivered=self._delivered,
             resyncs=self._resyncs,
+            rejected=self._gate.rejected,
         )

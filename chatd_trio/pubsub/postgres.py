@@ -15,6 +15,12 @@ Publishing uses a separate small pool, so it never waits behind the listener.
 On connection loss the listener reconnects with exponential backoff,
 re-LISTENs every channel, then delivers `Resync()` to every subscription: a
 notify may have been missed while disconnected.
+
+Any login of the database can NOTIFY and LISTEN on these channels, so payloads are
+sealed (chatd_trio.pubsub.auth) under the deployment's key: the listener opens each
+received notify once and dispatches only what opens; the rest is dropped and
+counted. Without a key `open()` refuses to start (`NotifyKeyError`) unless the
+configuration explicitly accepts unauthenticated notifies.
 """
 
 from __future__ import annotations
@@ -36,13 +42,9 @@ from psycopg_pool import AsyncConnectionPool
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
-from chatd_trio.pubsub.base import Resync
-from chatd_trio.pubsub.memory import (
-    PubSubStatistics,
-    QueueSubscription,
-    check_channel,
-    check_publish,
-)
+from chatd_trio.pubsub.auth import NotifyAuth, NotifyGate
+from chatd_trio.pubsub.base import PubSubStatistics, Resync
+from chatd_trio.pubsub.memory import QueueSubscription, check_channel, check_publish
 
 __all__ = ["PostgresPubSub"]
 
@@ -115,11 +117,13 @@ class PostgresPubSub:
         config: PubSubConfig,
         pool: AsyncConnectionPool[Any],
         instance: str,
+        auth: NotifyAuth,
     ) -> None:
         self._bridge = bridge
         self._dsn = dsn
         self._config = config
         self._pool = pool
+        self._gate = NotifyGate(auth, config.auth, "postgres")
         self._app_name = f"{config.application_name}-listen-{instance}"
         self._subs: dict[str, set[QueueSubscription]] = {}
         # Channels LISTENed on the current connection: a channel is added once its LISTEN
@@ -149,13 +153,26 @@ class PostgresPubSub:
         reconnect_backoff_initial: float | None = None,
         reconnect_backoff_max: float | None = None,
         config: PubSubConfig | None = None,
+        auth: NotifyAuth | None = None,
     ) -> AsyncIterator[PostgresPubSub]:
         """Connect the listener and the publish pool; closing the block cancels everything.
 
-        The backoff arguments override `config` (defaults 0.1 s and 5 s). Raises
-        `PubSubError` when the database cannot be reached at start.
+        The backoff arguments override `config` (defaults 0.1 s and 5 s). `auth`: the
+        keys notifies are sealed and opened with, the same on every replica; default
+        `NotifyAuth.from_config(config.auth)` (the `CHATD_NOTIFY_KEY` environment
+        variable unless configured otherwise). Raises `NotifyKeyError`, before
+        connecting, when there is no usable key, and `PubSubError` when the database
+        cannot be reached at start.
         """
         cfg = config or PubSubConfig()
+        if auth is None:
+            auth = NotifyAuth.from_config(cfg.auth)
+        if not auth.authenticated:
+            log.warning(
+                "pubsub notifies are not authenticated: any database login can forge and read "
+                "them (NotifyAuthConfig.allow_unauthenticated)",
+                extra={"database": database_address(dsn)},
+            )
         overrides: dict[str, float] = {}
         if reconnect_backoff_initial is not None:
             overrides["reconnect_backoff_initial"] = reconnect_backoff_initial
@@ -179,7 +196,7 @@ class PostgresPubSub:
                 },
                 open=False,
             )
-            pubsub = cls(bridge, dsn, cfg, pool, instance)
+            pubsub = cls(bridge, dsn, cfg, pool, instance, auth)
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 # The listener first: a refused connection fails at once, while the pool
@@ -223,17 +240,23 @@ class PostgresPubSub:
 
     @property
     def payload_limit(self) -> int:
-        """Largest payload in bytes (NOTIFY refuses 8000 bytes and more)."""
-        return self._config.payload_limit
+        """Largest payload in bytes before sealing (NOTIFY refuses 8000 bytes and more)."""
+        return self._gate.auth.max_payload(self._config.payload_limit)
+
+    def seal(self, channel: str, payload: str) -> str:
+        """The sealed form of `payload` for `channel`, as `publish` sends it (for the
+        store's `pg_notify` inside an inserting transaction)."""
+        check_publish(channel, payload, self._config, self.payload_limit)
+        return self._gate.auth.seal(channel, payload)
 
     async def publish(self, channel: str, payload: str) -> None:
-        """NOTIFY `payload` on `channel`; raises PayloadTooLarge or PubSubError."""
-        check_publish(channel, payload, self._config)
+        """NOTIFY `payload`, sealed, on `channel`; raises PayloadTooLarge or PubSubError."""
+        wire = self.seal(channel, payload)
         if self._closed:
             raise PubSubError("the pubsub is closed")
         try:
             with trio.fail_after(self._config.publish_timeout):
-                await self._bridge.run(_notify, self._pool, channel, payload)
+                await self._bridge.run(_notify, self._pool, channel, wire)
         except psycopg.Error as exc:
             raise PubSubError(f"publish on {channel!r} failed: {exc}") from exc
         except trio.TooSlowError:
@@ -300,6 +323,7 @@ class PostgresPubSub:
             listens=self._listens,
             unlistens=self._unlistens,
             reconnects=self._reconnects,
+            rejected=self._gate.rejected,
         )
 
     # -- subscriptions -------------------------------------------------------------------
@@ -442,8 +466,14 @@ class PostgresPubSub:
                     self._fetch_scope = None
             if scope.cancelled_caught:
                 continue
-            for channel, payload in batch:
-                for sub in list(self._subs.get(channel, ())):
+            for channel, wire in batch:
+                subs = self._subs.get(channel)
+                if not subs:
+                    continue  # UNLISTENed meanwhile
+                payload = self._gate.admit(channel, wire)
+                if payload is None:
+                    continue
+                for sub in list(subs):
                     if sub.deliver(payload):
                         self._delivered += 1
 

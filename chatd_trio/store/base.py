@@ -11,7 +11,7 @@ import enum
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from chatd_trio.config import LimitsConfig
@@ -21,13 +21,15 @@ from chatd_trio.domain import (
     NewMessage,
     Part,
     QueuedMessage,
+    Role,
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
     dumps,
     parts_to_json,
 )
-from chatd_trio.errors import DecodeError, PayloadTooLarge
+from chatd_trio.errors import DecodeError, EditRefused, MessageNotFound, PayloadTooLarge
+from chatd_trio.lifecycle import ChatView, Plan
 
 
 class TurnOutcome(enum.StrEnum):
@@ -37,6 +39,82 @@ class TurnOutcome(enum.StrEnum):
     INTERRUPTED = "interrupted"  # user interrupt -> waiting (queued message still promoted)
     ERROR = "error"  # run failed -> error with last_error
     SHUTDOWN = "shutdown"  # replica closing -> pending, no error
+    UNAVAILABLE = "unavailable"  # the store stayed unavailable -> pending, no error
+    LOST = "lost"  # the run lost the chat (fenced): it writes nothing more
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A run's claim on a chat: the replica that acquired it and the ownership token of
+    that acquisition. Every write of the run carries it and is guarded by it."""
+
+    chat_id: uuid.UUID
+    worker_id: uuid.UUID
+    token: int
+
+    @classmethod
+    def of(cls, chat: Chat) -> Lease:
+        """The lease of a chat row just acquired."""
+        if chat.worker_id is None:
+            raise ValueError(f"chat {chat.id} is not owned")
+        return cls(chat.id, chat.worker_id, chat.owner_token)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A chat's workspace binding: an optimistic cache of the agent to use."""
+
+    workspace_id: uuid.UUID | None
+    build_id: uuid.UUID | None
+    agent_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
+class Write:
+    """What a decided plan carries: one guarded write of one chat.
+
+    `op_id` makes the write idempotent: an attempt retried after an ambiguous
+    failure (the connection died around COMMIT) finds its own mark on the row (or
+    on the messages it inserted) and reports that instead of applying twice.
+    """
+
+    messages: tuple[NewMessage, ...] = ()  # INSERT, in order
+    parts: tuple[Part, ...] = ()  # ENQUEUE
+    queued_id: int | None = None  # PROMOTE_CHOSEN, QUEUE_TO_FRONT
+    edit_from: int | None = None  # REPLACE_FROM
+    worker_id: uuid.UUID | None = None  # CLAIM
+    owner_id: uuid.UUID | None = None  # guard: the chat belongs to this user
+    stamp: int | None = None  # the ownership token stamped on inserted messages
+    binding: Binding | None = None
+    op_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What a guarded write did.
+
+    `applied` is False when the guard no longer held: nothing changed and `chat`
+    is the row as it is now, to decide again on. `replayed` is True when an earlier
+    attempt of the same write had already landed.
+    """
+
+    applied: bool
+    chat: Chat
+    inserted: tuple[Message, ...] = ()
+    promoted: Message | None = None
+    queued: QueuedMessage | None = None
+    queue: tuple[QueuedMessage, ...] | None = None
+    replayed: bool = False
+
+    @property
+    def view(self) -> ChatView:
+        return ChatView.of(self.chat)
+
+
+def promoted_by(write: Write, inserted: Sequence[Message]) -> Message | None:
+    """The queued message a write promoted, among the messages it inserted: a write
+    inserts its own messages, then the promoted one (so a replay can tell them apart)."""
+    return inserted[-1] if len(inserted) > len(write.messages) else None
 
 
 @dataclass(frozen=True)
@@ -59,8 +137,9 @@ class EditResult:
 class FinishResult:
     """Outcome of the final transition.
 
-    `changed` is False when another replica owns the row (nothing changed, the
-    caller publishes nothing) or when the row stays as it was (already pending).
+    `changed` is False when the run no longer held the chat (fenced: another run
+    took it, or an edit made it `pending`): nothing changed and the caller
+    publishes nothing. `inserted` are the turn's final messages written with it.
     """
 
     chat: Chat
@@ -68,6 +147,7 @@ class FinishResult:
     owned_elsewhere: bool
     promoted: Message | None
     queue: tuple[QueuedMessage, ...]
+    inserted: tuple[Message, ...] = ()
 
 
 class Announcer(Protocol):
@@ -117,6 +197,18 @@ def check_user_parts(parts: Sequence[Part], limits: LimitsConfig) -> None:
         )
 
 
+def check_edit_target(target: Message | None, chat_id: uuid.UUID, message_id: int) -> None:
+    """Refuse to edit anything but a live user message of this chat (nothing changes)."""
+    if target is None:
+        raise MessageNotFound(f"message {message_id} not found")
+    if target.chat_id != chat_id:
+        raise EditRefused(f"message {message_id} belongs to another chat")
+    if target.deleted:
+        raise EditRefused(f"message {message_id} was deleted")
+    if target.role is not Role.USER:
+        raise EditRefused(f"message {message_id} is not a user message")
+
+
 def check_title(title: str, limits: LimitsConfig) -> None:
     """Refuse a title longer than `limits.max_title_chars`."""
     if len(title) > limits.max_title_chars:
@@ -127,7 +219,29 @@ def check_title(title: str, limits: LimitsConfig) -> None:
 
 @runtime_checkable
 class Store(Protocol):
-    """Persistence and coordination. All methods are atomic."""
+    """Persistence and coordination. Every method is atomic.
+
+    Status changes are decided by `chatd_trio.lifecycle` and executed through
+    `apply` as one guarded write; the use-case methods (send, edit, interrupt,
+    persist, finish, ...) are `chatd_trio.store.ops.StoreOps`, shared by every
+    adapter. An optional `view` (the caller's last read of the chat) lets them
+    decide without reading first; a stale view costs one more attempt, never a
+    wrong write.
+    """
+
+    # -- the primitive: one decided, guarded write ----------------------------------
+    async def apply(
+        self,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        *,
+        announce: Announcer | None = None,
+    ) -> Applied:
+        """Execute `plan` with `write`'s payload, atomically, if the plan's guard still holds;
+        otherwise change nothing and return the row as it is. ChatNotFound when missing,
+        PermissionDenied when `write.owner_id` is set and the chat belongs to someone else."""
+        ...
 
     # -- chats and messages ---------------------------------------------------
     async def create_chat(
@@ -165,6 +279,8 @@ class Store(Protocol):
         *,
         max_queued: int,
         announce: Announcer | None = None,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it.
 
@@ -180,12 +296,16 @@ class Store(Protocol):
         parts: Sequence[Part],
         *,
         announce: Announcer | None = None,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
     ) -> EditResult:
         """Soft-delete the user message and every later one, insert the replacement,
         clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
         ...
 
-    async def interrupt(self, chat_id: uuid.UUID) -> Chat:
+    async def interrupt(
+        self, chat_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, view: Chat | None = None
+    ) -> Chat:
         """Set `waiting` and clear the worker, unless the chat is `pending`."""
         ...
 
@@ -206,7 +326,13 @@ class Store(Protocol):
     async def list_queued(self, chat_id: uuid.UUID) -> list[QueuedMessage]: ...
 
     async def promote_queued(
-        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
+        self,
+        chat_id: uuid.UUID,
+        queued_id: int,
+        *,
+        announce: Announcer | None = None,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
     ) -> SendResult:
         """Move one queued message into the history now (chat -> pending) if the chat is
         not running; otherwise move it to the front of the queue."""
@@ -218,54 +344,60 @@ class Store(Protocol):
 
     # -- ownership ------------------------------------------------------------
     async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement."""
+        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
+        each claim gets a new ownership token (`Lease.of(chat)`)."""
         ...
 
-    async def release(self, worker_id: uuid.UUID, chat_ids: Sequence[uuid.UUID]) -> None:
-        """Hand chats this worker owns straight back to `pending` (closing server)."""
+    async def release(self, leases: Sequence[Lease]) -> None:
+        """Hand chats still held under these leases straight back to `pending`."""
         ...
 
-    async def heartbeat(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> bool:
-        """Refresh heartbeat_at; False when this worker no longer owns the running chat."""
+    async def heartbeat(self, lease: Lease) -> bool:
+        """Refresh heartbeat_at; False when the lease no longer holds the running chat."""
         ...
 
     async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
-        """Running chats with heartbeat older than `stale_after` seconds -> pending."""
+        """Running chats with heartbeat older than `stale_after` seconds -> pending, each
+        with a new ownership token (the stale run is fenced out)."""
         ...
 
     async def persist_step(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         messages: Sequence[NewMessage],
         *,
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> list[Message]:
-        """Insert a step's messages in one transaction; PersistRefused unless this worker
-        owns the running chat or the chat is `waiting`."""
+        """Insert a step's messages in one transaction while the lease holds the chat
+        (running, or `waiting` after a user stop); PersistRefused (OwnershipLost when
+        another run holds it) otherwise, and nothing is written. Retried with the same
+        `op_id`, a write that already landed returns what it inserted."""
         ...
 
     async def persist_compaction(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         messages: Sequence[NewMessage],
         *,
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> list[Message]:
         """Insert the three compaction messages; same ownership rule as persist_step."""
         ...
 
     async def finish_turn(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         outcome: TurnOutcome,
         last_error: str | None = None,
         *,
+        messages: Sequence[NewMessage] = (),
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> FinishResult:
-        """The final transition under a row lock (docs/spec.md §1)."""
+        """The final transition, with the turn's final `messages`, in one guarded write
+        (docs/spec.md §1): a completed answer and its finish commit together."""
         ...
 
     # -- workspaces -----------------------------------------------------------
@@ -293,7 +425,12 @@ class Store(Protocol):
         workspace_id: uuid.UUID | None,
         build_id: uuid.UUID | None,
         agent_id: uuid.UUID | None,
-    ) -> None: ...
+        *,
+        lease: Lease | None = None,
+    ) -> None:
+        """Set the chat's binding; with `lease`, only while the lease holds the chat
+        (PersistRefused otherwise)."""
+        ...
 
     # -- subagents ------------------------------------------------------------
     async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]: ...
@@ -327,7 +464,9 @@ STATEMENTS: dict[str, str] = {
     "GetChatByID": "read one chat",
     "GetChatsByOwner": "list an owner's chats",
     "LockChatForUpdate": "SELECT ... FOR UPDATE of one chat row inside a transaction",
-    "UpdateChatStatus": "set status/worker/timestamps/last_error of one chat",
+    "UpdateChat": "the row part of a decided write: status, owner, token, heartbeat, error",
+    "GetChatForWrite": "a locked chat's row, queue length and write marks (guard check)",
+    "GetChatMessagesByOp": "the messages an earlier attempt of a write inserted (replay)",
     "InsertQueuedMessage": "append to a chat's queue",
     "GetQueuedMessages": "read a chat's queue",
     "DeleteQueuedMessage": "delete one queued message",
@@ -340,7 +479,6 @@ STATEMENTS: dict[str, str] = {
     "GetLatestAssistantText": "latest assistant message of a chat (subagent report)",
     "AcquireChats": "claim pending chats FOR UPDATE SKIP LOCKED",
     "ReleaseChats": "hand owned chats back to pending",
-    "HeartbeatChat": "refresh heartbeat_at of an owned running chat",
     "RecoverStaleChats": "running chats with a stale heartbeat back to pending",
     "InsertWorkspace": "insert a workspace",
     "GetWorkspaceByID": "read a workspace",

@@ -6,53 +6,49 @@ it is atomic (nothing else runs in between) and still a scheduling point, the
 way one database transaction is.
 
 Statement accounting mirrors what the PostgreSQL adapter executes on the same
-branch, so `statement_counts()` compares across adapters. Per operation
-(`+` = also executed, `|` = one branch or the other, `[..]` = only on that path):
+branch, so `statement_counts()` compares across adapters. Every status change
+(send, edit, interrupt, promote, heartbeat, a turn's writes and its finish) is a
+decided plan executed by `apply` (`chatd_trio.store.ops` decides; see
+`chatd_trio.lifecycle`), which runs, per attempt (`+` = also executed, `[..]` =
+only when the plan has that effect):
 
 =====================  ====================================================================
-operation              statements
-=====================  ====================================================================
+apply                  LockChatForUpdate + GetChatForWrite (row, queue length, write marks)
+                       then, on a replayed write: [GetChatMessagesByOp when it inserted]
+                       + [GetQueuedMessages when it promoted];
+                       on a guard miss: nothing more (the caller decides again);
+                       otherwise, in this order: [GetChatMessageByID (edit target)]
+                       + [DeleteQueuedMessage (promote/move a chosen queued message)]
+                       + [PopQueuedMessage (promote the oldest)]
+                       + [SoftDeleteMessagesFrom] + [DeleteQueuedMessages (clear)]
+                       + [InsertQueuedMessage (move to front, or enqueue)]
+                       + [InsertChatMessages (+ NotifyInTransaction with announce=)]
+                       + [UpdateChat when the row changes]
+                       + [GetQueuedMessages when the queue changed]
 create_chat            [GetChatByID (parent)] + InsertChat + InsertChatMessages
 get_chat               GetChatByID
 list_chats             GetChatsByOwner
-send_message           LockChatForUpdate + GetQueuedMessages
-                       + (InsertQueuedMessage | InsertChatMessages + UpdateChatStatus)
-edit_message           LockChatForUpdate + GetChatMessageByID + [SoftDeleteMessagesFrom
-                       + InsertChatMessages + DeleteQueuedMessages + UpdateChatStatus]
-interrupt              LockChatForUpdate + [UpdateChatStatus unless pending]
 messages_after         GetChatMessagesAfter
 prompt_messages        GetPromptMessages
 latest_assistant_text  GetLatestAssistantText
 list_queued            GetQueuedMessages
-promote_queued         LockChatForUpdate + GetQueuedMessages + DeleteQueuedMessage
-                       + (InsertQueuedMessage (running: re-inserted at the front)
-                          | InsertChatMessages + UpdateChatStatus)
 delete_queued          DeleteQueuedMessage + [GetQueuedMessages when one was deleted]
 acquire                AcquireChats (nothing when limit < 1)
-release                ReleaseChats (nothing when no ids)
-heartbeat              HeartbeatChat
+release                ReleaseChats (nothing when no leases)
 recover_stale          RecoverStaleChats
-persist_step           LockChatForUpdate + [InsertChatMessages when allowed and non-empty]
-persist_compaction     same as persist_step
-finish_turn            LockChatForUpdate + [when this worker owns the row or it is waiting:
-                       DONE/INTERRUPTED: PopQueuedMessage + (InsertChatMessages
-                       + UpdateChatStatus + GetQueuedMessages | UpdateChatStatus);
-                       ERROR/SHUTDOWN: UpdateChatStatus]
+update_binding         UpdateChatBinding (without a lease; with one it is an `apply`)
 create_workspace       InsertWorkspace
 get_workspace          GetWorkspaceByID
 create_build           InsertWorkspaceBuild
 create_agent           InsertWorkspaceAgent
 latest_build_agents    GetWorkspaceAgentsInLatestBuild
 agent_by_id            GetWorkspaceAgentByID
-update_binding         UpdateChatBinding
 child_chats            GetChildChats
 parent_of              GetChatParent
 =====================  ====================================================================
 
-With `announce=` (send_message, edit_message, promote_queued, persist_step,
-persist_compaction, finish_turn), every InsertChatMessages is followed by one
-NotifyInTransaction when the announcer returns notifies; this adapter then delivers
-them to its `pubsub` within the operation, as PostgreSQL does at COMMIT.
+With `announce=`, the inserted messages' notifies are delivered to this adapter's
+`pubsub` within the operation, as PostgreSQL does at COMMIT.
 
 A statement that finds nothing still counts (it ran); an operation that fails on
 a missing row stops after the statement that found it missing.
@@ -64,9 +60,8 @@ Decisions where the spec is silent:
 - prompt_messages after a compaction returns every model-visible message newer
   than the latest summary, compressed or not; the visible `chat_summarized`
   call and result are user-only, so the model-visible filter drops them.
-- interrupt of a `waiting` or `error` chat sets `waiting` again (the docstring's
-  "unless pending" is the only exception); last_error is kept.
-- finish_turn on a row in `error` changes nothing (another run already ended it).
+- A write is atomic: everything that can fail (an edit's target, a chosen queued
+  message, the announcer) runs before the first change.
 - Timestamps are strictly increasing per store, so "oldest updated_at first"
   follows operation order even when the clock does not advance.
 """
@@ -75,7 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import trio
@@ -83,14 +78,11 @@ import trio
 from chatd_trio.config import LimitsConfig
 from chatd_trio.domain import (
     Chat,
-    ChatStatus,
     Message,
     NewMessage,
     Part,
     QueuedMessage,
     Role,
-    TextPart,
-    Visibility,
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
@@ -99,24 +91,25 @@ from chatd_trio.domain import (
 from chatd_trio.errors import (
     BuildNotFound,
     ChatNotFound,
-    EditRefused,
-    MessageNotFound,
-    PersistRefused,
+    PermissionDenied,
     QueuedMessageNotFound,
-    QueueFull,
     WorkspaceNotFound,
 )
+from chatd_trio.lifecycle import ChatView, Effect, Plan
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.store.base import (
     Announcer,
-    EditResult,
-    FinishResult,
-    SendResult,
+    Applied,
+    Binding,
+    Lease,
     StatementCounter,
-    TurnOutcome,
+    Write,
+    check_edit_target,
     check_title,
     check_user_parts,
+    promoted_by,
 )
+from chatd_trio.store.ops import StoreOps, user_message
 
 __all__ = ["MemoryStore"]
 
@@ -130,7 +123,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class MemoryStore:
+class MemoryStore(StoreOps):
     """A `Store` held in process memory; semantics identical to the PostgreSQL adapter."""
 
     def __init__(
@@ -157,6 +150,9 @@ class MemoryStore:
         self._workspace_builds: dict[uuid.UUID, list[uuid.UUID]] = {}
         self._agents: dict[uuid.UUID, WorkspaceAgent] = {}
         self._build_agents: dict[uuid.UUID, list[uuid.UUID]] = {}
+        # Idempotent writes: the last write applied to each chat, and what each inserted.
+        self._last_op: dict[uuid.UUID, uuid.UUID] = {}
+        self._op_messages: dict[tuple[uuid.UUID, uuid.UUID], list[int]] = {}
 
     # -- internals ------------------------------------------------------------
     def _now(self) -> datetime:
@@ -181,33 +177,11 @@ class MemoryStore:
         self._chats[chat.id] = updated
         return updated
 
-    def _set_status(
-        self,
-        chat: Chat,
-        status: ChatStatus,
-        now: datetime,
-        *,
-        last_error: str | None = None,
-    ) -> Chat:
-        """Every status change except acquisition: the row is no longer owned."""
-        self._hit("UpdateChatStatus")
-        return self._set_chat(
-            chat,
-            status=status,
-            worker_id=None,
-            started_at=None,
-            heartbeat_at=None,
-            last_error=last_error,
-            updated_at=now,
-        )
-
-    def _announce(self, announce: Announcer, messages: Sequence[Message], *, refresh: bool) -> None:
+    def _deliver(self, notifies: Sequence[tuple[str, str]]) -> None:
         """Deliver the notifies of inserted messages within the operation, like PostgreSQL
         delivers a transaction's NOTIFYs at its commit."""
         assert self._pubsub is not None, "checked by _check_announce"
-        notifies = announce(messages, refresh=refresh)
-        if notifies:
-            self._hit("NotifyInTransaction")
+        self._hit("NotifyInTransaction")
         for channel, payload in notifies:
             self._pubsub.publish_nowait(channel, payload)
 
@@ -220,29 +194,34 @@ class MemoryStore:
         """True for the pubsub this store was created with."""
         return pubsub is not None and pubsub is self._pubsub
 
-    def _insert_messages(
+    def _new_messages(
         self,
         chat_id: uuid.UUID,
-        messages: Iterable[NewMessage],
+        messages: Sequence[NewMessage],
         now: datetime,
-        announce: Announcer | None = None,
-        *,
-        refresh: bool = False,
+        before: int | None = None,
     ) -> list[Message]:
-        self._hit("InsertChatMessages")
+        """The rows `messages` become (ids, predecessor ids), not stored yet.
+
+        `before`: the predecessor is the latest visible message older than this id
+        (an edit's replacement follows what the edit keeps).
+        """
         out: list[Message] = []
-        ids = self._chat_message_ids.setdefault(chat_id, [])
+        ids = self._chat_message_ids.get(chat_id, [])
         prev = next(
             (
                 i
                 for i in reversed(ids)
-                if self._messages[i].user_visible and not self._messages[i].deleted
+                if self._messages[i].user_visible
+                and not self._messages[i].deleted
+                and (before is None or i < before)
             ),
             0,
         )
+        next_id = self._next_message_id
         for new in messages:
             msg = Message(
-                id=self._next_message_id,
+                id=next_id,
                 chat_id=chat_id,
                 role=new.role,
                 parts=tuple(new.parts),
@@ -252,17 +231,31 @@ class MemoryStore:
                 compressed=new.compressed,
                 created_at=now,
             )
-            self._next_message_id += 1
-            # Stored without prev_id: reads return None there, like the PostgreSQL adapter.
-            self._messages[msg.id] = msg
-            ids.append(msg.id)
+            next_id += 1
             if msg.user_visible:
-                out.append(dataclasses.replace(msg, prev_id=prev))
+                msg = dataclasses.replace(msg, prev_id=prev)
                 prev = msg.id
-            else:
-                out.append(msg)
-        if announce is not None:
-            self._announce(announce, out, refresh=refresh)
+            out.append(msg)
+        return out
+
+    def _store_messages(
+        self, chat_id: uuid.UUID, messages: Sequence[Message], write: Write | None = None
+    ) -> None:
+        self._hit("InsertChatMessages")
+        ids = self._chat_message_ids.setdefault(chat_id, [])
+        for msg in messages:
+            # Stored without prev_id: reads return None there, like the PostgreSQL adapter.
+            self._messages[msg.id] = dataclasses.replace(msg, prev_id=None)
+            ids.append(msg.id)
+            self._next_message_id = msg.id + 1
+        if write is not None:
+            self._op_messages[chat_id, write.op_id] = [m.id for m in messages]
+
+    def _insert_messages(
+        self, chat_id: uuid.UUID, messages: Sequence[NewMessage], now: datetime
+    ) -> list[Message]:
+        out = self._new_messages(chat_id, messages, now)
+        self._store_messages(chat_id, out)
         return out
 
     def _live_messages(self, chat_id: uuid.UUID) -> list[Message]:
@@ -277,28 +270,23 @@ class MemoryStore:
         self._next_queued_id += 1
         return queued
 
-    @staticmethod
-    def _user_message(parts: Sequence[Part]) -> NewMessage:
-        return NewMessage(Role.USER, tuple(parts), Visibility.BOTH)
-
     # -- chats and messages ---------------------------------------------------
-    async def create_chat(
+    async def _insert_chat(
         self,
+        plan: Plan,
         owner_id: uuid.UUID,
         title: str,
-        parts: Sequence[Part],
+        messages: Sequence[NewMessage],
         *,
-        workspace_id: uuid.UUID | None = None,
-        build_id: uuid.UUID | None = None,
-        agent_id: uuid.UUID | None = None,
-        parent_chat_id: uuid.UUID | None = None,
-        mcp_servers: Sequence[str] = (),
-        system_prompt: str | None = None,
+        workspace_id: uuid.UUID | None,
+        build_id: uuid.UUID | None,
+        agent_id: uuid.UUID | None,
+        parent_chat_id: uuid.UUID | None,
+        mcp_servers: Sequence[str],
     ) -> tuple[Chat, Message]:
-        """Create a chat with its first user message; the chat starts `pending`."""
         await trio.lowlevel.checkpoint()
         check_title(title, self._limits)
-        check_user_parts(parts, self._limits)
+        check_user_parts(messages[-1].parts, self._limits)
         root_chat_id: uuid.UUID | None = None
         if parent_chat_id is not None:
             self._hit("GetChatByID")
@@ -310,7 +298,7 @@ class MemoryStore:
             id=uuid.uuid4(),
             owner_id=owner_id,
             title=title,
-            status=ChatStatus.PENDING,
+            status=plan.target,
             created_at=now,
             updated_at=now,
             parent_chat_id=parent_chat_id,
@@ -321,103 +309,22 @@ class MemoryStore:
             mcp_servers=tuple(mcp_servers),
         )
         self._chats[chat.id] = chat
-        new: list[NewMessage] = []
-        if system_prompt is not None:
-            new.append(NewMessage(Role.SYSTEM, (TextPart(system_prompt),), Visibility.MODEL))
-        new.append(self._user_message(parts))
-        inserted = self._insert_messages(chat.id, new, now)
+        inserted = self._insert_messages(chat.id, messages, now)
         return chat, inserted[-1]
 
     async def get_chat(self, chat_id: uuid.UUID) -> Chat:
         """Raises ChatNotFound."""
         await trio.lowlevel.checkpoint()
         self._hit("GetChatByID")
-        return self._chat(chat_id)
+        return self._out(self._chat(chat_id))
 
     async def list_chats(self, owner_id: uuid.UUID) -> list[Chat]:
         """The owner's chats, newest first."""
         await trio.lowlevel.checkpoint()
         self._hit("GetChatsByOwner")
-        chats = [c for c in self._chats.values() if c.owner_id == owner_id]
+        chats = [self._out(c) for c in self._chats.values() if c.owner_id == owner_id]
         chats.sort(key=lambda c: (c.created_at, c.id), reverse=True)
         return chats
-
-    async def send_message(
-        self,
-        chat_id: uuid.UUID,
-        parts: Sequence[Part],
-        *,
-        max_queued: int,
-        announce: Announcer | None = None,
-    ) -> SendResult:
-        """Insert a user message (chat -> pending) or queue it (docs/spec.md §1)."""
-        await trio.lowlevel.checkpoint()
-        self._check_announce(announce)
-        check_user_parts(parts, self._limits)
-        self._hit("LockChatForUpdate")
-        chat = self._chat(chat_id)
-        self._hit("GetQueuedMessages")
-        queue = self._queues.setdefault(chat_id, [])
-        now = self._now()
-        busy = chat.status in (ChatStatus.RUNNING, ChatStatus.PENDING)
-        if busy or queue:
-            if len(queue) >= max_queued:
-                raise QueueFull(f"chat {chat_id} already has {len(queue)} queued messages")
-            self._hit("InsertQueuedMessage")
-            queued = self._new_queued(chat_id, parts, now)
-            queue.append(queued)
-            return SendResult(chat, None, queued, tuple(queue))
-        (message,) = self._insert_messages(chat_id, [self._user_message(parts)], now, announce)
-        chat = self._set_status(chat, ChatStatus.PENDING, now)
-        return SendResult(chat, message, None, ())
-
-    async def edit_message(
-        self,
-        chat_id: uuid.UUID,
-        message_id: int,
-        parts: Sequence[Part],
-        *,
-        announce: Announcer | None = None,
-    ) -> EditResult:
-        """Soft-delete the user message and every later one, insert the replacement,
-        clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
-        await trio.lowlevel.checkpoint()
-        self._check_announce(announce)
-        check_user_parts(parts, self._limits)
-        self._hit("LockChatForUpdate")
-        chat = self._chat(chat_id)
-        self._hit("GetChatMessageByID")
-        target = self._messages.get(message_id)
-        if target is None:
-            raise MessageNotFound(f"message {message_id} not found")
-        if target.chat_id != chat_id:
-            raise EditRefused(f"message {message_id} belongs to another chat")
-        if target.deleted:
-            raise EditRefused(f"message {message_id} was deleted")
-        if target.role is not Role.USER:
-            raise EditRefused(f"message {message_id} is not a user message")
-        now = self._now()
-        self._hit("SoftDeleteMessagesFrom")
-        for mid in self._chat_message_ids.get(chat_id, ()):
-            if mid >= message_id and not self._messages[mid].deleted:
-                self._messages[mid] = dataclasses.replace(self._messages[mid], deleted=True)
-        (message,) = self._insert_messages(
-            chat_id, [self._user_message(parts)], now, announce, refresh=True
-        )
-        self._hit("DeleteQueuedMessages")
-        self._queues[chat_id] = []
-        chat = self._set_status(chat, ChatStatus.PENDING, now)
-        return EditResult(chat, message)
-
-    async def interrupt(self, chat_id: uuid.UUID) -> Chat:
-        """Set `waiting` and clear the worker, unless the chat is `pending`."""
-        await trio.lowlevel.checkpoint()
-        self._hit("LockChatForUpdate")
-        chat = self._chat(chat_id)
-        if chat.status is ChatStatus.PENDING:
-            return chat
-        # `last_error` belongs to the `error` status: a stopped chat is clean.
-        return self._set_status(chat, ChatStatus.WAITING, self._now())
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         """User-visible, non-deleted messages with id > after_id, in id order."""
@@ -457,33 +364,6 @@ class MemoryStore:
         self._hit("GetQueuedMessages")
         return list(self._queues.get(chat_id, ()))
 
-    async def promote_queued(
-        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
-    ) -> SendResult:
-        """Move one queued message into the history now (chat -> pending) if the chat is
-        not running; otherwise move it to the front of the queue."""
-        await trio.lowlevel.checkpoint()
-        self._check_announce(announce)
-        self._hit("LockChatForUpdate")
-        chat = self._chat(chat_id)
-        self._hit("GetQueuedMessages")
-        queue = self._queues.setdefault(chat_id, [])
-        found = next((q for q in queue if q.id == queued_id), None)
-        if found is None:
-            raise QueuedMessageNotFound(f"queued message {queued_id} not found in chat {chat_id}")
-        self._hit("DeleteQueuedMessage")
-        queue.remove(found)
-        if chat.status is ChatStatus.RUNNING:
-            self._hit("InsertQueuedMessage")
-            queue.insert(0, found)
-            return SendResult(chat, None, found, tuple(queue))
-        now = self._now()
-        (message,) = self._insert_messages(
-            chat_id, [self._user_message(found.parts)], now, announce
-        )
-        chat = self._set_status(chat, ChatStatus.PENDING, now)
-        return SendResult(chat, message, None, tuple(queue))
-
     async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
         """Delete one queued message; returns the remaining queue."""
         await trio.lowlevel.checkpoint()
@@ -496,59 +376,186 @@ class MemoryStore:
         self._hit("GetQueuedMessages")
         return list(queue)
 
-    # -- ownership ------------------------------------------------------------
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement."""
+    # -- the guarded write ------------------------------------------------------
+    def _out(self, chat: Chat) -> Chat:
+        """The row as a read returns it: with the queue's current length."""
+        return dataclasses.replace(chat, queued=len(self._queues.get(chat.id, ())))
+
+    def _replayed(self, chat: Chat, write: Write) -> Applied | None:
+        """The result of an earlier attempt of `write` that already landed, if any."""
+        ids = self._op_messages.get((chat.id, write.op_id))
+        if self._last_op.get(chat.id) != write.op_id and not ids:
+            return None
+        if ids:
+            self._hit("GetChatMessagesByOp")
+        inserted = tuple(self._messages[i] for i in ids or ())
+        promoted = promoted_by(write, inserted)
+        queue: tuple[QueuedMessage, ...] | None = None
+        if promoted is not None:
+            self._hit("GetQueuedMessages")
+            queue = tuple(self._queues.get(chat.id, ()))
+        return Applied(True, chat, inserted=inserted, promoted=promoted, queue=queue, replayed=True)
+
+    def _write_row(
+        self,
+        chat: Chat,
+        plan: Plan,
+        now: datetime,
+        *,
+        worker_id: uuid.UUID | None = None,
+        binding: Binding | None = None,
+    ) -> Chat:
+        """Set what `plan` says of the row (status, owner, token, heartbeat, error)."""
+        changes: dict[str, object] = {"status": plan.target}
+        if plan.owned_after:
+            if plan.has(Effect.CLAIM):
+                changes.update(worker_id=worker_id, started_at=now, heartbeat_at=now)
+            elif plan.has(Effect.BEAT):
+                changes.update(heartbeat_at=now)
+        else:
+            changes.update(worker_id=None, started_at=None, heartbeat_at=None)
+        if plan.has(Effect.NEW_TOKEN):
+            changes["owner_token"] = chat.owner_token + 1
+        if plan.has(Effect.SET_ERROR):
+            changes["last_error"] = plan.last_error
+        elif plan.target is not chat.status:
+            changes["last_error"] = None
+        if plan.target is not chat.status or plan.has(Effect.CLAIM):
+            changes["updated_at"] = now
+        if binding is not None:
+            changes.update(
+                workspace_id=binding.workspace_id,
+                build_id=binding.build_id,
+                agent_id=binding.agent_id,
+            )
+        return self._set_chat(chat, **changes)
+
+    async def apply(
+        self,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        *,
+        announce: Announcer | None = None,
+    ) -> Applied:
+        """Execute `plan` if its guard still holds; all of it or nothing."""
+        await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
+        self._hit("LockChatForUpdate")
+        stored = self._chat(chat_id)
+        self._hit("GetChatForWrite")
+        if write.owner_id is not None and stored.owner_id != write.owner_id:
+            raise PermissionDenied(f"chat {chat_id} does not belong to this user")
+        chat = self._out(stored)
+        replay = self._replayed(chat, write)
+        if replay is not None:
+            return replay
+        if not plan.guard.holds(ChatView.of(chat)):
+            return Applied(False, chat)
+        queue = self._queues.setdefault(chat_id, [])
+        # Everything that can fail runs before the first change: the write is atomic.
+        if plan.has(Effect.REPLACE_FROM):
+            assert write.edit_from is not None
+            self._hit("GetChatMessageByID")
+            check_edit_target(self._messages.get(write.edit_from), chat_id, write.edit_from)
+        chosen: QueuedMessage | None = None
+        if plan.has(Effect.PROMOTE_CHOSEN) or plan.has(Effect.QUEUE_TO_FRONT):
+            self._hit("DeleteQueuedMessage")
+            chosen = next((q for q in queue if q.id == write.queued_id), None)
+            if chosen is None:
+                raise QueuedMessageNotFound(
+                    f"queued message {write.queued_id} not found in chat {chat_id}"
+                )
+        new: list[NewMessage] = list(write.messages) if plan.has(Effect.INSERT) else []
+        promoted_from: QueuedMessage | None = None
+        if plan.has(Effect.PROMOTE_OLDEST):
+            self._hit("PopQueuedMessage")
+            promoted_from = queue[0]
+        elif plan.has(Effect.PROMOTE_CHOSEN):
+            promoted_from = chosen
+        if promoted_from is not None:
+            new.append(user_message(promoted_from.parts))
+        now = self._now()
+        replace = plan.has(Effect.REPLACE_FROM)
+        inserted = self._new_messages(chat_id, new, now, write.edit_from if replace else None)
+        notifies: Sequence[tuple[str, str]] = ()
+        if announce is not None and inserted:
+            notifies = announce(inserted, refresh=replace)
+        # -- nothing below can fail ------------------------------------------------------
+        if replace:
+            self._hit("SoftDeleteMessagesFrom")
+            for mid in self._chat_message_ids.get(chat_id, ()):
+                if mid >= (write.edit_from or 0) and not self._messages[mid].deleted:
+                    self._messages[mid] = dataclasses.replace(self._messages[mid], deleted=True)
+        if plan.has(Effect.CLEAR_QUEUE):
+            self._hit("DeleteQueuedMessages")
+            queue.clear()
+        if promoted_from is not None:
+            queue.remove(promoted_from)
+        queued: QueuedMessage | None = None
+        if plan.has(Effect.QUEUE_TO_FRONT):
+            assert chosen is not None
+            self._hit("InsertQueuedMessage")
+            queue.remove(chosen)
+            queue.insert(0, chosen)
+            queued = chosen
+        if plan.has(Effect.ENQUEUE):
+            self._hit("InsertQueuedMessage")
+            queued = self._new_queued(chat_id, write.parts, now)
+            queue.append(queued)
+        if inserted:
+            self._store_messages(chat_id, inserted, write)
+            if notifies:
+                self._deliver(notifies)
+        if plan.changes_row or write.binding is not None:
+            self._hit("UpdateChat")
+            stored = self._write_row(
+                stored, plan, now, worker_id=write.worker_id, binding=write.binding
+            )
+            self._last_op[chat_id] = write.op_id
+        touched_queue = bool(
+            plan.effects
+            & {Effect.ENQUEUE, Effect.QUEUE_TO_FRONT, Effect.PROMOTE_OLDEST, Effect.PROMOTE_CHOSEN}
+        )
+        if touched_queue:
+            self._hit("GetQueuedMessages")
+        return Applied(
+            True,
+            self._out(stored),
+            inserted=tuple(inserted),
+            promoted=inserted[-1] if promoted_from is not None else None,
+            queued=queued,
+            queue=tuple(queue) if touched_queue else None,
+        )
+
+    # -- bulk ownership ---------------------------------------------------------
+    async def _claim(self, plan: Plan, worker_id: uuid.UUID, limit: int) -> list[Chat]:
         await trio.lowlevel.checkpoint()
         if limit < 1:
             return []
         self._hit("AcquireChats")
-        pending = [c for c in self._chats.values() if c.status is ChatStatus.PENDING]
-        pending.sort(key=lambda c: (c.updated_at, c.id))
+        ready = [c for c in self._chats.values() if c.status is plan.guard.status]
+        ready.sort(key=lambda c: (c.updated_at, c.id))
         now = self._now()
         return [
-            self._set_chat(
-                c,
-                status=ChatStatus.RUNNING,
-                worker_id=worker_id,
-                started_at=now,
-                heartbeat_at=now,
-                updated_at=now,
-            )
-            for c in pending[:limit]
+            self._out(self._write_row(c, plan, now, worker_id=worker_id)) for c in ready[:limit]
         ]
 
-    async def release(self, worker_id: uuid.UUID, chat_ids: Sequence[uuid.UUID]) -> None:
-        """Hand chats this worker owns straight back to `pending` (closing server)."""
+    async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
         await trio.lowlevel.checkpoint()
-        if not chat_ids:
-            return
+        if not leases:
+            return 0
         self._hit("ReleaseChats")
         now = self._now()
-        for chat_id in chat_ids:
-            chat = self._chats.get(chat_id)
-            if chat and chat.status is ChatStatus.RUNNING and chat.worker_id == worker_id:
-                self._set_chat(
-                    chat,
-                    status=ChatStatus.PENDING,
-                    worker_id=None,
-                    started_at=None,
-                    heartbeat_at=None,
-                    updated_at=now,
-                )
+        released = 0
+        for lease in leases:
+            chat = self._chats.get(lease.chat_id)
+            if chat and chat.status is plan.guard.status and chat.owner_token == lease.token:
+                self._write_row(chat, plan, now)
+                released += 1
+        return released
 
-    async def heartbeat(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> bool:
-        """Refresh heartbeat_at; False when this worker no longer owns the running chat."""
-        await trio.lowlevel.checkpoint()
-        self._hit("HeartbeatChat")
-        chat = self._chats.get(chat_id)
-        if chat is None or chat.status is not ChatStatus.RUNNING or chat.worker_id != worker_id:
-            return False
-        self._set_chat(chat, heartbeat_at=self._now())
-        return True
-
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
-        """Running chats with heartbeat older than `stale_after` seconds -> pending."""
+    async def _recover(self, plan: Plan, stale_after: float) -> list[uuid.UUID]:
         await trio.lowlevel.checkpoint()
         self._hit("RecoverStaleChats")
         now = self._now()
@@ -556,104 +563,13 @@ class MemoryStore:
         recovered: list[uuid.UUID] = []
         for chat in list(self._chats.values()):
             if (
-                chat.status is ChatStatus.RUNNING
+                chat.status is plan.guard.status
                 and chat.heartbeat_at is not None
                 and chat.heartbeat_at <= cutoff
             ):
-                self._set_chat(
-                    chat,
-                    status=ChatStatus.PENDING,
-                    worker_id=None,
-                    started_at=None,
-                    heartbeat_at=None,
-                    updated_at=now,
-                )
+                self._write_row(chat, plan, now)
                 recovered.append(chat.id)
         return recovered
-
-    def _check_persist(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> None:
-        self._hit("LockChatForUpdate")
-        chat = self._chat(chat_id)
-        owned = chat.status is ChatStatus.RUNNING and chat.worker_id == worker_id
-        if not (owned or chat.status is ChatStatus.WAITING):
-            raise PersistRefused(
-                f"chat {chat_id} is {chat.status.value}"
-                + (f" (worker {chat.worker_id})" if chat.worker_id else "")
-            )
-
-    async def persist_step(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        *,
-        announce: Announcer | None = None,
-    ) -> list[Message]:
-        """Insert a step's messages in one transaction; PersistRefused unless this worker
-        owns the running chat or the chat is `waiting`."""
-        await trio.lowlevel.checkpoint()
-        self._check_announce(announce)
-        self._check_persist(chat_id, worker_id)
-        if not messages:
-            return []
-        return self._insert_messages(chat_id, messages, self._now(), announce)
-
-    async def persist_compaction(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        *,
-        announce: Announcer | None = None,
-    ) -> list[Message]:
-        """Insert the three compaction messages; same ownership rule as persist_step."""
-        return await self.persist_step(chat_id, worker_id, messages, announce=announce)
-
-    async def finish_turn(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        outcome: TurnOutcome,
-        last_error: str | None = None,
-        *,
-        announce: Announcer | None = None,
-    ) -> FinishResult:
-        """The final transition under a row lock (docs/spec.md §1)."""
-        await trio.lowlevel.checkpoint()
-        self._check_announce(announce)
-        self._hit("LockChatForUpdate")
-        chat = self._chat(chat_id)
-        owned = chat.status is ChatStatus.RUNNING and chat.worker_id == worker_id
-        if not (owned or chat.status is ChatStatus.WAITING):
-            elsewhere = chat.status is ChatStatus.RUNNING
-            return FinishResult(
-                chat, changed=False, owned_elsewhere=elsewhere, promoted=None, queue=()
-            )
-        now = self._now()
-        if not owned:
-            # The user stopped the chat while the turn ran: the stop wins, so a
-            # shutdown or a failure landing afterwards ends like the interrupt.
-            outcome = TurnOutcome.INTERRUPTED
-        if outcome is TurnOutcome.ERROR:
-            chat = self._set_status(chat, ChatStatus.ERROR, now, last_error=last_error)
-            return FinishResult(chat, changed=True, owned_elsewhere=False, promoted=None, queue=())
-        if outcome is TurnOutcome.SHUTDOWN:
-            chat = self._set_status(chat, ChatStatus.PENDING, now)
-            return FinishResult(chat, changed=True, owned_elsewhere=False, promoted=None, queue=())
-        self._hit("PopQueuedMessage")
-        queue = self._queues.setdefault(chat_id, [])
-        if not queue:
-            chat = self._set_status(chat, ChatStatus.WAITING, now)
-            return FinishResult(chat, changed=True, owned_elsewhere=False, promoted=None, queue=())
-        oldest = queue.pop(0)
-        (promoted,) = self._insert_messages(
-            chat_id, [self._user_message(oldest.parts)], now, announce
-        )
-        chat = self._set_status(chat, ChatStatus.PENDING, now)
-        self._hit("GetQueuedMessages")
-        return FinishResult(
-            chat, changed=True, owned_elsewhere=False, promoted=promoted, queue=tuple(queue)
-        )
 
     # -- workspaces -----------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:
@@ -715,25 +631,25 @@ class MemoryStore:
         self._hit("GetWorkspaceAgentByID")
         return self._agents.get(agent_id)
 
-    async def update_binding(
-        self,
-        chat_id: uuid.UUID,
-        workspace_id: uuid.UUID | None,
-        build_id: uuid.UUID | None,
-        agent_id: uuid.UUID | None,
-    ) -> None:
-        """Set the chat's workspace/build/agent binding; ChatNotFound when missing."""
+    async def _set_binding(self, chat_id: uuid.UUID, binding: Binding) -> None:
         await trio.lowlevel.checkpoint()
         self._hit("UpdateChatBinding")
         chat = self._chat(chat_id)
-        self._set_chat(chat, workspace_id=workspace_id, build_id=build_id, agent_id=agent_id)
+        self._set_chat(
+            chat,
+            workspace_id=binding.workspace_id,
+            build_id=binding.build_id,
+            agent_id=binding.agent_id,
+        )
 
     # -- subagents ------------------------------------------------------------
     async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]:
         """Children of a chat, oldest first."""
         await trio.lowlevel.checkpoint()
         self._hit("GetChildChats")
-        children = [c for c in self._chats.values() if c.parent_chat_id == parent_chat_id]
+        children = [
+            self._out(c) for c in self._chats.values() if c.parent_chat_id == parent_chat_id
+        ]
         children.sort(key=lambda c: (c.created_at, c.id))
         return children
 

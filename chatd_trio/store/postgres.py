@@ -29,7 +29,7 @@ import dataclasses
 import importlib.resources
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
 
@@ -47,10 +47,8 @@ from chatd_trio.domain import (
     ChatStatus,
     Message,
     NewMessage,
-    Part,
     QueuedMessage,
     Role,
-    TextPart,
     Usage,
     Visibility,
     Workspace,
@@ -64,26 +62,27 @@ from chatd_trio.errors import (
     ChatdError,
     ChatNotFound,
     DecodeError,
-    EditRefused,
-    MessageNotFound,
-    PersistRefused,
+    PermissionDenied,
     QueuedMessageNotFound,
-    QueueFull,
     StoreError,
     StoreUnavailable,
     WorkspaceNotFound,
 )
+from chatd_trio.lifecycle import ChatView, Effect, Plan
 from chatd_trio.pubsub.postgres import PostgresPubSub, database_address
 from chatd_trio.store.base import (
     Announcer,
-    EditResult,
-    FinishResult,
-    SendResult,
+    Applied,
+    Binding,
+    Lease,
     StatementCounter,
-    TurnOutcome,
+    Write,
+    check_edit_target,
     check_title,
     check_user_parts,
+    promoted_by,
 )
+from chatd_trio.store.ops import StoreOps, user_message
 
 __all__ = ["PostgresStore", "load_migrations"]
 
@@ -93,6 +92,7 @@ T = TypeVar("T")
 _Conn: TypeAlias = psycopg.AsyncConnection[DictRow]
 _Pool: TypeAlias = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
 _Body: TypeAlias = Callable[[_Conn], Awaitable[T]]
+_Params: TypeAlias = Sequence[object] | Mapping[str, object]
 
 _DEFAULTS = PostgresConfig()
 
@@ -123,9 +123,13 @@ _CHAT_COLUMNS = (
     "agent_id",
     "last_error",
     "mcp_servers",
+    "owner_token",
 )
-_CHAT = ", ".join(_CHAT_COLUMNS)
-_CHAT_C = ", ".join(f"c.{col}" for col in _CHAT_COLUMNS)
+# A chat as reads return it: the row plus its queue's length.
+_QUEUED_COUNT = "(SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = {t}.id)"
+_CHAT = ", ".join(_CHAT_COLUMNS) + ", " + _QUEUED_COUNT.format(t="chats") + " AS queued"
+_CHAT_C = ", ".join(f"c.{col}" for col in _CHAT_COLUMNS) + ", " + _QUEUED_COUNT.format(t="c")
+_CHAT_C += " AS queued"
 _MSG = (
     "id, chat_id, role, content, visibility, input_tokens, output_tokens, cache_read_tokens,"
     " cache_creation_tokens, total_tokens, context_limit, compressed, deleted, created_at"
@@ -136,20 +140,23 @@ _BUILD = "id, workspace_id, build_number, created_at"
 _AGENT = "id, build_id, workspace_id, name, address, token, directory, created_at"
 
 _SQL_GET_CHAT = f"SELECT {_CHAT} FROM chats WHERE id = %s"
-_SQL_LOCK_CHAT = f"SELECT {_CHAT} FROM chats WHERE id = %s FOR UPDATE"
+# A guarded write first locks the row, then reads what its guard needs in a second
+# statement: that statement's snapshot starts after the lock was granted, so it sees
+# every write committed before (the queue, the messages of an earlier attempt).
+_SQL_LOCK_CHAT = "SELECT id FROM chats WHERE id = %s FOR UPDATE"
+_SQL_CHAT_FOR_WRITE = (
+    f"SELECT {_CHAT}, last_op_id,"
+    " EXISTS (SELECT 1 FROM chat_messages m WHERE m.op_id = %s AND m.chat_id = chats.id)"
+    " AS op_inserted FROM chats WHERE id = %s"
+)
 _SQL_CHATS_BY_OWNER = (
     f"SELECT {_CHAT} FROM chats WHERE owner_id = %s ORDER BY created_at DESC, id DESC"
 )
 _SQL_INSERT_CHAT = (
     "INSERT INTO chats (id, owner_id, title, status, parent_chat_id, root_chat_id,"
     " workspace_id, build_id, agent_id, mcp_servers)"
-    " VALUES (%s, %s, %s, 'pending', %s, %s, %s, %s, %s, %s::text[])"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[])"
     f" RETURNING {_CHAT}"
-)
-# Every status change except acquisition: the row is no longer owned.
-_SQL_UPDATE_STATUS = (
-    "UPDATE chats SET status = %s, worker_id = NULL, started_at = NULL, heartbeat_at = NULL,"
-    f" last_error = %s, updated_at = now() WHERE id = %s RETURNING {_CHAT}"
 )
 # Array order is evaluation order: the notifies go out (at commit) in message order.
 _SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
@@ -157,10 +164,10 @@ _SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) A
 _SQL_INSERT_MESSAGES = (
     "INSERT INTO chat_messages (chat_id, role, content, visibility, input_tokens,"
     " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, context_limit,"
-    " compressed)"
+    " compressed, owner_token, op_id)"
     " SELECT %s, m.role, m.content, m.visibility, m.input_tokens, m.output_tokens,"
     " m.cache_read_tokens, m.cache_creation_tokens, m.total_tokens, m.context_limit,"
-    " m.compressed"
+    " m.compressed, %s, %s"
     " FROM unnest(%s::text[], %s::jsonb[], %s::text[], %s::bigint[], %s::bigint[],"
     " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
     " WITH ORDINALITY AS m(role, content, visibility, input_tokens, output_tokens,"
@@ -170,6 +177,9 @@ _SQL_INSERT_MESSAGES = (
     # message before the insert (the chat row is locked, so nothing else inserts).
     " (SELECT max(p.id) FROM chat_messages p WHERE p.chat_id = chat_messages.chat_id"
     " AND NOT p.deleted AND p.visibility IN ('user', 'both')) AS prev_visible_id"
+)
+_SQL_MESSAGES_BY_OP = (
+    f"SELECT {_MSG} FROM chat_messages WHERE chat_id = %s AND op_id = %s ORDER BY id"
 )
 _SQL_GET_MESSAGE = f"SELECT {_MSG} FROM chat_messages WHERE id = %s"
 _SQL_SOFT_DELETE_FROM = (
@@ -221,27 +231,30 @@ _SQL_POP_QUEUED = (
     "DELETE FROM chat_queued_messages WHERE id = (SELECT id FROM chat_queued_messages"
     f" WHERE chat_id = %s ORDER BY position, id LIMIT 1) RETURNING {_QUEUED}"
 )
+# The bulk ownership statements execute a lifecycle plan: its source and target status,
+# and a new ownership token for every row they change.
 _SQL_ACQUIRE = (
-    "UPDATE chats AS c SET status = 'running', worker_id = %s, started_at = now(),"
-    " heartbeat_at = now(), updated_at = now()"
-    " FROM (SELECT id, updated_at FROM chats WHERE status = 'pending'"
-    " ORDER BY updated_at, id LIMIT %s FOR UPDATE SKIP LOCKED) AS p"
+    "UPDATE chats AS c SET status = %(target)s, worker_id = %(worker)s, started_at = now(),"
+    " heartbeat_at = now(), updated_at = now(), last_error = NULL,"
+    " owner_token = c.owner_token + 1"
+    " FROM (SELECT id, updated_at FROM chats WHERE status = %(source)s"
+    " ORDER BY updated_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS p"
     f" WHERE c.id = p.id RETURNING {_CHAT_C}, p.updated_at AS pending_since"
 )
 _SQL_RELEASE = (
-    "UPDATE chats SET status = 'pending', worker_id = NULL, started_at = NULL,"
-    " heartbeat_at = NULL, updated_at = now()"
-    " WHERE id = ANY(%s) AND worker_id = %s AND status = 'running'"
-)
-_SQL_HEARTBEAT = (
-    "UPDATE chats SET heartbeat_at = now() WHERE id = %s AND worker_id = %s AND status = 'running'"
+    "UPDATE chats AS c SET status = %(target)s, worker_id = NULL, started_at = NULL,"
+    " heartbeat_at = NULL, updated_at = now(), last_error = NULL,"
+    " owner_token = c.owner_token + 1"
+    " FROM unnest(%(ids)s::uuid[], %(tokens)s::bigint[]) AS l(id, token)"
+    " WHERE c.id = l.id AND c.owner_token = l.token AND c.status = %(source)s"
 )
 _SQL_RECOVER_STALE = (
-    "UPDATE chats SET status = 'pending', worker_id = NULL, started_at = NULL,"
-    " heartbeat_at = NULL, updated_at = now()"
-    " WHERE id IN (SELECT id FROM chats WHERE status = 'running'"
-    " AND heartbeat_at <= now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED)"
-    " AND status = 'running' AND heartbeat_at <= now() - make_interval(secs => %s)"
+    "UPDATE chats SET status = %(target)s, worker_id = NULL, started_at = NULL,"
+    " heartbeat_at = NULL, updated_at = now(), last_error = NULL,"
+    " owner_token = owner_token + 1"
+    " WHERE id IN (SELECT id FROM chats WHERE status = %(source)s"
+    " AND heartbeat_at <= now() - make_interval(secs => %(secs)s) FOR UPDATE SKIP LOCKED)"
+    " AND status = %(source)s AND heartbeat_at <= now() - make_interval(secs => %(secs)s)"
     " RETURNING id, created_at"
 )
 _SQL_INSERT_WORKSPACE = (
@@ -297,6 +310,8 @@ def _chat(r: DictRow) -> Chat:
         agent_id=r["agent_id"],
         last_error=r["last_error"],
         mcp_servers=tuple(r["mcp_servers"] or ()),
+        owner_token=r["owner_token"],
+        queued=r["queued"],
     )
 
 
@@ -354,8 +369,9 @@ def _agent(r: DictRow) -> WorkspaceAgent:
     )
 
 
-def _user_message(parts: Sequence[Part]) -> NewMessage:
-    return NewMessage(Role.USER, tuple(parts), Visibility.BOTH)
+def _status(status: ChatStatus | None) -> str:
+    assert status is not None, "bulk plans start from an existing status"
+    return status.value
 
 
 def load_migrations() -> list[tuple[str, str]]:
@@ -381,7 +397,7 @@ async def _apply_migrations(conn: _Conn, migrations: Sequence[tuple[str, str]], 
             logger.info("applied migration", extra={"migration": version})
 
 
-class PostgresStore:
+class PostgresStore(StoreOps):
     """A `Store` on PostgreSQL through a psycopg async connection pool. Use `open`."""
 
     def __init__(
@@ -511,21 +527,19 @@ class PostgresStore:
             raise StoreError(f"PostgreSQL error during {op}: {exc}") from exc
 
     async def _fetch(
-        self, conn: _Conn, name: str, query: str, params: Sequence[object] = ()
+        self, conn: _Conn, name: str, query: str, params: _Params = ()
     ) -> list[DictRow]:
         self._counter.hit(name)
         cur = await conn.execute(query, params)
         return await cur.fetchall()
 
     async def _fetchone(
-        self, conn: _Conn, name: str, query: str, params: Sequence[object] = ()
+        self, conn: _Conn, name: str, query: str, params: _Params = ()
     ) -> DictRow | None:
         rows = await self._fetch(conn, name, query, params)
         return rows[0] if rows else None
 
-    async def _execute(
-        self, conn: _Conn, name: str, query: str, params: Sequence[object] = ()
-    ) -> int:
+    async def _execute(self, conn: _Conn, name: str, query: str, params: _Params = ()) -> int:
         """Run a statement without result rows; the number of rows it touched."""
         self._counter.hit(name)
         cur = await conn.execute(query, params)
@@ -537,15 +551,6 @@ class PostgresStore:
             raise ChatNotFound(f"chat {chat_id} not found")
         return _chat(row)
 
-    async def _set_status(
-        self, conn: _Conn, chat_id: uuid.UUID, status: ChatStatus, last_error: str | None = None
-    ) -> Chat:
-        row = await self._fetchone(
-            conn, "UpdateChatStatus", _SQL_UPDATE_STATUS, (status.value, last_error, chat_id)
-        )
-        assert row is not None, "the row is locked by this transaction"
-        return _chat(row)
-
     async def _insert_messages(
         self,
         conn: _Conn,
@@ -554,8 +559,10 @@ class PostgresStore:
         announce: Announcer | None = None,
         *,
         refresh: bool = False,
+        stamp: int | None = None,
+        op: uuid.UUID | None = None,
     ) -> list[Message]:
-        inserted = await self._insert_rows(conn, chat_id, messages)
+        inserted = await self._insert_rows(conn, chat_id, messages, stamp, op)
         if announce is not None:
             notifies = announce(inserted, refresh=refresh)
             if notifies:
@@ -569,7 +576,12 @@ class PostgresStore:
         return inserted
 
     async def _insert_rows(
-        self, conn: _Conn, chat_id: uuid.UUID, messages: Sequence[NewMessage]
+        self,
+        conn: _Conn,
+        chat_id: uuid.UUID,
+        messages: Sequence[NewMessage],
+        stamp: int | None,
+        op: uuid.UUID | None,
     ) -> list[Message]:
         def usage(m: NewMessage, field: str) -> int | None:
             return getattr(m.usage, field) if m.usage is not None else None
@@ -583,6 +595,8 @@ class PostgresStore:
         )
         params: list[object] = [
             chat_id,
+            stamp,
+            op,
             [m.role.value for m in messages],
             [Jsonb(parts_to_json(m.parts)) for m in messages],
             [m.visibility.value for m in messages],
@@ -609,26 +623,21 @@ class PostgresStore:
         return [_queued(r) for r in rows]
 
     # -- chats and messages ---------------------------------------------------------
-    async def create_chat(
+    async def _insert_chat(
         self,
+        plan: Plan,
         owner_id: uuid.UUID,
         title: str,
-        parts: Sequence[Part],
+        messages: Sequence[NewMessage],
         *,
-        workspace_id: uuid.UUID | None = None,
-        build_id: uuid.UUID | None = None,
-        agent_id: uuid.UUID | None = None,
-        parent_chat_id: uuid.UUID | None = None,
-        mcp_servers: Sequence[str] = (),
-        system_prompt: str | None = None,
+        workspace_id: uuid.UUID | None,
+        build_id: uuid.UUID | None,
+        agent_id: uuid.UUID | None,
+        parent_chat_id: uuid.UUID | None,
+        mcp_servers: Sequence[str],
     ) -> tuple[Chat, Message]:
-        """Create a chat with its first user message; the chat starts `pending`."""
         check_title(title, self._limits)
-        check_user_parts(parts, self._limits)
-        new: list[NewMessage] = []
-        if system_prompt is not None:
-            new.append(NewMessage(Role.SYSTEM, (TextPart(system_prompt),), Visibility.MODEL))
-        new.append(_user_message(parts))
+        check_user_parts(messages[-1].parts, self._limits)
 
         async def body(conn: _Conn) -> tuple[Chat, Message]:
             root_chat_id: uuid.UUID | None = None
@@ -645,6 +654,7 @@ class PostgresStore:
                     uuid.uuid4(),
                     owner_id,
                     title,
+                    plan.target.value,
                     parent_chat_id,
                     root_chat_id,
                     workspace_id,
@@ -655,7 +665,7 @@ class PostgresStore:
             )
             assert chat_row is not None
             chat = _chat(chat_row)
-            inserted = await self._insert_messages(conn, chat.id, new)
+            inserted = await self._insert_messages(conn, chat.id, messages)
             return chat, inserted[-1]
 
         return await self._run("create_chat", body, transaction=True)
@@ -679,87 +689,6 @@ class PostgresStore:
             return [_chat(r) for r in rows]
 
         return await self._run("list_chats", body)
-
-    async def send_message(
-        self,
-        chat_id: uuid.UUID,
-        parts: Sequence[Part],
-        *,
-        max_queued: int,
-        announce: Announcer | None = None,
-    ) -> SendResult:
-        """Insert a user message (chat -> pending) or queue it (docs/spec.md §1)."""
-        check_user_parts(parts, self._limits)
-
-        async def body(conn: _Conn) -> SendResult:
-            chat = await self._lock_chat(conn, chat_id)
-            queue = await self._queue(conn, chat_id)
-            busy = chat.status in (ChatStatus.RUNNING, ChatStatus.PENDING)
-            if busy or queue:
-                if len(queue) >= max_queued:
-                    raise QueueFull(f"chat {chat_id} already has {len(queue)} queued messages")
-                row = await self._fetchone(
-                    conn,
-                    "InsertQueuedMessage",
-                    _SQL_APPEND_QUEUED,
-                    (chat_id, Jsonb(parts_to_json(parts)), chat_id),
-                )
-                assert row is not None
-                queued = _queued(row)
-                return SendResult(chat, None, queued, (*queue, queued))
-            (message,) = await self._insert_messages(
-                conn, chat_id, [_user_message(parts)], announce
-            )
-            chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
-            return SendResult(chat, message, None, ())
-
-        return await self._run("send_message", body, transaction=True)
-
-    async def edit_message(
-        self,
-        chat_id: uuid.UUID,
-        message_id: int,
-        parts: Sequence[Part],
-        *,
-        announce: Announcer | None = None,
-    ) -> EditResult:
-        """Soft-delete the user message and every later one, insert the replacement,
-        clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
-        check_user_parts(parts, self._limits)
-
-        async def body(conn: _Conn) -> EditResult:
-            await self._lock_chat(conn, chat_id)
-            row = await self._fetchone(conn, "GetChatMessageByID", _SQL_GET_MESSAGE, (message_id,))
-            if row is None:
-                raise MessageNotFound(f"message {message_id} not found")
-            if row["chat_id"] != chat_id:
-                raise EditRefused(f"message {message_id} belongs to another chat")
-            if row["deleted"]:
-                raise EditRefused(f"message {message_id} was deleted")
-            if row["role"] != Role.USER.value:
-                raise EditRefused(f"message {message_id} is not a user message")
-            await self._execute(
-                conn, "SoftDeleteMessagesFrom", _SQL_SOFT_DELETE_FROM, (chat_id, message_id)
-            )
-            (message,) = await self._insert_messages(
-                conn, chat_id, [_user_message(parts)], announce, refresh=True
-            )
-            await self._execute(conn, "DeleteQueuedMessages", _SQL_CLEAR_QUEUE, (chat_id,))
-            chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
-            return EditResult(chat, message)
-
-        return await self._run("edit_message", body, transaction=True)
-
-    async def interrupt(self, chat_id: uuid.UUID) -> Chat:
-        """Set `waiting` and clear the worker, unless the chat is `pending`."""
-
-        async def body(conn: _Conn) -> Chat:
-            chat = await self._lock_chat(conn, chat_id)
-            if chat.status is ChatStatus.PENDING:
-                return chat
-            return await self._set_status(conn, chat_id, ChatStatus.WAITING, None)
-
-        return await self._run("interrupt", body, transaction=True)
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         """User-visible, non-deleted messages with id > after_id, in id order."""
@@ -800,46 +729,6 @@ class PostgresStore:
         """The chat's queue, front first."""
         return await self._run("list_queued", lambda conn: self._queue(conn, chat_id))
 
-    async def promote_queued(
-        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
-    ) -> SendResult:
-        """Move one queued message into the history now (chat -> pending) if the chat is
-        not running; otherwise move it to the front of the queue."""
-
-        async def body(conn: _Conn) -> SendResult:
-            chat = await self._lock_chat(conn, chat_id)
-            queue = await self._queue(conn, chat_id)
-            found = next((q for q in queue if q.id == queued_id), None)
-            if found is None:
-                raise QueuedMessageNotFound(
-                    f"queued message {queued_id} not found in chat {chat_id}"
-                )
-            await self._execute(
-                conn, "DeleteQueuedMessage", _SQL_DELETE_QUEUED, (chat_id, found.id)
-            )
-            rest = tuple(q for q in queue if q.id != found.id)
-            if chat.status is ChatStatus.RUNNING:
-                await self._execute(
-                    conn,
-                    "InsertQueuedMessage",
-                    _SQL_PREPEND_QUEUED,
-                    (
-                        found.id,
-                        chat_id,
-                        Jsonb(parts_to_json(found.parts)),
-                        found.created_at,
-                        chat_id,
-                    ),
-                )
-                return SendResult(chat, None, found, (found, *rest))
-            (message,) = await self._insert_messages(
-                conn, chat_id, [_user_message(found.parts)], announce
-            )
-            chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
-            return SendResult(chat, message, None, rest)
-
-        return await self._run("promote_queued", body, transaction=True)
-
     async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
         """Delete one queued message; returns the remaining queue."""
 
@@ -855,140 +744,235 @@ class PostgresStore:
 
         return await self._run("delete_queued", body, transaction=True)
 
-    # -- ownership ------------------------------------------------------------------
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement."""
+    # -- the guarded write ----------------------------------------------------------
+    async def apply(
+        self,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        *,
+        announce: Announcer | None = None,
+    ) -> Applied:
+        """Execute `plan` in one transaction if its guard still holds under the row lock."""
+
+        async def body(conn: _Conn) -> Applied:
+            locked = await self._fetchone(conn, "LockChatForUpdate", _SQL_LOCK_CHAT, (chat_id,))
+            if locked is None:
+                raise ChatNotFound(f"chat {chat_id} not found")
+            row = await self._fetchone(
+                conn, "GetChatForWrite", _SQL_CHAT_FOR_WRITE, (write.op_id, chat_id)
+            )
+            assert row is not None, "the row is locked by this transaction"
+            chat = _chat(row)
+            if write.owner_id is not None and chat.owner_id != write.owner_id:
+                raise PermissionDenied(f"chat {chat_id} does not belong to this user")
+            if row["last_op_id"] == write.op_id or row["op_inserted"]:
+                inserted: tuple[Message, ...] = ()
+                if row["op_inserted"]:
+                    rows = await self._fetch(
+                        conn, "GetChatMessagesByOp", _SQL_MESSAGES_BY_OP, (chat_id, write.op_id)
+                    )
+                    inserted = tuple(_message(r) for r in rows)
+                promoted = promoted_by(write, inserted)
+                queue: tuple[QueuedMessage, ...] | None = None
+                if promoted is not None:
+                    queue = tuple(await self._queue(conn, chat_id))
+                return Applied(
+                    True, chat, inserted=inserted, promoted=promoted, queue=queue, replayed=True
+                )
+            if not plan.guard.holds(ChatView.of(chat)):
+                return Applied(False, chat)
+            return await self._execute_plan(conn, chat, plan, write, announce)
+
+        # Named by the decided event, so a failure says which operation failed.
+        return await self._run(plan.event.value, body, transaction=True)
+
+    async def _execute_plan(
+        self,
+        conn: _Conn,
+        chat: Chat,
+        plan: Plan,
+        write: Write,
+        announce: Announcer | None,
+    ) -> Applied:
+        chat_id = chat.id
+        replace = plan.has(Effect.REPLACE_FROM)
+        if replace:
+            found = await self._fetchone(
+                conn, "GetChatMessageByID", _SQL_GET_MESSAGE, (write.edit_from,)
+            )
+            assert write.edit_from is not None
+            check_edit_target(
+                _message(found) if found is not None else None, chat_id, write.edit_from
+            )
+        chosen: QueuedMessage | None = None
+        if plan.has(Effect.PROMOTE_CHOSEN) or plan.has(Effect.QUEUE_TO_FRONT):
+            gone = await self._fetchone(
+                conn, "DeleteQueuedMessage", _SQL_DELETE_QUEUED, (chat_id, write.queued_id)
+            )
+            if gone is None:
+                raise QueuedMessageNotFound(
+                    f"queued message {write.queued_id} not found in chat {chat_id}"
+                )
+            chosen = _queued(gone)
+        new: list[NewMessage] = list(write.messages) if plan.has(Effect.INSERT) else []
+        promoted_from: QueuedMessage | None = None
+        if plan.has(Effect.PROMOTE_OLDEST):
+            popped = await self._fetchone(conn, "PopQueuedMessage", _SQL_POP_QUEUED, (chat_id,))
+            assert popped is not None, "the guard saw a non-empty queue under the lock"
+            promoted_from = _queued(popped)
+        elif plan.has(Effect.PROMOTE_CHOSEN):
+            promoted_from = chosen
+        if promoted_from is not None:
+            new.append(user_message(promoted_from.parts))
+        if replace:
+            await self._execute(
+                conn, "SoftDeleteMessagesFrom", _SQL_SOFT_DELETE_FROM, (chat_id, write.edit_from)
+            )
+        if plan.has(Effect.CLEAR_QUEUE):
+            await self._execute(conn, "DeleteQueuedMessages", _SQL_CLEAR_QUEUE, (chat_id,))
+            # The row read before holds the old length; a plan may leave the row unwritten.
+            chat = dataclasses.replace(chat, queued=0)
+        queued: QueuedMessage | None = None
+        if plan.has(Effect.QUEUE_TO_FRONT):
+            assert chosen is not None
+            params = (
+                chosen.id,
+                chat_id,
+                Jsonb(parts_to_json(chosen.parts)),
+                chosen.created_at,
+                chat_id,
+            )
+            await self._execute(conn, "InsertQueuedMessage", _SQL_PREPEND_QUEUED, params)
+            queued = chosen
+        if plan.has(Effect.ENQUEUE):
+            row = await self._fetchone(
+                conn,
+                "InsertQueuedMessage",
+                _SQL_APPEND_QUEUED,
+                (chat_id, Jsonb(parts_to_json(write.parts)), chat_id),
+            )
+            assert row is not None
+            queued = _queued(row)
+        inserted: list[Message] = []
+        if new:
+            inserted = await self._insert_messages(
+                conn, chat_id, new, announce, refresh=replace, stamp=write.stamp, op=write.op_id
+            )
+        if plan.changes_row or write.binding is not None:
+            chat = await self._update_chat(conn, chat, plan, write)
+        touched_queue = bool(
+            plan.effects
+            & {Effect.ENQUEUE, Effect.QUEUE_TO_FRONT, Effect.PROMOTE_OLDEST, Effect.PROMOTE_CHOSEN}
+        )
+        queue: tuple[QueuedMessage, ...] | None = None
+        if touched_queue:
+            queue = tuple(await self._queue(conn, chat_id))
+            chat = dataclasses.replace(chat, queued=len(queue))
+        return Applied(
+            True,
+            chat,
+            inserted=tuple(inserted),
+            promoted=inserted[-1] if promoted_from is not None else None,
+            queued=queued,
+            queue=queue,
+        )
+
+    async def _update_chat(self, conn: _Conn, chat: Chat, plan: Plan, write: Write) -> Chat:
+        """Write what `plan` says of the row: status, owner, token, heartbeat, error."""
+        sets = ["status = %(target)s", "last_op_id = %(op)s"]
+        params: dict[str, object] = {"target": plan.target.value, "op": write.op_id}
+        if plan.owned_after:
+            if plan.has(Effect.CLAIM):
+                sets += ["worker_id = %(worker)s", "started_at = now()", "heartbeat_at = now()"]
+                params["worker"] = write.worker_id
+            elif plan.has(Effect.BEAT):
+                sets.append("heartbeat_at = now()")
+        else:
+            sets += ["worker_id = NULL", "started_at = NULL", "heartbeat_at = NULL"]
+        if plan.has(Effect.NEW_TOKEN):
+            sets.append("owner_token = owner_token + 1")
+        if plan.has(Effect.SET_ERROR):
+            sets.append("last_error = %(error)s")
+            params["error"] = plan.last_error
+        elif plan.target is not chat.status:
+            sets.append("last_error = NULL")
+        if plan.target is not chat.status or plan.has(Effect.CLAIM):
+            sets.append("updated_at = now()")
+        if write.binding is not None:
+            sets += ["workspace_id = %(ws)s", "build_id = %(build)s", "agent_id = %(agent)s"]
+            params.update(
+                ws=write.binding.workspace_id,
+                build=write.binding.build_id,
+                agent=write.binding.agent_id,
+            )
+        params["id"] = chat.id
+        query = f"UPDATE chats SET {', '.join(sets)} WHERE id = %(id)s RETURNING {_CHAT}"
+        row = await self._fetchone(conn, "UpdateChat", query, params)
+        assert row is not None, "the row is locked by this transaction"
+        return _chat(row)
+
+    # -- bulk ownership -------------------------------------------------------------
+    async def _claim(self, plan: Plan, worker_id: uuid.UUID, limit: int) -> list[Chat]:
         if limit < 1:
             await trio.lowlevel.checkpoint()
             return []
+        params = {
+            "target": plan.target.value,
+            "source": _status(plan.guard.status),
+            "worker": worker_id,
+            "limit": limit,
+        }
 
         async def body(conn: _Conn) -> list[Chat]:
-            rows = await self._fetch(conn, "AcquireChats", _SQL_ACQUIRE, (worker_id, limit))
+            rows = await self._fetch(conn, "AcquireChats", _SQL_ACQUIRE, params)
             rows.sort(key=lambda r: (r["pending_since"], r["id"]))
             return [_chat(r) for r in rows]
 
         return await self._run("acquire", body)
 
-    async def release(self, worker_id: uuid.UUID, chat_ids: Sequence[uuid.UUID]) -> None:
-        """Hand chats this worker owns straight back to `pending` (closing server)."""
-        if not chat_ids:
+    async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
+        if not leases:
             await trio.lowlevel.checkpoint()
-            return
+            return 0
+        params = {
+            "target": plan.target.value,
+            "source": _status(plan.guard.status),
+            "ids": [lease.chat_id for lease in leases],
+            "tokens": [lease.token for lease in leases],
+        }
 
-        async def body(conn: _Conn) -> None:
-            await self._execute(conn, "ReleaseChats", _SQL_RELEASE, (list(chat_ids), worker_id))
+        async def body(conn: _Conn) -> int:
+            return await self._execute(conn, "ReleaseChats", _SQL_RELEASE, params)
 
-        await self._run("release", body)
+        return await self._run("release", body)
 
-    async def heartbeat(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> bool:
-        """Refresh heartbeat_at; False when this worker no longer owns the running chat."""
-
-        async def body(conn: _Conn) -> bool:
-            n = await self._execute(conn, "HeartbeatChat", _SQL_HEARTBEAT, (chat_id, worker_id))
-            return n == 1
-
-        return await self._run("heartbeat", body)
-
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
-        """Running chats with heartbeat older than `stale_after` seconds -> pending."""
+    async def _recover(self, plan: Plan, stale_after: float) -> list[uuid.UUID]:
+        params = {
+            "target": plan.target.value,
+            "source": _status(plan.guard.status),
+            "secs": stale_after,
+        }
 
         async def body(conn: _Conn) -> list[uuid.UUID]:
-            rows = await self._fetch(
-                conn, "RecoverStaleChats", _SQL_RECOVER_STALE, (stale_after, stale_after)
-            )
+            rows = await self._fetch(conn, "RecoverStaleChats", _SQL_RECOVER_STALE, params)
             rows.sort(key=lambda r: (r["created_at"], r["id"]))
             return [r["id"] for r in rows]
 
         return await self._run("recover_stale", body)
 
-    async def _persist(
-        self,
-        op: str,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        announce: Announcer | None,
-    ) -> list[Message]:
-        async def body(conn: _Conn) -> list[Message]:
-            chat = await self._lock_chat(conn, chat_id)
-            owned = chat.status is ChatStatus.RUNNING and chat.worker_id == worker_id
-            if not (owned or chat.status is ChatStatus.WAITING):
-                raise PersistRefused(
-                    f"chat {chat_id} is {chat.status.value}"
-                    + (f" (worker {chat.worker_id})" if chat.worker_id else "")
-                )
-            if not messages:
-                return []
-            return await self._insert_messages(conn, chat_id, messages, announce)
-
-        return await self._run(op, body, transaction=True)
-
-    async def persist_step(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        *,
-        announce: Announcer | None = None,
-    ) -> list[Message]:
-        """Insert a step's messages in one transaction; PersistRefused unless this worker
-        owns the running chat or the chat is `waiting`."""
-        return await self._persist("persist_step", chat_id, worker_id, messages, announce)
-
-    async def persist_compaction(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        *,
-        announce: Announcer | None = None,
-    ) -> list[Message]:
-        """Insert the three compaction messages; same ownership rule as persist_step."""
-        return await self._persist("persist_compaction", chat_id, worker_id, messages, announce)
-
-    async def finish_turn(
-        self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
-        outcome: TurnOutcome,
-        last_error: str | None = None,
-        *,
-        announce: Announcer | None = None,
-    ) -> FinishResult:
-        """The final transition under a row lock (docs/spec.md §1)."""
-
-        async def body(conn: _Conn) -> FinishResult:
-            chat = await self._lock_chat(conn, chat_id)
-            owned = chat.status is ChatStatus.RUNNING and chat.worker_id == worker_id
-            if not (owned or chat.status is ChatStatus.WAITING):
-                elsewhere = chat.status is ChatStatus.RUNNING
-                return FinishResult(
-                    chat, changed=False, owned_elsewhere=elsewhere, promoted=None, queue=()
-                )
-            effective = outcome
-            if not owned:
-                # The user stopped the chat while the turn ran: the stop wins, so a
-                # shutdown or a failure landing afterwards ends like the interrupt.
-                effective = TurnOutcome.INTERRUPTED
-            if effective is TurnOutcome.ERROR:
-                chat = await self._set_status(conn, chat_id, ChatStatus.ERROR, last_error)
-                return FinishResult(chat, True, False, None, ())
-            if effective is TurnOutcome.SHUTDOWN:
-                chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
-                return FinishResult(chat, True, False, None, ())
-            row = await self._fetchone(conn, "PopQueuedMessage", _SQL_POP_QUEUED, (chat_id,))
-            if row is None:
-                chat = await self._set_status(conn, chat_id, ChatStatus.WAITING)
-                return FinishResult(chat, True, False, None, ())
-            oldest = _queued(row)
-            (promoted,) = await self._insert_messages(
-                conn, chat_id, [_user_message(oldest.parts)], announce
+    async def _set_binding(self, chat_id: uuid.UUID, binding: Binding) -> None:
+        async def body(conn: _Conn) -> None:
+            n = await self._execute(
+                conn,
+                "UpdateChatBinding",
+                _SQL_UPDATE_BINDING,
+                (binding.workspace_id, binding.build_id, binding.agent_id, chat_id),
             )
-            chat = await self._set_status(conn, chat_id, ChatStatus.PENDING)
-            queue = await self._queue(conn, chat_id)
-            return FinishResult(chat, True, False, promoted, tuple(queue))
+            if n == 0:
+                raise ChatNotFound(f"chat {chat_id} not found")
 
-        return await self._run("finish_turn", body, transaction=True)
+        await self._run("update_binding", body)
 
     # -- workspaces -----------------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:
@@ -1064,27 +1048,6 @@ class PostgresStore:
             return None if row is None else _agent(row)
 
         return await self._run("agent_by_id", body)
-
-    async def update_binding(
-        self,
-        chat_id: uuid.UUID,
-        workspace_id: uuid.UUID | None,
-        build_id: uuid.UUID | None,
-        agent_id: uuid.UUID | None,
-    ) -> None:
-        """Set the chat's workspace/build/agent binding; ChatNotFound when missing."""
-
-        async def body(conn: _Conn) -> None:
-            n = await self._execute(
-                conn,
-                "UpdateChatBinding",
-                _SQL_UPDATE_BINDING,
-                (workspace_id, build_id, agent_id, chat_id),
-            )
-            if n == 0:
-                raise ChatNotFound(f"chat {chat_id} not found")
-
-        await self._run("update_binding", body)
 
     # -- subagents ------------------------------------------------------------------
     async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]:

@@ -1,8 +1,12 @@
 """One production replica: PostgreSQL store, LISTEN/NOTIFY pubsub, an OpenAI-compatible model.
 
     CHATD_DSN=postgresql://chatd@db.internal/chatd \
+    CHATD_NOTIFY_KEY=$(cat /run/secrets/chatd_notify_key) \
     OPENAI_BASE_URL=https://api.openai.com/v1 OPENAI_API_KEY=... CHATD_MODEL=gpt-4o-mini \
     python docs/examples/replica.py
+
+CHATD_NOTIFY_KEY is the deployment's notify key, the same on every replica
+(`python -m chatd_trio.pubsub.auth` prints a fresh one; docs/security.md).
 
 Start it as many times as you like, on one machine or many, against one database:
 each process is one replica. SIGINT or SIGTERM shuts it down gracefully: its running
@@ -37,7 +41,8 @@ async def run_replica(
     async with (
         # Migrations run here, under an advisory lock: replicas may start together.
         PostgresStore.open(dsn) as store,
-        # One dedicated LISTEN connection plus a small publish pool.
+        # One dedicated LISTEN connection plus a small publish pool; notifies are sealed
+        # with the key in CHATD_NOTIFY_KEY (it refuses to start without one).
         PostgresPubSub.open(dsn) as pubsub,
         Server(store, pubsub, model, config) as server,
     ):

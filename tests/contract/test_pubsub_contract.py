@@ -2,10 +2,16 @@
 
 Deliveries are awaited under a generous `fail_after` guard only so that a broken
 adapter fails instead of hanging; nothing here waits on time for synchronisation.
+Payloads are sealed (chatd_trio.pubsub.auth): a subscription receives what was
+published, and nothing of what arrives on its channel without opening under the
+deployment's key, which is counted instead.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,7 +24,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatd_trio.config import NotifyAuthConfig, PubSubConfig
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
+from chatd_trio.pubsub.auth import PREFIX, NotifyAuth, parse_keys, sealed_size
 from chatd_trio.pubsub.base import Delivery, PubSub, Resync, Subscription
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.pubsub.postgres import PostgresPubSub
@@ -27,17 +35,24 @@ KINDS = ["memory", pytest.param("postgres", marks=pytest.mark.postgres)]
 # Guard against a hang only (real sockets, real clock); never reached when things work.
 GUARD = 15.0
 END = "--end--"
+# The deployment key of this module's PostgreSQL adapters (a test run draws its own).
+AUTH = NotifyAuth.generate()
 
 
 @asynccontextmanager
-async def open_pubsub(kind: str, dsn: str | None) -> AsyncIterator[MemoryPubSub | PostgresPubSub]:
-    """A fresh adapter; PostgreSQL reconnects fast so the kill test stays quick."""
+async def open_pubsub(
+    kind: str, dsn: str | None, auth: NotifyAuth | None = None
+) -> AsyncIterator[MemoryPubSub | PostgresPubSub]:
+    """A fresh adapter; PostgreSQL reconnects fast so the kill test stays quick.
+
+    Memory draws a key of its own unless `auth` is given; PostgreSQL uses `auth` or AUTH.
+    """
     if kind == "memory":
-        yield MemoryPubSub()
+        yield MemoryPubSub(auth=auth)
         return
     assert dsn is not None
     async with PostgresPubSub.open(
-        dsn, reconnect_backoff_initial=0.01, reconnect_backoff_max=0.2
+        dsn, reconnect_backoff_initial=0.01, reconnect_backoff_max=0.2, auth=auth or AUTH
     ) as ps:
         yield ps
 
@@ -276,9 +291,14 @@ async def test_unsubscribe_stops_delivery(pubsub: MemoryPubSub | PostgresPubSub)
 
 
 async def test_payload_limit(pubsub: PubSub) -> None:
+    """`payload_limit` is the largest payload whose sealed form PostgreSQL's NOTIFY
+    takes (7999 bytes); both adapters share it, and one byte more is refused before
+    anything is sent."""
     limit = pubsub.payload_limit
-    # PostgreSQL's NOTIFY refuses 8000 bytes and more; both adapters share its limit.
-    assert limit == 7999
+    wire_limit = PubSubConfig().payload_limit
+    assert wire_limit == 7999
+    assert sealed_size(limit) <= wire_limit < sealed_size(limit + 1)
+    assert limit == 5923
     ch = new_channel()
     two_byte = "é" * (limit // 2)
     at_limit = two_byte + "x" * (limit - len(two_byte.encode()))
@@ -312,6 +332,159 @@ async def test_bad_channel_or_payload_is_refused(pubsub: PubSub) -> None:
     async with pubsub.subscribe(longest) as sub:
         await pubsub.publish(longest, "ok")
         assert await recv(sub) == "ok"
+
+
+# -- forged notifies ---------------------------------------------------------------------
+
+
+def _notify_as_a_login(dsn: str, notifies: list[tuple[str, str]]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for channel, payload in notifies:
+            conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+async def raw_notify(ps: PubSub, dsn: str | None, notifies: list[tuple[str, str]]) -> None:
+    """Send payloads exactly as given, as any login of the database can with NOTIFY
+    (memory: `publish_nowait`, the store's raw path)."""
+    if isinstance(ps, MemoryPubSub):
+        for channel, payload in notifies:
+            ps.publish_nowait(channel, payload)
+        await trio.lowlevel.checkpoint()
+    else:
+        assert dsn is not None
+        await trio.to_thread.run_sync(_notify_as_a_login, dsn, notifies)
+
+
+def _shifted(auth: NotifyAuth, seconds: float) -> NotifyAuth:
+    """The same keys on a clock `seconds` off."""
+    keys = parse_keys(auth.key_text().split(","), source="test")
+    return NotifyAuth(keys, clock=lambda: time.time() + seconds)
+
+
+@dataclass(frozen=True)
+class Forgery:
+    """One payload a login without the key can send: `kind` says how it is made."""
+
+    kind: str
+    text: str = ""
+    data: bytes = b""
+    at: int = 0
+
+    def build(self, channel: str, auth: NotifyAuth) -> str:
+        """The forged wire text for `channel`, where `auth` holds the deployment key."""
+        if self.kind == "text":
+            return self.text
+        if self.kind == "bytes":
+            # Arbitrary bytes, each as one character (NOTIFY carries text only).
+            return self.data.replace(b"\x00", b"").decode("latin-1")
+        if self.kind == "envelope":
+            return PREFIX + base64.urlsafe_b64encode(self.data).rstrip(b"=").decode()
+        if self.kind == "other_key":
+            return NotifyAuth.generate().seal(channel, self.text)
+        if self.kind == "other_channel":
+            return auth.seal(new_channel(), self.text)
+        if self.kind == "expired":
+            return _shifted(auth, -2 * NotifyAuthConfig().max_age).seal(channel, self.text)
+        if self.kind == "future":
+            return _shifted(auth, 2 * NotifyAuthConfig().max_age).seal(channel, self.text)
+        genuine = auth.seal(channel, self.text)
+        if self.kind == "truncated":
+            return genuine[: self.at % len(genuine)]
+        if self.kind == "extended":
+            return genuine + (self.text or "A")
+        assert self.kind == "tampered"
+        i = len(PREFIX) + self.at % (len(genuine) - len(PREFIX))
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        swap = alphabet[(alphabet.index(genuine[i]) + 1 + self.at % 63) % 64]
+        return genuine[:i] + swap + genuine[i + 1 :]
+
+
+_forged_json = st.builds(
+    lambda after, text: json.dumps(
+        {
+            "after_message_id": after,
+            "message": {"id": after + 1, "role": "assistant", "parts": [{"text": text}]},
+            "status": "error",
+            "error": text,
+        }
+    ),
+    st.integers(0, 10**15),
+    payload_text,
+)
+forgeries = st.one_of(
+    st.builds(Forgery, st.just("text"), st.one_of(payload_text, _forged_json)),
+    st.builds(Forgery, st.just("bytes"), data=st.binary(max_size=300)),
+    st.builds(Forgery, st.just("envelope"), data=st.binary(max_size=300)),
+    st.builds(
+        Forgery,
+        st.sampled_from(
+            ["other_key", "other_channel", "expired", "future", "truncated", "extended", "tampered"]
+        ),
+        payload_text,
+        at=st.integers(0, 10_000),
+    ),
+)
+
+
+async def check_forgeries_dropped(ps: PubSub, dsn: str | None, forged: list[Forgery]) -> None:
+    """Invariant: no payload that does not open under the deployment key for this
+    channel is ever delivered, and each is counted once in `rejected`; a genuine
+    publish after them is delivered first (so none was delivered before it)."""
+    ch = new_channel()
+    async with ps.subscribe(ch) as sub:
+        before = ps.statistics().rejected
+        await raw_notify(ps, dsn, [(ch, f.build(ch, AUTH)) for f in forged])
+        await ps.publish(ch, END)
+        assert await recv(sub) == END
+        assert ps.statistics().rejected - before == len(forged)
+
+
+@settings(max_examples=150, deadline=None)
+@given(forged=st.lists(forgeries, min_size=1, max_size=8))
+async def test_memory_forged_payloads_are_dropped_and_counted(forged: list[Forgery]) -> None:
+    await check_forgeries_dropped(MemoryPubSub(auth=AUTH), None, forged)
+
+
+@pytest.mark.postgres
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(forged=st.lists(forgeries, min_size=1, max_size=8))
+async def test_postgres_forged_payloads_are_dropped_and_counted(
+    pg_dsn: str, forged: list[Forgery]
+) -> None:
+    async with open_pubsub("postgres", pg_dsn) as ps:
+        await check_forgeries_dropped(ps, pg_dsn, forged)
+
+
+async def test_sealed_payload_opens_only_on_its_own_channel(
+    pubsub_kind: str, pubsub_dsn: str | None
+) -> None:
+    """A genuine sealed payload copied to another chat's channel is dropped; on its own
+    channel it is accepted again within `max_age` (a replay: docs/security.md)."""
+    async with open_pubsub(pubsub_kind, pubsub_dsn, auth=AUTH) as ps:
+        a, b = new_channel(), new_channel()
+        async with ps.subscribe(a) as sub_a, ps.subscribe(b) as sub_b:
+            captured = ps.seal(a, "for a only")
+            await raw_notify(ps, pubsub_dsn, [(b, captured), (a, captured)])
+            await ps.publish(b, END)
+            assert await recv_until_end(sub_b) == []
+            assert await recv(sub_a) == "for a only"
+            assert ps.statistics().rejected == 1
+
+
+async def test_seal_and_publish_refuse_alike(pubsub: PubSub) -> None:
+    """`seal` (the store's path) refuses what `publish` refuses, before anything is sent."""
+    ch = new_channel()
+    with pytest.raises(PayloadTooLarge):
+        pubsub.seal(ch, "x" * (pubsub.payload_limit + 1))
+    with pytest.raises(DecodeError):
+        pubsub.seal("", "p")
+    with pytest.raises(DecodeError):
+        pubsub.seal(ch, "nul\x00")
+    assert len(pubsub.seal(ch, "x" * pubsub.payload_limit)) <= PubSubConfig().payload_limit
 
 
 # -- memory adapter ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from chatd_trio.domain import Message, NewMessage, Role, TextPart, Visibility
 from chatd_trio.errors import PersistRefused, StoreError
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from tests.contract.conftest import MAX_QUEUED, STORE_KINDS, new_chat, running_chat, text
 
@@ -103,10 +103,10 @@ async def test_every_inserting_operation_delivers_its_notifies_in_message_order(
             NewMessage(Role.SYSTEM, (TextPart("m"),), Visibility.MODEL),
             NewMessage(Role.ASSISTANT, (TextPart("b"),), Visibility.BOTH),
         ]
-        s1, s2, s3 = await store.persist_step(chat.id, worker, step, announce=rec)
+        s1, s2, s3 = await store.persist_step(Lease.of(chat), step, announce=rec)
         queued = await store.send_message(chat.id, text("q"), max_queued=MAX_QUEUED, announce=rec)
         assert queued.queued is not None  # queued: nothing inserted, nothing announced
-        fin = await store.finish_turn(chat.id, worker, TurnOutcome.DONE, announce=rec)
+        fin = await store.finish_turn(Lease.of(chat), TurnOutcome.DONE, announce=rec)
         assert fin.promoted is not None
         edit = await store.edit_message(chat.id, fin.promoted.id, text("q2"), announce=rec)
         got = await received(sub, 5)
@@ -130,14 +130,14 @@ async def test_send_and_promote_announce_the_inserted_user_message(
     worker = uuid.uuid4()
     async with pubsub.subscribe(CHANNEL) as sub:
         chat, first = await new_chat(store)
-        await store.acquire(worker, 1)
+        (running,) = await store.acquire(worker, 1)
         queued = await store.send_message(chat.id, text("q"), max_queued=MAX_QUEUED)
         assert queued.queued is not None
-        await store.finish_turn(chat.id, worker, TurnOutcome.ERROR, "boom")
+        await store.finish_turn(Lease.of(running), TurnOutcome.ERROR, "boom")
         promoted = await store.promote_queued(chat.id, queued.queued.id, announce=rec)
         assert promoted.message is not None
-        await store.acquire(worker, 1)
-        await store.finish_turn(chat.id, worker, TurnOutcome.DONE, announce=rec)
+        (running,) = await store.acquire(worker, 1)
+        await store.finish_turn(Lease.of(running), TurnOutcome.DONE, announce=rec)
         sent = await store.send_message(chat.id, text("s"), max_queued=MAX_QUEUED, announce=rec)
         assert sent.message is not None
         got = await received(sub, 2)
@@ -152,9 +152,10 @@ async def test_a_refused_write_announces_nothing(pair: tuple[Store, PubSub]) -> 
     rec = Recorder()
     async with pubsub.subscribe(CHANNEL) as sub:
         chat = await running_chat(store, uuid.uuid4())
+        stale = Lease(chat.id, uuid.uuid4(), chat.owner_token - 1)  # an earlier run's lease
         step = [NewMessage(Role.ASSISTANT, (TextPart("a"),), Visibility.BOTH)]
         with pytest.raises(PersistRefused):
-            await store.persist_step(chat.id, uuid.uuid4(), step, announce=rec)
+            await store.persist_step(stale, step, announce=rec)
         # A later notify arrives first: the refused write sent nothing.
         await pubsub.publish(CHANNEL, "marker")
         assert await received(sub, 1) == ["marker"]
@@ -166,7 +167,7 @@ async def test_memory_store_without_a_pubsub_refuses_announce() -> None:
     store = MemoryStore()
     worker = uuid.uuid4()
     chat = await running_chat(store, worker)
-    await store.finish_turn(chat.id, worker, TurnOutcome.DONE)
+    await store.finish_turn(Lease.of(chat), TurnOutcome.DONE)
     with pytest.raises(ValueError, match=r"MemoryStore\(pubsub=\.\.\.\)"):
         await store.send_message(chat.id, text("x"), max_queued=MAX_QUEUED, announce=Recorder())
     assert len(await store.messages_after(chat.id, 0)) == 1  # nothing inserted
@@ -181,7 +182,7 @@ async def test_postgres_a_notify_the_database_refuses_rolls_the_insert_back(
         chat = await running_chat(store, worker)
         step = [NewMessage(Role.ASSISTANT, (TextPart("a"),), Visibility.BOTH)]
         with pytest.raises(StoreError):
-            await store.persist_step(chat.id, worker, step, announce=Recorder(oversize=True))
+            await store.persist_step(Lease.of(chat), step, announce=Recorder(oversize=True))
         await pubsub.publish(CHANNEL, "marker")
         assert await received(sub, 1) == ["marker"]
         # Neither the message nor its notify: they commit or roll back together.

@@ -24,7 +24,7 @@ from chatd_trio.errors import (
     QueuedMessageNotFound,
     QueueFull,
 )
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from tests.contract.conftest import MAX_QUEUED, new_chat, running_chat, text, texts
 
@@ -90,7 +90,7 @@ async def test_message_ids_increase(store: Store) -> None:
 
 async def test_send_to_waiting_chat_inserts_and_sets_pending(store: Store) -> None:
     chat = await running_chat(store, W1)
-    await store.finish_turn(chat.id, W1, TurnOutcome.DONE)
+    await store.finish_turn(Lease.of(chat), TurnOutcome.DONE)
     res = await store.send_message(chat.id, text("again"), max_queued=MAX_QUEUED)
     assert res.queued is None and res.queue == ()
     assert res.message is not None and res.message.role is Role.USER
@@ -100,7 +100,7 @@ async def test_send_to_waiting_chat_inserts_and_sets_pending(store: Store) -> No
 
 async def test_send_to_errored_chat_clears_the_error(store: Store) -> None:
     chat = await running_chat(store, W1)
-    await store.finish_turn(chat.id, W1, TurnOutcome.ERROR, "model exploded")
+    await store.finish_turn(Lease.of(chat), TurnOutcome.ERROR, "model exploded")
     res = await store.send_message(chat.id, text("retry"), max_queued=MAX_QUEUED)
     got = await store.get_chat(chat.id)
     assert res.message is not None
@@ -158,7 +158,7 @@ async def test_send_to_unknown_chat_raises(store: Store) -> None:
 
 async def test_oversized_message_is_refused(store: Store) -> None:
     chat = await running_chat(store, W1)
-    await store.finish_turn(chat.id, W1, TurnOutcome.DONE)
+    await store.finish_turn(Lease.of(chat), TurnOutcome.DONE)
     with pytest.raises(PayloadTooLarge):
         await store.send_message(chat.id, text("x" * (1024 * 1024)), max_queued=MAX_QUEUED)
     assert texts(await store.messages_after(chat.id, 0)) == ["hello"]
@@ -193,7 +193,7 @@ async def test_promote_queued_while_running_moves_it_to_the_front(store: Store) 
     assert [q.parts for q in res.queue] == [text("q2"), text("q1")]
     assert [q.parts for q in await store.list_queued(chat.id)] == [text("q2"), text("q1")]
     assert texts(await store.messages_after(chat.id, 0)) == ["hello"]
-    fin = await store.finish_turn(chat.id, W1, TurnOutcome.DONE)
+    fin = await store.finish_turn(Lease.of(chat), TurnOutcome.DONE)
     assert fin.promoted is not None and fin.promoted.parts == text("q2")
 
 
@@ -231,13 +231,13 @@ async def _chat_with_history(store: Store) -> tuple[uuid.UUID, list[int]]:
     """A running chat: user "u1", assistant "a1", user "u2" (queued → promoted), assistant "a2"."""
     chat = await running_chat(store, W1, first="u1")
     await store.persist_step(
-        chat.id, W1, [NewMessage(Role.ASSISTANT, (TextPart("a1"),), Visibility.BOTH)]
+        Lease.of(chat), [NewMessage(Role.ASSISTANT, (TextPart("a1"),), Visibility.BOTH)]
     )
     await store.send_message(chat.id, text("u2"), max_queued=MAX_QUEUED)
-    await store.finish_turn(chat.id, W1, TurnOutcome.DONE)
+    await store.finish_turn(Lease.of(chat), TurnOutcome.DONE)
     (again,) = await store.acquire(W1, 1)
     await store.persist_step(
-        again.id, W1, [NewMessage(Role.ASSISTANT, (TextPart("a2"),), Visibility.BOTH)]
+        Lease.of(again), [NewMessage(Role.ASSISTANT, (TextPart("a2"),), Visibility.BOTH)]
     )
     ids = [m.id for m in await store.messages_after(chat.id, 0)]
     assert texts(await store.messages_after(chat.id, 0)) == ["u1", "a1", "u2", "a2"]
@@ -340,7 +340,7 @@ async def test_interrupt_keeps_the_queue(store: Store) -> None:
 
 async def test_interrupt_of_errored_chat_sets_waiting_and_clears_the_error(store: Store) -> None:
     chat = await running_chat(store, W1)
-    await store.finish_turn(chat.id, W1, TurnOutcome.ERROR, "boom")
+    await store.finish_turn(Lease.of(chat), TurnOutcome.ERROR, "boom")
     got = await store.interrupt(chat.id)
     assert (got.status, got.last_error) == (ChatStatus.WAITING, None)
 
@@ -356,8 +356,7 @@ async def test_interrupt_unknown_chat_raises(store: Store) -> None:
 async def test_messages_after_filters_visibility_deleted_and_cursor(store: Store) -> None:
     chat = await running_chat(store, W1, first="u1")
     user_only, model_only, both = await store.persist_step(
-        chat.id,
-        W1,
+        Lease.of(chat),
         [
             NewMessage(Role.ASSISTANT, (TextPart("for the user"),), Visibility.USER),
             NewMessage(Role.ASSISTANT, (TextPart("for the model"),), Visibility.MODEL),
@@ -397,13 +396,13 @@ async def test_prompt_messages_starts_at_the_latest_summary(store: Store) -> Non
     chat, _ = await new_chat(store, first="u1", system_prompt="sys")
     (chat,) = await store.acquire(W1, 1)
     step = [NewMessage(Role.ASSISTANT, (TextPart("a1"),))]
-    await store.persist_step(chat.id, W1, step)
-    await store.persist_compaction(chat.id, W1, _compaction("summary one"))
-    await store.persist_step(chat.id, W1, [NewMessage(Role.ASSISTANT, (TextPart("a2"),))])
+    await store.persist_step(Lease.of(chat), step)
+    await store.persist_compaction(Lease.of(chat), _compaction("summary one"))
+    await store.persist_step(Lease.of(chat), [NewMessage(Role.ASSISTANT, (TextPart("a2"),))])
     assert texts(await store.prompt_messages(chat.id)) == ["sys", "summary one", "a2"]
 
-    await store.persist_compaction(chat.id, W1, _compaction("summary two"))
-    await store.persist_step(chat.id, W1, [NewMessage(Role.ASSISTANT, (TextPart("a3"),))])
+    await store.persist_compaction(Lease.of(chat), _compaction("summary two"))
+    await store.persist_step(Lease.of(chat), [NewMessage(Role.ASSISTANT, (TextPart("a3"),))])
     prompt = await store.prompt_messages(chat.id)
     assert texts(prompt) == ["sys", "summary two", "a3"]
     assert [m.compressed for m in prompt] == [False, True, False]
@@ -424,8 +423,7 @@ async def test_latest_assistant_text_skips_blank_and_hidden(store: Store) -> Non
     chat = await running_chat(store, W1)
     assert await store.latest_assistant_text(chat.id) is None
     await store.persist_step(
-        chat.id,
-        W1,
+        Lease.of(chat),
         [
             NewMessage(Role.ASSISTANT, (TextPart("the report"),)),
             NewMessage(Role.ASSISTANT, (TextPart("  \n"),)),
@@ -435,3 +433,13 @@ async def test_latest_assistant_text_skips_blank_and_hidden(store: Store) -> Non
         ],
     )
     assert await store.latest_assistant_text(chat.id) == "the report"
+
+
+async def test_edit_of_a_pending_chat_returns_the_row_with_its_queue_cleared(store: Store) -> None:
+    chat, first = await new_chat(store)
+    for s in ("q1", "q2"):
+        await store.send_message(chat.id, text(s), max_queued=MAX_QUEUED)
+    assert (await store.get_chat(chat.id)).queued == 2
+    res = await store.edit_message(chat.id, first.id, text("edited"))
+    assert res.chat.status is ChatStatus.PENDING and res.chat.queued == 0
+    assert res.chat == await store.get_chat(chat.id)

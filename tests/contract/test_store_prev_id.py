@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 
 from chatd_trio.domain import Message, NewMessage, Role, TextPart, Visibility, text_of
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from tests.contract.conftest import MAX_QUEUED, text
 
 W1 = uuid.UUID(int=1)
@@ -42,10 +42,10 @@ async def test_inserted_messages_report_their_visible_predecessor(store: Store) 
     other, x1 = await store.create_chat(owner, "other", text("x1"))
     record(x1)
     # The other chat is pending too: acquire both, work on ours.
-    assert {c.id for c in await store.acquire(W1, 2)} == {chat.id, other.id}
+    leases = {c.id: Lease.of(c) for c in await store.acquire(W1, 2)}
+    assert set(leases) == {chat.id, other.id}
     step = await store.persist_step(
-        chat.id,
-        W1,
+        leases[chat.id],
         [
             _new(Role.ASSISTANT, "a1"),
             _new(Role.ASSISTANT, "model-only", Visibility.MODEL),
@@ -53,16 +53,16 @@ async def test_inserted_messages_report_their_visible_predecessor(store: Store) 
         ],
     )
     record(*step)
-    await store.persist_step(other.id, W1, [_new(Role.ASSISTANT, "x2")])
+    await store.persist_step(leases[other.id], [_new(Role.ASSISTANT, "x2")])
     sent = await store.send_message(chat.id, text("u2"), max_queued=MAX_QUEUED)
     assert sent.message is None and sent.queued is not None
-    done = await store.finish_turn(chat.id, W1, TurnOutcome.DONE)
+    done = await store.finish_turn(leases[chat.id], TurnOutcome.DONE)
     assert done.promoted is not None
     record(done.promoted)
-    assert [c.id for c in await store.acquire(W1, 1)] == [chat.id]
+    (again,) = await store.acquire(W1, 1)
+    assert again.id == chat.id
     compaction = await store.persist_compaction(
-        chat.id,
-        W1,
+        Lease.of(again),
         [
             _new(Role.ASSISTANT, "c-call", Visibility.USER),
             _new(Role.TOOL, "c-result", Visibility.USER),
@@ -70,7 +70,7 @@ async def test_inserted_messages_report_their_visible_predecessor(store: Store) 
         ],
     )
     record(*compaction)
-    assert (await store.finish_turn(chat.id, W1, TurnOutcome.DONE)).promoted is None
+    assert (await store.finish_turn(Lease.of(again), TurnOutcome.DONE)).promoted is None
     sent = await store.send_message(chat.id, text("u3"), max_queued=MAX_QUEUED)
     assert sent.message is not None
     record(sent.message)
@@ -101,11 +101,10 @@ async def test_inserted_messages_report_their_visible_predecessor(store: Store) 
 
 async def test_prev_id_is_the_latest_visible_message_in_history(store: Store) -> None:
     chat, first = await store.create_chat(uuid.uuid4(), "t", text("u1"))
-    await store.acquire(W1, 1)
-    step = await store.persist_step(
-        chat.id, W1, [_new(Role.ASSISTANT, "a"), _new(Role.ASSISTANT, "b")]
-    )
-    await store.finish_turn(chat.id, W1, TurnOutcome.DONE)
+    (running,) = await store.acquire(W1, 1)
+    lease = Lease.of(running)
+    step = await store.persist_step(lease, [_new(Role.ASSISTANT, "a"), _new(Role.ASSISTANT, "b")])
+    await store.finish_turn(lease, TurnOutcome.DONE)
     sent = await store.send_message(chat.id, text("u2"), max_queued=MAX_QUEUED)
     assert sent.message is not None
     history = await store.messages_after(chat.id, 0)

@@ -16,9 +16,9 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatd_trio.domain import ChatStatus, NewMessage, Role, TextPart, text_of
+from chatd_trio.domain import Chat, ChatStatus, NewMessage, Role, TextPart, text_of
 from chatd_trio.errors import PersistRefused, QueueFull
-from chatd_trio.store.base import Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from tests.contract.conftest import new_chat, open_store, text
 
 EXAMPLES = {"memory": 200, "postgres": 30}
@@ -84,38 +84,56 @@ def test_concurrent_acquire_claims_each_pending_chat_exactly_once(
 
 
 OPS = st.sampled_from(
-    ["send", "acquire", "heartbeat", "persist", "finish", "interrupt", "edit", "recover"]
+    ["send", "acquire", "heartbeat", "persist", "finish", "interrupt", "promote", "edit", "recover"]
 )
 SMALL_QUEUE = 3  # small, so QueueFull is reached within a short sequence
+FINISHING = [o for o in TurnOutcome if o is not TurnOutcome.LOST]  # LOST writes nothing
 
 
 async def _apply(
-    store: Store, chat_id: uuid.UUID, op: str, worker: uuid.UUID, outcome: TurnOutcome, n: int
-) -> bool:
-    """Run one operation; True when it may legitimately drop user messages (an edit)."""
+    store: Store,
+    chat_id: uuid.UUID,
+    op: str,
+    worker: int,
+    leases: list[Lease],
+    outcome: TurnOutcome,
+    n: int,
+) -> tuple[bool, Chat | None]:
+    """Run one operation: (whether it may legitimately drop user messages (an edit), the
+    chat row it returned, if any).
+
+    `leases[worker]` is the lease of that worker's latest acquisition (a never-acquired
+    worker holds token 0, which no run ever has): its turn writes carry it, stale or not.
+    """
+    lease = leases[worker]
     if op == "send":
         with contextlib.suppress(QueueFull):
-            await store.send_message(chat_id, text(f"m{n}"), max_queued=SMALL_QUEUE)
+            return False, (
+                await store.send_message(chat_id, text(f"m{n}"), max_queued=SMALL_QUEUE)
+            ).chat
     elif op == "acquire":
-        await store.acquire(worker, 1)
+        for chat in await store.acquire(lease.worker_id, 1):
+            leases[worker] = Lease.of(chat)
+            return False, chat
     elif op == "heartbeat":
-        await store.heartbeat(chat_id, worker)
+        await store.heartbeat(lease)
     elif op == "persist":
         with contextlib.suppress(PersistRefused):
-            await store.persist_step(
-                chat_id, worker, [NewMessage(Role.ASSISTANT, (TextPart(f"a{n}"),))]
-            )
+            await store.persist_step(lease, [NewMessage(Role.ASSISTANT, (TextPart(f"a{n}"),))])
     elif op == "finish":
-        await store.finish_turn(chat_id, worker, outcome, "failed")
+        return False, (await store.finish_turn(lease, outcome, "failed")).chat
     elif op == "interrupt":
-        await store.interrupt(chat_id)
+        return False, await store.interrupt(chat_id)
+    elif op == "promote":
+        queue = await store.list_queued(chat_id)
+        if queue:
+            return False, (await store.promote_queued(chat_id, queue[-1].id)).chat
     elif op == "edit":
         users = [m for m in await store.messages_after(chat_id, 0) if m.role is Role.USER]
-        await store.edit_message(chat_id, users[-1].id, text(f"e{n}"))
-        return True
+        return True, (await store.edit_message(chat_id, users[-1].id, text(f"e{n}"))).chat
     else:
         await store.recover_stale(0)
-    return False
+    return False, None
 
 
 async def _alive(store: Store, chat_id: uuid.UUID) -> tuple[set[str], set[str]]:
@@ -134,29 +152,47 @@ def test_random_operation_sequences_keep_the_lifecycle_invariants(
     - the queue never exceeds `max_queued`; no message is both queued and in the history;
     - the visible history is in strictly increasing id order and has no deleted message;
     - a user message is never lost (history or queue) except by an edit;
-    - the history always holds at least one user message."""
+    - the history always holds at least one user message;
+    - the row an operation returns is the row a read returns right after it (status,
+      owner, token, queue length);
+    - the ownership token never decreases, a chat becomes `running` only with a new
+      token, and while it stays `running` under one token its owner does not change;
+    - a turn write lands only under the row's current token, while the chat is running
+      or stopped by the user (a persist that lands carried the token the row held)."""
 
     @settings(
         max_examples=EXAMPLES[store_kind],
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
-    @given(
-        steps=st.lists(
-            st.tuples(OPS, st.booleans(), st.sampled_from(list(TurnOutcome))), max_size=15
-        )
-    )
+    @given(steps=st.lists(st.tuples(OPS, st.booleans(), st.sampled_from(FINISHING)), max_size=15))
     def check(steps: list[tuple[str, bool, TurnOutcome]]) -> None:
         async def main() -> None:
             async with open_store(store_kind, store_dsn) as store:
                 chat, _ = await new_chat(store, first="m0")
-                workers = (uuid.uuid4(), uuid.uuid4())
+                leases = [Lease(chat.id, uuid.uuid4(), 0), Lease(chat.id, uuid.uuid4(), 0)]
+                prev = chat
                 for n, (op, second, outcome) in enumerate(steps, start=1):
                     before = await _alive(store, chat.id)
-                    worker = workers[int(second)]
-                    may_drop = await _apply(store, chat.id, op, worker, outcome, n)
+                    count_before = len(await store.messages_after(chat.id, 0))
+                    may_drop, reported = await _apply(
+                        store, chat.id, op, int(second), leases, outcome, n
+                    )
                     history, queued = await _alive(store, chat.id)
                     got = await store.get_chat(chat.id)
+                    assert reported is None or reported == got, op
+                    assert got.queued == len(queued)
+                    assert got.owner_token >= prev.owner_token
+                    if got.status is ChatStatus.RUNNING and got.owner_token == prev.owner_token:
+                        # Still the same run: same owner, nobody else acquired it.
+                        assert prev.status is ChatStatus.RUNNING
+                        assert got.worker_id == prev.worker_id
+                    if op == "persist" and len(await store.messages_after(chat.id, 0)) > (
+                        count_before
+                    ):
+                        assert leases[int(second)].token == prev.owner_token
+                        assert prev.status in (ChatStatus.RUNNING, ChatStatus.WAITING)
+                    prev = got
                     owned = (got.worker_id, got.started_at, got.heartbeat_at)
                     if got.status is ChatStatus.RUNNING:
                         assert None not in owned

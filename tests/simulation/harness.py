@@ -459,6 +459,12 @@ class SimPubSub:
     def subscribe(self, channel: str) -> Any:
         return self.inner.subscribe(channel)
 
+    def seal(self, channel: str, payload: str) -> str:
+        return self.inner.seal(channel, payload)
+
+    def statistics(self) -> Any:
+        return self.inner.statistics()
+
     async def publish(self, channel: str, payload: str) -> None:
         if not self.alive:
             await trio.lowlevel.checkpoint()
