@@ -57,17 +57,22 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Store, Pub
 class Recorder:
     """An announcer: one notify per message, naming its id, visibility and predecessor."""
 
+    pubsub: PubSub | None = None
     calls: list[tuple[list[int], bool]] = field(default_factory=list)
     oversize: bool = False
+
+    def _sealed(self, payload: str) -> tuple[str, str]:
+        # A store sends what it is given: an announcer seals for the linked pubsub.
+        return (CHANNEL, self.pubsub.seal(CHANNEL, payload) if self.pubsub else payload)
 
     def __call__(
         self, messages: Sequence[Message], *, refresh: bool = False
     ) -> Sequence[tuple[str, str]]:
         self.calls.append(([m.id for m in messages], refresh))
         if refresh:
-            return [(CHANNEL, f"refresh {messages[0].id}")]
+            return [self._sealed(f"refresh {messages[0].id}")]
         pad = "x" * 9000 if self.oversize else ""
-        return [(CHANNEL, f"{m.id} {m.visibility.value} {m.prev_id}{pad}") for m in messages]
+        return [self._sealed(f"{m.id} {m.visibility.value} {m.prev_id}{pad}") for m in messages]
 
 
 async def received(sub: object, n: int) -> list[str]:
@@ -94,7 +99,7 @@ async def test_every_inserting_operation_delivers_its_notifies_in_message_order(
     pair: tuple[Store, PubSub],
 ) -> None:
     store, pubsub = pair
-    rec = Recorder()
+    rec = Recorder(pubsub)
     worker = uuid.uuid4()
     async with pubsub.subscribe(CHANNEL) as sub:
         chat = await running_chat(store, worker)
@@ -126,7 +131,7 @@ async def test_send_and_promote_announce_the_inserted_user_message(
     pair: tuple[Store, PubSub],
 ) -> None:
     store, pubsub = pair
-    rec = Recorder()
+    rec = Recorder(pubsub)
     worker = uuid.uuid4()
     async with pubsub.subscribe(CHANNEL) as sub:
         chat, first = await new_chat(store)
@@ -149,7 +154,7 @@ async def test_send_and_promote_announce_the_inserted_user_message(
 
 async def test_a_refused_write_announces_nothing(pair: tuple[Store, PubSub]) -> None:
     store, pubsub = pair
-    rec = Recorder()
+    rec = Recorder(pubsub)
     async with pubsub.subscribe(CHANNEL) as sub:
         chat = await running_chat(store, uuid.uuid4())
         stale = Lease(chat.id, uuid.uuid4(), chat.owner_token - 1)  # an earlier run's lease
