@@ -226,6 +226,11 @@ class TurnResult:
     error: ErrorPayload | None = None
     final_messages: tuple[NewMessage, ...] = ()
     store_retries: int = 0
+    # A complete step whose write was started but not confirmed (an outage or a
+    # shutdown cut it off): the caller writes it again under `unconfirmed_op`, which
+    # the store recognises if the first attempt landed, before the final transition.
+    unconfirmed: tuple[NewMessage, ...] = ()
+    unconfirmed_op: uuid.UUID | None = None
     # The compaction chart's path and final state (the outcome's source).
     trace: tuple[Step, ...] = ()
     final_state: str = ""
@@ -504,16 +509,16 @@ class _Turn:
         final = self.chart.state_id
         outcome = OUTCOMES[final]
         messages: tuple[NewMessage, ...] = ()
+        unconfirmed: tuple[NewMessage, ...] = ()
+        unconfirmed_op: uuid.UUID | None = None
         unwritten = self.unwritten
-        # A step whose own write was started (a shutdown or an outage cut it off) may
-        # have landed: written again with the finish, under another id, it would be
-        # stored twice. It is left to the next run, which finds it stored or repeats it.
-        if (
-            unwritten is not None
-            and not unwritten[0].write_started
-            and outcome is not TurnOutcome.LOST
-        ):
-            messages = tuple(unwritten[1])
+        if unwritten is not None and outcome is not TurnOutcome.LOST:
+            if unwritten[0].write_started:
+                # It may have landed: written with the finish under another id it could
+                # be stored twice, so it is replayed under its own op id first.
+                unconfirmed, unconfirmed_op = tuple(unwritten[1]), unwritten[0].op_id
+            else:
+                messages = tuple(unwritten[1])
         return TurnResult(
             outcome=outcome,
             steps=self.chart.steps_used,
@@ -523,6 +528,8 @@ class _Turn:
             error=self.error,
             final_messages=messages,
             store_retries=self.store_retries,
+            unconfirmed=unconfirmed,
+            unconfirmed_op=unconfirmed_op,
             trace=tuple(self.chart.trace),
             final_state=final,
         )

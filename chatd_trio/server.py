@@ -22,7 +22,7 @@ from typing import Literal
 import trio
 
 from chatd_trio import lifecycle
-from chatd_trio.config import Config
+from chatd_trio.config import Config, StoreRetryConfig
 from chatd_trio.domain import (
     Chat,
     ChatStatus,
@@ -42,6 +42,7 @@ from chatd_trio.errors import (
     ChatdError,
     DecodeError,
     PermissionDenied,
+    PersistRefused,
     PubSubError,
     StoreError,
     StoreUnavailable,
@@ -555,7 +556,14 @@ class Server:
                 )
 
             try:
+                if result.unconfirmed:
+                    await self._confirm_step(lease, result, budget, log)
                 fin = await final(outcome, error, result.final_messages)
+            except PersistRefused:
+                self._bump("fenced")
+                logger.info("unconfirmed step refused: the run no longer holds the chat", extra=log)
+                self._turn_done(chat.id, control, TurnOutcome.LOST, generation)
+                return
             except StoreUnavailable as exc:
                 # Stale recovery hands the chat back once the heartbeat goes stale; the
                 # answer was not stored, so the turn runs again there.
@@ -606,6 +614,26 @@ class Server:
             await self._publish_owner(fin.chat, "status")
             if fin.chat.status is ChatStatus.PENDING:
                 self.wake()
+
+    async def _confirm_step(
+        self, lease: Lease, result: TurnResult, budget: StoreRetryConfig, log: dict[str, str]
+    ) -> None:
+        """Write a step whose first write was cut off, under its own op id: the store
+        returns what the first attempt inserted if it landed, else inserts it now."""
+        op = result.unconfirmed_op
+        persisted = await with_store_retries(
+            lambda: self.store.persist_step(
+                lease, result.unconfirmed, announce=self.streams.announcer, op_id=op
+            ),
+            budget,
+            what="an unconfirmed step",
+            on_retry=lambda what, exc: self._bump("store_retries"),
+            log_extra=log,
+        )
+        for message in persisted:
+            await self._publish_message(message)
+        if persisted:
+            self.streams.step_persisted(lease.chat_id)
 
     async def _heartbeat(self, lease: Lease, control: TurnControl) -> None:
         interval = self.config.acquire.heartbeat_interval

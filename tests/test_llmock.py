@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import pytest
 import trio
@@ -23,12 +24,12 @@ from llmock.testing import LLMockServer
 from chatd_trio.config import LoopConfig, RequestOptions, RetryConfig
 from chatd_trio.domain import JSON, NewMessage, Role, TextPart, ToolCallPart, ToolResultPart
 from chatd_trio.errors import ModelError
-from chatd_trio.loop import run_turn
+from chatd_trio.loop import TurnResult, run_turn
 from chatd_trio.models.anthropic import AnthropicModel
 from chatd_trio.models.base import Delta, Finish, Model, TextDelta, ToolCallDone, ToolSpec
 from chatd_trio.models.classify import CONTEXT_LENGTH
 from chatd_trio.models.openai import OpenAIChatModel
-from chatd_trio.store.base import TurnOutcome
+from chatd_trio.store.base import Lease, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 
@@ -195,11 +196,22 @@ async def get_weather(args: dict[str, JSON], ctx: ToolContext) -> JSON:
     return f"21C in {args.get('city')}"
 
 
-async def start_chat(store: MemoryStore) -> tuple[uuid.UUID, uuid.UUID]:
+async def start_chat(store: MemoryStore) -> tuple[uuid.UUID, Lease]:
     chat, _ = await store.create_chat(uuid.uuid4(), "t", [TextPart("Weather in Paris?")])
-    worker = uuid.uuid4()
-    await store.acquire(worker, 1)
-    return chat.id, worker
+    (running,) = await store.acquire(uuid.uuid4(), 1)
+    return chat.id, Lease.of(running)
+
+
+async def turn(store: MemoryStore, lease: Lease, model: Model, **kw: Any) -> TurnResult:
+    """One turn and its final transition, the way the Server writes it."""
+    result = await run_turn(store, lease, model, **kw)
+    await store.finish_turn(
+        lease,
+        result.outcome,
+        result.error.message if result.error else None,
+        messages=result.final_messages,
+    )
+    return result
 
 
 FAST_RETRY = LoopConfig(retry=RetryConfig(base_delay=0.05, max_delay=0.5, max_elapsed=20.0))
@@ -214,10 +226,10 @@ async def test_a_turn_rides_out_faults_and_llmock_finds_no_resilience_bug(
     mock.rate_limit(times=2, retry_after=0.3)
     mock.disconnect(after_chunks=1)
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    chat_id, lease = await start_chat(store)
     with trio.fail_after(WAIT):
-        result = await run_turn(
-            store, chat_id, worker, openai, tools=ToolRegistry([get_weather]), config=FAST_RETRY
+        result = await turn(
+            store, lease, openai, tools=ToolRegistry([get_weather]), config=FAST_RETRY
         )
     assert result.outcome is TurnOutcome.DONE
     assert result.retries == 3
@@ -236,9 +248,9 @@ async def test_a_non_retryable_error_is_not_retried_by_the_loop(
 ) -> None:
     mock.fail(401)
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    _chat_id, lease = await start_chat(store)
     with trio.fail_after(WAIT):
-        result = await run_turn(store, chat_id, worker, openai, config=FAST_RETRY)
+        result = await turn(store, lease, openai, config=FAST_RETRY)
     assert result.outcome is TurnOutcome.ERROR
     assert result.retries == 0
     assert len(mock.requests) == 1
@@ -250,10 +262,10 @@ async def test_a_broken_tool_call_becomes_an_error_result_and_the_turn_goes_on(
 ) -> None:
     mock.break_tool_call("malformed_arguments")
     store = MemoryStore()
-    chat_id, worker = await start_chat(store)
+    chat_id, lease = await start_chat(store)
     with trio.fail_after(WAIT):
-        result = await run_turn(
-            store, chat_id, worker, openai, tools=ToolRegistry([get_weather]), config=FAST_RETRY
+        result = await turn(
+            store, lease, openai, tools=ToolRegistry([get_weather]), config=FAST_RETRY
         )
     assert result.outcome is TurnOutcome.DONE
     stored = await store.messages_after(chat_id, 0)

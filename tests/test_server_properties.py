@@ -353,7 +353,7 @@ class Run:
     async def release(self, chat: ChatModel, lease: Lease) -> None:
         await self.store.release([lease])
         if chat.status is RUNNING and chat.token == lease.token:
-            self._take(chat, "release", PENDING, "owned")
+            self._take(chat, "hand_back", PENDING, "owned")
             self._new_token(chat)
 
     async def finish(

@@ -530,6 +530,7 @@ class Row:
         if Effect.CLAIM in effects:
             self.run = self.token
         self.status = plan.target.value
+        lifecycle.taken(plan)  # executed, as a store records a write that landed
         return plan
 
 
@@ -607,7 +608,7 @@ def test_lifecycle_scripts_cover_every_transition_with_its_guard() -> None:
         row = Row()
         covered.update(row.decide(word).step for word in words)
     assert covered == transitions_of(ChatLifecycleChart)
-    # ... and `fired()` counted each decision's transition.
+    # ... and `fired()` counted each executed decision's transition.
     assert set((lifecycle.fired() - before).keys()) == covered
 
 
