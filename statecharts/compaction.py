@@ -170,9 +170,17 @@ class CompactionChart(TracedChart):
         | safety_compacting.to(shut_down)
         | reentering.to(shut_down)
     )
-    # A write carried a token the chat no longer has (or an edit made it pending); only
-    # these states' activities write.
-    write_refused = stepping.to(fenced) | compacting.to(fenced) | safety_compacting.to(fenced)
+    # The run no longer holds the chat: a write carried a token the chat no longer has
+    # (or an edit made it pending), or the heartbeat found the chat taken over, which
+    # can happen during any activity that waits.
+    write_refused = (
+        loading.to(fenced)
+        | stepping.to(fenced)
+        | compacting.to(fenced)
+        | reloading.to(fenced)
+        | safety_compacting.to(fenced)
+        | reentering.to(fenced)
+    )
     # The store stayed unavailable past the write retry budget: hand the chat back.
     store_unavailable = (
         loading.to(unavailable)

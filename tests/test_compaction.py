@@ -114,7 +114,7 @@ def test_chart_refuses_events_its_table_does_not_allow() -> None:
     with pytest.raises(TransitionNotAllowed):
         chart.send("summary_ok")
     with pytest.raises(TransitionNotAllowed):
-        chart.send("write_refused")  # loading writes nothing
+        chart.send("post_run_check", over_threshold=False)  # loading checks nothing
     chart.send("loaded", answered=False)
     chart.send("step_persisted", tool_calls=True, over_threshold=False)
     assert chart.trace == [
@@ -160,18 +160,26 @@ def _chart_in(state: str) -> CompactionChart:
         ("checking", "write_refused"),
         ("checking", "store_unavailable"),
         ("checking", "model_failed"),
-        ("reloading", "write_refused"),
-        ("reentering", "write_refused"),
         ("loading", "model_failed"),
+        ("reloading", "model_failed"),
     ],
 )
 def test_ends_the_loop_cannot_observe_in_a_state_are_refused_there(state: str, event: str) -> None:
-    """`checking` never waits and the reloads write nothing: an event that could only come
+    """`checking` never waits and the loads call no model: an event that could only come
     from a driver bug is refused loudly, not taken."""
     chart = _chart_in(state)
     with pytest.raises(TransitionNotAllowed):
         chart.send(event)
     assert chart.state_id == state
+
+
+@pytest.mark.parametrize("state", ["loading", "reloading", "reentering"])
+def test_a_fence_while_loading_ends_the_turn_fenced(state: str) -> None:
+    """The heartbeat can find the chat taken over while history loads (a replica that
+    came back from an outage): the turn ends `fenced`, it does not raise."""
+    chart = _chart_in(state)
+    chart.send("write_refused")
+    assert chart.state_id == "fenced"
 
 
 # -- compaction driven by the loop -----------------------------------------------------

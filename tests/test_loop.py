@@ -794,6 +794,38 @@ async def test_interrupt_before_the_turn_starts_writes_nothing(store: Store) -> 
     assert len(await history(store, lease.chat_id)) == 1
 
 
+async def test_a_fence_while_the_history_loads_ends_the_turn_fenced(store: Store) -> None:
+    """The heartbeat finds the chat taken over while the prompt is still loading (a
+    replica back from an outage): the turn ends `fenced`, writes nothing, and no
+    exception escapes (it used to, and ended the replica)."""
+    lease = await start_chat(store)
+    model = ScriptedModel([text_step("never")])
+    control = TurnControl()
+    loading = trio.Event()
+
+    async def load_prompt() -> Sequence[PromptMessage]:
+        loading.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with trio.open_nursery() as nursery:
+
+        async def turn() -> None:
+            control.result = await run_turn(
+                store, lease, model, control=control, load_prompt=load_prompt
+            )
+
+        nursery.start_soon(turn)
+        await loading.wait()
+        control.fence()
+
+    assert control.result is not None
+    assert control.result.outcome is TurnOutcome.LOST
+    assert control.result.trace == (Step("loading", "write_refused", "fenced"),)
+    assert model.stream_count == 0
+    assert len(await history(store, lease.chat_id)) == 1
+
+
 async def test_an_edit_meanwhile_refuses_the_next_write_and_fences_the_turn(
     store: Store,
 ) -> None:
