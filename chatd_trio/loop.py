@@ -345,6 +345,9 @@ class _CallBuffer:
 class _StepBuffer:
     """What one step has produced so far: enough to persist it whole or interrupted."""
 
+    # Closed reasoning blocks (each signed one exactly as the provider sent it: Anthropic
+    # refuses a thinking block whose text or signature changed), then the open block.
+    blocks: list[ReasoningPart] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     calls: dict[int, _CallBuffer] = field(default_factory=dict)
@@ -357,13 +360,13 @@ class _StepBuffer:
     write_started: bool = False
 
     def apply(self, delta: Delta) -> Part | None:
-        """Record a delta; returns the part to publish (None for `Finish`)."""
+        """Record a delta; returns the part to publish (None for `Finish` and for a
+        reasoning delta without text: a signature or a redacted block)."""
         if isinstance(delta, TextDelta):
             self.text.append(delta.text)
             return TextPart(delta.text)
         if isinstance(delta, ReasoningDelta):
-            self.reasoning.append(delta.text)
-            return ReasoningPart(delta.text)
+            return self._reason(delta)
         if isinstance(delta, ToolCallDelta):
             buf = self.calls.setdefault(delta.index, _CallBuffer())
             buf.call_id = delta.call_id or buf.call_id
@@ -376,6 +379,29 @@ class _StepBuffer:
         self.finish = delta
         return None
 
+    def _reason(self, delta: ReasoningDelta) -> Part | None:
+        if delta.redacted:
+            self._close_reasoning("")
+            self.blocks.append(ReasoningPart("", delta.signature, redacted=True))
+            return None
+        self.reasoning.append(delta.text)
+        if delta.signature:
+            self._close_reasoning(delta.signature)
+        return ReasoningPart(delta.text) if delta.text else None
+
+    def _close_reasoning(self, signature: str) -> None:
+        if self.reasoning or signature:
+            self.blocks.append(ReasoningPart("".join(self.reasoning), signature))
+        self.reasoning = []
+
+    def reasoning_parts(self) -> list[ReasoningPart]:
+        """Every reasoning block so far; unsigned text (another provider's reasoning, or
+        a thinking block cut before its signature) as one unsigned part."""
+        parts = list(self.blocks)
+        if self.reasoning:
+            parts.append(ReasoningPart("".join(self.reasoning)))
+        return parts
+
     def tool_calls(self) -> list[ToolCallPart]:
         return [
             ToolCallPart(buf.call_id or f"call_{index}", buf.name or "", buf.arguments)
@@ -383,9 +409,7 @@ class _StepBuffer:
         ]
 
     def assistant_parts(self) -> tuple[Part, ...]:
-        parts: list[Part] = []
-        if self.reasoning:
-            parts.append(ReasoningPart("".join(self.reasoning)))
+        parts: list[Part] = [p for p in self.reasoning_parts() if p.text or p.signature]
         if self.text:
             parts.append(TextPart("".join(self.text)))
         parts.extend(self.tool_calls())

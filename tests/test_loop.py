@@ -308,6 +308,50 @@ async def test_multi_step_tool_execution(store: Store) -> None:
     assert stored[-1].parts == (TextPart("all done"),)
 
 
+async def test_signed_reasoning_blocks_are_stored_and_sent_back_as_they_came(
+    store: Store,
+) -> None:
+    """Anthropic's thinking blocks: each closed by its signature (a redacted one whole),
+    kept block by block with the signature, so the next request resends them unchanged."""
+    lease = await start_chat(store)
+    thinking = ScriptStep(
+        deltas=(
+            ReasoningDelta("I should "),
+            ReasoningDelta("echo."),
+            ReasoningDelta("", signature="sig-1"),
+            ReasoningDelta("", signature="ENCRYPTED", redacted=True),
+            ReasoningDelta("Then answer."),
+            ReasoningDelta("", signature="sig-2"),
+            TextDelta("Echoing."),
+            *tool_step([("echo", {"x": 1})]).deltas,
+        )
+    )
+    model = ScriptedModel([thinking, text_step("done")])
+    rec = Recorder()
+
+    result = await run_turn(
+        store, lease, model, tools=ToolRegistry([echo]), callbacks=rec.callbacks()
+    )
+
+    assert result.outcome is TurnOutcome.DONE
+    signed = (
+        ReasoningPart("I should echo.", "sig-1"),
+        ReasoningPart("", "ENCRYPTED", redacted=True),
+        ReasoningPart("Then answer.", "sig-2"),
+        TextPart("Echoing."),
+        ToolCallPart("call_0", "echo", '{"x": 1}'),
+    )
+    assert model.stream_prompts[1][1].parts == signed
+    assert (await history(store, lease.chat_id))[1].parts == signed
+    # Subscribers see the reasoning text; signatures and redacted blocks are not text.
+    reasoning = [e.part for e in rec.parts if isinstance(e.part, ReasoningPart)]
+    assert reasoning == [
+        ReasoningPart("I should "),
+        ReasoningPart("echo."),
+        ReasoningPart("Then answer."),
+    ]
+
+
 async def test_a_one_step_text_turn_writes_nothing_its_answer_comes_back(store: Store) -> None:
     """The final step is not written by the loop: it lands with the finish, atomically, so
     a stored answer always has its finish (docs/spec.md §1, idempotent completion)."""
