@@ -59,6 +59,10 @@ class CompactionConfig:
     summary_timeout: float = 90.0
     # Re-entry after a final-step compaction, at most 3 times: no compaction ping-pong.
     max_compaction_retries: int = 3
+    # A step the model refused as too long for its context window runs again after a
+    # compaction, at most once: a summary makes room when the history outgrew the window;
+    # a prompt still too long after one will not fit by asking again.
+    context_length_retries: int = 1
     summary_prompt: str = (
         "Summarise the conversation so far so that you can continue the task from the summary "
         "alone: goals, decisions, files touched, open questions and next steps."

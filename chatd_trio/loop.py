@@ -40,6 +40,12 @@ Decisions where the specification is silent:
   Retry-After is honoured up to that budget, never beyond it.
 - A failed summary call (error, timeout) is handled like an empty summary: an
   error tool result is published, `on_error` is told, the turn goes on.
+- A step the model refuses as too long for its context window (kind
+  `context_length`) is not retried as it stands: the chart compacts the history and
+  runs the step again, at most `compaction.context_length_retries` times per step
+  (a `retry` event with no delay first tells subscribers to drop the refused
+  attempt's parts). A summary prompt refused as too long loses the older half of
+  the history (`shortened_for_summary`) until it fits.
 - `on_message` receives the user-visible persisted messages (the hidden summary
   is model-only); the caller clears its stream buffer there.
 - `on_error` receives non-fatal errors only; a fatal one is in `TurnResult.error`.
@@ -78,6 +84,7 @@ from chatd_trio.errors import ModelError, PersistRefused, StoreUnavailable
 from chatd_trio.models.base import (
     Delta,
     Finish,
+    GenerateResult,
     Model,
     PromptMessage,
     ReasoningDelta,
@@ -85,7 +92,7 @@ from chatd_trio.models.base import (
     ToolCallDelta,
     ToolCallDone,
 )
-from chatd_trio.models.classify import UNREACHABLE
+from chatd_trio.models.classify import CONTEXT_LENGTH, UNREACHABLE
 from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
@@ -334,6 +341,36 @@ class _TurnFailed(Exception):
         self.payload = payload
 
 
+class _ContextExceeded(Exception):
+    """The model refused the step's prompt as too long for its context window."""
+
+    def __init__(self, error: ModelError, attempt: int) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.attempt = attempt
+
+
+def shortened_for_summary(history: Sequence[PromptMessage]) -> list[PromptMessage] | None:
+    """The history without its older half, for a summary prompt the model refused as too
+    long; None when nothing more can go.
+
+    System messages and an earlier summary (compressed) stay. The cut moves forward to
+    a user message, or failing that past tool messages, so that no tool result is left
+    without its call (providers refuse that).
+    """
+    pinned = [m.role is Role.SYSTEM or bool(getattr(m, "compressed", False)) for m in history]
+    movable = [i for i, pin in enumerate(pinned) if not pin]
+    if len(movable) < 2:
+        return None
+    rest = movable[len(movable) // 2 :]
+    users = [i for i in rest if history[i].role is Role.USER]
+    others = [i for i in rest if history[i].role is not Role.TOOL]
+    if not (users or others):
+        return None
+    cut = (users or others)[0]
+    return [m for i, m in enumerate(history) if pinned[i] or i >= cut]
+
+
 @dataclass
 class _CallBuffer:
     call_id: str | None = None
@@ -472,7 +509,10 @@ class _Turn:
         self.tool_context = tool_context
         self.tool_nursery = tool_nursery
         self.chart = CompactionChart.fresh(
-            config.max_steps, config.compaction.max_compaction_retries, owner=self
+            config.max_steps,
+            config.compaction.max_compaction_retries,
+            config.compaction.context_length_retries,
+            owner=self,
         )
         self.history: list[PromptMessage] = []
         # The in-flight step (streaming or running tools); None once it is complete.
@@ -482,6 +522,10 @@ class _Turn:
         self.unwritten: tuple[_StepBuffer, list[NewMessage]] | None = None
         self.last_finish: Finish | None = None
         self.error: ErrorPayload | None = None
+        # The context-length error the running overflow compaction answers, and why the
+        # last compaction failed (both end up in the turn's error when it cannot go on).
+        self.overflow: ModelError | None = None
+        self.compaction_failure = ""
         self.retries = 0
         self.store_retries = 0
         self.log_extra = {
@@ -507,6 +551,10 @@ class _Turn:
                 elif activity is Activity.COMPACT:
                     compacted = await self._compact()
                     self.chart.send("summary_ok" if compacted else "summary_failed")
+                elif activity is Activity.COMPACT_OVERFLOW:
+                    compacted = await self._compact(overflow=True)
+                    self.chart.send("summary_ok" if compacted else "summary_failed")
+                    self._overflow_compacted()
                 elif activity is Activity.RELOAD:
                     self.history = list(await self._retrying(self.load_prompt, "reloading"))
                     self.chart.send("reloaded")
@@ -516,6 +564,8 @@ class _Turn:
                 logger.warning("turn failed: %s", failed.payload.message, extra={**self.log_extra})
                 self.error = failed.payload
                 self.chart.send("model_failed")
+            except _ContextExceeded as exceeded:
+                await self._context_exceeded(exceeded)
             except PersistRefused as refused:
                 logger.info("write refused, turn ends: %s", refused, extra={**self.log_extra})
                 self.unwritten = None
@@ -527,6 +577,58 @@ class _Turn:
                 )
                 self.chart.send("store_unavailable")
         return self.result()
+
+    async def _context_exceeded(self, exceeded: _ContextExceeded) -> None:
+        """Report the refused prompt to the chart; it decides between a compaction and
+        the end of the turn."""
+        exc = exceeded.error
+        compacted_before = self.chart.overflow_retries > 0
+        self.chart.send("context_exceeded")
+        if self.chart.state_id != "overflow_compacting":
+            payload = error_payload(exc, self.model.provider)
+            if compacted_before:
+                message = f"still too long after compacting the history: {exc.message}"
+                payload = replace(payload, message=message)
+            logger.warning("turn failed: %s", payload.message, extra={**self.log_extra})
+            self.error = payload
+            return
+        self.overflow = exc
+        self.retries += 1
+        logger.warning(
+            "the prompt exceeds the model's context window, compacting and retrying: %s",
+            exc.message,
+            extra={
+                **self.log_extra,
+                "attempt": exceeded.attempt,
+                "kind": exc.kind,
+                "status_code": exc.status_code,
+                "error": exc.message,
+            },
+        )
+        if self.callbacks.on_retry is not None:
+            # Subscribers drop the refused attempt's parts; the retry follows the summary.
+            await self.callbacks.on_retry(
+                RetryPayload(
+                    attempt=exceeded.attempt,
+                    delay_s=0.0,
+                    error=exc.message,
+                    kind=exc.kind,
+                    status_code=exc.status_code,
+                    retrying_at=datetime.now(UTC),
+                )
+            )
+
+    def _overflow_compacted(self) -> None:
+        overflow, self.overflow = self.overflow, None
+        if self.chart.state_id != "failed":
+            return
+        assert overflow is not None
+        message = (
+            f"{overflow.message} (compacting the history to make room failed: "
+            f"{self.compaction_failure})"
+        )
+        logger.warning("turn failed: %s", message, extra={**self.log_extra})
+        self.error = replace(error_payload(overflow, self.model.provider), message=message)
 
     def result(self) -> TurnResult:
         """The outcome the chart's final state names, with what the turn used."""
@@ -656,6 +758,10 @@ class _Turn:
                 await self._stream_once(step)
                 return step
             except ModelError as exc:
+                if exc.kind == CONTEXT_LENGTH:
+                    # Asking again cannot help; a shorter history may (the chart decides).
+                    self.step = None
+                    raise _ContextExceeded(exc, attempt) from exc
                 if not exc.retryable:
                     raise _TurnFailed(error_payload(exc, self.model.provider)) from exc
                 elapsed = trio.current_time() - started
@@ -780,19 +886,39 @@ class _Turn:
             raise
 
     # -- compaction -------------------------------------------------------------
-    async def _compact(self) -> bool:
-        """Summarise, persist the three compaction messages; False when it failed."""
+    async def _summarise(self) -> GenerateResult:
+        """The summary call; a prompt the model refuses as too long loses its older half
+        (`shortened_for_summary`) until it fits or nothing more can go."""
+        history: list[PromptMessage] = list(self.history)
+        while True:
+            prompt = [
+                *history,
+                NewMessage(Role.USER, (TextPart(self.config.compaction.summary_prompt),)),
+            ]
+            try:
+                return await self.model.generate(prompt)
+            except ModelError as exc:
+                shorter = shortened_for_summary(history) if exc.kind == CONTEXT_LENGTH else None
+                if shorter is None:
+                    raise
+                logger.warning(
+                    "summary prompt too long, leaving out the %d oldest messages",
+                    len(history) - len(shorter),
+                    extra={**self.log_extra, "error": exc.message},
+                )
+                history = shorter
+
+    async def _compact(self, *, overflow: bool = False) -> bool:
+        """Summarise, persist the three compaction messages; False when it failed.
+
+        `overflow`: the model refused the last prompt as too long (the report says so)."""
         cfg = self.config.compaction
         tokens, limit = self._context()
         call = ToolCallPart(f"{cfg.tool_name}_{new_id().hex}", cfg.tool_name, "{}")
         await self._publish_part(Role.ASSISTANT, call)
-        prompt: list[PromptMessage] = [
-            *self.history,
-            NewMessage(Role.USER, (TextPart(cfg.summary_prompt),)),
-        ]
         try:
             with trio.fail_after(cfg.summary_timeout):
-                generated = await self.model.generate(prompt)
+                generated = await self._summarise()
         except trio.TooSlowError:
             return await self._compaction_failed(
                 call, f"summary timed out after {cfg.summary_timeout} s"
@@ -812,6 +938,8 @@ class _Turn:
             "context_tokens": tokens,
             "context_limit_tokens": limit,
         }
+        if overflow:
+            report["reason"] = CONTEXT_LENGTH
         result = ToolResultPart(call.call_id, call.name, report)
         messages = [
             NewMessage(
@@ -850,6 +978,7 @@ class _Turn:
         self, call: ToolCallPart, message: str, exc: BaseException | None = None
     ) -> bool:
         logger.warning("compaction failed: %s", message, exc_info=exc, extra={**self.log_extra})
+        self.compaction_failure = message
         await self._publish_part(
             Role.TOOL, ToolResultPart(call.call_id, call.name, {"error": message}, is_error=True)
         )
