@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeAlias, TypeVar, Union
+from typing import Any, ClassVar, TypeAlias, TypeVar, Union, cast
 
+from chatd_trio.config import RequestOptions
 from chatd_trio.errors import DecodeError, PayloadTooLarge
 
 JSON: TypeAlias = Any
@@ -513,6 +514,9 @@ class Chat:
     owner_token: int = 0
     # The queue's length when the row was read.
     queued: int = 0
+    # Request options of this chat's model calls, merged over the model's own
+    # (`Server.create_chat(model_options=...)`); None: the model's options alone.
+    model_options: RequestOptions | None = None
 
     @property
     def is_child(self) -> bool:
@@ -538,6 +542,9 @@ class Chat:
             "mcp_servers": list(self.mcp_servers),
             "owner_token": self.owner_token,
             "queued": self.queued,
+            "model_options": (
+                None if self.model_options is None else cast(JSON, self.model_options.to_json())
+            ),
         }
 
     @classmethod
@@ -565,6 +572,11 @@ class Chat:
             mcp_servers=tuple(servers),
             owner_token=_int(d, "owner_token", path, optional=True) or 0,
             queued=_int(d, "queued", path, optional=True) or 0,
+            model_options=(
+                None
+                if d.get("model_options") is None
+                else RequestOptions.from_json(d["model_options"], f"{path}.model_options")
+            ),
         )
 
 

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from chatd_trio.config import RequestOptions
 from chatd_trio.domain import (
     ChatStatus,
     ErrorEvent,
@@ -150,3 +151,33 @@ async def test_a_prompt_too_long_for_the_context_is_compacted_and_the_step_runs_
     assert retried["messages"] == [
         {"role": "user", "content": "Summary of the conversation so far:\nThe user said hello."}
     ]
+
+
+async def test_request_options_per_model_and_per_chat(fake: FakeOpenAI) -> None:
+    """The model's options apply to every chat; a chat's own (`create_chat(model_options=
+    ...)`, kept with the chat) override them field by field, in every request of its
+    turns."""
+    fake.enqueue(text_stream(["plain"]), text_stream(["tuned"]))
+    pubsub = MemoryPubSub()
+    store = MemoryStore(pubsub=pubsub)
+    owner = uuid.uuid4()
+    per_model = RequestOptions(temperature=0.7, max_tokens=100, extra_headers={"x-team": "a"})
+    per_chat = RequestOptions(temperature=0.0, reasoning_effort="high", extra_body={"top_k": 5})
+    async with (
+        OpenAIChatModel(fake.base_url, "sk-test", "gpt-test", options=per_model) as model,
+        Server(store, pubsub, model, MEMORY_CONFIG) as server,
+    ):
+        plain = await server.create_chat(owner, "hello", title="plain")
+        async with server.subscribe(owner, plain.id) as sub:
+            await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        tuned = await server.create_chat(owner, "hello", title="tuned", model_options=per_chat)
+        assert tuned.model_options == per_chat
+        async with server.subscribe(owner, tuned.id) as sub:
+            await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+    first, second = fake.requests
+    assert (first.body["temperature"], first.body["max_tokens"]) == (0.7, 100)
+    assert "reasoning_effort" not in first.body and "top_k" not in first.body
+    assert (second.body["temperature"], second.body["max_tokens"]) == (0.0, 100)
+    assert (second.body["reasoning_effort"], second.body["top_k"]) == ("high", 5)
+    assert first.headers["x-team"] == second.headers["x-team"] == "a"
+    assert (await store.get_chat(tuned.id)).model_options == per_chat

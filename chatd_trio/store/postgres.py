@@ -41,7 +41,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
-from chatd_trio.config import LimitsConfig, PostgresConfig
+from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
     ChatStatus,
@@ -124,6 +124,7 @@ _CHAT_COLUMNS = (
     "last_error",
     "mcp_servers",
     "owner_token",
+    "model_options",
 )
 # A chat as reads return it: the row plus its queue's length.
 _QUEUED_COUNT = "(SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = {t}.id)"
@@ -154,8 +155,8 @@ _SQL_CHATS_BY_OWNER = (
 )
 _SQL_INSERT_CHAT = (
     "INSERT INTO chats (id, owner_id, title, status, parent_chat_id, root_chat_id,"
-    " workspace_id, build_id, agent_id, mcp_servers)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[])"
+    " workspace_id, build_id, agent_id, mcp_servers, model_options)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s)"
     f" RETURNING {_CHAT}"
 )
 # Array order is evaluation order: the notifies go out (at commit) in message order.
@@ -312,6 +313,9 @@ def _chat(r: DictRow) -> Chat:
         mcp_servers=tuple(r["mcp_servers"] or ()),
         owner_token=r["owner_token"],
         queued=r["queued"],
+        model_options=(
+            None if r["model_options"] is None else RequestOptions.from_json(r["model_options"])
+        ),
     )
 
 
@@ -635,6 +639,7 @@ class PostgresStore(StoreOps):
         agent_id: uuid.UUID | None,
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
+        model_options: RequestOptions | None,
     ) -> tuple[Chat, Message]:
         check_title(title, self._limits)
         check_user_parts(messages[-1].parts, self._limits)
@@ -661,6 +666,7 @@ class PostgresStore(StoreOps):
                     build_id,
                     agent_id,
                     list(mcp_servers),
+                    None if model_options is None else Jsonb(model_options.to_json()),
                 ),
             )
             assert chat_row is not None
