@@ -343,13 +343,15 @@ def text_of(parts: Sequence[Part]) -> str:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token usage of one model call."""
+    """Token usage of one model call. `reasoning_tokens` is the part of `output_tokens`
+    the model spent reasoning (0 when the provider does not say)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
     total_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def context_tokens(self) -> int:
         """Input + cache-read + cache-creation when any is positive, else total (spec §3.1)."""
@@ -363,6 +365,7 @@ class Usage:
             "cache_read_tokens": self.cache_read_tokens,
             "cache_creation_tokens": self.cache_creation_tokens,
             "total_tokens": self.total_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
         }
 
     @classmethod
@@ -377,6 +380,7 @@ class Usage:
                     "cache_read_tokens",
                     "cache_creation_tokens",
                     "total_tokens",
+                    "reasoning_tokens",
                 )
             )
         )

@@ -34,6 +34,7 @@ from chatd_trio.domain import (
     TextPart,
     ToolCallPart,
     ToolResultPart,
+    Usage,
     Visibility,
 )
 from chatd_trio.errors import OwnershipLost, StoreError, StoreUnavailable
@@ -350,6 +351,23 @@ async def test_signed_reasoning_blocks_are_stored_and_sent_back_as_they_came(
         ReasoningPart("echo."),
         ReasoningPart("Then answer."),
     ]
+
+
+async def test_stored_usage_keeps_cached_and_reasoning_tokens(store: Store) -> None:
+    lease = await start_chat(store)
+    usage = Usage(
+        input_tokens=400,
+        output_tokens=300,
+        cache_read_tokens=600,
+        cache_creation_tokens=50,
+        total_tokens=1350,
+        reasoning_tokens=250,
+    )
+    model = ScriptedModel([tool_step([("echo", {})], usage=usage), text_step("ok")])
+
+    await run_turn(store, lease, model, tools=ToolRegistry([echo]))
+
+    assert (await history(store, lease.chat_id))[1].usage == usage
 
 
 async def test_a_one_step_text_turn_writes_nothing_its_answer_comes_back(store: Store) -> None:

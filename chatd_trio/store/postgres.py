@@ -133,7 +133,8 @@ _CHAT_C = ", ".join(f"c.{col}" for col in _CHAT_COLUMNS) + ", " + _QUEUED_COUNT.
 _CHAT_C += " AS queued"
 _MSG = (
     "id, chat_id, role, content, visibility, input_tokens, output_tokens, cache_read_tokens,"
-    " cache_creation_tokens, total_tokens, context_limit, compressed, deleted, created_at"
+    " cache_creation_tokens, total_tokens, reasoning_tokens, context_limit, compressed, deleted,"
+    " created_at"
 )
 _QUEUED = "id, chat_id, content, created_at"
 _WORKSPACE = "id, owner_id, name, created_at"
@@ -164,15 +165,16 @@ _SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) A
 # One statement for any number of messages; ORDER BY ordinality assigns ids in input order.
 _SQL_INSERT_MESSAGES = (
     "INSERT INTO chat_messages (chat_id, role, content, visibility, input_tokens,"
-    " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, context_limit,"
-    " compressed, owner_token, op_id)"
+    " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, reasoning_tokens,"
+    " context_limit, compressed, owner_token, op_id)"
     " SELECT %s, m.role, m.content, m.visibility, m.input_tokens, m.output_tokens,"
-    " m.cache_read_tokens, m.cache_creation_tokens, m.total_tokens, m.context_limit,"
-    " m.compressed, %s, %s"
+    " m.cache_read_tokens, m.cache_creation_tokens, m.total_tokens, m.reasoning_tokens,"
+    " m.context_limit, m.compressed, %s, %s"
     " FROM unnest(%s::text[], %s::jsonb[], %s::text[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
+    " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
     " WITH ORDINALITY AS m(role, content, visibility, input_tokens, output_tokens,"
-    " cache_read_tokens, cache_creation_tokens, total_tokens, context_limit, compressed, ord)"
+    " cache_read_tokens, cache_creation_tokens, total_tokens, reasoning_tokens, context_limit,"
+    " compressed, ord)"
     f" ORDER BY m.ord RETURNING {_MSG},"
     # The statement's snapshot excludes its own rows: this is the chat's latest visible
     # message before the insert (the chat row is locked, so nothing else inserts).
@@ -328,6 +330,7 @@ def _message(r: DictRow) -> Message:
             cache_read_tokens=r["cache_read_tokens"],
             cache_creation_tokens=r["cache_creation_tokens"],
             total_tokens=r["total_tokens"],
+            reasoning_tokens=r["reasoning_tokens"] or 0,
         )
     return Message(
         id=r["id"],
@@ -596,6 +599,7 @@ class PostgresStore(StoreOps):
             "cache_read_tokens",
             "cache_creation_tokens",
             "total_tokens",
+            "reasoning_tokens",
         )
         params: list[object] = [
             chat_id,
