@@ -7,7 +7,7 @@ and never hard-codes a number.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 
@@ -59,6 +59,10 @@ class CompactionConfig:
     summary_timeout: float = 90.0
     # Re-entry after a final-step compaction, at most 3 times: no compaction ping-pong.
     max_compaction_retries: int = 3
+    # A step the model refused as too long for its context window runs again after a
+    # compaction, at most once: a summary makes room when the history outgrew the window;
+    # a prompt still too long after one will not fit by asking again.
+    context_length_retries: int = 1
     summary_prompt: str = (
         "Summarise the conversation so far so that you can continue the task from the summary "
         "alone: goals, decisions, files touched, open questions and next steps."
@@ -249,9 +253,10 @@ class RequestOptions:
     """Options of a model request, passed to the provider unchanged (docs/providers.md).
 
     Every field defaults to None (not sent: the provider's default applies). Set them
-    per model (`OpenAIChatModel(options=...)`) and override them per chat with
-    `model.with_options(...)`. Fields a provider has no equivalent for are not sent
-    there: docs/providers.md lists which adapter sends what.
+    per model (`OpenAIChatModel(options=...)`) and override them per chat
+    (`Server.create_chat(model_options=...)`, kept with the chat and inherited by its
+    subagents; `model.with_options(...)` does the merge). Fields a provider has no
+    equivalent for are not sent there: docs/providers.md lists which adapter sends what.
     """
 
     temperature: float | None = None
@@ -291,6 +296,88 @@ class RequestOptions:
         changes["extra_headers"] = {**self.extra_headers, **override.extra_headers}
         changes["extra_body"] = {**self.extra_body, **override.extra_body}
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, object]:
+        """The fields that are set, as JSON values (how a chat's options are stored)."""
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name in ("extra_headers", "extra_body") and not value):
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: object, path: str = "model_options") -> RequestOptions:
+        """Strictly decode `to_json`'s form; raises `DecodeError` naming the bad field
+        (an unknown option included: a misspelt one would otherwise do nothing)."""
+        from chatd_trio.errors import DecodeError
+
+        if not isinstance(data, Mapping):
+            raise DecodeError(path, "expected an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for key, value in data.items():
+            where = f"{path}.{key}"
+            if key not in known:
+                raise DecodeError(where, "unknown request option")
+            if value is None:
+                continue
+            if not _OPTION_CHECKS[key](value):
+                raise DecodeError(where, _OPTION_TYPES[key])
+            if key == "stop":
+                value = tuple(value)
+            values[key] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _object(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+
+
+_OPTION_TYPES: dict[str, str] = {
+    **dict.fromkeys(("temperature", "top_p"), "expected a number"),
+    **dict.fromkeys(
+        ("top_k", "max_tokens", "max_completion_tokens", "seed", "thinking_budget_tokens"),
+        "expected an integer",
+    ),
+    "stop": "expected a list of strings",
+    "tool_choice": "expected a string or an object",
+    **dict.fromkeys(("parallel_tool_calls", "include_usage"), "expected a boolean"),
+    **dict.fromkeys(("reasoning_effort", "user"), "expected a string"),
+    **dict.fromkeys(("response_format", "extra_body"), "expected an object"),
+    "extra_headers": "expected an object of strings",
+}
+_OPTION_CHECKS: dict[str, Callable[[object], bool]] = {
+    "temperature": _number,
+    "top_p": _number,
+    "top_k": _integer,
+    "max_tokens": _integer,
+    "max_completion_tokens": _integer,
+    "seed": _integer,
+    "thinking_budget_tokens": _integer,
+    "stop": lambda v: isinstance(v, list | tuple) and all(isinstance(s, str) for s in v),
+    "tool_choice": lambda v: isinstance(v, str) or _object(v),
+    "parallel_tool_calls": lambda v: isinstance(v, bool),
+    "include_usage": lambda v: isinstance(v, bool),
+    "reasoning_effort": lambda v: isinstance(v, str),
+    "user": lambda v: isinstance(v, str),
+    "response_format": _object,
+    "extra_body": _object,
+    "extra_headers": lambda v: _object(v) and all(isinstance(x, str) for x in v.values()),  # type: ignore[attr-defined]
+}
 
 
 @dataclass(frozen=True)

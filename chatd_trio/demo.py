@@ -9,6 +9,13 @@ commands run on real local agents (`LocalProvisioner`) in a temporary directory.
 Scenarios, each checked (PASS/FAIL): parallel tools, compaction with re-entry, a
 subagent, a workspace rebuilt between turns, a stopped workspace, a retry storm
 from a throttling model, a subscriber catching up after a reconnect.
+
+With --provider the demo runs one chat against a real model instead (OpenAI,
+Anthropic, or an OpenAI-compatible server such as vLLM, Ollama or LiteLLM with
+--base-url), with a workspace on a local agent, and prints the chat as it streams:
+    OPENAI_API_KEY=... chatd-trio demo --provider openai --model gpt-4o-mini
+    chatd-trio demo --provider openai --base-url http://localhost:11434/v1 --model qwen3
+See docs/providers.md.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from chatd_trio.config import (
     RetryConfig,
     WorkspaceConfig,
 )
+from chatd_trio.demo_provider import add_provider_arguments, run_provider_command
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -1231,10 +1239,17 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="store_true",
         help="plain log lines instead of the live table (automatic when not a TTY)",
     )
+    add_provider_arguments(p)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    """Run the demo from parsed arguments; 0 only when every scenario passed."""
+    """Run the demo from parsed arguments; 0 only when every scenario passed (with
+    --provider: when every turn of the chat ended `waiting`)."""
+    if args.provider is not None:
+        if args.dsn is not None or args.replicas != 1:
+            print("--provider runs one in-memory Server: no --dsn or --replicas", file=sys.stderr)
+            return 2
+        return run_provider_command(args)
     if args.replicas < 1:
         print("--replicas must be at least 1", file=sys.stderr)
         return 2

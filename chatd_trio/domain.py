@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeAlias, TypeVar, Union
+from typing import Any, ClassVar, TypeAlias, TypeVar, Union, cast
 
+from chatd_trio.config import RequestOptions
 from chatd_trio.errors import DecodeError, PayloadTooLarge
 
 JSON: TypeAlias = Any
@@ -342,13 +343,15 @@ def text_of(parts: Sequence[Part]) -> str:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token usage of one model call."""
+    """Token usage of one model call. `reasoning_tokens` is the part of `output_tokens`
+    the model spent reasoning (0 when the provider does not say)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_creation_tokens: int = 0
     total_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def context_tokens(self) -> int:
         """Input + cache-read + cache-creation when any is positive, else total (spec §3.1)."""
@@ -362,6 +365,7 @@ class Usage:
             "cache_read_tokens": self.cache_read_tokens,
             "cache_creation_tokens": self.cache_creation_tokens,
             "total_tokens": self.total_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
         }
 
     @classmethod
@@ -376,6 +380,7 @@ class Usage:
                     "cache_read_tokens",
                     "cache_creation_tokens",
                     "total_tokens",
+                    "reasoning_tokens",
                 )
             )
         )
@@ -513,6 +518,9 @@ class Chat:
     owner_token: int = 0
     # The queue's length when the row was read.
     queued: int = 0
+    # Request options of this chat's model calls, merged over the model's own
+    # (`Server.create_chat(model_options=...)`); None: the model's options alone.
+    model_options: RequestOptions | None = None
 
     @property
     def is_child(self) -> bool:
@@ -538,6 +546,9 @@ class Chat:
             "mcp_servers": list(self.mcp_servers),
             "owner_token": self.owner_token,
             "queued": self.queued,
+            "model_options": (
+                None if self.model_options is None else cast(JSON, self.model_options.to_json())
+            ),
         }
 
     @classmethod
@@ -565,6 +576,11 @@ class Chat:
             mcp_servers=tuple(servers),
             owner_token=_int(d, "owner_token", path, optional=True) or 0,
             queued=_int(d, "queued", path, optional=True) or 0,
+            model_options=(
+                None
+                if d.get("model_options") is None
+                else RequestOptions.from_json(d["model_options"], f"{path}.model_options")
+            ),
         )
 
 

@@ -40,6 +40,12 @@ Decisions where the specification is silent:
   Retry-After is honoured up to that budget, never beyond it.
 - A failed summary call (error, timeout) is handled like an empty summary: an
   error tool result is published, `on_error` is told, the turn goes on.
+- A step the model refuses as too long for its context window (kind
+  `context_length`) is not retried as it stands: the chart compacts the history and
+  runs the step again, at most `compaction.context_length_retries` times per step
+  (a `retry` event with no delay first tells subscribers to drop the refused
+  attempt's parts). A summary prompt refused as too long loses the older half of
+  the history (`shortened_for_summary`) until it fits.
 - `on_message` receives the user-visible persisted messages (the hidden summary
   is model-only); the caller clears its stream buffer there.
 - `on_error` receives non-fatal errors only; a fatal one is in `TurnResult.error`.
@@ -78,6 +84,7 @@ from chatd_trio.errors import ModelError, PersistRefused, StoreUnavailable
 from chatd_trio.models.base import (
     Delta,
     Finish,
+    GenerateResult,
     Model,
     PromptMessage,
     ReasoningDelta,
@@ -85,7 +92,7 @@ from chatd_trio.models.base import (
     ToolCallDelta,
     ToolCallDone,
 )
-from chatd_trio.models.classify import UNREACHABLE
+from chatd_trio.models.classify import CONTEXT_LENGTH, UNREACHABLE
 from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
@@ -334,6 +341,36 @@ class _TurnFailed(Exception):
         self.payload = payload
 
 
+class _ContextExceeded(Exception):
+    """The model refused the step's prompt as too long for its context window."""
+
+    def __init__(self, error: ModelError, attempt: int) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.attempt = attempt
+
+
+def shortened_for_summary(history: Sequence[PromptMessage]) -> list[PromptMessage] | None:
+    """The history without its older half, for a summary prompt the model refused as too
+    long; None when nothing more can go.
+
+    System messages and an earlier summary (compressed) stay. The cut moves forward to
+    a user message, or failing that past tool messages, so that no tool result is left
+    without its call (providers refuse that).
+    """
+    pinned = [m.role is Role.SYSTEM or bool(getattr(m, "compressed", False)) for m in history]
+    movable = [i for i, pin in enumerate(pinned) if not pin]
+    if len(movable) < 2:
+        return None
+    rest = movable[len(movable) // 2 :]
+    users = [i for i in rest if history[i].role is Role.USER]
+    others = [i for i in rest if history[i].role is not Role.TOOL]
+    if not (users or others):
+        return None
+    cut = (users or others)[0]
+    return [m for i, m in enumerate(history) if pinned[i] or i >= cut]
+
+
 @dataclass
 class _CallBuffer:
     call_id: str | None = None
@@ -345,6 +382,9 @@ class _CallBuffer:
 class _StepBuffer:
     """What one step has produced so far: enough to persist it whole or interrupted."""
 
+    # Closed reasoning blocks (each signed one exactly as the provider sent it: Anthropic
+    # refuses a thinking block whose text or signature changed), then the open block.
+    blocks: list[ReasoningPart] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     calls: dict[int, _CallBuffer] = field(default_factory=dict)
@@ -357,13 +397,13 @@ class _StepBuffer:
     write_started: bool = False
 
     def apply(self, delta: Delta) -> Part | None:
-        """Record a delta; returns the part to publish (None for `Finish`)."""
+        """Record a delta; returns the part to publish (None for `Finish` and for a
+        reasoning delta without text: a signature or a redacted block)."""
         if isinstance(delta, TextDelta):
             self.text.append(delta.text)
             return TextPart(delta.text)
         if isinstance(delta, ReasoningDelta):
-            self.reasoning.append(delta.text)
-            return ReasoningPart(delta.text)
+            return self._reason(delta)
         if isinstance(delta, ToolCallDelta):
             buf = self.calls.setdefault(delta.index, _CallBuffer())
             buf.call_id = delta.call_id or buf.call_id
@@ -376,6 +416,29 @@ class _StepBuffer:
         self.finish = delta
         return None
 
+    def _reason(self, delta: ReasoningDelta) -> Part | None:
+        if delta.redacted:
+            self._close_reasoning("")
+            self.blocks.append(ReasoningPart("", delta.signature, redacted=True))
+            return None
+        self.reasoning.append(delta.text)
+        if delta.signature:
+            self._close_reasoning(delta.signature)
+        return ReasoningPart(delta.text) if delta.text else None
+
+    def _close_reasoning(self, signature: str) -> None:
+        if self.reasoning or signature:
+            self.blocks.append(ReasoningPart("".join(self.reasoning), signature))
+        self.reasoning = []
+
+    def reasoning_parts(self) -> list[ReasoningPart]:
+        """Every reasoning block so far; unsigned text (another provider's reasoning, or
+        a thinking block cut before its signature) as one unsigned part."""
+        parts = list(self.blocks)
+        if self.reasoning:
+            parts.append(ReasoningPart("".join(self.reasoning)))
+        return parts
+
     def tool_calls(self) -> list[ToolCallPart]:
         return [
             ToolCallPart(buf.call_id or f"call_{index}", buf.name or "", buf.arguments)
@@ -383,9 +446,7 @@ class _StepBuffer:
         ]
 
     def assistant_parts(self) -> tuple[Part, ...]:
-        parts: list[Part] = []
-        if self.reasoning:
-            parts.append(ReasoningPart("".join(self.reasoning)))
+        parts: list[Part] = [p for p in self.reasoning_parts() if p.text or p.signature]
         if self.text:
             parts.append(TextPart("".join(self.text)))
         parts.extend(self.tool_calls())
@@ -448,7 +509,10 @@ class _Turn:
         self.tool_context = tool_context
         self.tool_nursery = tool_nursery
         self.chart = CompactionChart.fresh(
-            config.max_steps, config.compaction.max_compaction_retries, owner=self
+            config.max_steps,
+            config.compaction.max_compaction_retries,
+            config.compaction.context_length_retries,
+            owner=self,
         )
         self.history: list[PromptMessage] = []
         # The in-flight step (streaming or running tools); None once it is complete.
@@ -458,6 +522,10 @@ class _Turn:
         self.unwritten: tuple[_StepBuffer, list[NewMessage]] | None = None
         self.last_finish: Finish | None = None
         self.error: ErrorPayload | None = None
+        # The context-length error the running overflow compaction answers, and why the
+        # last compaction failed (both end up in the turn's error when it cannot go on).
+        self.overflow: ModelError | None = None
+        self.compaction_failure = ""
         self.retries = 0
         self.store_retries = 0
         self.log_extra = {
@@ -483,6 +551,10 @@ class _Turn:
                 elif activity is Activity.COMPACT:
                     compacted = await self._compact()
                     self.chart.send("summary_ok" if compacted else "summary_failed")
+                elif activity is Activity.COMPACT_OVERFLOW:
+                    compacted = await self._compact(overflow=True)
+                    self.chart.send("summary_ok" if compacted else "summary_failed")
+                    self._overflow_compacted()
                 elif activity is Activity.RELOAD:
                     self.history = list(await self._retrying(self.load_prompt, "reloading"))
                     self.chart.send("reloaded")
@@ -492,6 +564,8 @@ class _Turn:
                 logger.warning("turn failed: %s", failed.payload.message, extra={**self.log_extra})
                 self.error = failed.payload
                 self.chart.send("model_failed")
+            except _ContextExceeded as exceeded:
+                await self._context_exceeded(exceeded)
             except PersistRefused as refused:
                 logger.info("write refused, turn ends: %s", refused, extra={**self.log_extra})
                 self.unwritten = None
@@ -503,6 +577,58 @@ class _Turn:
                 )
                 self.chart.send("store_unavailable")
         return self.result()
+
+    async def _context_exceeded(self, exceeded: _ContextExceeded) -> None:
+        """Report the refused prompt to the chart; it decides between a compaction and
+        the end of the turn."""
+        exc = exceeded.error
+        compacted_before = self.chart.overflow_retries > 0
+        self.chart.send("context_exceeded")
+        if self.chart.state_id != "overflow_compacting":
+            payload = error_payload(exc, self.model.provider)
+            if compacted_before:
+                message = f"still too long after compacting the history: {exc.message}"
+                payload = replace(payload, message=message)
+            logger.warning("turn failed: %s", payload.message, extra={**self.log_extra})
+            self.error = payload
+            return
+        self.overflow = exc
+        self.retries += 1
+        logger.warning(
+            "the prompt exceeds the model's context window, compacting and retrying: %s",
+            exc.message,
+            extra={
+                **self.log_extra,
+                "attempt": exceeded.attempt,
+                "kind": exc.kind,
+                "status_code": exc.status_code,
+                "error": exc.message,
+            },
+        )
+        if self.callbacks.on_retry is not None:
+            # Subscribers drop the refused attempt's parts; the retry follows the summary.
+            await self.callbacks.on_retry(
+                RetryPayload(
+                    attempt=exceeded.attempt,
+                    delay_s=0.0,
+                    error=exc.message,
+                    kind=exc.kind,
+                    status_code=exc.status_code,
+                    retrying_at=datetime.now(UTC),
+                )
+            )
+
+    def _overflow_compacted(self) -> None:
+        overflow, self.overflow = self.overflow, None
+        if self.chart.state_id != "failed":
+            return
+        assert overflow is not None
+        message = (
+            f"{overflow.message} (compacting the history to make room failed: "
+            f"{self.compaction_failure})"
+        )
+        logger.warning("turn failed: %s", message, extra={**self.log_extra})
+        self.error = replace(error_payload(overflow, self.model.provider), message=message)
 
     def result(self) -> TurnResult:
         """The outcome the chart's final state names, with what the turn used."""
@@ -632,6 +758,10 @@ class _Turn:
                 await self._stream_once(step)
                 return step
             except ModelError as exc:
+                if exc.kind == CONTEXT_LENGTH:
+                    # Asking again cannot help; a shorter history may (the chart decides).
+                    self.step = None
+                    raise _ContextExceeded(exc, attempt) from exc
                 if not exc.retryable:
                     raise _TurnFailed(error_payload(exc, self.model.provider)) from exc
                 elapsed = trio.current_time() - started
@@ -756,19 +886,39 @@ class _Turn:
             raise
 
     # -- compaction -------------------------------------------------------------
-    async def _compact(self) -> bool:
-        """Summarise, persist the three compaction messages; False when it failed."""
+    async def _summarise(self) -> GenerateResult:
+        """The summary call; a prompt the model refuses as too long loses its older half
+        (`shortened_for_summary`) until it fits or nothing more can go."""
+        history: list[PromptMessage] = list(self.history)
+        while True:
+            prompt = [
+                *history,
+                NewMessage(Role.USER, (TextPart(self.config.compaction.summary_prompt),)),
+            ]
+            try:
+                return await self.model.generate(prompt)
+            except ModelError as exc:
+                shorter = shortened_for_summary(history) if exc.kind == CONTEXT_LENGTH else None
+                if shorter is None:
+                    raise
+                logger.warning(
+                    "summary prompt too long, leaving out the %d oldest messages",
+                    len(history) - len(shorter),
+                    extra={**self.log_extra, "error": exc.message},
+                )
+                history = shorter
+
+    async def _compact(self, *, overflow: bool = False) -> bool:
+        """Summarise, persist the three compaction messages; False when it failed.
+
+        `overflow`: the model refused the last prompt as too long (the report says so)."""
         cfg = self.config.compaction
         tokens, limit = self._context()
         call = ToolCallPart(f"{cfg.tool_name}_{new_id().hex}", cfg.tool_name, "{}")
         await self._publish_part(Role.ASSISTANT, call)
-        prompt: list[PromptMessage] = [
-            *self.history,
-            NewMessage(Role.USER, (TextPart(cfg.summary_prompt),)),
-        ]
         try:
             with trio.fail_after(cfg.summary_timeout):
-                generated = await self.model.generate(prompt)
+                generated = await self._summarise()
         except trio.TooSlowError:
             return await self._compaction_failed(
                 call, f"summary timed out after {cfg.summary_timeout} s"
@@ -788,6 +938,8 @@ class _Turn:
             "context_tokens": tokens,
             "context_limit_tokens": limit,
         }
+        if overflow:
+            report["reason"] = CONTEXT_LENGTH
         result = ToolResultPart(call.call_id, call.name, report)
         messages = [
             NewMessage(
@@ -826,6 +978,7 @@ class _Turn:
         self, call: ToolCallPart, message: str, exc: BaseException | None = None
     ) -> bool:
         logger.warning("compaction failed: %s", message, exc_info=exc, extra={**self.log_extra})
+        self.compaction_failure = message
         await self._publish_part(
             Role.TOOL, ToolResultPart(call.call_id, call.name, {"error": message}, is_error=True)
         )

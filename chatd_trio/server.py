@@ -22,7 +22,7 @@ from typing import Literal
 import trio
 
 from chatd_trio import lifecycle
-from chatd_trio.config import Config, StoreRetryConfig
+from chatd_trio.config import Config, RequestOptions, StoreRetryConfig
 from chatd_trio.domain import (
     Chat,
     ChatStatus,
@@ -332,9 +332,10 @@ class Server:
         self._nursery.start_soon(self._turn, chat, control)
 
     def _model_for(self, chat: Chat) -> Model:
-        if isinstance(self._model, Model):
-            return self._model
-        return self._model(chat)
+        model = self._model if isinstance(self._model, Model) else self._model(chat)
+        if chat.model_options is None:
+            return model
+        return model.with_options(chat.model_options)
 
     async def _turn(self, chat: Chat, control: TurnControl) -> None:
         lease = Lease.of(chat)
@@ -776,8 +777,12 @@ class Server:
         parent_chat_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
+        model_options: RequestOptions | None = None,
     ) -> Chat:
-        """Create a chat with its first user message; it starts `pending`."""
+        """Create a chat with its first user message; it starts `pending`.
+
+        `model_options` are kept with the chat and merged over the model's own options
+        for every model call of the chat (docs/providers.md, "Per chat")."""
         parts = self._as_parts(content)
         if title is None:
             title = title_from_prompt(text_of_parts(parts), self.config.subagents)
@@ -795,6 +800,7 @@ class Server:
             parent_chat_id=parent_chat_id,
             mcp_servers=mcp_servers,
             system_prompt=system_prompt,
+            model_options=model_options,
         )
         await self._publish_owner(chat, "created")
         self.wake()

@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 import trio
 
-from chatd_trio.config import QueueConfig, SubagentConfig
+from chatd_trio.config import QueueConfig, RequestOptions, SubagentConfig
 from chatd_trio.domain import JSON, Chat, ChatStatus, Part, TextPart, parse_uuid, stream_channel
 from chatd_trio.errors import (
     ChatdError,
@@ -83,6 +83,7 @@ class SubagentHost(Protocol):
         build_id: uuid.UUID | None,
         agent_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
+        model_options: RequestOptions | None,
     ) -> Chat:
         """Persist a chat (it starts `pending`), publish it and wake acquisition."""
         ...
@@ -134,6 +135,7 @@ class StoreSubagentHost:
         build_id: uuid.UUID | None = None,
         agent_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
+        model_options: RequestOptions | None = None,
     ) -> Chat:
         """Create the chat with its first user message; it starts `pending`."""
         if parent_chat_id is not None:
@@ -149,6 +151,7 @@ class StoreSubagentHost:
             agent_id=agent_id,
             parent_chat_id=parent_chat_id,
             mcp_servers=mcp_servers,
+            model_options=model_options,
         )
         return chat
 
@@ -476,6 +479,7 @@ def subagent_tools(
                 build_id=parent.build_id,
                 agent_id=parent.agent_id,
                 mcp_servers=parent.mcp_servers,
+                model_options=parent.model_options,
             )
         except ChatdError as exc:
             raise ToolError(f"cannot spawn the subagent: {exc}") from exc

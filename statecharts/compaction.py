@@ -22,6 +22,12 @@ reports facts as events, and reads the next state. A turn is one or more
   stopped, else done; -summary_failed-> done.
 - reentering -reloaded-> stepping (a new pass) or, with no step left, checking
   (the new pass runs only its post-run check).
+- stepping -context_exceeded-> overflow_compacting when the model refused the
+  prompt as too long for its context window and the step has a context-length
+  retry left (`max_overflow_retries`, 1 by default): the failed attempt gives its
+  step back. overflow_compacting -summary_ok-> reloading, and the step runs again on
+  the compacted history; -summary_failed-> failed. Without a retry left (the
+  compacted history is still too long) -context_exceeded-> failed.
 
 Pinned consequence: with `max_steps=1` and one above-threshold text step the path
 is loading, stepping, compacting, checking, reentering, checking, safety_compacting,
@@ -32,13 +38,14 @@ Every end of a turn is a final state, so the driver reads a turn's outcome from
 the chart alone: `done`, `exhausted` (re-entry limit), `step_limit` (the budget ran
 out while the model still called tools), `answered` (a recovered turn whose final
 answer was already stored: `loading -loaded-> answered`, the model is not called),
-and the events of the working states: `model_failed` -> `failed`, `interrupt` ->
+and the events of the working states: `model_failed` -> `failed` (and
+`context_exceeded` without a retry left), `interrupt` ->
 `interrupted`, `shutdown` -> `shut_down`, `write_refused` -> `fenced` (the run no
 longer holds the chat), `store_unavailable` -> `unavailable` (the store stayed down
 past the write retry budget). Each is declared only where its driver can observe it:
 `checking` runs no I/O and never waits (its activity is a synchronous measurement),
 so it takes none of them; only a state whose activity writes (`stepping` writes the
-step before, `compacting` and `safety_compacting` the step and the compaction) can
+step before, the three compacting states the step and the compaction) can
 see a write refused - the reloads read, since the step they build on was written
 before its compaction. A strict chart then refuses, loudly, an event its driver
 should never send.
@@ -67,6 +74,9 @@ class Activity(enum.Enum):
     """Reload the prompt history from the store; report `reloaded`."""
     CHECK = "check"
     """Measure the last step's usage against the threshold; report `post_run_check`."""
+    COMPACT_OVERFLOW = "compact_overflow"
+    """Summarise after the model refused the prompt as too long (the summary prompt may
+    itself need shortening); report `summary_ok` or `summary_failed`."""
 
 
 def usage_percent(context_tokens: int, context_limit: int) -> float:
@@ -89,7 +99,8 @@ class CompactionChart(TracedChart):
 
     Events carry facts as keyword arguments: `step_persisted(tool_calls=...,
     over_threshold=...)` and `post_run_check(over_threshold=...)`. Counters:
-    `steps_used` (steps started, shared across passes), `reentries`, `compactions`.
+    `steps_used` (steps started, shared across passes), `reentries`, `compactions`,
+    `overflow_retries` (context-length retries of the current step).
     """
 
     # An event the table does not allow is a driver bug: fail loudly.
@@ -102,6 +113,7 @@ class CompactionChart(TracedChart):
     reloading = State("reloading")
     checking = State("checking")
     safety_compacting = State("safety_compacting")
+    overflow_compacting = State("overflow_compacting")
     reentering = State("reentering")
     done = State("done", final=True)
     exhausted = State("exhausted", final=True)
@@ -123,7 +135,8 @@ class CompactionChart(TracedChart):
         | stepping.to(checking, on="stop_by_model")
     )
     summary_ok = (
-        compacting.to(reloading, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
+        overflow_compacting.to(reloading)
+        | compacting.to(reloading, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
         | compacting.to(checking, cond="last_had_tools", on="stop_at_budget")
         | compacting.to(checking, on="compacted_final_step")
         | safety_compacting.to(reentering, cond=["stopped_by_model", "reentry_left"])
@@ -132,7 +145,8 @@ class CompactionChart(TracedChart):
         | safety_compacting.to(done)
     )
     summary_failed = (
-        compacting.to(stepping, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
+        overflow_compacting.to(failed)
+        | compacting.to(stepping, cond=["last_had_tools", "budget_left"], on="continue_with_tools")
         | compacting.to(checking, cond="last_had_tools", on="stop_at_budget")
         | compacting.to(checking, on="stop_by_model")
         | safety_compacting.to(step_limit, cond="out_of_steps")
@@ -153,11 +167,17 @@ class CompactionChart(TracedChart):
     # Every other end of a turn is an event too (docs/spec.md §3): the driver reads the
     # outcome from the final state, never from an exception path the chart does not know.
     model_failed = stepping.to(failed)
+    # The prompt does not fit the model's context window: compact, then run the step again,
+    # once; a step still too long after that ends the turn (asking again cannot help).
+    context_exceeded = stepping.to(
+        overflow_compacting, cond="overflow_retry_left", on="retry_after_compaction"
+    ) | stepping.to(failed)
     # Not from `checking`: its activity never waits, so no stop and no store fault lands there.
     interrupt = (
         loading.to(interrupted)
         | stepping.to(interrupted)
         | compacting.to(interrupted)
+        | overflow_compacting.to(interrupted)
         | reloading.to(interrupted)
         | safety_compacting.to(interrupted)
         | reentering.to(interrupted)
@@ -166,6 +186,7 @@ class CompactionChart(TracedChart):
         loading.to(shut_down)
         | stepping.to(shut_down)
         | compacting.to(shut_down)
+        | overflow_compacting.to(shut_down)
         | reloading.to(shut_down)
         | safety_compacting.to(shut_down)
         | reentering.to(shut_down)
@@ -177,6 +198,7 @@ class CompactionChart(TracedChart):
         loading.to(fenced)
         | stepping.to(fenced)
         | compacting.to(fenced)
+        | overflow_compacting.to(fenced)
         | reloading.to(fenced)
         | safety_compacting.to(fenced)
         | reentering.to(fenced)
@@ -186,14 +208,17 @@ class CompactionChart(TracedChart):
         loading.to(unavailable)
         | stepping.to(unavailable)
         | compacting.to(unavailable)
+        | overflow_compacting.to(unavailable)
         | reloading.to(unavailable)
         | safety_compacting.to(unavailable)
         | reentering.to(unavailable)
     )
 
-    def __init__(self, max_steps: int, max_reentries: int) -> None:
+    def __init__(self, max_steps: int, max_reentries: int, max_overflow_retries: int = 1) -> None:
         self.max_steps = max(1, max_steps)
         self.max_reentries = max(0, max_reentries)
+        self.max_overflow_retries = max(0, max_overflow_retries)
+        self.overflow_retries = 0
         self.steps_used = 0
         self.reentries = 0
         self.compactions = 0
@@ -231,12 +256,22 @@ class CompactionChart(TracedChart):
     def out_of_steps(self) -> bool:
         return self.stopped_at_budget
 
+    def overflow_retry_left(self) -> bool:
+        return self.overflow_retries < self.max_overflow_retries
+
     # -- actions (bookkeeping only) ---------------------------------------------
     def on_enter_stepping(self) -> None:
         self.steps_used += 1
 
     def before_step_persisted(self, tool_calls: bool = False) -> None:
         self.last_had_tools = tool_calls
+        # The retry limit is per step: the next step may overflow and compact again.
+        self.overflow_retries = 0
+
+    def retry_after_compaction(self) -> None:
+        self.overflow_retries += 1
+        # The refused attempt produced nothing: its retry runs as the same step.
+        self.steps_used -= 1
 
     def before_summary_ok(self) -> None:
         self.compactions += 1
@@ -276,6 +311,7 @@ ACTIVITIES: Mapping[str, Activity] = {
     "loading": Activity.LOAD,
     "stepping": Activity.STEP,
     "compacting": Activity.COMPACT,
+    "overflow_compacting": Activity.COMPACT_OVERFLOW,
     "safety_compacting": Activity.COMPACT,
     "reloading": Activity.RELOAD,
     "reentering": Activity.RELOAD,
@@ -300,6 +336,7 @@ DESCRIPTION: Mapping[str, str] = {
     "loading": "load the history; a stored final answer means the turn is over",
     "stepping": "stream a step, run its tools, persist it",
     "compacting": "inline compaction after a persisted step",
+    "overflow_compacting": "the prompt outgrew the context window: compact, retry the step",
     "reloading": "reload the compacted history, keep stepping",
     "checking": "post-run check: safety-net compaction or re-entry",
     "safety_compacting": "post-run safety-net compaction",
@@ -308,7 +345,7 @@ DESCRIPTION: Mapping[str, str] = {
     "exhausted": "re-entry limit reached",
     "step_limit": "max_steps used while the model still called tools",
     "answered": "recovered turn whose answer was already stored",
-    "failed": "the model failed (not retryable, or retries exhausted)",
+    "failed": "the model failed (not retryable, retries exhausted, or still too long)",
     "interrupted": "the user stopped the turn (or it lost the chat to a takeover)",
     "shut_down": "the replica is closing; another one runs the chat",
     "fenced": "a write was refused: the run no longer holds the chat",

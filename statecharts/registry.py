@@ -86,6 +86,12 @@ the summary is generated and persisted. After a tool-calling step the loop then
 tool calls) it goes to `checking` remembering that it compacted on the final step.
 A failed summary is reported and the turn goes on uncompacted.
 
+A model that refuses the step's prompt as too long for its context window sends the
+chart to `overflow_compacting`: the history is summarised (the summary prompt loses
+its older half while the model refuses it too), reloaded, and the step runs again.
+Once per step: a step refused again after that, or a summary that fails there, ends
+the turn in `failed` with an error that says so.
+
 `checking` is the post-run check of one pass: if nothing was compacted in the
 pass and the last step's usage crosses the threshold, the safety net compacts once
 (`safety_compacting`). Compacting on the model's final step re-enters the step

@@ -11,7 +11,8 @@ Like the real API it refuses, before consuming the script, a request that
 lacks `x-api-key` or `anthropic-version` (401/400), `model`, `max_tokens` or
 `messages` (400), that leaves a tool_use without a tool_result in the next user
 message, or that (with thinking enabled) continues after tool use without the
-signed thinking block this server issued (400 invalid_request_error).
+signed thinking block this server issued, its text unchanged (400
+invalid_request_error).
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ class FakeAnthropic(FakeOpenAI):
 
     def __init__(self) -> None:
         super().__init__()
-        # Signatures this server issued for thinking blocks: the only ones it accepts back.
-        self.issued_signatures: set[str] = set()
+        # Signatures this server issued, each with its block's thinking text: like the
+        # real API it accepts a thinking block back only with both unchanged.
+        self.issued_signatures: dict[str, str] = {}
         # Why requests were refused by the protocol checks, in order.
         self.refusals: list[str] = []
 
@@ -197,14 +199,18 @@ class FakeAnthropic(FakeOpenAI):
 
     def enqueue(self, *replies: Reply) -> None:
         for reply in replies:
+            thinking: dict[int, str] = {}
             for ev in reply.events or ():
                 if isinstance(ev, tuple) and isinstance(ev[1], dict):
+                    index = ev[1].get("index", -1)
                     d = ev[1].get("delta", {})
+                    if isinstance(d, dict) and d.get("type") == "thinking_delta":
+                        thinking[index] = thinking.get(index, "") + d["thinking"]
                     if isinstance(d, dict) and d.get("type") == "signature_delta":
-                        self.issued_signatures.add(d["signature"])
+                        self.issued_signatures[d["signature"]] = thinking.get(index, "")
                     block = ev[1].get("content_block", {})
                     if isinstance(block, dict) and block.get("type") == "redacted_thinking":
-                        self.issued_signatures.add(block["data"])
+                        self.issued_signatures[block["data"]] = ""
         super().enqueue(*replies)
 
     def unscripted(self) -> Reply:
@@ -271,7 +277,8 @@ class FakeAnthropic(FakeOpenAI):
     def _starts_with_signed_thinking(self, content: list[JSONDict]) -> bool:
         first = content[0]
         if first["type"] == "thinking":
-            return first.get("signature") in self.issued_signatures
+            issued = self.issued_signatures.get(first.get("signature", ""))
+            return issued is not None and issued == first.get("thinking")
         if first["type"] == "redacted_thinking":
             return first.get("data") in self.issued_signatures
         return False

@@ -204,7 +204,7 @@ async def test_history_goes_back_in_the_shape_the_api_requires(
         NewMessage(
             Role.ASSISTANT,
             (
-                ReasoningPart("plan", signature="sig-A"),
+                ReasoningPart("ok", signature="sig-A"),
                 ReasoningPart("unsigned thoughts of another provider"),
                 TextPart("Running both."),
                 ToolCallPart("toolu_1", "echo", '{"text": "hi"}'),
@@ -229,7 +229,7 @@ async def test_history_goes_back_in_the_shape_the_api_requires(
         {
             "role": "assistant",
             "content": [
-                {"type": "thinking", "thinking": "plan", "signature": "sig-A"},
+                {"type": "thinking", "thinking": "ok", "signature": "sig-A"},
                 {"type": "text", "text": "Running both."},
                 {"type": "tool_use", "id": "toolu_1", "name": "echo", "input": {"text": "hi"}},
                 {"type": "tool_use", "id": "toolu_2", "name": "ls", "input": {}},
@@ -264,6 +264,26 @@ async def test_the_fake_refuses_tool_use_after_thinking_without_the_signed_block
     with pytest.raises(ModelError) as info:
         await collect(thinking, history, TOOLS)
     assert (info.value.kind, info.value.retryable) == ("bad_request", False)
+    assert "must start with a thinking block" in info.value.message
+
+
+async def test_the_fake_refuses_a_signed_thinking_block_whose_text_changed(
+    fake: FakeAnthropic, model: AnthropicModel
+) -> None:
+    """A signature vouches for its block's text: merging or editing blocks breaks it."""
+    fake.enqueue(message_reply([Thinking("plan A", "sig-A")]))
+    await collect(model)
+    history = [
+        NewMessage(Role.USER, (TextPart("go"),)),
+        NewMessage(
+            Role.ASSISTANT,
+            (ReasoningPart("plan A, then B", "sig-A"), ToolCallPart("toolu_1", "echo", "{}")),
+        ),
+        NewMessage(Role.TOOL, (ToolResultPart("toolu_1", "echo", "ok"),)),
+    ]
+    thinking = model.with_options(RequestOptions(thinking_budget_tokens=1024))
+    with pytest.raises(ModelError) as info:
+        await collect(thinking, history, TOOLS)
     assert "must start with a thinking block" in info.value.message
 
 
@@ -507,6 +527,61 @@ async def test_a_chat_turn_with_parallel_tools_runs_through_server(fake: FakeAnt
         "content": [
             {"type": "tool_result", "tool_use_id": "toolu_a", "content": '{"echo": {"n": 1}}'},
             {"type": "tool_result", "tool_use_id": "toolu_b", "content": '{"echo": {"n": 2}}'},
+        ],
+    }
+
+
+async def test_thinking_with_tools_runs_through_server_with_signed_blocks_kept(
+    fake: FakeAnthropic,
+) -> None:
+    """Extended thinking across a tool call: the loop stores each thinking block with its
+    signature and sends it back unchanged ahead of the tool use, as the API requires (the
+    fake refuses the continuation otherwise, like the real API)."""
+    fake.enqueue(
+        message_reply(
+            [
+                Thinking("I should echo the number.", "sig-1"),
+                Redacted("ENCRYPTED"),
+                Text("Echoing."),
+                ToolUse("toolu_a", "echo", {"n": 7}),
+            ],
+            stop_reason="tool_use",
+        ),
+        message_reply([Thinking("It came back.", "sig-2"), Text("Echoed 7.")]),
+    )
+    pubsub = MemoryPubSub()
+    store = MemoryStore(pubsub=pubsub)
+    owner = uuid.uuid4()
+    options = RequestOptions(max_tokens=4096, thinking_budget_tokens=1024)
+    async with (
+        AnthropicModel("sk-ant", "claude-test", base_url=fake.base_url, options=options) as model,
+        Server(store, pubsub, model, MEMORY_CONFIG, tools=registry()) as server,
+    ):
+        chat = await server.create_chat(owner, "echo 7", title="t")
+        async with server.subscribe(owner, chat.id) as sub:
+            with trio.fail_after(30):
+                await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+    assert fake.refusals == []
+    final = await store.get_chat(chat.id)
+    assert (final.status, final.last_error) == (ChatStatus.WAITING, None)
+    stored = await store.messages_after(chat.id, 0)
+    assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.ASSISTANT]
+    assert stored[1].parts == (
+        ReasoningPart("I should echo the number.", "sig-1"),
+        ReasoningPart("", "ENCRYPTED", redacted=True),
+        TextPart("Echoing."),
+        ToolCallPart("toolu_a", "echo", '{"n": 7}'),
+    )
+    assert stored[3].parts == (ReasoningPart("It came back.", "sig-2"), TextPart("Echoed 7."))
+    second = fake.requests[1].body
+    assert second["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert second["messages"][1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "I should echo the number.", "signature": "sig-1"},
+            {"type": "redacted_thinking", "data": "ENCRYPTED"},
+            {"type": "text", "text": "Echoing."},
+            {"type": "tool_use", "id": "toolu_a", "name": "echo", "input": {"n": 7}},
         ],
     }
 

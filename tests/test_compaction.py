@@ -11,17 +11,24 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from chatd_trio.config import CompactionConfig, LoopConfig
 from chatd_trio.domain import (
+    ChatStatus,
     Message,
+    NewMessage,
     Role,
     TextPart,
     ToolCallPart,
     ToolResultPart,
     Visibility,
+    text_of,
 )
-from chatd_trio.loop import run_turn
-from chatd_trio.models.base import PromptMessage
+from chatd_trio.errors import ModelError
+from chatd_trio.loop import run_turn, shortened_for_summary
+from chatd_trio.models.base import PromptMessage, TextDelta
+from chatd_trio.models.classify import CONTEXT_LENGTH
 from chatd_trio.models.scripted import (
     ScriptedModel,
+    ScriptStep,
+    error_step,
     model_error,
     text_step,
     tool_step,
@@ -109,6 +116,54 @@ def test_chart_pinned_path_for_one_step() -> None:
     assert (chart.steps_used, chart.compactions, chart.reentries) == (1, 2, 1)
 
 
+def test_chart_context_exceeded_compacts_and_retries_the_step_once() -> None:
+    chart = CompactionChart(max_steps=2, max_reentries=3)
+    chart.send("loaded", answered=False)
+    chart.send("step_persisted", tool_calls=True, over_threshold=False)
+    chart.send("context_exceeded")
+    assert (chart.state_id, chart.steps_used, chart.overflow_retries) == (
+        "overflow_compacting",
+        1,
+        1,
+    )
+    chart.send("summary_ok")
+    chart.send("reloaded")
+    # The refused attempt gave its step back: the retry is the second step, within budget.
+    assert (chart.state_id, chart.steps_used, chart.compactions) == ("stepping", 2, 1)
+    chart.send("context_exceeded")
+    assert chart.state_id == "failed"
+    assert [(s.source, s.event, s.target, s.guard) for s in chart.trace[2:]] == [
+        ("stepping", "context_exceeded", "overflow_compacting", "overflow_retry_left"),
+        ("overflow_compacting", "summary_ok", "reloading", ""),
+        ("reloading", "reloaded", "stepping", ""),
+        ("stepping", "context_exceeded", "failed", ""),
+    ]
+
+
+def test_chart_context_exceeded_retry_limit_is_per_step() -> None:
+    chart = CompactionChart(max_steps=5, max_reentries=3)
+    chart.send("loaded", answered=False)
+    for _ in range(3):
+        chart.send("context_exceeded")
+        chart.send("summary_ok")
+        chart.send("reloaded")
+        # Each step that gets through resets the limit for the next one.
+        chart.send("step_persisted", tool_calls=True, over_threshold=False)
+    assert (chart.state_id, chart.steps_used, chart.compactions) == ("stepping", 4, 3)
+
+
+def test_chart_context_exceeded_without_retries_or_with_a_failed_summary_fails() -> None:
+    chart = CompactionChart(max_steps=5, max_reentries=3, max_overflow_retries=0)
+    chart.send("loaded", answered=False)
+    chart.send("context_exceeded")
+    assert chart.state_id == "failed"
+    chart = CompactionChart(max_steps=5, max_reentries=3)
+    chart.send("loaded", answered=False)
+    chart.send("context_exceeded")
+    chart.send("summary_failed")
+    assert (chart.state_id, chart.compactions) == ("failed", 0)
+
+
 def test_chart_refuses_events_its_table_does_not_allow() -> None:
     chart = CompactionChart(max_steps=3, max_reentries=3)
     with pytest.raises(TransitionNotAllowed):
@@ -162,6 +217,9 @@ def _chart_in(state: str) -> CompactionChart:
         ("checking", "model_failed"),
         ("loading", "model_failed"),
         ("reloading", "model_failed"),
+        ("loading", "context_exceeded"),
+        ("checking", "context_exceeded"),
+        ("reloading", "context_exceeded"),
     ],
 )
 def test_ends_the_loop_cannot_observe_in_a_state_are_refused_there(state: str, event: str) -> None:
@@ -442,3 +500,166 @@ async def test_threshold_100_disables_compaction(store: Store) -> None:
     result = await run_turn(store, lease, model, config=config(threshold_percent=100))
 
     assert (result.compactions, model.generate_count) == (0, 0)
+
+
+# -- a prompt too long for the model's context window -----------------------------------
+
+TOO_LONG = "HTTP 400 context length exceeded: prompt is too long: 210000 tokens > 200000 maximum"
+
+
+def too_long() -> ModelError:
+    return model_error(400, retryable=False, kind=CONTEXT_LENGTH, message=TOO_LONG)
+
+
+async def test_a_context_length_error_compacts_and_runs_the_step_again(store: Store) -> None:
+    lease = await start_chat(store)
+    refused = ScriptStep(deltas=(TextDelta("partial"),), error=too_long(), cut_after=1)
+    model = ScriptedModel(
+        [tool_step([("echo", {})], usage=UNDER), refused, text_step("ok", usage=UNDER)],
+        summaries=["S"],
+    )
+    rec = Recorder()
+
+    result = await run_turn(
+        store, lease, model, tools=ToolRegistry([echo]), config=config(), callbacks=rec.callbacks()
+    )
+
+    assert (result.outcome, result.error) == (TurnOutcome.DONE, None)
+    # The refused attempt gave its step back: two steps, one retry, three streams.
+    assert (result.steps, result.retries, result.compactions) == (2, 1, 1)
+    assert model.stream_count == 3
+    assert [(s.source, s.event, s.target) for s in result.trace] == [
+        ("loading", "loaded", "stepping"),
+        ("stepping", "step_persisted", "stepping"),
+        ("stepping", "context_exceeded", "overflow_compacting"),
+        ("overflow_compacting", "summary_ok", "reloading"),
+        ("reloading", "reloaded", "stepping"),
+        ("stepping", "step_persisted", "checking"),
+        ("checking", "post_run_check", "done"),
+    ]
+    # The retry is announced first (subscribers drop the refused attempt's parts), then
+    # the compaction runs, then the step again on the summary alone.
+    (retry,) = rec.retries
+    assert (retry.kind, retry.delay_s, retry.error, retry.attempt) == (
+        CONTEXT_LENGTH,
+        0.0,
+        TOO_LONG,
+        1,
+    )
+    assert rec.log.index("retry") < rec.log.index("part:tool_call:chat_summarized")
+    (summary,) = model.stream_prompts[2]
+    assert is_summary(summary, "S")
+    # The summary saw the whole history; its report says why it ran.
+    (prompt,) = model.generate_prompts
+    assert [m.role for m in prompt] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.USER]
+    _, _, report = await compressed(store, lease.chat_id)
+    (part,) = report.parts
+    assert isinstance(part, ToolResultPart) and part.result["reason"] == CONTEXT_LENGTH  # type: ignore[index, call-overload]
+    await finish(store, lease, result)
+    texts = [text_of(m.parts) for m in await store.messages_after(lease.chat_id, 0)]
+    assert "partial" not in texts and texts[-1] == "ok"
+
+
+async def test_still_too_long_after_compacting_ends_the_turn_with_a_clear_error(
+    store: Store,
+) -> None:
+    lease = await start_chat(store)
+    model = ScriptedModel(
+        [error_step(too_long()), error_step(too_long()), text_step("never")], summaries=["S"]
+    )
+
+    result = await run_turn(store, lease, model, config=config())
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.ERROR, "failed")
+    assert (model.stream_count, model.generate_count, result.compactions) == (2, 1, 1)
+    assert result.error is not None
+    assert (result.error.kind, result.error.retryable, result.error.status_code) == (
+        CONTEXT_LENGTH,
+        False,
+        400,
+    )
+    assert result.error.message == f"still too long after compacting the history: {TOO_LONG}"
+    assert result.trace[-1] == Step("stepping", "context_exceeded", "failed")
+    fin = await finish(store, lease, result)
+    assert (fin.chat.status, fin.chat.last_error) == (ChatStatus.ERROR, result.error.message)
+
+
+async def test_context_length_with_a_failed_summary_ends_the_turn_saying_both(
+    store: Store,
+) -> None:
+    lease = await start_chat(store)
+    model = ScriptedModel(
+        [error_step(too_long())],
+        summaries=[model_error(503, kind="server_error", message="summary boom")],
+    )
+    rec = Recorder()
+
+    result = await run_turn(store, lease, model, config=config(), callbacks=rec.callbacks())
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.ERROR, "failed")
+    assert result.error is not None and result.error.kind == CONTEXT_LENGTH
+    assert result.error.message == (
+        f"{TOO_LONG} (compacting the history to make room failed: summary failed: summary boom)"
+    )
+    assert result.trace[-1] == Step("overflow_compacting", "summary_failed", "failed")
+    assert [e.kind for e in rec.errors] == ["compaction"]
+
+
+async def test_without_context_length_retries_the_error_ends_the_turn_as_it_came(
+    store: Store,
+) -> None:
+    lease = await start_chat(store)
+    model = ScriptedModel([error_step(too_long())], summaries=["S"])
+
+    result = await run_turn(store, lease, model, config=config(context_length_retries=0))
+
+    assert result.error is not None and result.error.message == TOO_LONG
+    assert (model.generate_count, result.retries) == (0, 0)
+
+
+async def test_a_summary_prompt_refused_as_too_long_loses_its_older_half_until_it_fits(
+    store: Store,
+) -> None:
+    lease = await start_chat(store)
+    steps = [tool_step([("echo", {"n": n})], call_id_prefix=f"s{n}") for n in range(4)]
+    model = ScriptedModel(
+        [*steps, error_step(too_long()), text_step("ok")],
+        summaries=[too_long(), too_long(), "S"],
+    )
+
+    result = await run_turn(store, lease, model, tools=ToolRegistry([echo]), config=config())
+
+    assert (result.outcome, result.compactions) == (TurnOutcome.DONE, 1)
+    # user, then 4 x (assistant, tool); each refusal drops the older half (never leaving a
+    # tool result without its call); the summary prompt comes last every time.
+    prompts = model.generate_prompts
+    assert [len(p) for p in prompts] == [10, 5, 3]
+    assert [p[0].role for p in prompts] == [Role.USER, Role.ASSISTANT, Role.ASSISTANT]
+    assert all(p[-1].parts == (TextPart(CompactionConfig().summary_prompt),) for p in prompts)
+    assert prompts[2][:-1] == prompts[0][-3:-1]
+
+
+def test_shortened_for_summary_keeps_system_and_summary_and_whole_tool_calls() -> None:
+    def msg(role: Role, text: str = "", compressed: bool = False) -> NewMessage:
+        return NewMessage(role, (TextPart(text),), compressed=compressed)
+
+    system = msg(Role.SYSTEM, "rules")
+    summary = msg(Role.USER, "summary", compressed=True)
+    history = [
+        system,
+        summary,
+        msg(Role.USER, "u1"),
+        msg(Role.ASSISTANT, "a1"),
+        msg(Role.TOOL, "t1"),
+        msg(Role.TOOL, "t2"),
+        msg(Role.ASSISTANT, "a2"),
+        msg(Role.USER, "u2"),
+    ]
+    # Movable: u1 a1 t1 t2 a2 u2; the half starts at t2, the next user message is u2.
+    assert shortened_for_summary(history) == [system, summary, history[-1]]
+    # Without a later user message the cut skips tool results to the next assistant one.
+    assert shortened_for_summary(history[:-1]) == [system, summary, history[6]]
+    assert shortened_for_summary([system, summary, msg(Role.USER, "only")]) is None
+    call, result = msg(Role.ASSISTANT, "call"), msg(Role.TOOL, "result")
+    assert shortened_for_summary([msg(Role.USER), call, result]) == [call, result]
+    assert shortened_for_summary([msg(Role.USER), msg(Role.TOOL)]) is None

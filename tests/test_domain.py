@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatd_trio import domain as d
+from chatd_trio.config import RequestOptions
 from chatd_trio.errors import DecodeError, PayloadTooLarge
 
 # -- strategies ------------------------------------------------------------------------------
@@ -67,6 +68,21 @@ queued = st.builds(
     d.QueuedMessage, st.integers(min_value=1, max_value=2**62), st.uuids(), part_tuples, moments
 )
 opt_uuids = st.none() | st.uuids()
+json_objects = st.dictionaries(texts, json_values, max_size=3)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+request_options = st.builds(
+    RequestOptions,
+    temperature=st.none() | finite,
+    top_k=st.none() | small_ints,
+    max_tokens=st.none() | small_ints,
+    stop=st.none() | st.lists(texts, max_size=3).map(tuple),
+    tool_choice=st.none() | texts | json_objects,
+    parallel_tool_calls=st.none() | st.booleans(),
+    reasoning_effort=st.none() | texts,
+    response_format=st.none() | json_objects,
+    extra_headers=st.dictionaries(texts, texts, max_size=2),
+    extra_body=json_objects,
+)
 chats = st.builds(
     d.Chat,
     id=st.uuids(),
@@ -85,6 +101,7 @@ chats = st.builds(
     agent_id=opt_uuids,
     last_error=st.none() | texts,
     mcp_servers=st.lists(texts, max_size=3).map(tuple),
+    model_options=st.none() | request_options,
 )
 error_payloads = st.builds(
     d.ErrorPayload, texts, texts, texts, st.booleans(), st.none() | st.integers(100, 599)
@@ -342,6 +359,29 @@ def test_malformed_event_names_the_field(raw: Any, field: str) -> None:
             },
             "chat.mcp_servers",
         ),
+        *[
+            (
+                {
+                    "id": CHAT_ID,
+                    "owner_id": CHAT_ID,
+                    "title": "t",
+                    "status": "waiting",
+                    "created_at": NOW,
+                    "updated_at": NOW,
+                    "model_options": options,
+                },
+                field,
+            )
+            for options, field in [
+                ([], "chat.model_options"),
+                ({"temperature": "hot"}, "chat.model_options.temperature"),
+                ({"max_tokens": 1.5}, "chat.model_options.max_tokens"),
+                ({"max_tokens": True}, "chat.model_options.max_tokens"),
+                ({"stop": "END"}, "chat.model_options.stop"),
+                ({"extra_headers": {"x": 1}}, "chat.model_options.extra_headers"),
+                ({"temprature": 0.2}, "chat.model_options.temprature"),
+            ]
+        ],
     ],
 )
 def test_malformed_chat_names_the_field(raw: dict[str, Any], field: str) -> None:

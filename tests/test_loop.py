@@ -34,6 +34,7 @@ from chatd_trio.domain import (
     TextPart,
     ToolCallPart,
     ToolResultPart,
+    Usage,
     Visibility,
 )
 from chatd_trio.errors import OwnershipLost, StoreError, StoreUnavailable
@@ -306,6 +307,67 @@ async def test_multi_step_tool_execution(store: Store) -> None:
     stored = await history(store, lease.chat_id)
     assert [m.role for m in stored] == [Role.USER, Role.ASSISTANT, Role.TOOL, Role.ASSISTANT]
     assert stored[-1].parts == (TextPart("all done"),)
+
+
+async def test_signed_reasoning_blocks_are_stored_and_sent_back_as_they_came(
+    store: Store,
+) -> None:
+    """Anthropic's thinking blocks: each closed by its signature (a redacted one whole),
+    kept block by block with the signature, so the next request resends them unchanged."""
+    lease = await start_chat(store)
+    thinking = ScriptStep(
+        deltas=(
+            ReasoningDelta("I should "),
+            ReasoningDelta("echo."),
+            ReasoningDelta("", signature="sig-1"),
+            ReasoningDelta("", signature="ENCRYPTED", redacted=True),
+            ReasoningDelta("Then answer."),
+            ReasoningDelta("", signature="sig-2"),
+            TextDelta("Echoing."),
+            *tool_step([("echo", {"x": 1})]).deltas,
+        )
+    )
+    model = ScriptedModel([thinking, text_step("done")])
+    rec = Recorder()
+
+    result = await run_turn(
+        store, lease, model, tools=ToolRegistry([echo]), callbacks=rec.callbacks()
+    )
+
+    assert result.outcome is TurnOutcome.DONE
+    signed = (
+        ReasoningPart("I should echo.", "sig-1"),
+        ReasoningPart("", "ENCRYPTED", redacted=True),
+        ReasoningPart("Then answer.", "sig-2"),
+        TextPart("Echoing."),
+        ToolCallPart("call_0", "echo", '{"x": 1}'),
+    )
+    assert model.stream_prompts[1][1].parts == signed
+    assert (await history(store, lease.chat_id))[1].parts == signed
+    # Subscribers see the reasoning text; signatures and redacted blocks are not text.
+    reasoning = [e.part for e in rec.parts if isinstance(e.part, ReasoningPart)]
+    assert reasoning == [
+        ReasoningPart("I should "),
+        ReasoningPart("echo."),
+        ReasoningPart("Then answer."),
+    ]
+
+
+async def test_stored_usage_keeps_cached_and_reasoning_tokens(store: Store) -> None:
+    lease = await start_chat(store)
+    usage = Usage(
+        input_tokens=400,
+        output_tokens=300,
+        cache_read_tokens=600,
+        cache_creation_tokens=50,
+        total_tokens=1350,
+        reasoning_tokens=250,
+    )
+    model = ScriptedModel([tool_step([("echo", {})], usage=usage), text_step("ok")])
+
+    await run_turn(store, lease, model, tools=ToolRegistry([echo]))
+
+    assert (await history(store, lease.chat_id))[1].usage == usage
 
 
 async def test_a_one_step_text_turn_writes_nothing_its_answer_comes_back(store: Store) -> None:

@@ -8,13 +8,15 @@ interrupt or a replica shutdown (at a virtual time, or while a given store call 
 flight), a refused write (the user edits the chat, or another run takes it over, just
 before a given write), a store outage (a run of store calls failing before they reach
 the database, or after they committed, the acknowledgement lost), a non-retryable
-model failure, a history that already ends in the answer (a recovered turn). After
-the turn, the caller's finish is made as the Server makes it.
+model failure, a prompt the model refuses as too long (once or twice), a history
+that already ends in the answer (a recovered turn). After the turn, the caller's
+finish is made as the Server makes it.
 
 The invariant (`check`): the turn's outcome is the one its chart's final state names,
 along a path the chart declares; the outcome is explained by the faults (no fault, no
-stop: DONE; ERROR only from a non-retryable model failure; LOST only from a refused
-write; UNAVAILABLE only from an outage longer than the retry budget; INTERRUPTED and
+stop: DONE; ERROR only from a non-retryable model failure or a refused prompt; LOST
+only from a refused write; UNAVAILABLE only from an outage longer than the retry
+budget; INTERRUPTED and
 SHUTDOWN only when stopped, a shutdown recorded in `control.result`); nothing lands
 after a refusal; and what the store holds after the finish holds every step at most
 once, every tool call with exactly one result right after it, at most `max_steps`
@@ -49,6 +51,7 @@ from chatd_trio.domain import (
 )
 from chatd_trio.loop import OUTCOMES, TurnCallbacks, TurnControl, TurnResult, run_turn
 from chatd_trio.models.base import PromptMessage
+from chatd_trio.models.classify import CONTEXT_LENGTH
 from chatd_trio.models.scripted import (
     ScriptedModel,
     ScriptStep,
@@ -78,6 +81,7 @@ TOKENS = st.sampled_from([0, 300, 699, 700, 950])
 STORE_RETRY = StoreRetryConfig(base_delay=0.5, max_delay=2.0, budget=10.0)
 LONG_OUTAGE = 7
 RECOVERED_ANSWER = "the stored answer"
+TOO_LONG = model_error(400, retryable=False, kind=CONTEXT_LENGTH, message="prompt is too long")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class StepPlan:
     tokens: int
     failures: int  # retryable failures before the step streams
     fatal: bool = False  # the step's model call fails, not retryable
+    # The model refuses the step's prompt as too long this many times first: once is
+    # compacted away (unless the summary fails); twice ends the turn.
+    overflow: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +127,7 @@ def script(case: Case) -> list[ScriptStep]:
     out: list[ScriptStep] = []
     for n, plan in enumerate(case.steps):
         out += [error_step(model_error(503, kind="overloaded"))] * plan.failures
+        out += [error_step(TOO_LONG)] * plan.overflow
         usage = usage_of(plan.tokens)
         if plan.fatal:
             out.append(error_step(model_error(400, retryable=False, kind="bad_request")))
@@ -291,6 +299,8 @@ def check(case: Case, run: Run) -> None:
     # The outcome is explained by the faults.
     stopped = case.stop.kind if case.stop is not None else None
     fatal = any(p.fatal for p in case.steps)
+    # A refused prompt ends the turn when a second refusal or a failed summary follows.
+    overflowed = any(p.overflow for p in case.steps)
     long_outage = case.outage is not None and case.outage[1] >= LONG_OUTAGE
     assert run.cancelled is (result.outcome is TurnOutcome.SHUTDOWN)
     if result.outcome is TurnOutcome.SHUTDOWN:
@@ -302,10 +312,13 @@ def check(case: Case, run: Run) -> None:
     if result.outcome is TurnOutcome.UNAVAILABLE:
         assert long_outage and result.error is None
     if result.outcome is TurnOutcome.ERROR:
-        assert fatal and result.error is not None and not result.error.retryable
+        assert (fatal or overflowed) and result.error is not None and not result.error.retryable
+        if not fatal:
+            assert result.error.kind == CONTEXT_LENGTH
     if stopped is None and case.refuse is None and not fatal and not long_outage:
-        assert result.outcome is TurnOutcome.DONE
-        assert model.stream_count == result.steps + result.retries
+        assert result.outcome is TurnOutcome.DONE or overflowed
+        if result.outcome is TurnOutcome.DONE:
+            assert model.stream_count == result.steps + result.retries
     # Every transient store fault before the end was retried, none turned into an error.
     if result.outcome is TurnOutcome.DONE and run.refused_after is None:
         assert result.store_retries == run.outage_calls
@@ -379,6 +392,7 @@ step_plans = st.builds(
     tokens=TOKENS,
     failures=st.sampled_from([0, 0, 0, 1, 2]),
     fatal=st.sampled_from([False] * 15 + [True]),
+    overflow=st.sampled_from([0] * 12 + [1, 1, 1, 2]),
 )
 stops = st.builds(
     Stop,
@@ -426,6 +440,9 @@ def tools(tokens: int) -> StepPlan:
 
 
 FATAL_STEP = StepPlan((), 10, 0, fatal=True)
+# Store calls of `Case(OVERFLOW, ("S",), 5)`: the load (1), the compaction the refused
+# prompt calls for (2), the reload (3).
+OVERFLOW = (StepPlan((), 10, 0, overflow=1),)
 # Store calls of the turn `Case((tools(950), text(10)), ("S",), 5)` makes: the load (1),
 # the tool step before compacting (2), the compaction (3), the reload (4), and of
 # `Case((text(950), text(10)), ("", "S"), 5)`: the load (1), the answer before the inline
@@ -466,6 +483,16 @@ CRAFTED = [
     Case(SAFETY, ("S",), 5, answered=True),
     # stepping -model_failed-> failed
     Case((tools(10), FATAL_STEP), ("S",), 5),
+    # stepping -context_exceeded-> overflow_compacting -summary_ok-> reloading
+    Case((tools(10), *OVERFLOW), ("S",), 5),
+    # overflow_compacting -summary_failed-> failed
+    Case(OVERFLOW, (None,), 5),
+    # stepping -context_exceeded-> failed: still too long after the compaction
+    Case((StepPlan((), 10, 0, overflow=2),), ("S",), 5),
+    # every stop, refusal and outage while compacting for a refused prompt
+    *[Case(OVERFLOW, ("S",), 5, stop=stopped(kind, 2)) for kind in ("interrupt", "shutdown")],
+    Case(OVERFLOW, ("S",), 5, outage=(2, LONG_OUTAGE, BEFORE)),
+    Case(OVERFLOW, ("S",), 5, refuse=(1, "takeover")),
     # every stop, every refusal and every outage, in each state that can observe it
     *[
         Case(INLINE, ("S",), 5, stop=stopped(kind, call))

@@ -864,10 +864,15 @@ async def test_usage_keeps_reasoning_and_cached_tokens(
     )
     finish = (await collect(model))[-1]
     assert finish == Finish(
-        Usage(input_tokens=400, output_tokens=300, cache_read_tokens=600, total_tokens=1300),
+        Usage(
+            input_tokens=400,
+            output_tokens=300,
+            cache_read_tokens=600,
+            total_tokens=1300,
+            reasoning_tokens=250,
+        ),
         "stop",
         128_000,
-        reasoning_tokens=250,
     )
     assert finish.usage.context_tokens() == 1000
 

@@ -180,8 +180,8 @@ def test_dial_chart_transition_universe() -> None:
 def test_guarded_branches_count_separately_in_the_coverage_universe() -> None:
     universe = transitions_of(CompactionChart)
     # Three pairs of states are joined by two transitions of one event that differ by guard.
-    assert len(universe) == 51
-    assert len({(s.source, s.event, s.target) for s in universe}) == 48
+    assert len(universe) == 59
+    assert len({(s.source, s.event, s.target) for s in universe}) == 56
     assert {s.guard for s in universe if (s.source, s.target) == ("stepping", "checking")} == {
         "tool_calls",
         "",

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from chatd_trio.config import SubagentConfig
+from chatd_trio.config import RequestOptions, SubagentConfig
 from chatd_trio.domain import (
     Chat,
     ChatStatus,
@@ -236,7 +236,7 @@ async def test_descendant_self_loop() -> None:
 # -- spawning and the other tools ------------------------------------------------------------
 
 
-async def test_spawn_inherits_owner_binding_and_mcp_servers() -> None:
+async def test_spawn_inherits_owner_binding_mcp_servers_and_model_options() -> None:
     store = MemoryStore()
     ws = await store.create_workspace(OWNER, "ws")
     build = await store.create_build(ws.id)
@@ -247,6 +247,7 @@ async def test_spawn_inherits_owner_binding_and_mcp_servers() -> None:
         build_id=build.id,
         agent_id=agent.id,
         mcp_servers=("github", "fs"),
+        model_options=RequestOptions(reasoning_effort="low"),
     )
     stats = SubagentStats()
     reg = registry_for(store, None, stats)
@@ -261,6 +262,7 @@ async def test_spawn_inherits_owner_binding_and_mcp_servers() -> None:
     assert child.root_chat_id == root.id
     assert (child.workspace_id, child.build_id, child.agent_id) == (ws.id, build.id, agent.id)
     assert child.mcp_servers == ("github", "fs")
+    assert child.model_options == RequestOptions(reasoning_effort="low")
     assert child.title == "investigate the flaky test in the…"
     (first,) = await store.messages_after(child.id, 0)
     assert first.role is Role.USER
@@ -278,6 +280,7 @@ async def test_spawn_with_title_and_without_binding() -> None:
     assert child.title == "Scout"
     assert (child.workspace_id, child.build_id, child.agent_id) == (None, None, None)
     assert child.mcp_servers == ()
+    assert child.model_options is None
 
 
 @pytest.mark.parametrize("args", [{}, {"prompt": "   "}, {"prompt": 3}])

@@ -75,13 +75,12 @@ class ToolCallDone:
 
 @dataclass(frozen=True)
 class Finish:
-    """The end of a step. `reasoning_tokens` is the part of `usage.output_tokens` the
-    model spent reasoning (0 when the provider does not say)."""
+    """The end of a step: its usage (with cached and reasoning tokens when the provider
+    reports them), why the model stopped, and the context limit it reported."""
 
     usage: Usage
     finish_reason: str
     context_limit: int | None = None
-    reasoning_tokens: int = 0
 
 
 Delta = Union[TextDelta, ReasoningDelta, ToolCallDelta, ToolCallDone, Finish]  # noqa: UP007

@@ -149,10 +149,10 @@ def to_chat_tools(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
 # response parsing
 
 
-def _usage(data: object) -> tuple[Usage, int]:
-    """Usage and reasoning tokens from a Chat Completions `usage` object."""
+def _usage(data: object) -> Usage:
+    """Usage from a Chat Completions `usage` object, with cached and reasoning tokens."""
     if not isinstance(data, Mapping):
-        return Usage(), 0
+        return Usage()
     prompt = count(data, "prompt_tokens")
     completion = count(data, "completion_tokens")
     details = data.get("prompt_tokens_details")
@@ -168,8 +168,9 @@ def _usage(data: object) -> tuple[Usage, int]:
         output_tokens=completion,
         cache_read_tokens=min(cached, prompt) if prompt else cached,
         total_tokens=total,
+        reasoning_tokens=reasoning,
     )
-    return usage, reasoning
+    return usage
 
 
 @dataclass
@@ -185,7 +186,6 @@ class _StreamState:
     calls: dict[int, _CallAcc] = field(default_factory=dict)
     finish_reason: str | None = None
     usage: Usage | None = None
-    reasoning_tokens: int = 0
 
 
 class _Refusals:
@@ -261,7 +261,7 @@ class OpenAIChatModel(HTTPModel):
             content = data["choices"][0]["message"].get("content") or ""
             if not isinstance(content, str):
                 raise TypeError("message.content is not a string")
-            usage, _ = _usage(data.get("usage"))
+            usage = _usage(data.get("usage"))
         except (*DECODE_ERRORS, AssertionError) as exc:
             raise self.malformed(f"unexpected completion body: {exc}") from exc
         return GenerateResult(text=content, usage=usage)
@@ -374,7 +374,6 @@ class OpenAIChatModel(HTTPModel):
             usage=state.usage or Usage(),
             finish_reason=reason,
             context_limit=self._context_limit,
-            reasoning_tokens=state.reasoning_tokens,
         )
 
     def _handle(self, event: httpx_sse.ServerSentEvent, state: _StreamState) -> list[Delta]:
@@ -388,7 +387,7 @@ class OpenAIChatModel(HTTPModel):
                 if found is not None:
                     raise self.classified(None, found)
             if chunk.get("usage") is not None:
-                state.usage, state.reasoning_tokens = _usage(chunk["usage"])
+                state.usage = _usage(chunk["usage"])
             choices = chunk.get("choices") or []
             if not isinstance(choices, list):
                 raise TypeError("chunk.choices is not a list")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from chatd_trio.config import LimitsConfig
+from chatd_trio.config import LimitsConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
     Message,
@@ -256,11 +256,14 @@ class Store(Protocol):
         parent_chat_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
+        model_options: RequestOptions | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`.
 
         With `parent_chat_id`, root_chat_id is the parent's root (or the parent).
         With `system_prompt`, a system message is inserted before the user message.
+        `model_options` are kept with the chat (`Chat.model_options`); DecodeError when
+        they are not JSON.
         """
         ...
 

@@ -75,7 +75,7 @@ from datetime import UTC, datetime, timedelta
 
 import trio
 
-from chatd_trio.config import LimitsConfig
+from chatd_trio.config import LimitsConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
     Message,
@@ -283,6 +283,7 @@ class MemoryStore(StoreOps):
         agent_id: uuid.UUID | None,
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
+        model_options: RequestOptions | None,
     ) -> tuple[Chat, Message]:
         await trio.lowlevel.checkpoint()
         check_title(title, self._limits)
@@ -307,6 +308,7 @@ class MemoryStore(StoreOps):
             build_id=build_id,
             agent_id=agent_id,
             mcp_servers=tuple(mcp_servers),
+            model_options=model_options,
         )
         self._chats[chat.id] = chat
         inserted = self._insert_messages(chat.id, messages, now)

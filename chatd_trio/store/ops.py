@@ -11,10 +11,11 @@ it holds no status logic.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 
-from chatd_trio.config import LimitsConfig
+from chatd_trio.config import LimitsConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
     ChatStatus,
@@ -24,9 +25,11 @@ from chatd_trio.domain import (
     Role,
     TextPart,
     Visibility,
+    dumps,
 )
 from chatd_trio.errors import (
     ChatNotFound,
+    DecodeError,
     OwnershipLost,
     PersistRefused,
     QueueFull,
@@ -46,7 +49,7 @@ from chatd_trio.store.base import (
     check_user_parts,
 )
 
-__all__ = ["StoreOps", "user_message"]
+__all__ = ["StoreOps", "stored_options", "user_message"]
 
 # Each miss means another writer changed the row between decision and write; a row
 # that keeps changing this often is a bug or a storm, not a race to keep losing.
@@ -64,6 +67,22 @@ _FINISH_EVENTS: dict[TurnOutcome, Event] = {
 def user_message(parts: Sequence[Part]) -> NewMessage:
     """A user message as the history stores it."""
     return NewMessage(Role.USER, tuple(parts), Visibility.BOTH)
+
+
+def stored_options(options: RequestOptions | None) -> RequestOptions | None:
+    """A chat's request options as both stores keep them: through their JSON form (so
+    what a read returns does not depend on the adapter), None when none is set."""
+    if options is None:
+        return None
+    data = options.to_json()
+    if not data:
+        return None
+    try:
+        return RequestOptions.from_json(json.loads(dumps(data)))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError("model_options", f"not JSON: {exc}") from exc
 
 
 def _presumed(status: ChatStatus, token: int = 0) -> ChatView:
@@ -118,6 +137,7 @@ class StoreOps:
         agent_id: uuid.UUID | None,
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
+        model_options: RequestOptions | None,
     ) -> tuple[Chat, Message]:
         raise NotImplementedError
 
@@ -168,8 +188,10 @@ class StoreOps:
         parent_chat_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
+        model_options: RequestOptions | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`."""
+        options = stored_options(model_options)
         plan = decide(Event.CREATE, None)
         messages: list[NewMessage] = []
         if system_prompt is not None:
@@ -185,6 +207,7 @@ class StoreOps:
             agent_id=agent_id,
             parent_chat_id=parent_chat_id,
             mcp_servers=mcp_servers,
+            model_options=options,
         )
         taken(plan)
         return created

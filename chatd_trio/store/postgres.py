@@ -41,7 +41,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
-from chatd_trio.config import LimitsConfig, PostgresConfig
+from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
     ChatStatus,
@@ -124,6 +124,7 @@ _CHAT_COLUMNS = (
     "last_error",
     "mcp_servers",
     "owner_token",
+    "model_options",
 )
 # A chat as reads return it: the row plus its queue's length.
 _QUEUED_COUNT = "(SELECT count(*) FROM chat_queued_messages q WHERE q.chat_id = {t}.id)"
@@ -132,7 +133,8 @@ _CHAT_C = ", ".join(f"c.{col}" for col in _CHAT_COLUMNS) + ", " + _QUEUED_COUNT.
 _CHAT_C += " AS queued"
 _MSG = (
     "id, chat_id, role, content, visibility, input_tokens, output_tokens, cache_read_tokens,"
-    " cache_creation_tokens, total_tokens, context_limit, compressed, deleted, created_at"
+    " cache_creation_tokens, total_tokens, reasoning_tokens, context_limit, compressed, deleted,"
+    " created_at"
 )
 _QUEUED = "id, chat_id, content, created_at"
 _WORKSPACE = "id, owner_id, name, created_at"
@@ -154,8 +156,8 @@ _SQL_CHATS_BY_OWNER = (
 )
 _SQL_INSERT_CHAT = (
     "INSERT INTO chats (id, owner_id, title, status, parent_chat_id, root_chat_id,"
-    " workspace_id, build_id, agent_id, mcp_servers)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[])"
+    " workspace_id, build_id, agent_id, mcp_servers, model_options)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text[], %s)"
     f" RETURNING {_CHAT}"
 )
 # Array order is evaluation order: the notifies go out (at commit) in message order.
@@ -163,15 +165,16 @@ _SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) A
 # One statement for any number of messages; ORDER BY ordinality assigns ids in input order.
 _SQL_INSERT_MESSAGES = (
     "INSERT INTO chat_messages (chat_id, role, content, visibility, input_tokens,"
-    " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, context_limit,"
-    " compressed, owner_token, op_id)"
+    " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, reasoning_tokens,"
+    " context_limit, compressed, owner_token, op_id)"
     " SELECT %s, m.role, m.content, m.visibility, m.input_tokens, m.output_tokens,"
-    " m.cache_read_tokens, m.cache_creation_tokens, m.total_tokens, m.context_limit,"
-    " m.compressed, %s, %s"
+    " m.cache_read_tokens, m.cache_creation_tokens, m.total_tokens, m.reasoning_tokens,"
+    " m.context_limit, m.compressed, %s, %s"
     " FROM unnest(%s::text[], %s::jsonb[], %s::text[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
+    " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
     " WITH ORDINALITY AS m(role, content, visibility, input_tokens, output_tokens,"
-    " cache_read_tokens, cache_creation_tokens, total_tokens, context_limit, compressed, ord)"
+    " cache_read_tokens, cache_creation_tokens, total_tokens, reasoning_tokens, context_limit,"
+    " compressed, ord)"
     f" ORDER BY m.ord RETURNING {_MSG},"
     # The statement's snapshot excludes its own rows: this is the chat's latest visible
     # message before the insert (the chat row is locked, so nothing else inserts).
@@ -312,6 +315,9 @@ def _chat(r: DictRow) -> Chat:
         mcp_servers=tuple(r["mcp_servers"] or ()),
         owner_token=r["owner_token"],
         queued=r["queued"],
+        model_options=(
+            None if r["model_options"] is None else RequestOptions.from_json(r["model_options"])
+        ),
     )
 
 
@@ -324,6 +330,7 @@ def _message(r: DictRow) -> Message:
             cache_read_tokens=r["cache_read_tokens"],
             cache_creation_tokens=r["cache_creation_tokens"],
             total_tokens=r["total_tokens"],
+            reasoning_tokens=r["reasoning_tokens"] or 0,
         )
     return Message(
         id=r["id"],
@@ -592,6 +599,7 @@ class PostgresStore(StoreOps):
             "cache_read_tokens",
             "cache_creation_tokens",
             "total_tokens",
+            "reasoning_tokens",
         )
         params: list[object] = [
             chat_id,
@@ -635,6 +643,7 @@ class PostgresStore(StoreOps):
         agent_id: uuid.UUID | None,
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
+        model_options: RequestOptions | None,
     ) -> tuple[Chat, Message]:
         check_title(title, self._limits)
         check_user_parts(messages[-1].parts, self._limits)
@@ -661,6 +670,7 @@ class PostgresStore(StoreOps):
                     build_id,
                     agent_id,
                     list(mcp_servers),
+                    None if model_options is None else Jsonb(model_options.to_json()),
                 ),
             )
             assert chat_row is not None

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from chatd_trio.config import RequestOptions
 from chatd_trio.domain import (
     ChatStatus,
     NewMessage,
@@ -63,6 +64,39 @@ async def test_system_prompt_is_model_only_and_first(store: Store) -> None:
     assert texts(prompt) == ["be brief", "hello"]
     assert prompt[0].id < msg.id
     assert await store.messages_after(chat.id, 0) == [msg]
+
+
+async def test_model_options_are_kept_with_the_chat(store: Store) -> None:
+    options = RequestOptions(
+        temperature=0.2,
+        max_tokens=512,
+        stop=("END",),
+        tool_choice={"type": "function", "function": {"name": "ls"}},
+        reasoning_effort="high",
+        extra_headers={"x-team": "a"},
+        extra_body={"top_k": 20, "nested": [1, {"a": True}]},
+    )
+    chat, _ = await new_chat(store, model_options=options)
+    assert chat.model_options == options
+    assert (await store.get_chat(chat.id)).model_options == options
+    (listed,) = await store.list_chats(chat.owner_id)
+    assert listed.model_options == options
+    (acquired,) = await store.acquire(W1, 10)
+    assert acquired.model_options == options
+    # None, and options that set nothing, are no options.
+    plain, _ = await new_chat(store, model_options=RequestOptions())
+    assert plain.model_options is None
+    assert (await store.get_chat(plain.id)).model_options is None
+
+
+async def test_model_options_that_are_not_json_are_refused(store: Store) -> None:
+    owner = uuid.uuid4()
+    with pytest.raises(DecodeError) as info:
+        await store.create_chat(
+            owner, "t", text("hi"), model_options=RequestOptions(extra_body={"x": {1, 2}})
+        )
+    assert info.value.field == "model_options"
+    assert await store.list_chats(owner) == []
 
 
 async def test_get_chat_unknown_raises(store: Store) -> None:
