@@ -9,6 +9,13 @@ operations, faults stop, virtual time advances until the system settles, every
 subscriber catches up, the servers close, and `check` returns the violations of
 the invariants in `INVARIANTS`.
 
+Store faults: transient errors of the replica's background calls (acquire,
+heartbeat, stale recovery) and of stream reads; and for a turn's writes
+(persist_step, persist_compaction, finish_turn) a lost connection
+(`StoreUnavailable`) either before the write or after it landed, the
+acknowledgement lost: the run retries under the same operation id and must not
+write twice.
+
 Replay: `python scripts/simulate.py --replay SEED` (scenario generated from the
 seed) or `--scenario JSON` (a scenario printed by a failing test).
 """
@@ -44,7 +51,7 @@ from chatd_trio.domain import (
     WorkspaceAgent,
     text_of,
 )
-from chatd_trio.errors import ChatdError, StoreError
+from chatd_trio.errors import ChatdError, StoreError, StoreUnavailable
 from chatd_trio.lifecycle import Plan
 from chatd_trio.models.base import Finish, PromptMessage, TextDelta
 from chatd_trio.models.scripted import (
@@ -251,6 +258,10 @@ class SimStore:
     """
 
     FAULTY = frozenset({"acquire", "heartbeat", "recover_stale", "messages_after"})
+    # A turn's writes see the faults of a lost connection (`StoreUnavailable`): before
+    # the write, or after it landed (the connection died around COMMIT; the caller
+    # retries under the same operation id and must not write twice).
+    UNAVAILABLE = frozenset({"persist_step", "persist_compaction", "finish_turn"})
 
     def __init__(self, inner: MemoryStore, rng: random.Random, faults: Faults) -> None:
         self.inner = inner
@@ -280,6 +291,25 @@ class SimStore:
             self.obs.bump(f"store_error_{op}")
             await trio.lowlevel.checkpoint()
             raise StoreError(f"injected transient failure in {op}")
+
+    async def _unavailable(self, op: str) -> bool:
+        """Maybe fail `op` as a lost connection would: raises before the write, or
+        returns True when the write is to land and then be reported lost."""
+        if not (
+            self.faults_on
+            and op in self.UNAVAILABLE
+            and self.rng.randrange(100) < self.faults.store_error
+        ):
+            return False
+        if self.rng.randrange(2):
+            self.obs.bump(f"store_unavailable_{op}")
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable(f"injected connection loss before {op}")
+        self.obs.bump(f"store_lost_ack_{op}")
+        return True
+
+    def _lost_ack(self, op: str) -> StoreUnavailable:
+        return StoreUnavailable(f"injected connection loss after {op} committed")
 
     def _observe(self) -> int:
         """Record every status change since the last call; the sequence number of now."""
@@ -451,12 +481,15 @@ class SimStore:
         op_id: uuid.UUID | None = None,
     ) -> list[Message]:
         await self._gate("persist_step", lease.worker_id)
+        lost_ack = await self._unavailable("persist_step")
         replay = self._landed_before(lease.chat_id, op_id)
         # Refused (PersistRefused, OwnershipLost): nothing landed, the interval ends earlier.
         out = await self.inner.persist_step(lease, messages, announce=announce, op_id=op_id)
         seq = self._observe()
         if not replay:
             self._accepted(lease, seq)
+        if lost_ack:
+            raise self._lost_ack("persist_step")
         return out
 
     async def persist_compaction(
@@ -468,11 +501,14 @@ class SimStore:
         op_id: uuid.UUID | None = None,
     ) -> list[Message]:
         await self._gate("persist_compaction", lease.worker_id)
+        lost_ack = await self._unavailable("persist_compaction")
         replay = self._landed_before(lease.chat_id, op_id)
         out = await self.inner.persist_compaction(lease, messages, announce=announce, op_id=op_id)
         seq = self._observe()
         if not replay:
             self._accepted(lease, seq)
+        if lost_ack:
+            raise self._lost_ack("persist_compaction")
         return out
 
     async def finish_turn(
@@ -486,6 +522,7 @@ class SimStore:
         op_id: uuid.UUID | None = None,
     ) -> FinishResult:
         await self._gate("finish_turn", lease.worker_id)
+        lost_ack = await self._unavailable("finish_turn")
         replay = self._landed_before(lease.chat_id, op_id)
         out = await self.inner.finish_turn(
             lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
@@ -493,6 +530,8 @@ class SimStore:
         seq = self._observe()
         if out.changed and not replay:
             self._accepted(lease, seq)
+        if lost_ack:
+            raise self._lost_ack("finish_turn")
         return out
 
     # workspaces

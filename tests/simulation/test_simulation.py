@@ -104,8 +104,9 @@ def test_long_exploration(scenario: Scenario, _r: object) -> None:
 
 def test_two_hundred_seeded_scenarios_with_faults_hold_every_invariant() -> None:
     """200 seeded scenarios (fault rates 0-30 % per kind): no invariant is violated, and
-    the run really injected faults of every kind (a fault-free run proves little); both
-    ways of sending message notifies (with the insert, after it) really ran."""
+    the run really injected faults of every kind (a fault-free run proves little),
+    turn writes lost both before and after they landed; both ways of sending message
+    notifies (with the insert, after it) really ran."""
     injected: dict[str, int] = {}
     in_tx = {True: 0, False: 0}
     for seed in range(200):
@@ -121,4 +122,7 @@ def test_two_hundred_seeded_scenarios_with_faults_hold_every_invariant() -> None
     kinds = {name.split("_")[0] for name, count in injected.items() if count}
     assert sum(injected.values()) > 200, injected
     assert {"store", "notify", "model", "dial"} <= kinds, injected
+    # A turn's writes failed both before reaching the store and after landing.
+    for lost in ("store_unavailable_", "store_lost_ack_"):
+        assert any(name.startswith(lost) and n for name, n in injected.items()), injected
     assert in_tx[True] > 100 and in_tx[False] > 50, in_tx
