@@ -794,6 +794,32 @@ async def test_interrupt_before_the_turn_starts_writes_nothing(store: Store) -> 
     assert len(await history(store, lease.chat_id)) == 1
 
 
+async def test_a_turn_fenced_while_it_loads_its_prompt_ends_fenced_and_writes_nothing(
+    store: Store,
+) -> None:
+    """The replica learns the run lost the chat (a heartbeat refused, the chat acquired
+    again) before the turn wrote anything: it ends `fenced`, not with a chart error."""
+    lease = await start_chat(store)
+    model = ScriptedModel([text_step("never")])
+    faulty = FaultyStore(store)
+    control = TurnControl()
+
+    async def fenced_while_loading(n: int, op: str) -> None:
+        if op == "prompt_messages":
+            control.fence("chat acquired again")
+
+    faulty.on_call = fenced_while_loading
+
+    result = await run_turn(faulty.as_store(), lease, model, control=control)
+
+    assert (result.outcome, result.final_state) == (TurnOutcome.LOST, "fenced")
+    assert result.trace == (Step("loading", "fence", "fenced"),)
+    assert result.final_messages == ()
+    assert model.stream_count == 0
+    assert [op for op, _ in faulty.calls] == ["prompt_messages"]
+    assert len(await history(store, lease.chat_id)) == 1
+
+
 async def test_an_edit_meanwhile_refuses_the_next_write_and_fences_the_turn(
     store: Store,
 ) -> None:
