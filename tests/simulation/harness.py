@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -93,6 +94,8 @@ INVARIANTS = {
     "queue_promotion": "every queued message promoted at most once, in queue order, and none lost",
     "connections_released": "every workspace connection dialed was released exactly once",
     "status_path": "each chat's status path is valid per the lifecycle statechart",
+    "turn_crashes": "no turn of a live replica ends by an exception it did not expect "
+    "(the server's 'turn crashed')",
 }
 
 PROMPT_KINDS = ("plain", "tools", "slow", "ws", "spawn", "fail")
@@ -869,6 +872,8 @@ class World:
         self.workspace: uuid.UUID | None = None
         self.build_n = 0
         self.tokens = 0
+        # The server's turn crash reports (see `crash_log`), set after the run.
+        self.turn_crashes: list[str] = []
 
     # replicas
     async def start_replica(self, nursery: trio.Nursery) -> None:
@@ -1183,6 +1188,9 @@ def check(world: World) -> list[Violation]:
     for n, count in world.dialer.released.items():
         if count != 1:
             v.append(Violation("connections_released", f"connection {n} released {count} times"))
+    # crashes
+    for crash in world.turn_crashes:
+        v.append(Violation("turn_crashes", crash))
     # status paths
     for chat_id, path in obs.statuses.items():
         try:
@@ -1193,6 +1201,47 @@ def check(world: World) -> list[Violation]:
 
 
 # -- running ----------------------------------------------------------------------------
+
+
+class CrashLog(logging.Handler):
+    """The turns the server reports as crashed ('turn crashed', logged with the
+    exception), but for those of a replica the simulation had crashed already (its
+    writes fail on purpose)."""
+
+    def __init__(self, dead: set[uuid.UUID]) -> None:
+        super().__init__(logging.ERROR)
+        self.dead = dead
+        self.crashes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() != "turn crashed":
+            return
+        worker = str(getattr(record, "worker_id", ""))
+        if worker in {str(w) for w in self.dead}:
+            return
+        exc = record.exc_info[1] if record.exc_info else None
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        self.crashes.append(f"chat {getattr(record, 'chat_id', '?')}: {exc!r}")
+
+
+@contextlib.contextmanager
+def crash_log(dead: set[uuid.UUID]) -> Iterator[CrashLog]:
+    """Collect the server's crash reports while a scenario plays, whatever the logging
+    configuration (the level is raised to ERROR for the run if it is above it)."""
+    log = logging.getLogger("chatd_trio.server")
+    handler = CrashLog(dead)
+    level = log.level
+    if not log.isEnabledFor(logging.ERROR):
+        log.setLevel(logging.ERROR)
+    if not log.isEnabledFor(logging.ERROR):
+        raise RuntimeError("logging.disable() hides the server's crash reports from the checker")
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def replay_command(scenario: Scenario, seed: int | None = None) -> str:
@@ -1211,9 +1260,11 @@ def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | Non
     original = uuid.uuid4
     uuid.uuid4 = lambda: uuid.UUID(int=ids.getrandbits(128), version=4)
     try:
-        early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
+        with crash_log(world.store.dead) as crashes:
+            early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         uuid.uuid4 = original
+    world.turn_crashes = crashes.crashes
     violations = early + [x for x in check(world) if x not in early]
     steps = sum(r.server.stats().steps for r in world.replicas)
     return Result(

@@ -203,3 +203,23 @@ def test_queue_promoted_out_of_order_breaks_queue_promotion() -> None:
 def test_an_impossible_status_change_breaks_status_path() -> None:
     sc = scenario(Op("create", 0, TOOLS))
     assert reported(sc, Hooks(store=ErrorAfterWaiting)) == {"status_path"}
+
+
+class BrokenWrite(SimStore):
+    """A store bug: a step's write fails with an error no caller expects."""
+
+    async def persist_step(
+        self,
+        lease: Lease,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
+    ) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        raise ValueError("planted: the row does not decode")
+
+
+def test_a_turn_that_crashes_is_reported() -> None:
+    sc = scenario(Op("create", 0, TOOLS))
+    assert reported(sc, Hooks(store=BrokenWrite)) == {"turn_crashes"}
