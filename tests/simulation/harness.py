@@ -255,7 +255,7 @@ class SimStore:
     """Wraps the shared MemoryStore: transient faults, crashed workers, observation.
 
     Every method of the `Store` protocol that writes is wrapped here with the
-    protocol's exact signature (tests/simulation/test_planted_bugs.py checks it);
+    protocol's exact signature (test_simulation.py checks it, planted bugs too);
     reads pass through. A write carrying a lease of a crashed replica never
     reaches the store.
     """
