@@ -1091,7 +1091,7 @@ async def run_turn(
     if control.stop_reason is StopReason.FENCED:
         logger.info("turn fenced: %s", control.detail, extra={**turn.log_extra})
         turn.unwritten = None
-        turn.chart.send("write_refused")
+        turn.chart.send("fence")
         return turn.result()
     logger.info("turn interrupted: %s", control.detail, extra={**turn.log_extra})
     turn.chart.send("interrupt")

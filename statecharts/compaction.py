@@ -38,17 +38,19 @@ Every end of a turn is a final state, so the driver reads a turn's outcome from
 the chart alone: `done`, `exhausted` (re-entry limit), `step_limit` (the budget ran
 out while the model still called tools), `answered` (a recovered turn whose final
 answer was already stored: `loading -loaded-> answered`, the model is not called),
-and the events of the working states: `model_failed` -> `failed` (and
-`context_exceeded` without a retry left), `interrupt` ->
-`interrupted`, `shutdown` -> `shut_down`, `write_refused` -> `fenced` (the run no
-longer holds the chat), `store_unavailable` -> `unavailable` (the store stayed down
-past the write retry budget). Each is declared only where its driver can observe it:
-`checking` runs no I/O and never waits (its activity is a synchronous measurement),
-so it takes none of them; only a state whose activity writes (`stepping` writes the
-step before, the three compacting states the step and the compaction) can
-see a write refused - the reloads read, since the step they build on was written
-before its compaction. A strict chart then refuses, loudly, an event its driver
-should never send.
+and the events of the working states: `model_failed` -> `failed`, `interrupt` ->
+`interrupted`, `shutdown` -> `shut_down`, `write_refused` -> `fenced` (a write was
+refused: the run no longer holds the chat), `fence` -> `fenced` (the caller learned
+the run lost the chat: a heartbeat refused, the chat acquired again),
+`store_unavailable` -> `unavailable` (the store stayed down past the write retry
+budget). Each is declared only where its driver can observe it: `checking` runs no
+I/O and never waits (its activity is a synchronous measurement), so it takes none of
+them; only a state whose activity writes (`stepping` writes the step before,
+`compacting` and `safety_compacting` the step and the compaction) can see a write
+refused - the reloads read, since the step they build on was written before its
+compaction; a stop from the caller (`interrupt`, `shutdown`, `fence`) lands in any
+state that waits. A strict chart then refuses, loudly, an event its driver should
+never send.
 """
 
 from __future__ import annotations
@@ -191,10 +193,17 @@ class CompactionChart(TracedChart):
         | safety_compacting.to(shut_down)
         | reentering.to(shut_down)
     )
-    # The run no longer holds the chat: a write carried a token the chat no longer has
-    # (or an edit made it pending), or the heartbeat found the chat taken over, which
-    # can happen during any activity that waits.
+    # A write carried a token the chat no longer has (or an edit made it pending); only
+    # these states' activities write.
     write_refused = (
+        stepping.to(fenced)
+        | compacting.to(fenced)
+        | overflow_compacting.to(fenced)
+        | safety_compacting.to(fenced)
+    )
+    # The caller stops the turn because its run lost the chat (`TurnControl.fence`): like
+    # a stop, it lands wherever the turn waits; nothing more is written.
+    fence = (
         loading.to(fenced)
         | stepping.to(fenced)
         | compacting.to(fenced)

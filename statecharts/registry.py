@@ -104,8 +104,10 @@ streams once and compacts twice.
 Every other end of a turn is a final state too, reached from the states whose
 activity can observe it: a model failure (`failed`), a user interrupt
 (`interrupted`), a replica shutdown (`shut_down`), a write refused because the run
-lost the chat (`fenced`) and a store unavailable past the retry budget
-(`unavailable`). `checking` waits for nothing, so none of them lands there.
+lost the chat or the replica learning that it did (`fenced`: `write_refused` where
+the activity writes, `fence` wherever the turn waits) and a store unavailable past
+the retry budget (`unavailable`). `checking` waits for nothing, so none of them
+lands there.
 """
 
 

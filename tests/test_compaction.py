@@ -215,6 +215,8 @@ def _chart_in(state: str) -> CompactionChart:
         ("checking", "write_refused"),
         ("checking", "store_unavailable"),
         ("checking", "model_failed"),
+        ("reloading", "write_refused"),
+        ("reentering", "write_refused"),
         ("loading", "model_failed"),
         ("reloading", "model_failed"),
         ("loading", "context_exceeded"),
@@ -223,8 +225,8 @@ def _chart_in(state: str) -> CompactionChart:
     ],
 )
 def test_ends_the_loop_cannot_observe_in_a_state_are_refused_there(state: str, event: str) -> None:
-    """`checking` never waits and the loads call no model: an event that could only come
-    from a driver bug is refused loudly, not taken."""
+    """`checking` never waits, the reloads write nothing and call no model: an event
+    that could only come from a driver bug is refused loudly, not taken."""
     chart = _chart_in(state)
     with pytest.raises(TransitionNotAllowed):
         chart.send(event)
@@ -236,7 +238,7 @@ def test_a_fence_while_loading_ends_the_turn_fenced(state: str) -> None:
     """The heartbeat can find the chat taken over while history loads (a replica that
     came back from an outage): the turn ends `fenced`, it does not raise."""
     chart = _chart_in(state)
-    chart.send("write_refused")
+    chart.send("fence")
     assert chart.state_id == "fenced"
 
 

@@ -856,35 +856,29 @@ async def test_interrupt_before_the_turn_starts_writes_nothing(store: Store) -> 
     assert len(await history(store, lease.chat_id)) == 1
 
 
-async def test_a_fence_while_the_history_loads_ends_the_turn_fenced(store: Store) -> None:
-    """The heartbeat finds the chat taken over while the prompt is still loading (a
-    replica back from an outage): the turn ends `fenced`, writes nothing, and no
-    exception escapes (it used to, and ended the replica)."""
+async def test_a_turn_fenced_while_it_loads_its_prompt_ends_fenced_and_writes_nothing(
+    store: Store,
+) -> None:
+    """The replica learns the run lost the chat (a heartbeat refused, the chat acquired
+    again) before the turn wrote anything: it ends `fenced`, not with a chart error."""
     lease = await start_chat(store)
     model = ScriptedModel([text_step("never")])
+    faulty = FaultyStore(store)
     control = TurnControl()
-    loading = trio.Event()
 
-    async def load_prompt() -> Sequence[PromptMessage]:
-        loading.set()
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
+    async def fenced_while_loading(n: int, op: str) -> None:
+        if op == "prompt_messages":
+            control.fence("chat acquired again")
 
-    async with trio.open_nursery() as nursery:
+    faulty.on_call = fenced_while_loading
 
-        async def turn() -> None:
-            control.result = await run_turn(
-                store, lease, model, control=control, load_prompt=load_prompt
-            )
+    result = await run_turn(faulty.as_store(), lease, model, control=control)
 
-        nursery.start_soon(turn)
-        await loading.wait()
-        control.fence()
-
-    assert control.result is not None
-    assert control.result.outcome is TurnOutcome.LOST
-    assert control.result.trace == (Step("loading", "write_refused", "fenced"),)
+    assert (result.outcome, result.final_state) == (TurnOutcome.LOST, "fenced")
+    assert result.trace == (Step("loading", "fence", "fenced"),)
+    assert result.final_messages == ()
     assert model.stream_count == 0
+    assert [op for op, _ in faulty.calls] == ["prompt_messages"]
     assert len(await history(store, lease.chat_id)) == 1
 
 

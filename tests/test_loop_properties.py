@@ -4,9 +4,10 @@
 Each example runs one turn under `MockClock(autojump_threshold=0)` with Hypothesis
 controlling Trio's scheduling (`st.random_module()`): random tool calls, usages around
 the threshold, retryable model failures, summary failures, and faults: a user
-interrupt or a replica shutdown (at a virtual time, or while a given store call is in
-flight), a refused write (the user edits the chat, or another run takes it over, just
-before a given write), a store outage (a run of store calls failing before they reach
+interrupt, a replica shutdown or the replica learning that the run lost the chat (a
+fence; at a virtual time, or while a given store call is in flight), a refused write
+(the user edits the chat, or another run takes it over, just before a given write), a
+store outage (a run of store calls failing before they reach
 the database, or after they committed, the acknowledgement lost), a non-retryable
 model failure, a prompt the model refuses as too long (once or twice), a history
 that already ends in the answer (a recovered turn). After the turn, the caller's
@@ -15,8 +16,8 @@ finish is made as the Server makes it.
 The invariant (`check`): the turn's outcome is the one its chart's final state names,
 along a path the chart declares; the outcome is explained by the faults (no fault, no
 stop: DONE; ERROR only from a non-retryable model failure or a refused prompt; LOST
-only from a refused write; UNAVAILABLE only from an outage longer than the retry
-budget; INTERRUPTED and
+only from a refused write or a fence; UNAVAILABLE only from an outage longer than the
+retry budget; INTERRUPTED and
 SHUTDOWN only when stopped, a shutdown recorded in `control.result`); nothing lands
 after a refusal; and what the store holds after the finish holds every step at most
 once, every tool call with exactly one result right after it, at most `max_steps`
@@ -97,9 +98,10 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class Stop:
-    """A user interrupt or a replica shutdown, at a virtual time or during a store call."""
+    """A user interrupt, a replica shutdown or a fence (the replica learnt that the run
+    lost the chat), at a virtual time or during a store call."""
 
-    kind: str  # "interrupt" | "shutdown"
+    kind: str  # "interrupt" | "shutdown" | "fence"
     at_time: float | None = None  # 0: before the turn starts
     at_call: int | None = None  # while the n-th store call of the turn is in flight
 
@@ -193,6 +195,8 @@ async def run_case(case: Case) -> Run:
         assert case.stop is not None
         if case.stop.kind == "interrupt":
             control.interrupt()
+        elif case.stop.kind == "fence":
+            control.fence()
         else:
             control.shutdown()
 
@@ -308,7 +312,10 @@ def check(case: Case, run: Run) -> None:
     if result.outcome is TurnOutcome.INTERRUPTED:
         assert stopped == "interrupt"
     if result.outcome is TurnOutcome.LOST:
-        assert run.refused_after is not None and result.persist_refused
+        assert (run.refused_after is not None or stopped == "fence") and result.persist_refused
+        if run.refused_after is None:
+            # Fenced from outside: wherever the turn was, it ends by the chart's `fence`.
+            assert result.trace[-1].event == "fence"
     if result.outcome is TurnOutcome.UNAVAILABLE:
         assert long_outage and result.error is None
     if result.outcome is TurnOutcome.ERROR:
@@ -396,7 +403,7 @@ step_plans = st.builds(
 )
 stops = st.builds(
     Stop,
-    kind=st.sampled_from(["interrupt", "shutdown"]),
+    kind=st.sampled_from(["interrupt", "shutdown", "fence"]),
     at_time=st.none() | st.just(0.0) | st.floats(0.01, 15, allow_nan=False),
     at_call=st.none() | st.integers(1, 12),
 )
@@ -451,6 +458,9 @@ INLINE = (tools(950), text(10))
 SAFETY = (text(950), text(10))
 
 
+STOPS = ("interrupt", "shutdown", "fence")
+
+
 def stopped(kind: str, call: int) -> Stop:
     return Stop(kind, at_call=call)
 
@@ -490,21 +500,21 @@ CRAFTED = [
     # stepping -context_exceeded-> failed: still too long after the compaction
     Case((StepPlan((), 10, 0, overflow=2),), ("S",), 5),
     # every stop, refusal and outage while compacting for a refused prompt
-    *[Case(OVERFLOW, ("S",), 5, stop=stopped(kind, 2)) for kind in ("interrupt", "shutdown")],
+    *[Case(OVERFLOW, ("S",), 5, stop=stopped(kind, 2)) for kind in STOPS],
     Case(OVERFLOW, ("S",), 5, outage=(2, LONG_OUTAGE, BEFORE)),
     Case(OVERFLOW, ("S",), 5, refuse=(1, "takeover")),
     # every stop, every refusal and every outage, in each state that can observe it
     *[
         Case(INLINE, ("S",), 5, stop=stopped(kind, call))
-        for kind in ("interrupt", "shutdown")
+        for kind in STOPS
         for call in (1, 2, 3, 4)  # loading, stepping->compacting, compacting, reloading
     ],
-    *[Case(SAFETY, ("", "S"), 5, stop=stopped(kind, 3)) for kind in ("interrupt", "shutdown")],
-    *[Case(SAFETY, ("", "S"), 5, stop=stopped(kind, 4)) for kind in ("interrupt", "shutdown")],
+    *[Case(SAFETY, ("", "S"), 5, stop=stopped(kind, 3)) for kind in STOPS],
+    *[Case(SAFETY, ("", "S"), 5, stop=stopped(kind, 4)) for kind in STOPS],
     # stops while the first step streams (0 - 0.75 s) and while its tool runs (0.75 - 1.25 s)
     *[
         Case((tools(10), text(10)), ("S",), 5, stop=Stop(kind, at_time=at), parallel=parallel)
-        for kind in ("interrupt", "shutdown")
+        for kind in STOPS
         for at in (0.5, 1.0)
         for parallel in (True, False)
     ],

@@ -180,8 +180,8 @@ def test_dial_chart_transition_universe() -> None:
 def test_guarded_branches_count_separately_in_the_coverage_universe() -> None:
     universe = transitions_of(CompactionChart)
     # Three pairs of states are joined by two transitions of one event that differ by guard.
-    assert len(universe) == 59
-    assert len({(s.source, s.event, s.target) for s in universe}) == 56
+    assert len(universe) == 63
+    assert len({(s.source, s.event, s.target) for s in universe}) == 60
     assert {s.guard for s in universe if (s.source, s.target) == ("stepping", "checking")} == {
         "tool_calls",
         "",
@@ -441,6 +441,7 @@ _RANDOM_EVENTS: dict[type[TracedChart], st.SearchStrategy[tuple[str, dict[str, A
                     "interrupt",
                     "shutdown",
                     "write_refused",
+                    "fence",
                     "store_unavailable",
                 ]
             ),

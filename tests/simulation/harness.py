@@ -9,6 +9,13 @@ operations, faults stop, virtual time advances until the system settles, every
 subscriber catches up, the servers close, and `check` returns the violations of
 the invariants in `INVARIANTS`.
 
+Store faults: transient errors of the replica's background calls (acquire,
+heartbeat, stale recovery) and of stream reads; and for a turn's writes
+(persist_step, persist_compaction, finish_turn) a lost connection
+(`StoreUnavailable`) either before the write or after it landed, the
+acknowledgement lost: the run retries under the same operation id and must not
+write twice.
+
 Replay: `python scripts/simulate.py --replay SEED` (scenario generated from the
 seed) or `--scenario JSON` (a scenario printed by a failing test).
 """
@@ -17,9 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -36,6 +44,7 @@ from chatd_trio.domain import (
     Message,
     MessageEvent,
     NewMessage,
+    Part,
     Role,
     TextPart,
     ToolCallPart,
@@ -43,7 +52,8 @@ from chatd_trio.domain import (
     WorkspaceAgent,
     text_of,
 )
-from chatd_trio.errors import ChatdError, StoreError
+from chatd_trio.errors import ChatdError, StoreError, StoreUnavailable
+from chatd_trio.lifecycle import Plan
 from chatd_trio.models.base import Finish, PromptMessage, TextDelta
 from chatd_trio.models.scripted import (
     ScriptedModel,
@@ -58,11 +68,14 @@ from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import (
     Announcer,
+    Applied,
     EditResult,
     FinishResult,
+    Lease,
     SendResult,
     Store,
     TurnOutcome,
+    Write,
 )
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.streams import StreamSubscription
@@ -75,11 +88,14 @@ INVARIANTS = {
     "terminal_status": "every chat ends waiting or error (none stuck running/pending)",
     "stream_exactly_once": "every live durable message reaches every subscriber once, ids "
     "strictly increasing within an edit epoch",
-    "single_owner": "no chat owned by two live workers at once",
+    "single_owner": "no chat owned under two leases at once: no write of one acquisition "
+    "(worker, ownership token) lands after the next acquisition of the chat",
     "tool_results": "every tool call in the history has exactly one result",
     "queue_promotion": "every queued message promoted at most once, in queue order, and none lost",
     "connections_released": "every workspace connection dialed was released exactly once",
     "status_path": "each chat's status path is valid per the lifecycle statechart",
+    "turn_crashes": "no turn of a live replica ends by an exception it did not expect "
+    "(the server's 'turn crashed')",
 }
 
 PROMPT_KINDS = ("plain", "tools", "slow", "ws", "spawn", "fail")
@@ -203,10 +219,12 @@ def scenario_from_seed(seed: int, sim: SimConfig = SIM) -> Scenario:
 
 @dataclass
 class Interval:
-    """One acquisition of a chat by a worker: from the claim to its last accepted write."""
+    """One acquisition of a chat (one lease: worker and ownership token), from the claim
+    to the last write accepted under it (a replayed write landed earlier: not counted)."""
 
     worker: uuid.UUID
     chat: uuid.UUID
+    token: int
     start: int
     end: int
 
@@ -216,7 +234,7 @@ class Observations:
     seq: int = 0
     statuses: dict[uuid.UUID, list[str]] = field(default_factory=dict)
     intervals: list[Interval] = field(default_factory=list)
-    open_interval: dict[tuple[uuid.UUID, uuid.UUID], Interval] = field(default_factory=dict)
+    open_interval: dict[Lease, Interval] = field(default_factory=dict)
     queued: dict[uuid.UUID, list[str]] = field(default_factory=dict)
     edits: dict[uuid.UUID, int] = field(default_factory=dict)
     queue_cleared_after: dict[uuid.UUID, int] = field(default_factory=dict)
@@ -234,9 +252,19 @@ def token_of(parts: Sequence[Any]) -> str:
 
 
 class SimStore:
-    """Wraps the shared MemoryStore: transient faults, crashed workers, observation."""
+    """Wraps the shared MemoryStore: transient faults, crashed workers, observation.
+
+    Every method of the `Store` protocol that writes is wrapped here with the
+    protocol's exact signature (test_simulation.py checks it, planted bugs too);
+    reads pass through. A write carrying a lease of a crashed replica never
+    reaches the store.
+    """
 
     FAULTY = frozenset({"acquire", "heartbeat", "recover_stale", "messages_after"})
+    # A turn's writes see the faults of a lost connection (`StoreUnavailable`): before
+    # the write, or after it landed (the connection died around COMMIT; the caller
+    # retries under the same operation id and must not write twice).
+    UNAVAILABLE = frozenset({"persist_step", "persist_compaction", "finish_turn"})
 
     def __init__(self, inner: MemoryStore, rng: random.Random, faults: Faults) -> None:
         self.inner = inner
@@ -254,8 +282,8 @@ class SimStore:
         return isinstance(pubsub, SimPubSub) and self.inner.announces_to(pubsub.inner)
 
     # fault and liveness gates
-    async def _gate(self, op: str, worker: uuid.UUID | None = None) -> None:
-        if worker is not None and worker in self.dead:
+    async def _gate(self, op: str, *workers: uuid.UUID) -> None:
+        if any(worker in self.dead for worker in workers):
             await trio.lowlevel.checkpoint()
             raise StoreError("replica crashed: its writes never reach the database")
         if (
@@ -267,6 +295,25 @@ class SimStore:
             await trio.lowlevel.checkpoint()
             raise StoreError(f"injected transient failure in {op}")
 
+    async def _unavailable(self, op: str) -> bool:
+        """Maybe fail `op` as a lost connection would: raises before the write, or
+        returns True when the write is to land and then be reported lost."""
+        if not (
+            self.faults_on
+            and op in self.UNAVAILABLE
+            and self.rng.randrange(100) < self.faults.store_error
+        ):
+            return False
+        if self.rng.randrange(2):
+            self.obs.bump(f"store_unavailable_{op}")
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable(f"injected connection loss before {op}")
+        self.obs.bump(f"store_lost_ack_{op}")
+        return True
+
+    def _lost_ack(self, op: str) -> StoreUnavailable:
+        return StoreUnavailable(f"injected connection loss after {op} committed")
+
     def _observe(self) -> int:
         """Record every status change since the last call; the sequence number of now."""
         self.obs.seq += 1
@@ -276,31 +323,81 @@ class SimStore:
                 path.append(chat.status.value)
         return self.obs.seq
 
-    def _owns(self, worker: uuid.UUID, chat_id: uuid.UUID) -> bool:
-        chat = self.inner._chats.get(chat_id)
-        return chat is not None and chat.status is ChatStatus.RUNNING and chat.worker_id == worker
+    def _acquired(self, chats: Sequence[Chat], seq: int) -> None:
+        """Open an interval for each chat just claimed, under the lease it was claimed with."""
+        for chat in chats:
+            lease = Lease.of(chat)
+            iv = Interval(lease.worker_id, chat.id, lease.token, seq, seq)
+            self.obs.intervals.append(iv)
+            self.obs.open_interval[lease] = iv
 
-    def _extend(self, worker: uuid.UUID, chat_id: uuid.UUID, seq: int) -> None:
-        iv = self.obs.open_interval.get((worker, chat_id))
+    def _landed_before(self, chat_id: uuid.UUID, op_id: uuid.UUID | None) -> bool:
+        """Whether a write with this operation id already landed: the store then reports
+        the earlier landing again, which writes nothing now."""
+        if op_id is None:
+            return False
+        inner = self.inner
+        return inner._last_op.get(chat_id) == op_id or (chat_id, op_id) in inner._op_messages
+
+    def _accepted(self, lease: Lease, seq: int) -> None:
+        """A write under `lease` landed at `seq`: its acquisition lasts at least until then."""
+        iv = self.obs.open_interval.get(lease)
         if iv is not None:
             iv.end = seq
 
+    # the primitive
+    async def apply(
+        self,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        *,
+        announce: Announcer | None = None,
+    ) -> Applied:
+        out = await self.inner.apply(chat_id, plan, write, announce=announce)
+        self._observe()
+        return out
+
     # chats and messages
-    async def create_chat(self, *args: Any, **kwargs: Any) -> tuple[Chat, Message]:
-        out = await self.inner.create_chat(*args, **kwargs)
+    async def create_chat(
+        self,
+        owner_id: uuid.UUID,
+        title: str,
+        parts: Sequence[Part],
+        *,
+        workspace_id: uuid.UUID | None = None,
+        build_id: uuid.UUID | None = None,
+        agent_id: uuid.UUID | None = None,
+        parent_chat_id: uuid.UUID | None = None,
+        mcp_servers: Sequence[str] = (),
+        system_prompt: str | None = None,
+    ) -> tuple[Chat, Message]:
+        out = await self.inner.create_chat(
+            owner_id,
+            title,
+            parts,
+            workspace_id=workspace_id,
+            build_id=build_id,
+            agent_id=agent_id,
+            parent_chat_id=parent_chat_id,
+            mcp_servers=mcp_servers,
+            system_prompt=system_prompt,
+        )
         self._observe()
         return out
 
     async def send_message(
         self,
         chat_id: uuid.UUID,
-        parts: Sequence[Any],
+        parts: Sequence[Part],
         *,
         max_queued: int,
         announce: Announcer | None = None,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
     ) -> SendResult:
         out = await self.inner.send_message(
-            chat_id, parts, max_queued=max_queued, announce=announce
+            chat_id, parts, max_queued=max_queued, announce=announce, owner_id=owner_id, view=view
         )
         self._observe()
         if out.queued is not None:
@@ -311,18 +408,24 @@ class SimStore:
         self,
         chat_id: uuid.UUID,
         message_id: int,
-        parts: Sequence[Any],
+        parts: Sequence[Part],
         *,
         announce: Announcer | None = None,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
     ) -> EditResult:
-        out = await self.inner.edit_message(chat_id, message_id, parts, announce=announce)
+        out = await self.inner.edit_message(
+            chat_id, message_id, parts, announce=announce, owner_id=owner_id, view=view
+        )
         self.obs.edits[chat_id] = self.obs.edits.get(chat_id, 0) + 1
         self.obs.queue_cleared_after[chat_id] = len(self.obs.queued.get(chat_id, []))
         self._observe()
         return out
 
-    async def interrupt(self, chat_id: uuid.UUID) -> Chat:
-        out = await self.inner.interrupt(chat_id)
+    async def interrupt(
+        self, chat_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, view: Chat | None = None
+    ) -> Chat:
+        out = await self.inner.interrupt(chat_id, owner_id=owner_id, view=view)
         self._observe()
         return out
 
@@ -330,10 +433,19 @@ class SimStore:
         await self._gate("messages_after")
         return await self.inner.messages_after(chat_id, after_id)
 
+    # the queue
     async def promote_queued(
-        self, chat_id: uuid.UUID, queued_id: int, *, announce: Announcer | None = None
+        self,
+        chat_id: uuid.UUID,
+        queued_id: int,
+        *,
+        announce: Announcer | None = None,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
     ) -> SendResult:
-        out = await self.inner.promote_queued(chat_id, queued_id, announce=announce)
+        out = await self.inner.promote_queued(
+            chat_id, queued_id, announce=announce, owner_id=owner_id, view=view
+        )
         self._observe()
         return out
 
@@ -341,24 +453,20 @@ class SimStore:
     async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
         await self._gate("acquire", worker_id)
         chats = await self.inner.acquire(worker_id, limit)
-        seq = self._observe()
-        for chat in chats:
-            iv = Interval(worker_id, chat.id, seq, seq)
-            self.obs.intervals.append(iv)
-            self.obs.open_interval[(worker_id, chat.id)] = iv
+        self._acquired(chats, self._observe())
         return chats
 
-    async def release(self, worker_id: uuid.UUID, chat_ids: Sequence[uuid.UUID]) -> None:
-        await self._gate("release", worker_id)
-        await self.inner.release(worker_id, chat_ids)
+    async def release(self, leases: Sequence[Lease]) -> None:
+        await self._gate("release", *(lease.worker_id for lease in leases))
+        await self.inner.release(leases)
         self._observe()
 
-    async def heartbeat(self, chat_id: uuid.UUID, worker_id: uuid.UUID) -> bool:
-        await self._gate("heartbeat", worker_id)
-        owned = await self.inner.heartbeat(chat_id, worker_id)
+    async def heartbeat(self, lease: Lease) -> bool:
+        await self._gate("heartbeat", lease.worker_id)
+        owned = await self.inner.heartbeat(lease)
         seq = self._observe()
         if owned:
-            self._extend(worker_id, chat_id, seq)
+            self._accepted(lease, seq)
         return owned
 
     async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
@@ -369,53 +477,82 @@ class SimStore:
 
     async def persist_step(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         messages: Sequence[NewMessage],
         *,
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> list[Message]:
-        await self._gate("persist_step", worker_id)
-        out = await self.inner.persist_step(chat_id, worker_id, messages, announce=announce)
-        # Only a write into a running chat this worker owns counts (a waiting chat's
-        # interrupted step may be kept by anyone).
-        owned = self._owns(worker_id, chat_id)
+        await self._gate("persist_step", lease.worker_id)
+        lost_ack = await self._unavailable("persist_step")
+        replay = self._landed_before(lease.chat_id, op_id)
+        # Refused (PersistRefused, OwnershipLost): nothing landed, the interval ends earlier.
+        out = await self.inner.persist_step(lease, messages, announce=announce, op_id=op_id)
         seq = self._observe()
-        if owned:
-            self._extend(worker_id, chat_id, seq)
+        if not replay:
+            self._accepted(lease, seq)
+        if lost_ack:
+            raise self._lost_ack("persist_step")
         return out
 
     async def persist_compaction(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         messages: Sequence[NewMessage],
         *,
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> list[Message]:
-        await self._gate("persist_compaction", worker_id)
-        out = await self.inner.persist_compaction(chat_id, worker_id, messages, announce=announce)
-        self._observe()
+        await self._gate("persist_compaction", lease.worker_id)
+        lost_ack = await self._unavailable("persist_compaction")
+        replay = self._landed_before(lease.chat_id, op_id)
+        out = await self.inner.persist_compaction(lease, messages, announce=announce, op_id=op_id)
+        seq = self._observe()
+        if not replay:
+            self._accepted(lease, seq)
+        if lost_ack:
+            raise self._lost_ack("persist_compaction")
         return out
 
     async def finish_turn(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         outcome: TurnOutcome,
         last_error: str | None = None,
         *,
+        messages: Sequence[NewMessage] = (),
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> FinishResult:
-        await self._gate("finish_turn", worker_id)
-        owned = self._owns(worker_id, chat_id)
+        await self._gate("finish_turn", lease.worker_id)
+        lost_ack = await self._unavailable("finish_turn")
+        replay = self._landed_before(lease.chat_id, op_id)
         out = await self.inner.finish_turn(
-            chat_id, worker_id, outcome, last_error, announce=announce
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
         )
         seq = self._observe()
-        if owned and out.changed:
-            self._extend(worker_id, chat_id, seq)
+        if out.changed and not replay:
+            self._accepted(lease, seq)
+        if lost_ack:
+            raise self._lost_ack("finish_turn")
         return out
+
+    # workspaces
+    async def update_binding(
+        self,
+        chat_id: uuid.UUID,
+        workspace_id: uuid.UUID | None,
+        build_id: uuid.UUID | None,
+        agent_id: uuid.UUID | None,
+        *,
+        lease: Lease | None = None,
+    ) -> None:
+        if lease is None:
+            await self.inner.update_binding(chat_id, workspace_id, build_id, agent_id)
+            return
+        await self._gate("update_binding", lease.worker_id)
+        await self.inner.update_binding(chat_id, workspace_id, build_id, agent_id, lease=lease)
+        self._accepted(lease, self._observe())
 
     def as_store(self) -> Store:
         return cast(Store, self)
@@ -735,6 +872,8 @@ class World:
         self.workspace: uuid.UUID | None = None
         self.build_n = 0
         self.tokens = 0
+        # The server's turn crash reports (see `crash_log`), set after the run.
+        self.turn_crashes: list[str] = []
 
     # replicas
     async def start_replica(self, nursery: trio.Nursery) -> None:
@@ -1006,12 +1145,12 @@ def check(world: World) -> list[Violation]:
         for b in ivs[i + 1 :]:
             if b.start > a.end:
                 break
-            if a.chat == b.chat and a.worker != b.worker:
+            if a.chat == b.chat and (a.worker, a.token) != (b.worker, b.token):
                 v.append(
                     Violation(
                         "single_owner",
-                        f"chat {a.chat}: {a.worker} [{a.start},{a.end}] overlaps "
-                        f"{b.worker} [{b.start},{b.end}]",
+                        f"chat {a.chat}: {a.worker} token {a.token} [{a.start},{a.end}] "
+                        f"overlaps {b.worker} token {b.token} [{b.start},{b.end}]",
                     )
                 )
     # tool calls and queue
@@ -1049,6 +1188,9 @@ def check(world: World) -> list[Violation]:
     for n, count in world.dialer.released.items():
         if count != 1:
             v.append(Violation("connections_released", f"connection {n} released {count} times"))
+    # crashes
+    for crash in world.turn_crashes:
+        v.append(Violation("turn_crashes", crash))
     # status paths
     for chat_id, path in obs.statuses.items():
         try:
@@ -1059,6 +1201,47 @@ def check(world: World) -> list[Violation]:
 
 
 # -- running ----------------------------------------------------------------------------
+
+
+class CrashLog(logging.Handler):
+    """The turns the server reports as crashed ('turn crashed', logged with the
+    exception), but for those of a replica the simulation had crashed already (its
+    writes fail on purpose)."""
+
+    def __init__(self, dead: set[uuid.UUID]) -> None:
+        super().__init__(logging.ERROR)
+        self.dead = dead
+        self.crashes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() != "turn crashed":
+            return
+        worker = str(getattr(record, "worker_id", ""))
+        if worker in {str(w) for w in self.dead}:
+            return
+        exc = record.exc_info[1] if record.exc_info else None
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        self.crashes.append(f"chat {getattr(record, 'chat_id', '?')}: {exc!r}")
+
+
+@contextlib.contextmanager
+def crash_log(dead: set[uuid.UUID]) -> Iterator[CrashLog]:
+    """Collect the server's crash reports while a scenario plays, whatever the logging
+    configuration (the level is raised to ERROR for the run if it is above it)."""
+    log = logging.getLogger("chatd_trio.server")
+    handler = CrashLog(dead)
+    level = log.level
+    if not log.isEnabledFor(logging.ERROR):
+        log.setLevel(logging.ERROR)
+    if not log.isEnabledFor(logging.ERROR):
+        raise RuntimeError("logging.disable() hides the server's crash reports from the checker")
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def replay_command(scenario: Scenario, seed: int | None = None) -> str:
@@ -1077,9 +1260,11 @@ def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | Non
     original = uuid.uuid4
     uuid.uuid4 = lambda: uuid.UUID(int=ids.getrandbits(128), version=4)
     try:
-        early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
+        with crash_log(world.store.dead) as crashes:
+            early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         uuid.uuid4 = original
+    world.turn_crashes = crashes.crashes
     violations = early + [x for x in check(world) if x not in early]
     steps = sum(r.server.stats().steps for r in world.replicas)
     return Result(

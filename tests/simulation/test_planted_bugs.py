@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from chatd_trio.domain import Chat, ChatStatus, Message, MessageEvent, NewMessage
-from chatd_trio.store.base import Announcer, FinishResult, TurnOutcome
+from chatd_trio.store.base import Announcer, FinishResult, Lease, TurnOutcome
 from tests.simulation.harness import (
     FakeDialer,
     Faults,
@@ -42,6 +42,9 @@ def scenario(*ops: Op, replicas: int = 1) -> Scenario:
 
 
 def reported(sc: Scenario, hooks: Hooks) -> set[str]:
+    """The invariants the checker reports with the bug planted; the same scenario
+    without it holds every invariant, so what is reported is the bug's doing."""
+    assert_ok(run_scenario(sc))
     result = run_scenario(sc, hooks=hooks)
     with pytest.raises(SimulationFailure, match=r"replay with: python scripts/simulate\.py"):
         assert_ok(result)
@@ -49,33 +52,34 @@ def reported(sc: Scenario, hooks: Hooks) -> set[str]:
 
 
 class DoublePersist(SimStore):
+    """A step's write lands twice: the retry lost the step's operation id, so the store
+    cannot recognise the first landing (with the same id it would report it instead)."""
+
     async def persist_step(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         messages: Sequence[NewMessage],
         *,
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> list[Message]:
-        await super().persist_step(chat_id, worker_id, messages, announce=announce)
-        return await super().persist_step(chat_id, worker_id, messages, announce=announce)
+        await super().persist_step(lease, messages, announce=announce, op_id=op_id)
+        return await super().persist_step(lease, messages, announce=announce)
 
 
 class DoubleAcquire(SimStore):
-    """Acquire also hands out chats another worker is running."""
+    """Acquire also hands out chats another worker is running, under the ownership token
+    that worker holds: the fence cannot tell the two runs apart, so both runs' writes land."""
 
     async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
         chats = await super().acquire(worker_id, limit)
-        seq = self._observe()
-        for chat in list(self.inner._chats.values()):
-            if chat.status is ChatStatus.RUNNING and chat.worker_id not in (None, worker_id):
-                from tests.simulation.harness import Interval
-
-                iv = Interval(worker_id, chat.id, seq, seq)
-                self.obs.intervals.append(iv)
-                self.obs.open_interval[(worker_id, chat.id)] = iv
-                chats.append(chat)
-        return chats
+        stolen = [
+            dataclasses.replace(chat, worker_id=worker_id)
+            for chat in list(self.inner._chats.values())
+            if chat.status is ChatStatus.RUNNING and chat.worker_id not in (None, worker_id)
+        ]
+        self._acquired(stolen, self._observe())
+        return chats + stolen
 
 
 class LostFinish(SimStore):
@@ -83,16 +87,17 @@ class LostFinish(SimStore):
 
     async def finish_turn(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         outcome: TurnOutcome,
         last_error: str | None = None,
         *,
+        messages: Sequence[NewMessage] = (),
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> FinishResult:
         await trio.lowlevel.checkpoint()
-        chat = self.inner._chats[chat_id]
-        return FinishResult(chat, False, False, None, ())
+        chat = self.inner._out(self.inner._chats[lease.chat_id])
+        return FinishResult(chat, True, False, None, ())
 
 
 class NeverRelease(FakeDialer):
@@ -111,7 +116,8 @@ def test_checker_passes_the_unbroken_scenarios() -> None:
 
 
 def test_step_persisted_twice_breaks_tool_results() -> None:
-    assert "tool_results" in reported(scenario(Op("create", 0, TOOLS)), Hooks(store=DoublePersist))
+    sc = scenario(Op("create", 0, TOOLS))
+    assert reported(sc, Hooks(store=DoublePersist)) == {"tool_results"}
 
 
 def test_duplicated_delivery_breaks_exactly_once() -> None:
@@ -120,7 +126,7 @@ def test_duplicated_delivery_breaks_exactly_once() -> None:
     def twice(ev: MessageEvent) -> list[MessageEvent]:
         return [ev, ev]
 
-    assert "stream_exactly_once" in reported(sc, Hooks(deliver=twice))
+    assert reported(sc, Hooks(deliver=twice)) == {"stream_exactly_once"}
 
 
 def test_dropped_delivery_breaks_exactly_once() -> None:
@@ -130,21 +136,21 @@ def test_dropped_delivery_breaks_exactly_once() -> None:
     def lossy(ev: MessageEvent) -> list[MessageEvent]:
         return [] if ev.message.id == 2 or drop.random() < 0.0 else [ev]
 
-    assert "stream_exactly_once" in reported(sc, Hooks(deliver=lossy))
+    assert reported(sc, Hooks(deliver=lossy)) == {"stream_exactly_once"}
 
 
 def test_unreleased_connection_is_reported() -> None:
     sc = scenario(Op("create", 0, WS, gap=5.0))
-    assert "connections_released" in reported(sc, Hooks(dialer=NeverRelease))
+    assert reported(sc, Hooks(dialer=NeverRelease)) == {"connections_released"}
 
 
 def test_chat_handed_to_two_workers_breaks_single_owner() -> None:
     sc = scenario(Op("create", 0, SLOW, gap=3.0), replicas=2)
-    assert "single_owner" in reported(sc, Hooks(store=DoubleAcquire))
+    assert reported(sc, Hooks(store=DoubleAcquire)) == {"single_owner"}
 
 
 def test_lost_final_transition_leaves_a_stuck_chat() -> None:
-    assert "terminal_status" in reported(scenario(Op("create", 0, SLOW)), Hooks(store=LostFinish))
+    assert reported(scenario(Op("create", 0, SLOW)), Hooks(store=LostFinish)) == {"terminal_status"}
 
 
 class NewestFirst(SimStore):
@@ -152,15 +158,18 @@ class NewestFirst(SimStore):
 
     async def finish_turn(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         outcome: TurnOutcome,
         last_error: str | None = None,
         *,
+        messages: Sequence[NewMessage] = (),
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> FinishResult:
-        self.inner._queues.get(chat_id, []).reverse()
-        return await super().finish_turn(chat_id, worker_id, outcome, last_error, announce=announce)
+        self.inner._queues.get(lease.chat_id, []).reverse()
+        return await super().finish_turn(
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
+        )
 
 
 class ErrorAfterWaiting(SimStore):
@@ -168,28 +177,49 @@ class ErrorAfterWaiting(SimStore):
 
     async def finish_turn(
         self,
-        chat_id: uuid.UUID,
-        worker_id: uuid.UUID,
+        lease: Lease,
         outcome: TurnOutcome,
         last_error: str | None = None,
         *,
+        messages: Sequence[NewMessage] = (),
         announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
     ) -> FinishResult:
         result = await super().finish_turn(
-            chat_id, worker_id, outcome, last_error, announce=announce
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
         )
-        chat = self.inner._chats[chat_id]
+        chat = self.inner._chats[lease.chat_id]
         if chat.status is ChatStatus.WAITING:
-            self.inner._chats[chat_id] = dataclasses.replace(chat, status=ChatStatus.ERROR)
+            self.inner._chats[lease.chat_id] = dataclasses.replace(chat, status=ChatStatus.ERROR)
             self._observe()
         return result
 
 
 def test_queue_promoted_out_of_order_breaks_queue_promotion() -> None:
     sc = scenario(Op("create", 0, SLOW), Op("send", 0, 0), Op("send", 0, 0))
-    assert "queue_promotion" in reported(sc, Hooks(store=NewestFirst))
+    assert reported(sc, Hooks(store=NewestFirst)) == {"queue_promotion"}
 
 
 def test_an_impossible_status_change_breaks_status_path() -> None:
     sc = scenario(Op("create", 0, TOOLS))
-    assert "status_path" in reported(sc, Hooks(store=ErrorAfterWaiting))
+    assert reported(sc, Hooks(store=ErrorAfterWaiting)) == {"status_path"}
+
+
+class BrokenWrite(SimStore):
+    """A store bug: a step's write fails with an error no caller expects."""
+
+    async def persist_step(
+        self,
+        lease: Lease,
+        messages: Sequence[NewMessage],
+        *,
+        announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
+    ) -> list[Message]:
+        await trio.lowlevel.checkpoint()
+        raise ValueError("planted: the row does not decode")
+
+
+def test_a_turn_that_crashes_is_reported() -> None:
+    sc = scenario(Op("create", 0, TOOLS))
+    assert reported(sc, Hooks(store=BrokenWrite)) == {"turn_crashes"}

@@ -6,6 +6,7 @@ Replay a failure with the command printed in its message
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterator
 
@@ -13,7 +14,36 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.simulation.harness import Scenario, assert_ok, generate, run_scenario, scenario_from_seed
+from chatd_trio.store.base import Store
+from tests.simulation import test_planted_bugs
+from tests.simulation.harness import (
+    Scenario,
+    SimStore,
+    assert_ok,
+    generate,
+    run_scenario,
+    scenario_from_seed,
+)
+
+# Store methods the SimStore passes through untouched: reads, and writes the
+# simulation never makes (delete_queued) or that change no chat's status.
+PASSED_THROUGH = {
+    "get_chat",
+    "list_chats",
+    "prompt_messages",
+    "latest_assistant_text",
+    "list_queued",
+    "delete_queued",
+    "create_workspace",
+    "get_workspace",
+    "create_build",
+    "create_agent",
+    "latest_build_agents",
+    "agent_by_id",
+    "child_chats",
+    "parent_of",
+    "statement_counts",
+}
 
 
 @st.composite
@@ -27,6 +57,29 @@ def _quiet() -> Iterator[None]:
     logging.disable(logging.WARNING)
     yield
     logging.disable(logging.NOTSET)
+
+
+def _protocol_methods() -> set[str]:
+    return {n for n in dir(Store) if not n.startswith("_") and callable(getattr(Store, n))}
+
+
+def test_sim_store_wraps_the_store_protocol_with_its_exact_signatures() -> None:
+    """Every Store method the harness (or a planted bug) wraps has the protocol's exact
+    signature, and every other one is a deliberate pass-through: a changed or new store
+    method fails here instead of as a TypeError deep inside a simulated turn."""
+    protocol = _protocol_methods()
+    wrappers = [SimStore] + [
+        cls
+        for cls in vars(test_planted_bugs).values()
+        if isinstance(cls, type) and issubclass(cls, SimStore) and cls is not SimStore
+    ]
+    assert len(wrappers) > 1
+    for cls in wrappers:
+        for name in protocol & set(vars(cls)):
+            wrapped = inspect.signature(getattr(cls, name))
+            declared = inspect.signature(getattr(Store, name))
+            assert str(wrapped) == str(declared), f"{cls.__name__}.{name}"
+    assert protocol - set(vars(SimStore)) == PASSED_THROUGH
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
@@ -51,8 +104,9 @@ def test_long_exploration(scenario: Scenario, _r: object) -> None:
 
 def test_two_hundred_seeded_scenarios_with_faults_hold_every_invariant() -> None:
     """200 seeded scenarios (fault rates 0-30 % per kind): no invariant is violated, and
-    the run really injected faults of every kind (a fault-free run proves little); both
-    ways of sending message notifies (with the insert, after it) really ran."""
+    the run really injected faults of every kind (a fault-free run proves little),
+    turn writes lost both before and after they landed; both ways of sending message
+    notifies (with the insert, after it) really ran."""
     injected: dict[str, int] = {}
     in_tx = {True: 0, False: 0}
     for seed in range(200):
@@ -68,4 +122,7 @@ def test_two_hundred_seeded_scenarios_with_faults_hold_every_invariant() -> None
     kinds = {name.split("_")[0] for name, count in injected.items() if count}
     assert sum(injected.values()) > 200, injected
     assert {"store", "notify", "model", "dial"} <= kinds, injected
+    # A turn's writes failed both before reaching the store and after landing.
+    for lost in ("store_unavailable_", "store_lost_ack_"):
+        assert any(name.startswith(lost) and n for name, n in injected.items()), injected
     assert in_tx[True] > 100 and in_tx[False] > 50, in_tx
