@@ -35,7 +35,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from chatd_trio.config import AcquireConfig, Config, StreamConfig
+from chatd_trio.config import AcquireConfig, Config, RequestOptions, StreamConfig
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -371,6 +371,7 @@ class SimStore:
         parent_chat_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
+        model_options: RequestOptions | None = None,
     ) -> tuple[Chat, Message]:
         out = await self.inner.create_chat(
             owner_id,
@@ -382,6 +383,7 @@ class SimStore:
             parent_chat_id=parent_chat_id,
             mcp_servers=mcp_servers,
             system_prompt=system_prompt,
+            model_options=model_options,
         )
         self._observe()
         return out
