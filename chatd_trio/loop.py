@@ -86,6 +86,7 @@ from chatd_trio.models.base import (
     ToolCallDone,
 )
 from chatd_trio.models.classify import UNREACHABLE
+from chatd_trio.storable import storable_text
 from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
@@ -334,6 +335,10 @@ class _TurnFailed(Exception):
         self.payload = payload
 
 
+def _storable(text: str | None) -> str:
+    return storable_text(text or "", "model output").value
+
+
 @dataclass
 class _CallBuffer:
     call_id: str | None = None
@@ -357,22 +362,30 @@ class _StepBuffer:
     write_started: bool = False
 
     def apply(self, delta: Delta) -> Part | None:
-        """Record a delta; returns the part to publish (None for `Finish`)."""
+        """Record a delta; returns the part to publish (None for `Finish`).
+
+        Model output passes the storable-value gate here, so what subscribers see
+        streamed is what the store keeps (NUL and lone surrogates as U+FFFD)."""
         if isinstance(delta, TextDelta):
-            self.text.append(delta.text)
-            return TextPart(delta.text)
+            text = _storable(delta.text)
+            self.text.append(text)
+            return TextPart(text)
         if isinstance(delta, ReasoningDelta):
-            self.reasoning.append(delta.text)
-            return ReasoningPart(delta.text)
+            text = _storable(delta.text)
+            self.reasoning.append(text)
+            return ReasoningPart(text)
         if isinstance(delta, ToolCallDelta):
             buf = self.calls.setdefault(delta.index, _CallBuffer())
-            buf.call_id = delta.call_id or buf.call_id
-            buf.name = delta.name or buf.name
-            buf.arguments += delta.arguments_delta
-            return ToolCallPart(buf.call_id or "", buf.name or "", delta.arguments_delta)
+            buf.call_id = _storable(delta.call_id) or buf.call_id
+            buf.name = _storable(delta.name) or buf.name
+            arguments = _storable(delta.arguments_delta)
+            buf.arguments += arguments
+            return ToolCallPart(buf.call_id or "", buf.name or "", arguments)
         if isinstance(delta, ToolCallDone):
-            self.calls[delta.index] = _CallBuffer(delta.call_id, delta.name, delta.arguments)
-            return ToolCallPart(delta.call_id, delta.name, delta.arguments)
+            call_id, name = _storable(delta.call_id), _storable(delta.name)
+            arguments = _storable(delta.arguments)
+            self.calls[delta.index] = _CallBuffer(call_id, name, arguments)
+            return ToolCallPart(call_id, name, arguments)
         self.finish = delta
         return None
 
