@@ -159,7 +159,8 @@ class _Walk:
     """One pass over a JSON value: cleans strings, refuses what cannot be stored,
     measures the stored size."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_depth: int = MAX_DEPTH) -> None:
+        self.max_depth = max_depth
         self.replaced = 0
         self.size = 0
 
@@ -210,7 +211,7 @@ class _Walk:
         return 0.0 if v == 0 else v
 
     def obj(self, v: dict[object, object], depth: int) -> JSON:
-        if depth > MAX_DEPTH:
+        if depth > self.max_depth:
             raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
         out: dict[str, JSON] = {}
         self.size += 2 + max(len(v) - 1, 0) + len(v)
@@ -226,7 +227,7 @@ class _Walk:
         return out
 
     def array(self, v: Sequence[object], depth: int) -> JSON:
-        if depth > MAX_DEPTH:
+        if depth > self.max_depth:
             raise _Refused(f"nested deeper than {MAX_DEPTH} levels")
         self.size += 2 + max(len(v) - 1, 0)
         out: list[JSON] = []
@@ -258,7 +259,8 @@ def stored_size(parts: Sequence[Part]) -> int:
     """The stored size of message parts in UTF-8 bytes: their JSON with every string
     counted as its UTF-8 bytes, unescaped (jsonb keeps strings that way). The parts
     must have passed the gate."""
-    walk = _Walk()
+    # Two levels above the parts' values: the list of parts, each part's object.
+    walk = _Walk(MAX_DEPTH + 2)
     walk.array([p.to_json() for p in parts], 0)
     return walk.size
 
