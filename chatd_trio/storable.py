@@ -14,7 +14,8 @@ the same values and store them in the same form.
 - NaN, Infinity, anything that is not JSON (a set, bytes, any other object), an
   object key that is not a string, an integer of more than `MAX_INT_DIGITS` digits
   and nesting deeper than `MAX_DEPTH` are refused with `DecodeError` naming the
-  field. A tool's refused result becomes an error result instead (`storable_tool_result`).
+  field, a tool result larger than `MAX_RESULT_BYTES` with `PayloadTooLarge`. A
+  tool's refused result becomes an error result instead (`storable_tool_result`).
 - Values come back in the form PostgreSQL returns them: tuples as lists, subclasses
   of str, int, float and dict as the plain type, -0.0 as 0.0 and a float written
   with a positive exponent (1e+16 and up) as the integer jsonb makes of it.
@@ -44,11 +45,12 @@ from chatd_trio.domain import (
     Usage,
     Visibility,
 )
-from chatd_trio.errors import DecodeError
+from chatd_trio.errors import DecodeError, PayloadTooLarge
 
 __all__ = [
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
+    "MAX_RESULT_BYTES",
     "Cleaned",
     "is_blank",
     "storable_json",
@@ -71,6 +73,10 @@ T = TypeVar("T")
 # 1000 (less whatever the caller's stack already holds); real tool results nest a
 # handful of levels, and the agent protocol caps its frames at 128.
 MAX_DEPTH = 128
+# A tool result stored larger than this becomes an error result: twice the agent's frame
+# cap (8 MiB), so every result from a workspace fits; more is a runaway tool, and a step's
+# messages must stay far below what one PostgreSQL value holds (jsonb: 255 MiB).
+MAX_RESULT_BYTES = 16 * 1024 * 1024
 # Python refuses to print (and so to encode as JSON) integers of more digits than this.
 MAX_INT_DIGITS = 4300
 _INT_LIMIT = 10**MAX_INT_DIGITS
@@ -247,12 +253,17 @@ def _short(key: str) -> str:
 def storable_json(value: object, field: str = "value") -> Cleaned[JSON]:
     """`value` as jsonb will hold it (see the module docstring), or `DecodeError`
     naming the offending place below `field`."""
+    return _json(value, field)[0]
+
+
+def _json(value: object, field: str) -> tuple[Cleaned[JSON], int]:
+    """`storable_json` with the stored size in UTF-8 bytes."""
     walk = _Walk()
     try:
         cleaned = walk.value(value, 0)
     except _Refused as refused:
         raise refused.error(field) from None
-    return Cleaned(cleaned, walk.replaced)
+    return Cleaned(cleaned, walk.replaced), walk.size
 
 
 def stored_size(parts: Sequence[Part]) -> int:
@@ -298,7 +309,11 @@ def storable_part(part: object, field: str = "part") -> Cleaned[Part]:
     elif isinstance(part, ToolResultPart):
         if not isinstance(part.is_error, bool):
             raise DecodeError(f"{field}.is_error", "expected a boolean")
-        result = storable_json(part.result, f"{field}.result")
+        result, size = _json(part.result, f"{field}.result")
+        if size > MAX_RESULT_BYTES:
+            raise PayloadTooLarge(
+                f"{field}.result", f"{size} bytes exceeds the limit of {MAX_RESULT_BYTES}"
+            )
         n[0] += result.replaced
         out = ToolResultPart(
             _str_field(part.call_id, f"{field}.call_id", n),

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from chatd_trio.config import Config, LimitsConfig
+from chatd_trio.config import AcquireConfig, Config, LimitsConfig
 from chatd_trio.domain import (
     JSON,
     ChatStatus,
@@ -34,12 +34,18 @@ from chatd_trio.models.scripted import ScriptedModel, text_step, tool_step
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
+from chatd_trio.storable import MAX_RESULT_BYTES
 from chatd_trio.store.base import Store
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ErrorResult, ToolContext, ToolRegistry, tool
-from tests.server_replica import MEMORY_CONFIG, POSTGRES_CONFIG, WAIT, trio_clock
+from tests.server_replica import MEMORY_CONFIG, WAIT, trio_clock
 
 OWNER = uuid.UUID(int=1)
+# Real clock on PostgreSQL: quick acquisition, and a stale_after no loaded machine reaches
+# (a turn taken over as stale would end `lost`, not what these tests look at).
+POSTGRES_CONFIG = Config(
+    acquire=AcquireConfig(acquire_interval=0.2, heartbeat_interval=0.5, stale_after=60.0)
+)
 
 
 @dataclass
@@ -101,6 +107,7 @@ BAD_TOOLS = {
     "raw_bytes": b"\x00\xff",
     "surrogate": {"name": "caf\udce9.txt"},
     "deep": deep(1000),
+    "huge": "x" * (MAX_RESULT_BYTES + 1),
 }
 
 
@@ -153,6 +160,7 @@ async def test_tool_results_that_cannot_be_stored_become_error_results_and_the_t
         ("a_set", "not JSON: set"),
         ("raw_bytes", "not JSON: bytes"),
         ("deep", "nested deeper than 128 levels"),
+        ("huge", f"exceeds the limit of {MAX_RESULT_BYTES}"),
         ("error_with_nan", "nan is not a JSON number"),
     ]:
         assert results[name].is_error, name

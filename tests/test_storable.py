@@ -16,6 +16,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatd_trio import storable
 from chatd_trio.config import LimitsConfig
 from chatd_trio.domain import (
     ContextFilePart,
@@ -168,6 +169,17 @@ def test_an_unstorable_tool_result_becomes_an_error_result_saying_why() -> None:
     with pytest.raises(DecodeError):
         storable_parts([part])
     assert storable_parts([part], tool_results="error").value == (result,)
+
+
+def test_a_tool_result_beyond_the_size_cap_becomes_an_error_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(storable, "MAX_RESULT_BYTES", 100)
+    fits = ToolResultPart("c", "t", {"out": "é" * 44})  # 88 bytes + {"out":""} = 98
+    assert storable_tool_result(fits).value == fits
+    result = storable_tool_result(ToolResultPart("c", "t", {"out": "é" * 46})).value
+    assert result.is_error
+    assert result.result["error"].endswith("102 bytes exceeds the limit of 100")
 
 
 def test_usage_beyond_bigint_is_clamped_not_refused() -> None:
