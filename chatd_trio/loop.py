@@ -790,7 +790,7 @@ class _Turn:
             return await self._compaction_failed(call, f"summary failed: {exc.message}")
         except Exception as exc:
             return await self._compaction_failed(call, f"summary failed: {exc}", exc)
-        summary = generated.text.strip()
+        summary = _storable(generated.text).strip()
         if not summary:
             return await self._compaction_failed(call, "compaction produced an empty summary")
         report = {
