@@ -29,6 +29,7 @@ from chatd_trio.domain import (
 )
 from chatd_trio.errors import (
     ChatNotFound,
+    DecodeError,
     OwnershipLost,
     PersistRefused,
     QueueFull,
@@ -199,6 +200,8 @@ class StoreOps:
         limits = limits or self._limits
         title = check_title(title, limits)
         stored = _flagged(check_user_parts(parts, limits), "a user message")
+        if isinstance(mcp_servers, str):
+            raise DecodeError("mcp_servers", "expected a sequence of names, got one string")
         servers = tuple(
             storable_text(s, f"mcp_servers[{i}]").value for i, s in enumerate(mcp_servers)
         )
