@@ -766,10 +766,11 @@ class Server:
     def _as_parts(content: str | Sequence[Part]) -> tuple[Part, ...]:
         if isinstance(content, str):
             return (TextPart(content),)
-        if isinstance(content, list | tuple):
-            return tuple(content)
-        kind = type(content).__name__
-        raise DecodeError("content", f"expected text or a sequence of message parts, got {kind}")
+        given: object = content  # callers are untyped: anything may arrive
+        if isinstance(given, bytes | bytearray) or not isinstance(given, Sequence):
+            kind = type(given).__name__
+            raise DecodeError("content", f"expected text or a sequence of parts, got {kind}")
+        return tuple(content)
 
     async def create_chat(
         self,
