@@ -18,6 +18,7 @@ from chatd_trio.domain import (
 from chatd_trio.errors import (
     ChatdError,
     ChatNotFound,
+    ConfigError,
     DecodeError,
     DialError,
     NoWorkspaceAgent,
@@ -43,6 +44,7 @@ __all__ = [
     "ChatStatus",
     "ChatdError",
     "Config",
+    "ConfigError",
     "DecodeError",
     "DialError",
     "DialResult",

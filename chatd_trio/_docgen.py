@@ -139,6 +139,15 @@ def _properties(cls: type, prefix: str) -> Iterator[FieldDoc]:
             yield FieldDoc(f"{prefix}{name}", str(ret), "", doc, derived=True)
 
 
+def _rule_text(cls: type, name: str) -> str:
+    """What the field accepts, when its module says (a `field_rule(cls, name)` function)."""
+    rule = getattr(sys.modules.get(cls.__module__), "field_rule", None)
+    text = rule(cls, name) if callable(rule) else ""
+    if not text:
+        return ""
+    return "Any value." if text == "any" else f"Must be {text}."
+
+
 def _section(
     cls: type, path: str, *, standalone: bool = False, used_by: tuple[str, ...] = ()
 ) -> Iterator[SectionDoc]:
@@ -151,7 +160,7 @@ def _section(
         if sub is not None:
             nested.append((sub, f"{prefix}{f.name}"))
         src = info.get(f.name, _SourceInfo("", None))
-        comment = src.comment
+        comment = " ".join(filter(None, [src.comment, _rule_text(cls, f.name)]))
         if sub is not None:
             comment = " ".join(filter(None, [comment, f"Section `{prefix}{f.name}` below."]))
         docs.append(FieldDoc(f"{prefix}{f.name}", str(f.type), _default(f, src.expr), comment))

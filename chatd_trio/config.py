@@ -7,13 +7,111 @@ and never hard-codes a number.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from chatd_trio.errors import ConfigError
+
+# What a numeric field accepts (`Checked.rules`); a field not listed there must be > 0.
+POSITIVE = "> 0"
+NON_NEGATIVE = ">= 0"
+ANY = "any"
+
+
+class Checked:
+    """Validation of a configuration section when it is built (`__post_init__`).
+
+    Every field is checked against its annotation: `int` fields hold an int (not a
+    bool), `float` fields a finite number, `bool` and `str` fields their type, a
+    section field its section. Numbers must be > 0 unless `rules` says `>= 0` or any
+    value; `ordered` pairs must not decrease (`(a, b)`: a <= b). A value out of range
+    raises `ConfigError` naming the section and the field.
+    """
+
+    rules: ClassVar[Mapping[str, str]] = {}
+    ordered: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_section(self)
+
+
+def field_rule(cls: type, name: str) -> str:
+    """What a numeric field of a section accepts, for the configuration reference
+    ("" for fields that are not numbers)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None or f.type not in ("int", "float"):
+        return ""
+    rules: Mapping[str, str] = getattr(cls, "rules", {})
+    rule = rules.get(name, POSITIVE)
+    ordered: tuple[tuple[str, str], ...] = getattr(cls, "ordered", ())
+    bounds = [f"<= {high}" for low, high in ordered if low == name]
+    bounds += [f">= {low}" for low, high in ordered if high == name]
+    return " and ".join([rule, *bounds]) if bounds and rule != ANY else rule
+
+
+def _fail(obj: object, name: str, reason: str) -> ConfigError:
+    return ConfigError(f"{type(obj).__name__}.{name}", reason)
+
+
+def _check_number(obj: object, name: str, kind: str, value: object, rule: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(
+            obj,
+            name,
+            f"expected {'an integer' if kind == 'int' else 'a number'}, got {type(value).__name__}",
+        )
+    if kind == "int" and not isinstance(value, int):
+        raise _fail(obj, name, f"expected an integer, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise _fail(obj, name, "must be a number, got nan")
+    if rule == POSITIVE and not value > 0:
+        raise _fail(obj, name, f"must be > 0, got {value!r}")
+    if rule == NON_NEGATIVE and not value >= 0:
+        raise _fail(obj, name, f"must be >= 0, got {value!r}")
+
+
+def _check_section(obj: Any) -> None:
+    rules: Mapping[str, str] = type(obj).rules
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind = f.type
+        section = f.default_factory
+        if kind in ("int", "float"):
+            _check_number(obj, f.name, kind, value, rules.get(f.name, POSITIVE))
+        elif kind == "bool" and not isinstance(value, bool):
+            raise _fail(obj, f.name, f"expected a boolean, got {type(value).__name__}")
+        elif kind == "str" and not isinstance(value, str):
+            raise _fail(obj, f.name, f"expected a string, got {type(value).__name__}")
+        elif kind == "tuple[str, ...]" and not (
+            isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        ):
+            raise _fail(obj, f.name, "expected a tuple of strings")
+        elif kind == "frozenset[int]" and not (
+            isinstance(value, frozenset)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            raise _fail(obj, f.name, "expected a frozenset of integers")
+        elif (
+            isinstance(section, type)
+            and issubclass(section, Checked)
+            and not isinstance(value, section)
+        ):
+            raise _fail(obj, f.name, f"expected {section.__name__}, got {type(value).__name__}")
+    for low, high in type(obj).ordered:
+        if getattr(obj, low) > getattr(obj, high):
+            raise _fail(
+                obj, low, f"must not exceed {high} ({getattr(obj, low)!r} > {getattr(obj, high)!r})"
+            )
 
 
 @dataclass(frozen=True)
-class AcquireConfig:
+class AcquireConfig(Checked):
     """Acquisition, heartbeats and stale recovery (docs/spec.md §2)."""
+
+    # A heartbeat slower than stale_after would have every running chat recovered as stale.
+    ordered = (("heartbeat_interval", "stale_after"),)
 
     # 1 s poll keeps idle latency low; a local "work available" signal wakes the loop sooner.
     acquire_interval: float = 1.0
@@ -30,8 +128,14 @@ class AcquireConfig:
 
 
 @dataclass(frozen=True)
-class RetryConfig:
+class RetryConfig(Checked):
     """Model retry policy (docs/spec.md §3, docs/providers.md "Errors and retries")."""
+
+    rules = {
+        "base_delay": NON_NEGATIVE,
+        "max_delay": NON_NEGATIVE,
+        "unreachable_elapsed": NON_NEGATIVE,
+    }
 
     # Backoff min(1 s * 2^n, 60 s) between attempts of one step.
     base_delay: float = 1.0
@@ -48,10 +152,17 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
-class CompactionConfig:
+class CompactionConfig(Checked):
     """Context compaction (docs/spec.md §3.1)."""
 
-    # 70 % leaves room for the summary request itself and the next step's output.
+    rules = {
+        "threshold_percent": ANY,
+        "max_compaction_retries": NON_NEGATIVE,
+        "context_length_retries": NON_NEGATIVE,
+    }
+
+    # 70 % leaves room for the summary request itself and the next step's output. A value
+    # outside 1..100 falls back to 70 (`effective_threshold`); 100 disables compaction.
     threshold_percent: int = 70
     # Used when the provider reports no context limit.
     context_limit: int = 200_000
@@ -81,8 +192,14 @@ class CompactionConfig:
 
 
 @dataclass(frozen=True)
-class StoreRetryConfig:
+class StoreRetryConfig(Checked):
     """Retrying a turn's writes through a transient store fault (docs/spec.md §1)."""
+
+    rules = {
+        "base_delay": NON_NEGATIVE,
+        "max_delay": NON_NEGATIVE,
+        "budget": NON_NEGATIVE,
+    }
 
     # A lost connection, a restart or a failover is over in seconds: back off from 0.2 s
     # up to 5 s between attempts.
@@ -94,7 +211,7 @@ class StoreRetryConfig:
 
 
 @dataclass(frozen=True)
-class LoopConfig:
+class LoopConfig(Checked):
     """The agent loop (docs/spec.md §3)."""
 
     max_steps: int = 1200
@@ -110,8 +227,13 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(Checked):
     """Per-chat streams (docs/spec.md §4)."""
+
+    rules = {
+        "drop_warn_interval": NON_NEGATIVE,
+        "durable_cache_size": NON_NEGATIVE,
+    }
 
     buffer_limit: int = 10_000
     subscriber_queue_size: int = 128
@@ -131,16 +253,20 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
-class QueueConfig:
+class QueueConfig(Checked):
     """User message queue (docs/spec.md §1)."""
+
+    rules = {"max_queued": NON_NEGATIVE}
 
     # 20 queued messages is far beyond a human typing ahead; more is a runaway client.
     max_queued: int = 20
 
 
 @dataclass(frozen=True)
-class WorkspaceConfig:
+class WorkspaceConfig(Checked):
     """Workspace binding and dialing (docs/spec.md §5)."""
+
+    rules = {"dial_validation_delay": NON_NEGATIVE}
 
     # Validate the binding only when a dial has not finished within 5 s.
     dial_validation_delay: float = 5.0
@@ -173,7 +299,7 @@ class WorkspaceConfig:
 
 
 @dataclass(frozen=True)
-class SubagentConfig:
+class SubagentConfig(Checked):
     """Subagents (docs/spec.md §6)."""
 
     await_timeout: float = 300.0
@@ -188,7 +314,7 @@ class SubagentConfig:
 
 
 @dataclass(frozen=True)
-class LimitsConfig:
+class LimitsConfig(Checked):
     """Input limits: bad input gets a clear error."""
 
     max_message_bytes: int = 256 * 1024
@@ -196,8 +322,16 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
-class PostgresConfig:
+class PostgresConfig(Checked):
     """The PostgreSQL store: connection pool, timeouts, migrations (docs/spec.md §7)."""
+
+    rules = {
+        "min_size": NON_NEGATIVE,
+        "connect_timeout": NON_NEGATIVE,
+        "close_timeout": NON_NEGATIVE,
+        "migration_lock_key": ANY,
+    }
+    ordered = (("min_size", "max_size"),)
 
     # One idle connection keeps a quiet replica cheap; 10 bounds what one replica takes
     # from the server's max_connections when many turns persist at once.
@@ -223,8 +357,10 @@ class PostgresConfig:
 
 
 @dataclass(frozen=True)
-class ModelHTTPConfig:
+class ModelHTTPConfig(Checked):
     """HTTP model adapters (OpenAI-compatible Chat Completions, Anthropic Messages)."""
+
+    rules = {"close_timeout": NON_NEGATIVE}
 
     # 10 s to open TCP+TLS: a provider that cannot by then is down; the retry policy takes over.
     connect_timeout: float = 10.0
@@ -381,8 +517,15 @@ _OPTION_CHECKS: dict[str, Callable[[object], bool]] = {
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(Checked):
     """The workspace agent: its TCP server and the connection to it (docs/spec.md §5)."""
+
+    rules = {
+        "kill_grace": NON_NEGATIVE,
+        "mcp_restart_backoff_initial": NON_NEGATIVE,
+        "mcp_restart_backoff_max": NON_NEGATIVE,
+    }
+    ordered = (("default_output_limit", "max_output_limit"),)
 
     # A dead address must fail a dial on its own; the dial driver's 5 s validation runs alongside.
     connect_timeout: float = 10.0
@@ -440,7 +583,7 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
-class NotifyAuthConfig:
+class NotifyAuthConfig(Checked):
     """Authenticated, encrypted notifies (docs/security.md, "A database login role").
 
     Every payload a pubsub publishes, and every notify the store sends for it, is
@@ -461,6 +604,8 @@ class NotifyAuthConfig:
     (nothing outside the process can reach it); it never reads the environment.
     """
 
+    rules = {"reject_warn_interval": NON_NEGATIVE}
+
     # Key material stays out of reprs and logs; normally left empty in favour of `key_env`.
     keys: tuple[str, ...] = field(default=(), repr=False)
     # Comma-separated base64 keys, the first one sealing.
@@ -480,8 +625,17 @@ class NotifyAuthConfig:
 
 
 @dataclass(frozen=True)
-class PubSubConfig:
+class PubSubConfig(Checked):
     """PubSub adapters: in-memory and PostgreSQL LISTEN/NOTIFY (docs/spec.md §4)."""
+
+    rules = {
+        "reconnect_backoff_initial": NON_NEGATIVE,
+        "reconnect_backoff_max": NON_NEGATIVE,
+        "connect_timeout": NON_NEGATIVE,
+        "publish_pool_min_size": NON_NEGATIVE,
+        "close_timeout": NON_NEGATIVE,
+    }
+    ordered = (("publish_pool_min_size", "publish_pool_max_size"),)
 
     # NOTIFY refuses payloads of 8000 bytes or more, so the largest accepted is 7999 bytes;
     # the memory adapter uses the same limit so both behave identically. This bounds the
@@ -515,8 +669,14 @@ class PubSubConfig:
 
 
 @dataclass(frozen=True)
-class Config:
-    """All configuration of one replica."""
+class Config(Checked):
+    """All configuration of one replica.
+
+    Every section checks its values when it is built (also by `replace` and
+    `dataclasses.replace`): a value of the wrong type, NaN, or out of the range the
+    *Why* column gives ("Must be > 0") raises `chatd_trio.errors.ConfigError` naming
+    the section and the field, so a bad value fails at start-up, not in a loop.
+    """
 
     acquire: AcquireConfig = field(default_factory=AcquireConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -534,8 +694,13 @@ class Config:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Checked):
     """`chatd-trio demo`: timings of the scenarios and the display."""
+
+    rules = {
+        "parallel_max_wall_ratio": NON_NEGATIVE,
+        "catchup_missed_turns": NON_NEGATIVE,
+    }
 
     # Four one-second commands: parallel tools finish in ~1 s instead of ~4 s.
     parallel_tools: int = 4
@@ -577,7 +742,7 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
-class ScaleTestConfig:
+class ScaleTestConfig(Checked):
     """`chatd-trio scaletest`: the replicas' timings and the scripted turn."""
 
     # Replicas wake each other only by polling: 0.1 s keeps a chat woken on another

@@ -20,6 +20,11 @@ class PayloadTooLarge(DecodeError):
     """Input larger than the configured limit."""
 
 
+class ConfigError(DecodeError):
+    """A configuration value out of its range or of the wrong type, refused when its
+    section is built; `field` names it (`AcquireConfig.max_chats_per_acquire`)."""
+
+
 class NotFound(ChatdError, LookupError):
     """A referenced row does not exist."""
 

@@ -93,6 +93,7 @@ from chatd_trio.models.base import (
     ToolCallDone,
 )
 from chatd_trio.models.classify import CONTEXT_LENGTH, UNREACHABLE
+from chatd_trio.storable import storable_text
 from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
@@ -371,6 +372,10 @@ def shortened_for_summary(history: Sequence[PromptMessage]) -> list[PromptMessag
     return [m for i, m in enumerate(history) if pinned[i] or i >= cut]
 
 
+def _storable(text: str | None) -> str:
+    return storable_text(text or "", "model output").value
+
+
 @dataclass
 class _CallBuffer:
     call_id: str | None = None
@@ -398,21 +403,28 @@ class _StepBuffer:
 
     def apply(self, delta: Delta) -> Part | None:
         """Record a delta; returns the part to publish (None for `Finish` and for a
-        reasoning delta without text: a signature or a redacted block)."""
+        reasoning delta without text: a signature or a redacted block).
+
+        Model output passes the storable-value gate here, so what subscribers see
+        streamed is what the store keeps (NUL and lone surrogates as U+FFFD)."""
         if isinstance(delta, TextDelta):
-            self.text.append(delta.text)
-            return TextPart(delta.text)
+            text = _storable(delta.text)
+            self.text.append(text)
+            return TextPart(text)
         if isinstance(delta, ReasoningDelta):
             return self._reason(delta)
         if isinstance(delta, ToolCallDelta):
             buf = self.calls.setdefault(delta.index, _CallBuffer())
-            buf.call_id = delta.call_id or buf.call_id
-            buf.name = delta.name or buf.name
-            buf.arguments += delta.arguments_delta
-            return ToolCallPart(buf.call_id or "", buf.name or "", delta.arguments_delta)
+            buf.call_id = _storable(delta.call_id) or buf.call_id
+            buf.name = _storable(delta.name) or buf.name
+            arguments = _storable(delta.arguments_delta)
+            buf.arguments += arguments
+            return ToolCallPart(buf.call_id or "", buf.name or "", arguments)
         if isinstance(delta, ToolCallDone):
-            self.calls[delta.index] = _CallBuffer(delta.call_id, delta.name, delta.arguments)
-            return ToolCallPart(delta.call_id, delta.name, delta.arguments)
+            call_id, name = _storable(delta.call_id), _storable(delta.name)
+            arguments = _storable(delta.arguments)
+            self.calls[delta.index] = _CallBuffer(call_id, name, arguments)
+            return ToolCallPart(call_id, name, arguments)
         self.finish = delta
         return None
 
@@ -421,10 +433,11 @@ class _StepBuffer:
             self._close_reasoning("")
             self.blocks.append(ReasoningPart("", delta.signature, redacted=True))
             return None
-        self.reasoning.append(delta.text)
+        text = _storable(delta.text)
+        self.reasoning.append(text)
         if delta.signature:
             self._close_reasoning(delta.signature)
-        return ReasoningPart(delta.text) if delta.text else None
+        return ReasoningPart(text) if text else None
 
     def _close_reasoning(self, signature: str) -> None:
         if self.reasoning or signature:
@@ -927,7 +940,7 @@ class _Turn:
             return await self._compaction_failed(call, f"summary failed: {exc.message}")
         except Exception as exc:
             return await self._compaction_failed(call, f"summary failed: {exc}", exc)
-        summary = generated.text.strip()
+        summary = _storable(generated.text).strip()
         if not summary:
             return await self._compaction_failed(call, "compaction produced an empty summary")
         report = {

@@ -36,6 +36,7 @@ from chatd_trio.domain import (
     TextPart,
     dumps,
     owner_channel,
+    parse_uuid,
     stream_channel,
 )
 from chatd_trio.errors import (
@@ -756,6 +757,7 @@ class Server:
 
     # -- mutations (owner-checked) ------------------------------------------------------
     async def _owned_chat(self, owner_id: uuid.UUID, chat_id: uuid.UUID) -> Chat:
+        owner_id, chat_id = _ids(owner_id, chat_id)
         chat = await self.store.get_chat(chat_id)
         if chat.owner_id != owner_id:
             raise PermissionDenied(f"chat {chat_id} does not belong to this user")
@@ -763,7 +765,13 @@ class Server:
 
     @staticmethod
     def _as_parts(content: str | Sequence[Part]) -> tuple[Part, ...]:
-        return (TextPart(content),) if isinstance(content, str) else tuple(content)
+        if isinstance(content, str):
+            return (TextPart(content),)
+        given: object = content  # callers are untyped: anything may arrive
+        if isinstance(given, bytes | bytearray) or not isinstance(given, Sequence):
+            kind = type(given).__name__
+            raise DecodeError("content", f"expected text or a sequence of parts, got {kind}")
+        return tuple(content)
 
     async def create_chat(
         self,
@@ -782,7 +790,12 @@ class Server:
         """Create a chat with its first user message; it starts `pending`.
 
         `model_options` are kept with the chat and merged over the model's own options
-        for every model call of the chat (docs/providers.md, "Per chat")."""
+        for every model call of the chat (docs/providers.md, "Per chat").
+        Refused with `DecodeError` (nothing stored) when the content is blank or cannot
+        be stored, `PayloadTooLarge` beyond `Config.limits`."""
+        owner_id = parse_uuid(owner_id, "owner_id")
+        if parent_chat_id is not None:
+            parent_chat_id = parse_uuid(parent_chat_id, "parent_chat_id")
         parts = self._as_parts(content)
         if title is None:
             title = title_from_prompt(text_of_parts(parts), self.config.subagents)
@@ -801,6 +814,7 @@ class Server:
             mcp_servers=mcp_servers,
             system_prompt=system_prompt,
             model_options=model_options,
+            limits=self.config.limits,
         )
         await self._publish_owner(chat, "created")
         self.wake()
@@ -814,8 +828,9 @@ class Server:
         self, owner_id: uuid.UUID, chat_id: uuid.UUID, after_message_id: int = 0
     ) -> list[Message]:
         """User-visible messages after a cursor."""
-        await self._owned_chat(owner_id, chat_id)
-        return await self.store.messages_after(chat_id, after_message_id)
+        chat = await self._owned_chat(owner_id, chat_id)
+        after = _row_id(after_message_id, "after_message_id")
+        return await self.store.messages_after(chat.id, after)
 
     async def send_message(
         self,
@@ -827,14 +842,19 @@ class Server:
     ) -> SendResult:
         """Send a user message: inserted (chat -> pending) or queued when busy.
 
-        `busy_behavior="interrupt"` queues, then interrupts the running turn.
+        `busy_behavior="interrupt"` queues, then interrupts the running turn. Content is
+        checked as by `create_chat`.
         """
+        owner_id, chat_id = _ids(owner_id, chat_id)
+        if busy_behavior not in ("queue", "interrupt"):
+            raise DecodeError("busy_behavior", f"not 'queue' or 'interrupt': {busy_behavior!r}")
         result = await self.store.send_message(
             chat_id,
             self._as_parts(content),
             max_queued=self.config.queue.max_queued,
             announce=self.streams.announcer,
             owner_id=owner_id,
+            limits=self.config.limits,
         )
         if result.message is not None:
             await self._publish_message(result.message)
@@ -854,10 +874,18 @@ class Server:
         content: str | Sequence[Part],
     ) -> EditResult:
         """Replace a user message: it and every later message are dropped, the queue is
-        cleared, the chat goes `pending` (a running turn stops)."""
+        cleared, the chat goes `pending` (a running turn stops). Content is checked as by
+        `create_chat`."""
+        owner_id, chat_id = _ids(owner_id, chat_id)
+        message_id = _row_id(message_id, "message_id")
         announce = self.streams.announcer
         result = await self.store.edit_message(
-            chat_id, message_id, self._as_parts(content), announce=announce, owner_id=owner_id
+            chat_id,
+            message_id,
+            self._as_parts(content),
+            announce=announce,
+            owner_id=owner_id,
+            limits=self.config.limits,
         )
         # The edit may have dropped the instruction message: the next turn re-checks.
         self.mcp_cache.forget_chat(chat_id)
@@ -872,6 +900,7 @@ class Server:
 
     async def interrupt(self, owner_id: uuid.UUID, chat_id: uuid.UUID) -> Chat:
         """Stop the chat's running turn (kept output is persisted); it ends `waiting`."""
+        owner_id, chat_id = _ids(owner_id, chat_id)
         return await self._interrupt(chat_id, owner_id)
 
     async def _interrupt(self, chat_id: uuid.UUID, owner_id: uuid.UUID | None) -> Chat:
@@ -891,6 +920,8 @@ class Server:
         self, owner_id: uuid.UUID, chat_id: uuid.UUID, queued_id: int
     ) -> SendResult:
         """Send a queued message now (or move it to the front while the chat runs)."""
+        owner_id, chat_id = _ids(owner_id, chat_id)
+        queued_id = _row_id(queued_id, "queued_id")
         result = await self.store.promote_queued(
             chat_id, queued_id, announce=self.streams.announcer, owner_id=owner_id
         )
@@ -903,8 +934,8 @@ class Server:
 
     async def delete_queued(self, owner_id: uuid.UUID, chat_id: uuid.UUID, queued_id: int) -> None:
         """Remove a queued message."""
-        await self._owned_chat(owner_id, chat_id)
-        queue = await self.store.delete_queued(chat_id, queued_id)
+        chat_id = (await self._owned_chat(owner_id, chat_id)).id
+        queue = await self.store.delete_queued(chat_id, _row_id(queued_id, "queued_id"))
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
 
     @asynccontextmanager
@@ -912,8 +943,9 @@ class Server:
         self, owner_id: uuid.UUID, chat_id: uuid.UUID, after_message_id: int = 0
     ) -> AsyncIterator[StreamSubscription]:
         """Subscribe to a chat's events (snapshot, then live), if the user owns it."""
-        await self._owned_chat(owner_id, chat_id)
-        async with self.streams.subscribe(chat_id, after_message_id) as sub:
+        chat_id = (await self._owned_chat(owner_id, chat_id)).id
+        after = _row_id(after_message_id, "after_message_id")
+        async with self.streams.subscribe(chat_id, after) as sub:
             yield sub
 
     # -- observability ------------------------------------------------------------------
@@ -968,9 +1000,22 @@ class Server:
         )
 
 
+def _ids(owner_id: object, chat_id: object) -> tuple[uuid.UUID, uuid.UUID]:
+    """An API caller's owner and chat ids as UUIDs: a malformed one is the same
+    `DecodeError` on every store (a UUID's text is accepted)."""
+    return parse_uuid(owner_id, "owner_id"), parse_uuid(chat_id, "chat_id")
+
+
+def _row_id(value: object, field: str) -> int:
+    """A message or queue id from an API caller: an integer, else `DecodeError`."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DecodeError(field, f"expected an integer, got {type(value).__name__}")
+    return value
+
+
 def text_of_parts(parts: Sequence[Part]) -> str:
     """The text of a message's text parts."""
-    return "".join(p.text for p in parts if isinstance(p, TextPart))
+    return "".join(p.text for p in parts if isinstance(p, TextPart) and isinstance(p.text, str))
 
 
 __all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "text_of_parts"]

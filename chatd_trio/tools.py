@@ -2,8 +2,9 @@
 
 A tool is a name, a description, JSON-schema parameters and an async `run(args, ctx)`
 returning JSON. Whatever goes wrong while invoking one (unknown name, malformed
-arguments, `ToolError`, any other exception, an `ErrorResult`) becomes an error tool
-result for the model: the turn goes on. Cancellation is never swallowed.
+arguments, `ToolError`, any other exception, an `ErrorResult`, a return value that
+cannot be stored) becomes an error tool result for the model: the turn goes on.
+Cancellation is never swallowed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from chatd_trio.domain import JSON, ToolCallPart, ToolResultPart
 from chatd_trio.errors import ToolError
 from chatd_trio.models.base import ToolSpec
+from chatd_trio.storable import storable_tool_result
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +148,15 @@ class ToolRegistry:
         return [ToolSpec(t.name, t.description, t.parameters) for t in self._tools.values()]
 
     async def invoke(self, call: ToolCallPart, ctx: ToolContext) -> ToolResultPart:
-        """Run one call; every failure except cancellation becomes an error result."""
+        """Run one call; every failure except cancellation becomes an error result.
+
+        The result passes the storable-value gate (`chatd_trio.storable`): one that
+        cannot be stored (NaN, a set, bytes, nesting beyond `MAX_DEPTH`) becomes an
+        error result saying why, NUL and lone surrogates become U+FFFD.
+        """
+        return storable_tool_result(await self._invoke(call, ctx)).value
+
+    async def _invoke(self, call: ToolCallPart, ctx: ToolContext) -> ToolResultPart:
         t = self._tools.get(call.name)
         if t is None:
             return error_result(call, f"unknown tool {call.name!r}")

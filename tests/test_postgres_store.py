@@ -286,9 +286,17 @@ async def test_statement_error_is_store_error(store: PostgresStore) -> None:
     chat, _ = await store.create_chat(uuid.uuid4(), "t", _text("hi"))
     (running,) = await store.acquire(worker, 1)
     assert running.id == chat.id
-    # PostgreSQL's jsonb refuses NUL characters: a statement-level failure.
+
+    # NOTIFY refuses a payload of 8000 bytes or more: a statement-level failure after the
+    # insert, inside the same transaction. (NUL, the old example, no longer reaches a
+    # statement: the storable-value gate replaces it.)
+    def too_long(messages: object, *, refresh: bool = False) -> list[tuple[str, str]]:
+        return [(f"chat:stream:{chat.id}", "x" * 9000)]
+
     with pytest.raises(StoreError) as info:
-        await store.persist_step(Lease.of(running), [NewMessage(Role.ASSISTANT, _text("a\x00b"))])
+        await store.persist_step(
+            Lease.of(running), [NewMessage(Role.ASSISTANT, _text("a"))], announce=too_long
+        )
     assert not isinstance(info.value, StoreUnavailable | psycopg.Error)
     # The failed transaction was rolled back and the connection is reusable.
     assert [m.id for m in await store.messages_after(chat.id, 0)] == [1]

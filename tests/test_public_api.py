@@ -5,7 +5,8 @@ from __future__ import annotations
 import chatd_trio
 
 PUBLIC = {
-    "Chat", "ChatNotFound", "ChatStatus", "ChatdError", "Config", "DecodeError", "DialError",
+    "Chat", "ChatNotFound", "ChatStatus", "ChatdError", "Config", "ConfigError",
+    "DecodeError", "DialError",
     "DialResult", "LocalProvisioner", "MemoryPubSub", "MemoryStore", "Message", "NewMessage",
     "NoWorkspaceAgent", "OpenAIChatModel", "PayloadTooLarge", "PermissionDenied",
     "PostgresPubSub", "PostgresStore", "QueueFull", "Role", "ScriptedModel", "Server",

@@ -163,8 +163,13 @@ class MemoryPubSub:
         counted. Not counted as `published`: like PostgreSQL's NOTIFY inside a
         transaction, the store counts it (`NotifyInTransaction`).
         """
-        check_publish(channel, wire, self._config, self._config.payload_limit)
+        self.check_nowait(channel, wire)
         self._deliver_all(channel, wire)
+
+    def check_nowait(self, channel: str, wire: str) -> None:
+        """Raise what `publish_nowait(channel, wire)` would raise, delivering nothing: a
+        store checks its notifies before it changes anything."""
+        check_publish(channel, wire, self._config, self._config.payload_limit)
 
     def _deliver_all(self, channel: str, wire: str) -> None:
         subs = self._subs.get(channel)

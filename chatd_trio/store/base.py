@@ -25,11 +25,10 @@ from chatd_trio.domain import (
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
-    dumps,
-    parts_to_json,
 )
 from chatd_trio.errors import DecodeError, EditRefused, MessageNotFound, PayloadTooLarge
 from chatd_trio.lifecycle import ChatView, Plan
+from chatd_trio.storable import Cleaned, is_blank, storable_parts, storable_text, stored_size
 
 
 class TurnOutcome(enum.StrEnum):
@@ -188,13 +187,24 @@ class StatementCounter:
 # Input checks shared by both adapters: the same bad input fails the same way.
 
 
-def check_user_parts(parts: Sequence[Part], limits: LimitsConfig) -> None:
-    """Refuse a user message whose encoded parts exceed `limits.max_message_bytes`."""
-    size = len(dumps(parts_to_json(parts)).encode())
+def check_user_parts(
+    parts: object, limits: LimitsConfig, field: str = "parts"
+) -> Cleaned[tuple[Part, ...]]:
+    """A user message's parts as they will be stored (`chatd_trio.storable`).
+
+    Refuses (`DecodeError` naming `field`) parts that cannot be stored and a blank
+    message (no parts, or only empty or whitespace-only text), and (`PayloadTooLarge`)
+    one whose stored size in UTF-8 bytes exceeds `limits.max_message_bytes`.
+    """
+    cleaned = storable_parts(parts, field)
+    if is_blank(cleaned.value):
+        raise DecodeError(field, "blank: a message needs text that is not only whitespace")
+    size = stored_size(cleaned.value)
     if size > limits.max_message_bytes:
         raise PayloadTooLarge(
-            "parts", f"{size} bytes exceeds the limit of {limits.max_message_bytes}"
+            field, f"{size} bytes exceeds the limit of {limits.max_message_bytes}"
         )
+    return cleaned
 
 
 def check_edit_target(target: Message | None, chat_id: uuid.UUID, message_id: int) -> None:
@@ -209,12 +219,15 @@ def check_edit_target(target: Message | None, chat_id: uuid.UUID, message_id: in
         raise EditRefused(f"message {message_id} is not a user message")
 
 
-def check_title(title: str, limits: LimitsConfig) -> None:
-    """Refuse a title longer than `limits.max_title_chars`."""
-    if len(title) > limits.max_title_chars:
+def check_title(title: object, limits: LimitsConfig) -> str:
+    """A title as it will be stored; `DecodeError` when it is not text or is longer
+    than `limits.max_title_chars`."""
+    text = storable_text(title, "title").value
+    if len(text) > limits.max_title_chars:
         raise DecodeError(
-            "title", f"{len(title)} characters exceeds the limit of {limits.max_title_chars}"
+            "title", f"{len(text)} characters exceeds the limit of {limits.max_title_chars}"
         )
+    return text
 
 
 @runtime_checkable
@@ -257,6 +270,7 @@ class Store(Protocol):
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
         model_options: RequestOptions | None = None,
+        limits: LimitsConfig | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`.
 
@@ -264,6 +278,8 @@ class Store(Protocol):
         With `system_prompt`, a system message is inserted before the user message.
         `model_options` are kept with the chat (`Chat.model_options`); DecodeError when
         they are not JSON.
+        `limits` replaces the store's own (the Server passes `Config.limits`). Every
+        value passes the storable-value gate (`check_user_parts`, `check_title`).
         """
         ...
 
@@ -284,11 +300,13 @@ class Store(Protocol):
         announce: Announcer | None = None,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        limits: LimitsConfig | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it.
 
         Queued when the chat is running or pending or a queue exists; QueueFull
         beyond `max_queued`. Inserting clears worker, started, heartbeat, last_error.
+        The parts are checked by `check_user_parts` under `limits` (else the store's).
         """
         ...
 
@@ -301,9 +319,11 @@ class Store(Protocol):
         announce: Announcer | None = None,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        limits: LimitsConfig | None = None,
     ) -> EditResult:
         """Soft-delete the user message and every later one, insert the replacement,
-        clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing."""
+        clear the queue, set the chat pending. MessageNotFound / EditRefused change nothing.
+        The parts are checked by `check_user_parts` under `limits` (else the store's)."""
         ...
 
     async def interrupt(
@@ -375,7 +395,9 @@ class Store(Protocol):
         """Insert a step's messages in one transaction while the lease holds the chat
         (running, or `waiting` after a user stop); PersistRefused (OwnershipLost when
         another run holds it) otherwise, and nothing is written. Retried with the same
-        `op_id`, a write that already landed returns what it inserted."""
+        `op_id`, a write that already landed returns what it inserted. The messages pass
+        the storable-value gate; a tool result that cannot be stored is stored as an
+        error result."""
         ...
 
     async def persist_compaction(

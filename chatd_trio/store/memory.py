@@ -60,8 +60,9 @@ Decisions where the spec is silent:
 - prompt_messages after a compaction returns every model-visible message newer
   than the latest summary, compressed or not; the visible `chat_summarized`
   call and result are user-only, so the model-visible filter drops them.
-- A write is atomic: everything that can fail (an edit's target, a chosen queued
-  message, the announcer) runs before the first change.
+- A write is atomic: everything that can fail (the storable-value gate, an edit's
+  target, a chosen queued message, the announcer and the check of every notify it
+  built) runs before the first change.
 - Timestamps are strictly increasing per store, so "oldest updated_at first"
   follows operation order even when the clock does not advance.
 """
@@ -97,6 +98,7 @@ from chatd_trio.errors import (
 )
 from chatd_trio.lifecycle import ChatView, Effect, Plan
 from chatd_trio.pubsub.memory import MemoryPubSub
+from chatd_trio.storable import storable_texts
 from chatd_trio.store.base import (
     Announcer,
     Applied,
@@ -105,8 +107,6 @@ from chatd_trio.store.base import (
     StatementCounter,
     Write,
     check_edit_target,
-    check_title,
-    check_user_parts,
     promoted_by,
 )
 from chatd_trio.store.ops import StoreOps, user_message
@@ -286,8 +286,6 @@ class MemoryStore(StoreOps):
         model_options: RequestOptions | None,
     ) -> tuple[Chat, Message]:
         await trio.lowlevel.checkpoint()
-        check_title(title, self._limits)
-        check_user_parts(messages[-1].parts, self._limits)
         root_chat_id: uuid.UUID | None = None
         if parent_chat_id is not None:
             self._hit("GetChatByID")
@@ -483,6 +481,9 @@ class MemoryStore(StoreOps):
         notifies: Sequence[tuple[str, str]] = ()
         if announce is not None and inserted:
             notifies = announce(inserted, refresh=replace)
+            assert self._pubsub is not None, "checked by _check_announce"
+            for channel, wire in notifies:
+                self._pubsub.check_nowait(channel, wire)
         # -- nothing below can fail ------------------------------------------------------
         if replace:
             self._hit("SoftDeleteMessagesFrom")
@@ -576,6 +577,7 @@ class MemoryStore(StoreOps):
     # -- workspaces -----------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:
         """Insert a workspace (no builds yet)."""
+        (name,) = storable_texts(name=name)
         await trio.lowlevel.checkpoint()
         self._hit("InsertWorkspace")
         ws = Workspace(uuid.uuid4(), owner_id, name, self._now())
@@ -606,6 +608,9 @@ class MemoryStore(StoreOps):
         self, build_id: uuid.UUID, name: str, address: str, token: str, directory: str = ""
     ) -> WorkspaceAgent:
         """Insert an agent into a build."""
+        name, address, token, directory = storable_texts(
+            name=name, address=address, token=token, directory=directory
+        )
         await trio.lowlevel.checkpoint()
         self._hit("InsertWorkspaceAgent")
         build = self._builds.get(build_id)

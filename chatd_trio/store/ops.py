@@ -12,8 +12,10 @@ it holds no status logic.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Sequence
+from typing import TypeVar
 
 from chatd_trio.config import LimitsConfig, RequestOptions
 from chatd_trio.domain import (
@@ -36,6 +38,7 @@ from chatd_trio.errors import (
     StoreError,
 )
 from chatd_trio.lifecycle import ChatView, Event, Plan, Refused, decide, taken
+from chatd_trio.storable import Cleaned, storable_messages, storable_text
 from chatd_trio.store.base import (
     Announcer,
     Applied,
@@ -46,10 +49,15 @@ from chatd_trio.store.base import (
     SendResult,
     TurnOutcome,
     Write,
+    check_title,
     check_user_parts,
 )
 
 __all__ = ["StoreOps", "stored_options", "user_message"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Each miss means another writer changed the row between decision and write; a row
 # that keeps changing this often is a bug or a storm, not a race to keep losing.
@@ -87,6 +95,23 @@ def stored_options(options: RequestOptions | None) -> RequestOptions | None:
 
 def _presumed(status: ChatStatus, token: int = 0) -> ChatView:
     return ChatView(status, token, 0)
+
+
+def _flagged(cleaned: Cleaned[T], what: str) -> T:
+    """The cleaned value; replaced characters are logged (the value was altered)."""
+    if cleaned.replaced:
+        logger.warning(
+            "replaced %d characters that cannot be stored (NUL, lone surrogates) in %s",
+            cleaned.replaced,
+            what,
+        )
+    return cleaned.value
+
+
+def _turn_messages(messages: Sequence[NewMessage]) -> tuple[NewMessage, ...]:
+    """A turn's messages as they can be stored: its own output never fails the write, a
+    tool result that cannot be stored becomes an error result."""
+    return _flagged(storable_messages(messages, tool_results="error"), "a turn's messages")
 
 
 class StoreOps:
@@ -189,14 +214,24 @@ class StoreOps:
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
         model_options: RequestOptions | None = None,
+        limits: LimitsConfig | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`."""
         options = stored_options(model_options)
+        limits = limits or self._limits
+        title = check_title(title, limits)
+        stored = _flagged(check_user_parts(parts, limits), "a user message")
+        if isinstance(mcp_servers, str):
+            raise DecodeError("mcp_servers", "expected a sequence of names, got one string")
+        servers = tuple(
+            storable_text(s, f"mcp_servers[{i}]").value for i, s in enumerate(mcp_servers)
+        )
         plan = decide(Event.CREATE, None)
         messages: list[NewMessage] = []
         if system_prompt is not None:
-            messages.append(NewMessage(Role.SYSTEM, (TextPart(system_prompt),), Visibility.MODEL))
-        messages.append(user_message(parts))
+            prompt = _flagged(storable_text(system_prompt, "system_prompt"), "a system prompt")
+            messages.append(NewMessage(Role.SYSTEM, (TextPart(prompt),), Visibility.MODEL))
+        messages.append(user_message(stored))
         created = await self._insert_chat(
             plan,
             owner_id,
@@ -206,7 +241,7 @@ class StoreOps:
             build_id=build_id,
             agent_id=agent_id,
             parent_chat_id=parent_chat_id,
-            mcp_servers=mcp_servers,
+            mcp_servers=servers,
             model_options=options,
         )
         taken(plan)
@@ -221,11 +256,12 @@ class StoreOps:
         announce: Announcer | None = None,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        limits: LimitsConfig | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it (docs/spec.md §1)."""
-        check_user_parts(parts, self._limits)
+        stored = _flagged(check_user_parts(parts, limits or self._limits), "a user message")
         start = ChatView.of(view) if view else _presumed(ChatStatus.WAITING)
-        write = Write(messages=(user_message(parts),), parts=tuple(parts), owner_id=owner_id)
+        write = Write(messages=(user_message(stored),), parts=stored, owner_id=owner_id)
         try:
             res = await self._decided(
                 chat_id, Event.SEND_MESSAGE, start, write, announce=announce, max_queued=max_queued
@@ -248,12 +284,13 @@ class StoreOps:
         announce: Announcer | None = None,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        limits: LimitsConfig | None = None,
     ) -> EditResult:
         """Replace a user message and drop everything after it; the chat goes `pending`."""
-        check_user_parts(parts, self._limits)
+        stored = _flagged(check_user_parts(parts, limits or self._limits), "a user message")
         start = ChatView.of(view) if view else _presumed(ChatStatus.WAITING)
         write = Write(
-            messages=(user_message(parts),),
+            messages=(user_message(stored),),
             edit_from=message_id,
             owner_id=owner_id,
         )
@@ -356,7 +393,9 @@ class StoreOps:
             # Still a guarded check: an empty write tells the caller whether it was refused.
             await self._write(lease, Write(), None)
             return []
-        write = Write(messages=tuple(messages), stamp=lease.token, op_id=op_id or uuid.uuid4())
+        write = Write(
+            messages=_turn_messages(messages), stamp=lease.token, op_id=op_id or uuid.uuid4()
+        )
         return list((await self._write(lease, write, announce)).inserted)
 
     async def persist_compaction(
@@ -401,7 +440,11 @@ class StoreOps:
         event = _FINISH_EVENTS.get(outcome)
         if event is None:
             raise ValueError(f"{outcome} writes nothing")
-        write = Write(messages=tuple(messages), stamp=lease.token, op_id=op_id or uuid.uuid4())
+        if last_error is not None:
+            last_error = _flagged(storable_text(last_error, "last_error"), "an error message")
+        write = Write(
+            messages=_turn_messages(messages), stamp=lease.token, op_id=op_id or uuid.uuid4()
+        )
         try:
             res = await self._decided(
                 lease.chat_id,

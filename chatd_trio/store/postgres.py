@@ -70,6 +70,7 @@ from chatd_trio.errors import (
 )
 from chatd_trio.lifecycle import ChatView, Effect, Plan
 from chatd_trio.pubsub.postgres import PostgresPubSub, database_address
+from chatd_trio.storable import storable_texts
 from chatd_trio.store.base import (
     Announcer,
     Applied,
@@ -78,8 +79,6 @@ from chatd_trio.store.base import (
     StatementCounter,
     Write,
     check_edit_target,
-    check_title,
-    check_user_parts,
     promoted_by,
 )
 from chatd_trio.store.ops import StoreOps, user_message
@@ -645,8 +644,6 @@ class PostgresStore(StoreOps):
         mcp_servers: Sequence[str],
         model_options: RequestOptions | None,
     ) -> tuple[Chat, Message]:
-        check_title(title, self._limits)
-        check_user_parts(messages[-1].parts, self._limits)
 
         async def body(conn: _Conn) -> tuple[Chat, Message]:
             root_chat_id: uuid.UUID | None = None
@@ -987,6 +984,7 @@ class PostgresStore(StoreOps):
     # -- workspaces -----------------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:
         """Insert a workspace (no builds yet)."""
+        (name,) = storable_texts(name=name)
 
         async def body(conn: _Conn) -> Workspace:
             row = await self._fetchone(
@@ -1025,6 +1023,9 @@ class PostgresStore(StoreOps):
         self, build_id: uuid.UUID, name: str, address: str, token: str, directory: str = ""
     ) -> WorkspaceAgent:
         """Insert an agent into a build."""
+        name, address, token, directory = storable_texts(
+            name=name, address=address, token=token, directory=directory
+        )
 
         async def body(conn: _Conn) -> WorkspaceAgent:
             row = await self._fetchone(

@@ -35,7 +35,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from chatd_trio.config import AcquireConfig, Config, RequestOptions, StreamConfig
+from chatd_trio.config import AcquireConfig, Config, LimitsConfig, RequestOptions, StreamConfig
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -372,6 +372,7 @@ class SimStore:
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
         model_options: RequestOptions | None = None,
+        limits: LimitsConfig | None = None,
     ) -> tuple[Chat, Message]:
         out = await self.inner.create_chat(
             owner_id,
@@ -384,6 +385,7 @@ class SimStore:
             mcp_servers=mcp_servers,
             system_prompt=system_prompt,
             model_options=model_options,
+            limits=limits,
         )
         self._observe()
         return out
@@ -397,9 +399,16 @@ class SimStore:
         announce: Announcer | None = None,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        limits: LimitsConfig | None = None,
     ) -> SendResult:
         out = await self.inner.send_message(
-            chat_id, parts, max_queued=max_queued, announce=announce, owner_id=owner_id, view=view
+            chat_id,
+            parts,
+            max_queued=max_queued,
+            announce=announce,
+            owner_id=owner_id,
+            view=view,
+            limits=limits,
         )
         self._observe()
         if out.queued is not None:
@@ -415,9 +424,16 @@ class SimStore:
         announce: Announcer | None = None,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        limits: LimitsConfig | None = None,
     ) -> EditResult:
         out = await self.inner.edit_message(
-            chat_id, message_id, parts, announce=announce, owner_id=owner_id, view=view
+            chat_id,
+            message_id,
+            parts,
+            announce=announce,
+            owner_id=owner_id,
+            view=view,
+            limits=limits,
         )
         self.obs.edits[chat_id] = self.obs.edits.get(chat_id, 0) + 1
         self.obs.queue_cleared_after[chat_id] = len(self.obs.queued.get(chat_id, []))
