@@ -25,7 +25,7 @@ import trio
 from psycopg import sql
 
 from chatd_trio.domain import NewMessage, Role, TextPart
-from chatd_trio.store.base import Store
+from chatd_trio.store.base import Lease, Store
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.store.postgres import PostgresStore
 
@@ -105,10 +105,11 @@ async def _bench(store: Store, n: int, concurrency: int) -> dict[str, dict[str, 
     chats = [chat]
     for _ in range(concurrency - 1):
         chats.append((await store.create_chat(owner, "bench", text))[0])
-    assert len(await store.acquire(WORKER, concurrency)) == concurrency
+    leases = [Lease.of(c) for c in await store.acquire(WORKER, concurrency)]
+    assert len(leases) == concurrency
 
     async def persist(i: int) -> None:
-        await store.persist_step(chats[i % concurrency].id, WORKER, STEP)
+        await store.persist_step(leases[i % concurrency], STEP)
 
     out["persist_step"] = {
         "median_us": await _latency_us(persist, n),
@@ -117,9 +118,10 @@ async def _bench(store: Store, n: int, concurrency: int) -> dict[str, dict[str, 
 
     # messages_after: a catch-up read of the last 10 messages of a 40-message chat.
     reader, _ = await store.create_chat(owner, "bench", text)
-    assert [c.id for c in await store.acquire(WORKER, 1)] == [reader.id]
+    (running,) = await store.acquire(WORKER, 1)
+    assert running.id == reader.id
     for _ in range(20):
-        persisted = await store.persist_step(reader.id, WORKER, STEP)
+        persisted = await store.persist_step(Lease.of(running), STEP)
     cursor = persisted[-1].id - 10
 
     async def read(_: int) -> None:
