@@ -287,6 +287,7 @@ class ContextFilePart:
 
 
 Part = Union[TextPart, ReasoningPart, ToolCallPart, ToolResultPart, ContextFilePart]  # noqa: UP007
+"""Any message part."""
 
 
 def part_from_json(data: JSON, path: str = "part") -> Part:
@@ -801,6 +802,7 @@ StreamEvent = Union[  # noqa: UP007
     QueueUpdateEvent,
     SnapshotEndEvent,
 ]
+"""Any event a subscription yields (docs/spec.md §4)."""
 
 
 def event_from_json(data: JSON, path: str = "event") -> StreamEvent:
