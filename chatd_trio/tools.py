@@ -8,13 +8,14 @@ result for the model: the turn goes on. Cancellation is never swallowed.
 `@tool` builds one from a typed function: the JSON schema comes from its type hints
 and docstring, and the arguments are validated against them before the call. This is
 the one argument check of the library: the workspace and subagent tools are typed
-functions too. It uses pydantic (installed with `mcp`, which builds on it): a model
-class made with `create_model` from the signature gives both the JSON schema and a
-validator whose errors name each bad field, for any type pydantic knows (enums, UUIDs,
-dates, nested models, `Annotated` constraints). The arguments are validated as JSON
-(they are JSON text from the model), strictly: a field is what the schema the model
-was shown says, so `"3"` is not an integer and `true` is not a number, while a UUID or
-a date comes as a string.
+functions too, and the same check (`chatd_trio.validation`) reads the workspace agent's
+responses. It uses pydantic (installed with `mcp`, which builds on it): a model class
+made with `create_model` from the signature gives both the JSON schema and a validator
+whose errors name each bad field, for any type pydantic knows (enums, UUIDs, dates,
+nested models, `Annotated` constraints). The arguments are validated as JSON (they are
+JSON text from the model), strictly: a field is what the schema the model was shown
+says, so `"3"` is not an integer and `true` is not a number, while a UUID or a date
+comes as a string.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import pydantic
 import pydantic_core
 import trio
 
+from chatd_trio import validation
 from chatd_trio.domain import JSON, ToolCallPart, ToolResultPart
 from chatd_trio.errors import ToolError
 from chatd_trio.models.base import ToolSpec
@@ -104,13 +106,6 @@ class FunctionTool:
 
 # -- typed tools ---------------------------------------------------------------------------
 
-_ARGUMENTS_CONFIG = pydantic.ConfigDict(
-    strict=True,
-    extra="forbid",
-    allow_inf_nan=False,
-    arbitrary_types_allowed=False,
-)
-
 
 @dataclass(frozen=True)
 class TypedTool:
@@ -157,19 +152,9 @@ def validate_arguments(
 ) -> pydantic.BaseModel:
     """Validate a tool call's arguments against `model` as JSON; `ToolError` if invalid."""
     try:
-        return model.model_validate_json(json.dumps(args))
-    except pydantic.ValidationError as exc:
-        raise ToolError(_describe(exc)) from None
-    except (TypeError, ValueError) as exc:  # not JSON-serialisable input
-        raise ToolError(f"invalid arguments: {exc}") from None
-
-
-def _describe(exc: pydantic.ValidationError) -> str:
-    problems = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "arguments"
-        problems.append(f"{where}: {error['msg']}")
-    return "invalid arguments: " + "; ".join(problems)
+        return validation.check(model, args, what="arguments", from_json=True)
+    except validation.Invalid as exc:
+        raise ToolError(str(exc)) from None
 
 
 def _without_titles(schema: JSON) -> JSON:
@@ -297,7 +282,7 @@ def typed_tool(
             hint,
             pydantic.Field(default, description=docs.get(param.name) or None),
         )
-    model = pydantic.create_model(f"{tool_name}_arguments", __config__=_ARGUMENTS_CONFIG, **fields)
+    model = validation.shape(f"{tool_name}_arguments", fields, extra="forbid")
     text = description if description is not None else summary
     if not text:
         raise TypeError(f"tool {tool_name!r} needs a description (a docstring)")
@@ -326,7 +311,7 @@ def tool(
 ) -> AnyTool | Callable[[Callable[..., Any]], AnyTool]:
     """Turn a function into a tool.
 
-    Typed (the usual form), bare or with a name and description::
+    Typed (the usual form), bare or with a name and description:
 
         @tool
         async def add(a: int, b: int) -> dict[str, int]:
