@@ -179,6 +179,8 @@ def _users(name: str, package_root: Path, module_name: str) -> tuple[str, ...]:
         dotted = dotted.removesuffix(".__init__")
         if dotted == module_name or file.resolve() == Path(__file__).resolve():
             continue
+        if file == package_root / "__init__.py":
+            continue  # the package root re-exports every section: that is not a use
         text = file.read_text("utf-8")
         if any(tok == name for tok in _identifiers(text)):
             found.append(dotted)

@@ -288,6 +288,7 @@ class ContextFilePart:
 
 
 Part = Union[TextPart, ReasoningPart, ToolCallPart, ToolResultPart, ContextFilePart]  # noqa: UP007
+"""Any message part."""
 
 
 def part_from_json(data: JSON, path: str = "part") -> Part:
@@ -623,7 +624,7 @@ class WorkspaceAgent:
 
 
 class EventType(enum.StrEnum):
-    """The six stream event types (docs/spec.md §4)."""
+    """The stream event types (docs/spec.md §4)."""
 
     MESSAGE_PART = "message_part"
     MESSAGE = "message"
@@ -631,6 +632,7 @@ class EventType(enum.StrEnum):
     ERROR = "error"
     RETRY = "retry"
     QUEUE_UPDATE = "queue_update"
+    SNAPSHOT_END = "snapshot_end"
 
 
 @dataclass(frozen=True)
@@ -790,9 +792,33 @@ class QueueUpdateEvent:
         }
 
 
+@dataclass(frozen=True)
+class SnapshotEndEvent:
+    """The subscription's snapshot is complete: every later event is live.
+
+    Sent once per subscription, after the snapshot's status, buffered parts, messages
+    and queue. `cursor` is the id of the last message the snapshot delivered (or the
+    subscribe cursor when it delivered none). Never crosses replicas.
+    """
+
+    chat_id: uuid.UUID
+    cursor: int
+    type: ClassVar[EventType] = EventType.SNAPSHOT_END
+
+    def to_json(self) -> JSON:
+        return {"type": self.type.value, "chat_id": str(self.chat_id), "cursor": self.cursor}
+
+
 StreamEvent = Union[  # noqa: UP007
-    MessagePartEvent, MessageEvent, StatusEvent, ErrorEvent, RetryEvent, QueueUpdateEvent
+    MessagePartEvent,
+    MessageEvent,
+    StatusEvent,
+    ErrorEvent,
+    RetryEvent,
+    QueueUpdateEvent,
+    SnapshotEndEvent,
 ]
+"""Any event a subscription yields (docs/spec.md §4)."""
 
 
 def event_from_json(data: JSON, path: str = "event") -> StreamEvent:
@@ -818,6 +844,8 @@ def event_from_json(data: JSON, path: str = "event") -> StreamEvent:
         return ErrorEvent(chat_id, ErrorPayload.from_json(d, path))
     if kind is EventType.RETRY:
         return RetryEvent(chat_id, RetryPayload.from_json(d, path))
+    if kind is EventType.SNAPSHOT_END:
+        return SnapshotEndEvent(chat_id, _int(d, "cursor", path))
     queued = _list(d, "queued", path)
     return QueueUpdateEvent(
         chat_id,

@@ -1927,6 +1927,10 @@ async def worker_main() -> None:
 # -- command line ----------------------------------------------------------------------
 
 
+# The --dsn default, shown as such in --help and resolved when the plan is made.
+DSN_FROM_ENV = "$CHATD_DSN"
+
+
 def add_scaletest_command(sub: Any) -> None:
     """Register `scaletest` on the `chatd-trio` subcommand parser."""
     p = sub.add_parser(
@@ -1945,10 +1949,11 @@ def add_scaletest_command(sub: Any) -> None:
     )
     p.add_argument(
         "--dsn",
-        default=os.environ.get("CHATD_DSN", ""),
+        # Read when the run starts, not shown: --help must not print a password.
+        default=DSN_FROM_ENV,
         help="PostgreSQL server the run creates its own database on (CREATEDB needed); "
-        "$CHATD_DSN, else empty: libpq's defaults (PGHOST, PGUSER, or the local socket, "
-        "as psql does)",
+        "an empty DSN is libpq's defaults (PGHOST, PGUSER, or the local socket, as psql "
+        "does), as is an unset $CHATD_DSN",
     )
     p.add_argument("--replicas", type=int, default=2, help="replicas (processes on PostgreSQL)")
     p.add_argument("--chats", type=int, default=10, help="chats")
@@ -2022,7 +2027,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     """The run's plan from parsed `scaletest` arguments."""
     return Plan(
         store=args.store,
-        dsn=args.dsn,
+        dsn=os.environ.get("CHATD_DSN", "") if args.dsn == DSN_FROM_ENV else args.dsn,
         replicas=args.replicas,
         chats=args.chats,
         turns=args.turns,

@@ -63,6 +63,7 @@ from chatd_trio.store.base import (
 from chatd_trio.streams import ChatStreams, StreamSubscription
 from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
 from chatd_trio.tools import ToolContext, ToolRegistry
+from chatd_trio.turns import TurnReport, settled, wait_settled
 from chatd_trio.workspace import (
     AgentDialer,
     McpToolCache,
@@ -181,6 +182,8 @@ class Server:
         self._controls: set[TurnControl] = set()
         self._turns_idle = trio.Event()
         self._turns_idle.set()
+        # Set (and replaced) whenever a turn here ends: wakes `_turn_ended` waiters.
+        self._turn_end = trio.Event()
         self._work = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._background = trio.CancelScope()
@@ -355,6 +358,7 @@ class Server:
                     chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
                 )
             )
+            await self._publish_owner(chat, "status")
             with control:
                 await self._supervised_turn(chat, lease, control)
         except* Exception as group:
@@ -397,6 +401,8 @@ class Server:
             del self._turns[chat_id]
         if not self._controls:
             self._turns_idle.set()
+        self._turn_end.set()
+        self._turn_end = trio.Event()
 
     async def _supervised_turn(self, chat: Chat, lease: Lease, control: TurnControl) -> None:
         async with trio.open_nursery() as aux:
@@ -613,7 +619,12 @@ class Server:
             await self._publish_quietly(
                 self.streams.publish_status(chat.id, fin.chat.status, None, fin.chat.owner_token)
             )
-            await self._publish_owner(fin.chat, "status")
+            # A stopped turn that leaves the chat `waiting` changed no status: the
+            # interrupt did, and `Server.interrupt` (on whichever replica) announced it.
+            # (Its stream status is published anyway: subscriptions drop the repeat, and
+            # a subscriber that missed the interrupt's notify learns it here.)
+            if not (outcome is TurnOutcome.INTERRUPTED and fin.chat.status is ChatStatus.WAITING):
+                await self._publish_owner(fin.chat, "status")
             if fin.chat.status is ChatStatus.PENDING:
                 self.wake()
 
@@ -859,6 +870,7 @@ class Server:
         if result.message is not None:
             await self._publish_message(result.message)
             await self._publish_status(result.chat)
+            await self._publish_owner(result.chat, "status")
             self.wake()
         else:
             await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
@@ -894,6 +906,7 @@ class Server:
             self.streams.publish_edited_message(result.message, announced=announce is not None)
         )
         await self._publish_status(result.chat)
+        await self._publish_owner(result.chat, "status")
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
         self.wake()
         return result
@@ -909,6 +922,8 @@ class Server:
         await self._publish_quietly(
             self.streams.publish_status(chat_id, chat.status, None, chat.owner_token)
         )
+        if chat.status is not ChatStatus.PENDING:  # a pending chat is left as it was
+            await self._publish_owner(chat, "status")
         return chat
 
     def _stop_local(self, chat_id: uuid.UUID, why: str) -> None:
@@ -928,6 +943,7 @@ class Server:
         if result.message is not None:
             await self._publish_message(result.message)
             await self._publish_status(result.chat)
+            await self._publish_owner(result.chat, "status")
             self.wake()
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
         return result
@@ -937,6 +953,66 @@ class Server:
         chat_id = (await self._owned_chat(owner_id, chat_id)).id
         queue = await self.store.delete_queued(chat_id, _row_id(queued_id, "queued_id"))
         await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
+
+    async def wait_turn(
+        self, owner_id: uuid.UUID, chat_id: uuid.UUID, *, after_message_id: int = 0
+    ) -> TurnReport:
+        """Wait until the chat has no work left (`waiting` or `error`) and report how it
+        ended: the row, the messages after `after_message_id`, and the error if it failed.
+
+        Returns at once when the chat is already settled. Wakes on the chat's stream, on
+        any replica. Unbounded: wrap it in `trio.fail_after` for a deadline. Raises
+        `StoreError` or `PubSubError` when the stream fails first (call again).
+        """
+        await self._owned_chat(owner_id, chat_id)
+        return await wait_settled(
+            self.streams, self.store, chat_id, after_message_id, quiesce=self._turn_ended
+        )
+
+    async def send_and_wait(
+        self,
+        owner_id: uuid.UUID,
+        chat_id: uuid.UUID,
+        content: str | Sequence[Part],
+        *,
+        busy_behavior: BusyBehavior = "queue",
+    ) -> TurnReport:
+        """`send_message`, then `wait_turn` until the message is answered.
+
+        The report's messages start with the sent message. Sent to a busy chat, the
+        message is queued and answered after the running turn: the report then also
+        holds what that turn added after the send.
+        """
+        chat = await self._owned_chat(owner_id, chat_id)
+        before: int | None = None
+        if not settled(chat):
+            # It will be queued: its id is known only once promoted, so the report
+            # starts after the history as it is now.
+            before = await self._last_message_id(chat_id)
+        result = await self.send_message(owner_id, chat_id, content, busy_behavior=busy_behavior)
+        if result.message is not None:
+            cursor = result.message.id - 1
+        elif before is not None:
+            cursor = before
+        else:
+            # Queued behind a message sent a moment ago by someone else.
+            cursor = await self._last_message_id(chat_id)
+        return await wait_settled(
+            self.streams, self.store, chat_id, cursor, quiesce=self._turn_ended
+        )
+
+    async def _last_message_id(self, chat_id: uuid.UUID) -> int:
+        history = await self.store.messages_after(chat_id, 0)
+        return history[-1].id if history else 0
+
+    async def _turn_ended(self, chat_id: uuid.UUID) -> bool:
+        """Wait until no turn of the chat is running here; whether one was."""
+        waited = False
+        while chat_id in self._turns:
+            waited = True
+            ended = self._turn_end
+            await ended.wait()
+        return waited
 
     @asynccontextmanager
     async def subscribe(
@@ -1018,4 +1094,4 @@ def text_of_parts(parts: Sequence[Part]) -> str:
     return "".join(p.text for p in parts if isinstance(p, TextPart) and isinstance(p.text, str))
 
 
-__all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "text_of_parts"]
+__all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "TurnReport", "text_of_parts"]

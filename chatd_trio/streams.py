@@ -63,6 +63,7 @@ from chatd_trio.domain import (
     QueueUpdateEvent,
     RetryEvent,
     RetryPayload,
+    SnapshotEndEvent,
     StatusEvent,
     StreamEvent,
     stream_channel,
@@ -299,10 +300,12 @@ class _ChatStream:
 
 
 class StreamSubscription:
-    """The events of one chat: the initial snapshot, then live events.
+    """The events of one chat: the initial snapshot, a `SnapshotEndEvent`, then live events.
 
     Iterate with `async for`, or call `receive()` (raises `trio.EndOfChannel`
-    once the subscription has ended after a pubsub failure).
+    once the subscription has ended after a pubsub failure). A `status` or
+    `queue_update` event always tells something new: one repeating what this
+    subscriber already knows is not delivered.
     """
 
     def __init__(
@@ -314,6 +317,10 @@ class StreamSubscription:
         self._cursor = cursor
         self._pending: deque[StreamEvent] = deque()
         self._ended = False
+        # The chat's state as this subscriber last learned it, so that a state event
+        # repeating it is not delivered (docs/spec.md §4: one event per change).
+        self._status: tuple[ChatStatus, uuid.UUID | None] | None = None
+        self._queue: tuple[QueuedMessage, ...] | None = None
 
     @property
     def chat_id(self) -> uuid.UUID:
@@ -358,6 +365,23 @@ class StreamSubscription:
         raise trio.WouldBlock
 
     # -- processing ---------------------------------------------------------------
+    def _emit_status(self, status: ChatStatus, worker_id: uuid.UUID | None) -> None:
+        # Repeats come from two places no single publisher can see: a change published
+        # between registering and reading the snapshot is in both, and a stopped turn's
+        # final transition announces the `waiting` its interrupter already announced
+        # (on whichever replica that was).
+        if self._status == (status, worker_id):
+            return
+        self._status = (status, worker_id)
+        self._pending.append(StatusEvent(self.chat_id, status, worker_id))
+
+    def _emit_queue(self, queued: tuple[QueuedMessage, ...]) -> None:
+        # An edit or a resync announces the queue even when it did not change.
+        if self._queue == queued:
+            return
+        self._queue = queued
+        self._pending.append(QueueUpdateEvent(self.chat_id, queued))
+
     def _emit_messages(self, messages: Iterable[Message]) -> None:
         for m in messages:
             if m.id <= self._cursor:
@@ -391,7 +415,11 @@ class StreamSubscription:
             self._pending.append(item)
         elif isinstance(item, MessageEvent):
             self._emit_messages((item.message,))
-        elif isinstance(item, StatusEvent | ErrorEvent | RetryEvent | QueueUpdateEvent):
+        elif isinstance(item, StatusEvent):
+            self._emit_status(item.status, item.worker_id)
+        elif isinstance(item, QueueUpdateEvent):
+            self._emit_queue(item.queued)
+        elif isinstance(item, ErrorEvent | RetryEvent | SnapshotEndEvent):
             self._pending.append(item)
         elif isinstance(item, _NotifyItem):
             await self._handle_notify(item.payload)
@@ -420,9 +448,10 @@ class StreamSubscription:
             )
             self._fail(CATCHUP_ERROR, "store")
             return
-        self._pending.append(StatusEvent(self.chat_id, chat.status, chat.worker_id))
-        # Always sent: the queue may have been emptied while notifies were missed.
-        self._pending.append(QueueUpdateEvent(self.chat_id, tuple(queued)))
+        self._emit_status(chat.status, chat.worker_id)
+        # Compared with what this subscriber last saw, not with the last update it
+        # received: the queue may have been emptied while notifies were missed.
+        self._emit_queue(tuple(queued))
 
     async def _handle_notify(self, n: NotifyPayload) -> None:
         # Contract order (docs/spec.md §4): messages -> status -> retry -> error -> queue.
@@ -433,7 +462,7 @@ class StreamSubscription:
         elif n.after_message_id is not None and not await self._catch_up(n):
             return
         if n.status is not None:
-            self._pending.append(StatusEvent(self.chat_id, n.status, n.worker_id))
+            self._emit_status(n.status, n.worker_id)
         if n.retry is not None:
             self._pending.append(RetryEvent(self.chat_id, n.retry))
         if n.error_payload is not None:
@@ -441,7 +470,7 @@ class StreamSubscription:
         elif n.error is not None:
             self._pending.append(ErrorEvent(self.chat_id, ErrorPayload(n.error)))
         if n.queue_update is not None:
-            self._pending.append(QueueUpdateEvent(self.chat_id, n.queue_update))
+            self._emit_queue(n.queue_update)
 
     async def _catch_up(self, n: NotifyPayload) -> bool:
         assert n.after_message_id is not None
@@ -843,12 +872,16 @@ class ChatStreams:
             handle._pending.append(
                 ErrorEvent(chat_id, ErrorPayload(SNAPSHOT_ERROR, kind="snapshot", retryable=True))
             )
+            handle._pending.append(SnapshotEndEvent(chat_id, handle.cursor))
             return
-        handle._pending.append(StatusEvent(chat_id, chat.status, chat.worker_id))
+        handle._emit_status(chat.status, chat.worker_id)
         handle._pending.extend(parts)
         handle._emit_messages(messages)
         if queued:
-            handle._pending.append(QueueUpdateEvent(chat_id, tuple(queued)))
+            handle._emit_queue(tuple(queued))
+        else:
+            handle._queue = ()  # known empty; an update repeating that is not news
+        handle._pending.append(SnapshotEndEvent(chat_id, handle.cursor))
 
     async def _pump(self, state: _ChatStream, sub: _Subscriber, psub: PubSubSubscription) -> None:
         """Move pubsub deliveries into the subscriber's queue, never blocking on it."""

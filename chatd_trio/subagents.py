@@ -14,16 +14,16 @@ import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
+import pydantic
 import trio
 
 from chatd_trio.config import QueueConfig, RequestOptions, SubagentConfig
-from chatd_trio.domain import JSON, Chat, ChatStatus, Part, TextPart, parse_uuid, stream_channel
+from chatd_trio.domain import JSON, Chat, ChatStatus, Part, TextPart, stream_channel
 from chatd_trio.errors import (
     ChatdError,
     ChatNotFound,
-    DecodeError,
     PermissionDenied,
     PubSubError,
     SubagentError,
@@ -31,7 +31,7 @@ from chatd_trio.errors import (
 )
 from chatd_trio.pubsub.base import PubSub, Resync, Subscription
 from chatd_trio.store.base import Store
-from chatd_trio.tools import FunctionTool, Tool, ToolContext
+from chatd_trio.tools import Tool, ToolContext, typed_tool
 
 __all__ = [
     "NOT_DESCENDANT",
@@ -374,61 +374,15 @@ async def await_subagent(
 
 # -- tools -----------------------------------------------------------------------------------
 
-_SPAWN_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {
-        "prompt": {"type": "string", "description": "The task for the subagent."},
-        "title": {"type": "string", "description": "A short title for the subagent chat."},
-    },
-    "required": ["prompt"],
-}
-_WAIT_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {
-        "chat_id": {"type": "string", "description": "The subagent's chat id."},
-        "timeout_s": {
-            "type": "number",
-            "description": "Seconds to wait; omitted or 0 means the default.",
-        },
-    },
-    "required": ["chat_id"],
-}
-_MESSAGE_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {
-        "chat_id": {"type": "string", "description": "The subagent's chat id."},
-        "message": {"type": "string", "description": "The message to send."},
-    },
-    "required": ["chat_id", "message"],
-}
-_CLOSE_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {"chat_id": {"type": "string", "description": "The subagent's chat id."}},
-    "required": ["chat_id"],
-}
 
-
-def _required_text(args: dict[str, JSON], key: str) -> str:
-    value = args.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ToolError(f"{key} is required and must be a non-empty string")
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
     return value
 
 
-def _chat_id_arg(args: dict[str, JSON]) -> uuid.UUID:
-    try:
-        return parse_uuid(args.get("chat_id"), "chat_id")
-    except DecodeError as exc:
-        raise ToolError(str(exc)) from None
-
-
-def _timeout_arg(args: dict[str, JSON]) -> float | None:
-    value = args.get("timeout_s")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ToolError("timeout_s must be a number of seconds")
-    return float(value)
+Text = Annotated[str, pydantic.Field(min_length=1), pydantic.AfterValidator(_not_blank)]
+Seconds = Annotated[float, pydantic.Field(allow_inf_nan=False)]
 
 
 def subagent_tools(
@@ -456,24 +410,26 @@ def subagent_tools(
             raise ToolError(NO_SPAWN_FROM_CHILD)
         return chat
 
-    async def own_child(parent: Chat, args: dict[str, JSON]) -> uuid.UUID:
-        child_id = _chat_id_arg(args)
+    async def own_child(parent: Chat, child_id: uuid.UUID) -> uuid.UUID:
         if not await is_descendant(store, parent.id, child_id):
             raise ToolError(f"chat {child_id} is {NOT_DESCENDANT} of this chat")
         return child_id
 
-    async def spawn_agent(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def spawn_agent(prompt: Text, ctx: ToolContext, title: str | None = None) -> JSON:
+        """Start a subagent: a child chat that works on `prompt` in this chat's workspace.
+        Returns its chat_id at once; use wait_agent for its report.
+
+        Args:
+            prompt: The task for the subagent.
+            title: A short title for the subagent chat.
+        """
         parent = await root_chat(ctx)
-        prompt = _required_text(args, "prompt")
-        raw_title = args.get("title")
-        if raw_title is not None and not isinstance(raw_title, str):
-            raise ToolError("title must be a string")
-        title = raw_title.strip() if raw_title else ""
+        chosen = title.strip() if title else ""
         try:
             child = await host.create_chat(
                 parent.owner_id,
                 (TextPart(prompt),),
-                title=title or title_from_prompt(prompt, cfg),
+                title=chosen or title_from_prompt(prompt, cfg),
                 parent_chat_id=parent.id,
                 workspace_id=parent.workspace_id,
                 build_id=parent.build_id,
@@ -489,61 +445,51 @@ def subagent_tools(
         )
         return {"chat_id": str(child.id), "title": child.title, "status": child.status.value}
 
-    async def wait_agent(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def wait_agent(
+        chat_id: uuid.UUID, ctx: ToolContext, timeout_s: Seconds | None = None
+    ) -> JSON:
+        """Wait until a subagent has finished and return its report (its latest reply).
+
+        Args:
+            chat_id: The subagent's chat id.
+            timeout_s: Seconds to wait; omitted or 0 means the default.
+        """
         parent = await root_chat(ctx)
-        child_id = _chat_id_arg(args)
-        timeout = _timeout_arg(args)
         try:
             report = await await_subagent(
-                store, pubsub, parent.id, child_id, timeout=timeout, config=cfg, stats=st
+                store, pubsub, parent.id, chat_id, timeout=timeout_s, config=cfg, stats=st
             )
         except SubagentError as exc:
             raise ToolError(str(exc)) from exc
-        return {"chat_id": str(child_id), "report": report}
+        return {"chat_id": str(chat_id), "report": report}
 
-    async def message_agent(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def message_agent(chat_id: uuid.UUID, message: Text, ctx: ToolContext) -> JSON:
+        """Send a follow-up message to a subagent (queued while it is busy).
+
+        Args:
+            chat_id: The subagent's chat id.
+            message: The message to send.
+        """
         parent = await root_chat(ctx)
-        child_id = await own_child(parent, args)
-        message = _required_text(args, "message")
+        child_id = await own_child(parent, chat_id)
         try:
             await host.send_message(parent.owner_id, child_id, (TextPart(message),))
         except ChatdError as exc:
             raise ToolError(f"cannot message the subagent: {exc}") from exc
         return {"chat_id": str(child_id), "sent": True}
 
-    async def close_agent(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def close_agent(chat_id: uuid.UUID, ctx: ToolContext) -> JSON:
+        """Stop a subagent's current run.
+
+        Args:
+            chat_id: The subagent's chat id.
+        """
         parent = await root_chat(ctx)
-        child_id = await own_child(parent, args)
+        child_id = await own_child(parent, chat_id)
         try:
             await host.interrupt(parent.owner_id, child_id)
         except ChatdError as exc:
             raise ToolError(f"cannot close the subagent: {exc}") from exc
         return {"chat_id": str(child_id), "closed": True}
 
-    return [
-        FunctionTool(
-            "spawn_agent",
-            "Start a subagent: a child chat that works on `prompt` in this chat's workspace. "
-            "Returns its chat_id at once; use wait_agent for its report.",
-            _SPAWN_SCHEMA,
-            spawn_agent,
-        ),
-        FunctionTool(
-            "wait_agent",
-            "Wait until a subagent has finished and return its report (its latest reply).",
-            _WAIT_SCHEMA,
-            wait_agent,
-        ),
-        FunctionTool(
-            "message_agent",
-            "Send a follow-up message to a subagent (queued while it is busy).",
-            _MESSAGE_SCHEMA,
-            message_agent,
-        ),
-        FunctionTool(
-            "close_agent",
-            "Stop a subagent's current run.",
-            _CLOSE_SCHEMA,
-            close_agent,
-        ),
-    ]
+    return [typed_tool(fn) for fn in (spawn_agent, wait_agent, message_agent, close_agent)]

@@ -5,17 +5,38 @@ returning JSON. Whatever goes wrong while invoking one (unknown name, malformed
 arguments, `ToolError`, any other exception, an `ErrorResult`, a return value that
 cannot be stored) becomes an error tool result for the model: the turn goes on.
 Cancellation is never swallowed.
+
+`@tool` builds one from a typed function: the JSON schema comes from its type hints
+and docstring, and the arguments are validated against them before the call. This is
+the one argument check of the library: the workspace and subagent tools are typed
+functions too, and the same check (`chatd_trio.validation`) reads the workspace agent's
+responses. It uses pydantic (installed with `mcp`, which builds on it): a model class
+made with `create_model` from the signature gives both the JSON schema and a validator
+whose errors name each bad field, for any type pydantic knows (enums, UUIDs, dates,
+nested models, `Annotated` constraints). The arguments are validated as JSON (they are
+JSON text from the model), strictly: a field is what the schema the model was shown
+says, so `"3"` is not an integer and `true` is not a number, while a UUID or a date
+comes as a string.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+import re
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
+import pydantic
+import pydantic_core
+import trio
+
+from chatd_trio import validation
 from chatd_trio.domain import JSON, ToolCallPart, ToolResultPart
 from chatd_trio.errors import ToolError
 from chatd_trio.models.base import ToolSpec
@@ -30,6 +51,7 @@ class ToolContext:
 
     `extras` carries turn-local services (a workspace connection, a store handle, ...)
     under names agreed between the caller and its tools, so this record stays generic.
+    A typed tool receives it through a parameter annotated `ToolContext`.
     """
 
     chat_id: uuid.UUID
@@ -39,7 +61,7 @@ class ToolContext:
 
 @dataclass(frozen=True)
 class ErrorResult:
-    """Return this from `Tool.run` to report a failure without raising."""
+    """Return this from a tool to report a failure without raising."""
 
     error: JSON
 
@@ -69,7 +91,11 @@ ToolFunction = Callable[[dict[str, JSON], ToolContext], Awaitable[JSON]]
 
 @dataclass(frozen=True)
 class FunctionTool:
-    """A `Tool` backed by an async function."""
+    """A `Tool` from an async `fn(args, ctx)` and a hand-written JSON schema.
+
+    The arguments reach `fn` as the JSON object the model sent, unchecked: for
+    schemas that come from elsewhere (an MCP server's tools).
+    """
 
     name: str
     description: str
@@ -80,16 +106,256 @@ class FunctionTool:
         return await self.fn(args, ctx)
 
 
-def tool(
-    name: str, description: str, parameters: JSON | None = None
-) -> Callable[[ToolFunction], FunctionTool]:
-    """Decorator turning an async function into a `FunctionTool`."""
+# -- typed tools ---------------------------------------------------------------------------
 
-    def wrap(fn: ToolFunction) -> FunctionTool:
-        schema = parameters if parameters is not None else {"type": "object", "properties": {}}
-        return FunctionTool(name, description, schema, fn)
+
+@dataclass(frozen=True)
+class TypedTool:
+    """A `Tool` from a typed function: schema from its signature, arguments validated.
+
+    Build one with `@tool`. `fn` is called with one keyword argument per parameter, plus
+    the `ToolContext` for a parameter annotated with it. An async `fn` runs in the turn;
+    a sync one in a worker thread (it may block), abandoned if the turn stops first.
+    """
+
+    name: str
+    description: str
+    fn: Callable[..., Any]
+    arguments: type[pydantic.BaseModel]
+    context_parameter: str | None = None
+
+    @functools.cached_property
+    def parameters(self) -> JSON:
+        """The JSON schema of the arguments, as the model is shown it."""
+        return _without_titles(self.arguments.model_json_schema())
+
+    def validate(self, args: Mapping[str, JSON]) -> dict[str, Any]:
+        """The call's keyword arguments; `ToolError` naming every bad field."""
+        values = validate_arguments(self.arguments, args)
+        return {name: getattr(values, name) for name in type(values).model_fields}
+
+    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> JSON:
+        kwargs = self.validate(args)
+        if self.context_parameter is not None:
+            kwargs[self.context_parameter] = ctx
+        if inspect.iscoroutinefunction(inspect.unwrap(self.fn)):
+            result = await self.fn(**kwargs)
+        else:
+            result = await trio.to_thread.run_sync(
+                functools.partial(self.fn, **kwargs), abandon_on_cancel=True
+            )
+        if isinstance(result, ErrorResult):
+            return result
+        return pydantic_core.to_jsonable_python(result)
+
+
+def validate_arguments(
+    model: type[pydantic.BaseModel], args: Mapping[str, JSON]
+) -> pydantic.BaseModel:
+    """Validate a tool call's arguments against `model` as JSON; `ToolError` if invalid."""
+    try:
+        return validation.check(model, args, what="arguments", from_json=True)
+    except validation.Invalid as exc:
+        raise ToolError(str(exc)) from None
+
+
+def _without_titles(schema: JSON) -> JSON:
+    """The schema without pydantic's generated `title`s (noise in every prompt)."""
+    if isinstance(schema, list):
+        return [_without_titles(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, JSON] = {}
+    for key, value in schema.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in ("properties", "$defs", "patternProperties") and isinstance(value, dict):
+            out[key] = {k: _without_titles(v) for k, v in value.items()}
+        else:
+            out[key] = _without_titles(value)
+    return out
+
+
+_SECTION = re.compile(
+    r"^\s*(Args|Arguments|Parameters|Params|Returns|Return|Yields|Raises|Examples?|Notes?)"
+    r"\s*:\s*$"
+)
+_GOOGLE_ARG = re.compile(r"^\s*\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+_REST_PARAM = re.compile(r"^\s*:param\s+(?:[^:]*\s)?(\w+)\s*:\s*(.*)$")
+
+
+def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
+    """A tool description and per-parameter descriptions from a docstring.
+
+    The description is the text before the first section; parameters come from a
+    Google-style `Args:` section (`name: text` or `name (type): text`, continued on
+    more-indented lines) or reST `:param name: text` lines.
+    """
+    lines = inspect.cleandoc(doc or "").splitlines()
+    summary: list[str] = []
+    params: dict[str, str] = {}
+    section: str | None = None
+    current: str | None = None
+    indent = 0
+    for line in lines:
+        rest = _REST_PARAM.match(line)
+        if rest:
+            current, section = rest.group(1), "rest"
+            params[current] = rest.group(2).strip()
+            continue
+        header = _SECTION.match(line)
+        if header:
+            section = header.group(1).lower()
+            current = None
+            continue
+        if section is None:
+            summary.append(line)
+            continue
+        if section in ("args", "arguments", "parameters", "params"):
+            width = len(line) - len(line.lstrip())
+            arg = _GOOGLE_ARG.match(line)
+            if arg and (current is None or width <= indent):
+                current, indent = arg.group(1), width
+                params[current] = arg.group(2).strip()
+            elif current is not None and line.strip():
+                params[current] = f"{params[current]} {line.strip()}".strip()
+        elif section == "rest" and current is not None and line.strip():
+            if line.startswith((" ", "\t")):
+                params[current] = f"{params[current]} {line.strip()}".strip()
+            else:
+                section, current = None, None
+                summary.append(line)
+    return "\n".join(summary).strip(), params
+
+
+def _is_context(annotation: Any) -> bool:
+    return annotation is ToolContext or (
+        isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "ToolContext"
+    )
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    target = inspect.unwrap(fn)
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except (NameError, TypeError):
+        # A hint naming something not importable at module level (a local class):
+        # such a function must spell its hints so they resolve.
+        raise TypeError(
+            f"cannot resolve the type hints of {getattr(fn, '__qualname__', fn)!r}"
+        ) from None
+
+
+def _is_raw(fn: Callable[..., Any]) -> bool:
+    """Whether `fn` is an old-style `(args, ctx)` tool function."""
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) != 2:
+        return False
+    annotations = {p.name: p.annotation for p in params}
+    second = params[1]
+    first = params[0]
+    ctx_like = second.name == "ctx" or _is_context(annotations[second.name])
+    args_like = first.name == "args" or str(annotations[first.name]).startswith(
+        ("dict", "Mapping", "typing.Mapping", "collections.abc.Mapping")
+    )
+    return ctx_like and args_like
+
+
+def typed_tool(
+    fn: Callable[..., Any], *, name: str | None = None, description: str | None = None
+) -> TypedTool:
+    """A `TypedTool` from `fn` (what `@tool` does for a typed function)."""
+    tool_name = name or fn.__name__
+    summary, docs = parse_docstring(fn.__doc__)
+    hints = _hints(fn)
+    fields: dict[str, Any] = {}
+    context: str | None = None
+    for param in inspect.signature(fn).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"tool {tool_name!r}: *args and **kwargs cannot be described")
+        if param.kind is param.POSITIONAL_ONLY:
+            raise TypeError(f"tool {tool_name!r}: parameter {param.name!r} is positional-only")
+        hint = hints.get(param.name, Any)
+        if _is_context(hint):
+            context = param.name
+            continue
+        default = ... if param.default is param.empty else param.default
+        fields[param.name] = (
+            hint,
+            pydantic.Field(default, description=docs.get(param.name) or None),
+        )
+    model = validation.shape(f"{tool_name}_arguments", fields, extra="forbid")
+    text = description if description is not None else summary
+    if not text:
+        raise TypeError(f"tool {tool_name!r} needs a description (a docstring)")
+    return TypedTool(tool_name, text, fn, model, context)
+
+
+AnyTool = FunctionTool | TypedTool
+
+
+@overload
+def tool(fn: Callable[..., Any], /) -> AnyTool: ...
+
+
+@overload
+def tool(
+    name: str | None = None,
+    description: str | None = None,
+    parameters: JSON | None = None,
+) -> Callable[[Callable[..., Any]], AnyTool]: ...
+
+
+def tool(
+    name: str | Callable[..., Any] | None = None,
+    description: str | None = None,
+    parameters: JSON | None = None,
+) -> AnyTool | Callable[[Callable[..., Any]], AnyTool]:
+    """Turn a function into a tool.
+
+    Typed (the usual form), bare or with a name and description:
+
+        @tool
+        async def add(a: int, b: int) -> dict[str, int]:
+            \"\"\"Add two integers.
+
+            Args:
+                a: the first addend
+                b: the second addend
+            \"\"\"
+            return {"sum": a + b}
+
+    The name defaults to the function's, the description to its docstring (before the
+    `Args:` section); the schema comes from the type hints and the `Args:` lines. Sync
+    functions run in a worker thread. A parameter annotated `ToolContext` receives the
+    turn's context. Invalid arguments never reach the function: the model gets an error
+    result naming each bad field.
+
+    Explicit schema (the older form): `@tool(name, description, parameters)` on an
+    async `fn(args, ctx)` that receives the arguments object unchecked; also used when
+    the function's parameters are `(args, ctx)`.
+    """
+    if callable(name):
+        return _build(name, None, None, None)
+
+    def wrap(fn: Callable[..., Any]) -> AnyTool:
+        return _build(fn, name, description, parameters)
 
     return wrap
+
+
+def _build(
+    fn: Callable[..., Any],
+    name: str | None,
+    description: str | None,
+    parameters: JSON | None,
+) -> AnyTool:
+    if parameters is not None or _is_raw(fn):
+        tool_name = name or fn.__name__
+        text = description if description is not None else parse_docstring(fn.__doc__)[0]
+        schema = parameters if parameters is not None else {"type": "object", "properties": {}}
+        return FunctionTool(tool_name, text, schema, fn)
+    return typed_tool(fn, name=name, description=description)
 
 
 def error_result(call: ToolCallPart, message: str) -> ToolResultPart:
@@ -167,12 +433,17 @@ class ToolRegistry:
             return error_result(call, str(exc))
         except Exception as exc:
             # A tool bug must not end the turn; the model sees the error and can adapt.
-            logger.warning(
-                "tool raised",
-                exc_info=True,
-                extra={"chat_id": str(ctx.chat_id), "tool": call.name, "call_id": call.call_id},
-            )
-            return error_result(call, f"{type(exc).__name__}: {exc}")
+            # Handled, so one line; the traceback is there for whoever debugs the tool.
+            extra = {"chat_id": str(ctx.chat_id), "tool": call.name, "call_id": call.call_id}
+            message = f"{type(exc).__name__}: {exc}"
+            logger.warning("tool %s raised %s", call.name, _one_line(message, 200), extra=extra)
+            logger.debug("tool %s raised", call.name, exc_info=True, extra=extra)
+            return error_result(call, message)
         if isinstance(value, ErrorResult):
             return ToolResultPart(call.call_id, call.name, value.error, is_error=True)
         return ToolResultPart(call.call_id, call.name, value)
+
+
+def _one_line(text: str, limit: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "\u2026"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 import secrets
 import uuid
@@ -34,8 +35,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
+import pydantic
 import trio
 
 from chatd_trio.agent import (
@@ -70,7 +72,14 @@ from chatd_trio.errors import (
     ToolError,
 )
 from chatd_trio.store.base import Lease, Store
-from chatd_trio.tools import ErrorResult, FunctionTool, Tool, ToolContext, ToolFunction
+from chatd_trio.tools import (
+    ErrorResult,
+    FunctionTool,
+    Tool,
+    ToolContext,
+    ToolFunction,
+    typed_tool,
+)
 
 __all__ = [
     "AgentDialer",
@@ -666,18 +675,16 @@ class WorkspaceContext:
     def tools(self) -> list[Tool]:
         """Workspace tools, this turn's MCP tools and (with a provisioner) management tools."""
         out: list[Tool] = [
-            FunctionTool("execute", _EXECUTE_DESC, _EXECUTE_SCHEMA, self._guard(self._execute)),
-            FunctionTool("read_file", _READ_DESC, _PATH_SCHEMA, self._guard(self._read_file)),
-            FunctionTool("write_file", _WRITE_DESC, _WRITE_SCHEMA, self._guard(self._write_file)),
-            FunctionTool("list_dir", _LIST_DESC, _LIST_SCHEMA, self._guard(self._list_dir)),
+            typed_tool(self._guard(self._execute), name="execute"),
+            typed_tool(self._guard(self._read_file), name="read_file"),
+            typed_tool(self._guard(self._write_file), name="write_file"),
+            typed_tool(self._guard(self._list_dir), name="list_dir"),
         ]
         if self._provisioner is not None:
             out += [
-                FunctionTool(
-                    "create_workspace", _CREATE_DESC, _CREATE_SCHEMA, self._guard(self._create)
-                ),
-                FunctionTool("start_workspace", _START_DESC, _EMPTY, self._guard(self._start)),
-                FunctionTool("stop_workspace", _STOP_DESC, _EMPTY, self._guard(self._stop)),
+                typed_tool(self._guard(self._create), name="create_workspace"),
+                typed_tool(self._guard(self._start), name="start_workspace"),
+                typed_tool(self._guard(self._stop), name="stop_workspace"),
             ]
         names = {t.name for t in out}
         sep = self._config.mcp_tool_separator
@@ -687,15 +694,20 @@ class WorkspaceContext:
                 logger.warning("mcp tool name unusable; skipped", extra={"tool": name})
                 continue
             names.add(name)
-            fn = self._guard(partial(self._call_mcp, mcp.server, mcp.name))
+            # The MCP server validates its own arguments against the schema it declared.
+            fn = self._guard_raw(partial(self._call_mcp, mcp.server, mcp.name))
             schema = mcp.input_schema or {"type": "object", "properties": {}}
             out.append(FunctionTool(name, mcp.description or name, schema, fn))
         return out
 
-    def _guard(self, fn: Callable[[dict[str, JSON]], Awaitable[JSON]]) -> ToolFunction:
-        async def run(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    @staticmethod
+    def _guard(fn: Callable[..., Awaitable[JSON]]) -> Callable[..., Awaitable[JSON]]:
+        """`fn` with workspace failures as error results (kind included) for the model."""
+
+        @functools.wraps(fn)
+        async def run(**kwargs: Any) -> JSON:
             try:
-                return await fn(args)
+                return await fn(**kwargs)
             except ToolError:
                 raise
             except ChatdError as exc:
@@ -703,11 +715,29 @@ class WorkspaceContext:
 
         return run
 
-    async def _execute(self, args: dict[str, JSON]) -> JSON:
-        command = _str_arg(args, "command")
-        timeout = _num_arg(args, "timeout", self._config.default_exec_timeout)
+    def _guard_raw(self, fn: Callable[[dict[str, JSON]], Awaitable[JSON]]) -> ToolFunction:
+        guarded = self._guard(lambda args: fn(args))
+
+        async def run(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+            return await guarded(args=args)
+
+        return run
+
+    async def _execute(
+        self,
+        command: NonEmpty,
+        timeout: Seconds | None = None,  # noqa: ASYNC109 - the model's limit for the agent
+    ) -> JSON:
+        """Run a shell command (/bin/sh -c) in the workspace directory; returns exit code
+        and combined output.
+
+        Args:
+            command: the shell command
+            timeout: seconds before the command is killed
+        """
+        limit = self._config.default_exec_timeout if timeout is None else timeout
         async with self.connection() as conn:
-            r = await conn.execute(command, timeout)
+            r = await conn.execute(command, limit)
         return {
             "exit_code": r.exit_code,
             "output": r.output,
@@ -715,21 +745,33 @@ class WorkspaceContext:
             "timed_out": r.timed_out,
         }
 
-    async def _read_file(self, args: dict[str, JSON]) -> JSON:
-        path = _str_arg(args, "path")
+    async def _read_file(self, path: NonEmpty) -> JSON:
+        """Read a text file of the workspace.
+
+        Args:
+            path: path in the workspace
+        """
         async with self.connection() as conn:
             f = await conn.read_file(path)
         return {"path": f.path, "content": f.content, "size": f.size, "truncated": f.truncated}
 
-    async def _write_file(self, args: dict[str, JSON]) -> JSON:
-        path = _str_arg(args, "path")
-        content = _str_arg(args, "content", allow_empty=True)
+    async def _write_file(self, path: NonEmpty, content: str) -> JSON:
+        """Create or replace a text file in the workspace.
+
+        Args:
+            path: path in the workspace
+            content: the whole new content
+        """
         async with self.connection() as conn:
             written = await conn.write_file(path, content)
         return {"path": path, "bytes": written}
 
-    async def _list_dir(self, args: dict[str, JSON]) -> JSON:
-        path = _str_arg(args, "path", default=".")
+    async def _list_dir(self, path: NonEmpty = ".") -> JSON:
+        """List a directory of the workspace (default: its root).
+
+        Args:
+            path: path in the workspace
+        """
         async with self.connection() as conn:
             entries = await conn.list_dir(path)
         return {"entries": [{"name": e.name, "kind": e.kind, "size": e.size} for e in entries]}
@@ -750,90 +792,43 @@ class WorkspaceContext:
             raise ToolError("workspaces cannot be managed here")
         return self._provisioner
 
-    async def _create(self, args: dict[str, JSON]) -> JSON:
-        name = _str_arg(args, "name", default=f"chat-{self._chat.id.hex[:8]}")
-        ws = await self._need_provisioner().create(self._chat.owner_id, name)
+    async def _create(self, name: NonEmpty | None = None) -> JSON:
+        """Create a new workspace for this chat and start it.
+
+        Args:
+            name: the workspace's name
+        """
+        ws = await self._need_provisioner().create(
+            self._chat.owner_id, name or f"chat-{self._chat.id.hex[:8]}"
+        )
         await self.change_workspace(ws.id)
         return {"workspace_id": str(ws.id), "name": ws.name, "status": "running"}
 
-    async def _start(self, args: dict[str, JSON]) -> JSON:
+    async def _start(self) -> JSON:
+        """Start (or rebuild) the chat's workspace."""
         workspace_id = await self._workspace_id()
         agent = await self._need_provisioner().start(workspace_id)
         await self.change_workspace(workspace_id)
         return {"workspace_id": str(workspace_id), "agent_id": str(agent.id), "status": "running"}
 
-    async def _stop(self, args: dict[str, JSON]) -> JSON:
+    async def _stop(self) -> JSON:
+        """Stop the chat's workspace."""
         workspace_id = await self._workspace_id()
         await self._need_provisioner().stop(workspace_id)
         await self.change_workspace(workspace_id)
         return {"workspace_id": str(workspace_id), "status": "stopped"}
 
 
-# -- tool arguments and schemas -----------------------------------------------------------
+# -- tool argument types -------------------------------------------------------------------
 
-_MISSING: Any = object()
 _TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+NonEmpty = Annotated[str, pydantic.Field(min_length=1)]
+Seconds = Annotated[float, pydantic.Field(gt=0)]
 
 
 def _valid_tool_name(name: str, max_chars: int) -> bool:
     return 0 < len(name) <= max_chars and set(name) <= _TOOL_NAME_CHARS
-
-
-def _str_arg(
-    args: Mapping[str, JSON], name: str, *, default: str = _MISSING, allow_empty: bool = False
-) -> str:
-    value = args.get(name)
-    if value is None:
-        if default is _MISSING:
-            raise ToolError(f"missing argument {name!r}")
-        return default
-    if not isinstance(value, str):
-        raise ToolError(f"argument {name!r} must be a string")
-    if not value and not allow_empty:
-        raise ToolError(f"argument {name!r} must not be empty")
-    return value
-
-
-def _num_arg(args: Mapping[str, JSON], name: str, default: float) -> float:
-    value = args.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ToolError(f"argument {name!r} must be a positive number")
-    return float(value)
-
-
-_EMPTY: JSON = {"type": "object", "properties": {}}
-_EXECUTE_DESC = (
-    "Run a shell command (/bin/sh -c) in the workspace directory; returns exit code and "
-    "combined output."
-)
-_EXECUTE_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {
-        "command": {"type": "string", "description": "the shell command"},
-        "timeout": {"type": "number", "description": "seconds before the command is killed"},
-    },
-    "required": ["command"],
-}
-_READ_DESC = "Read a text file of the workspace."
-_PATH_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {"path": {"type": "string", "description": "path in the workspace"}},
-    "required": ["path"],
-}
-_WRITE_DESC = "Create or replace a text file in the workspace."
-_WRITE_SCHEMA: JSON = {
-    "type": "object",
-    "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
-    "required": ["path", "content"],
-}
-_LIST_DESC = "List a directory of the workspace (default: its root)."
-_LIST_SCHEMA: JSON = {"type": "object", "properties": {"path": {"type": "string"}}}
-_CREATE_DESC = "Create a new workspace for this chat and start it."
-_CREATE_SCHEMA: JSON = {"type": "object", "properties": {"name": {"type": "string"}}}
-_START_DESC = "Start (or rebuild) the chat's workspace."
-_STOP_DESC = "Stop the chat's workspace."
 
 
 # -- the in-process provisioner -----------------------------------------------------------

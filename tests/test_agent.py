@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from chatd_trio.agent import (
     AgentConn,
@@ -558,3 +559,58 @@ async def test_a_client_reset_mid_connection_leaves_the_server_serving(root: Pat
             assert (await conn.execute("echo ok", GUARD)).output == "ok\n"
         finally:
             await release()
+
+
+# -- malformed responses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "result", "problem"),
+    [
+        (
+            lambda c: c.execute("ls", 1.0),
+            {"exit_code": True, "output": "", "truncated": False, "timed_out": False},
+            "exit_code: Input should be a valid integer",
+        ),
+        (lambda c: c.read_file("a"), {"path": "a", "content": 3}, "content: Input should be"),
+        (
+            lambda c: c.list_dir("."),
+            {"entries": [{"name": "a", "kind": "file"}]},
+            "entries.0.size: Field required",
+        ),
+        (lambda c: c.mcp_list_tools(), {"tools": "none"}, "tools: Input should be a valid list"),
+    ],
+)
+async def test_a_malformed_response_is_refused_naming_its_field(
+    call: Any, result: Any, problem: str
+) -> None:
+    """The agent's responses go through the same check as tool arguments."""
+    from chatd_trio.agent.client import AgentConn
+
+    config = AgentConfig()
+    ours, theirs = trio.testing.memory_stream_pair()
+    agent = WorkspaceAgent(
+        uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), "a", "127.0.0.1:1", "t", "/", datetime.now(UTC)
+    )
+    conn = AgentConn(ours, agent=agent, config=config)
+
+    async def peer() -> None:
+        reader = p.FrameReader(
+            theirs,
+            max_bytes=config.max_frame_bytes,
+            chunk_bytes=config.read_chunk_bytes,
+            max_depth=config.max_frame_depth,
+        )
+        request = await reader.receive()
+        assert request is not None
+        frame = p.encode_frame(p.ok_response(request["id"], result), max_depth=64)
+        await theirs.send_all(frame)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        with pytest.raises(AgentOperationError) as caught:
+            await call(conn)
+    assert caught.value.kind == "bad_response"
+    assert caught.value.message.startswith("invalid response: ")
+    assert problem in caught.value.message
+    await conn.aclose()

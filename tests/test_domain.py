@@ -122,6 +122,7 @@ events: st.SearchStrategy[d.StreamEvent] = st.one_of(
     st.builds(d.ErrorEvent, st.uuids(), error_payloads),
     st.builds(d.RetryEvent, st.uuids(), retry_payloads),
     st.builds(d.QueueUpdateEvent, st.uuids(), st.lists(queued, max_size=3).map(tuple)),
+    st.builds(d.SnapshotEndEvent, st.uuids(), small_ints),
 )
 notifies = st.builds(
     d.NotifyPayload,

@@ -20,6 +20,7 @@ from chatd_trio.scaletest import (
     add_scaletest_command,
     answer_counts,
     install_witness,
+    plan_from_args,
     postgres_facts,
     run,
 )
@@ -317,6 +318,23 @@ def test_every_flag_has_help_with_its_default() -> None:
         assert action.option_strings[0] in text
     assert text.count("(default:") >= len(flags)
     assert "--worker" not in text
+
+
+def test_the_dsn_default_comes_from_the_environment_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = "postgresql://chatd:s3cret@db.internal/chatd"
+    monkeypatch.setenv("CHATD_DSN", secret)
+    parser = argparse.ArgumentParser(prog="chatd-trio")
+    sub = parser.add_subparsers(dest="command")
+    add_scaletest_command(sub)
+    assert secret not in sub.choices["scaletest"].format_help()
+    assert "(default: $CHATD_DSN)" in " ".join(sub.choices["scaletest"].format_help().split())
+    assert plan_from_args(parser.parse_args(["scaletest"])).dsn == secret
+    given = parser.parse_args(["scaletest", "--dsn", "host=elsewhere"])
+    assert plan_from_args(given).dsn == "host=elsewhere"
+    monkeypatch.delenv("CHATD_DSN")
+    assert plan_from_args(parser.parse_args(["scaletest"])).dsn == ""
 
 
 @pytest.mark.parametrize(

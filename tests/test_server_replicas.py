@@ -20,8 +20,9 @@ import trio
 
 from chatd_trio.domain import (
     ChatStatus,
+    ErrorEvent,
+    ErrorPayload,
     MessageEvent,
-    QueueUpdateEvent,
     Role,
     StatusEvent,
     TextPart,
@@ -197,10 +198,11 @@ async def test_takeover_the_old_worker_publishes_nothing_at_the_end(
         assert server_b.stats().turns_finished == {"lost": 1}
         # A sentinel published after B's turn ended: everything B published reached A
         # before it, in order on the channel.
-        await server_a.streams.publish_queue_update(chat_id, ())
+        # (An error event: a queue update repeating the known queue is not delivered.)
+        await server_a.streams.publish_error(chat_id, ErrorPayload("sentinel"))
         seen = []
         with trio.fail_after(WAIT):
-            while not isinstance(event := await sub_a.receive(), QueueUpdateEvent):
+            while not isinstance(event := await sub_a.receive(), ErrorEvent):
                 seen.append(event)
         assert [e for e in seen if isinstance(e, StatusEvent)] == []
     stored = await a.store.get_chat(chat_id)
@@ -238,9 +240,12 @@ async def test_late_notify_of_a_user_message_costs_no_read_when_sent_in_its_tran
             reads = server_b.streams.statistics().db_catchup_reads - reads_before
             await sender.publish_message(sent.message, announced=in_transaction)
             # A's next notify on the channel comes after the late one: once it is
-            # received, the late one has been handled.
-            await sender.publish_status(chat.id, ChatStatus.WAITING)
-            events += await until_statuses(sub, [ChatStatus.WAITING])
+            # received, the late one has been handled. (An error event: a status
+            # repeating the known one is not delivered.)
+            await sender.publish_error(chat.id, ErrorPayload("sentinel"))
+            with trio.fail_after(WAIT):
+                while not isinstance(event := await sub.receive(), ErrorEvent):
+                    events.append(event)
     received = [e.message.id for e in events if isinstance(e, MessageEvent)]
     stored = [m.id for m in await a.store.messages_after(chat.id, 0)]
     assert received == stored and len(stored) == 4

@@ -30,6 +30,7 @@ from chatd_trio.domain import (
     RetryEvent,
     RetryPayload,
     Role,
+    SnapshotEndEvent,
     StatusEvent,
     StreamEvent,
     TextPart,
@@ -119,9 +120,17 @@ def part(chat_id: uuid.UUID, text: str) -> MessagePartEvent:
     return MessagePartEvent(chat_id, Role.ASSISTANT, TextPart(text))
 
 
+async def receive(sub: StreamSubscription) -> StreamEvent:
+    """The next event other than the snapshot's end marker (tested on its own below)."""
+    while True:
+        ev = await sub.receive()
+        if not isinstance(ev, SnapshotEndEvent):
+            return ev
+
+
 async def take(sub: StreamSubscription, n: int) -> list[StreamEvent]:
     with trio.fail_after(TIMEOUT):
-        return [await sub.receive() for _ in range(n)]
+        return [await receive(sub) for _ in range(n)]
 
 
 async def until(sub: StreamSubscription, stop: Callable[[StreamEvent], bool]) -> list[StreamEvent]:
@@ -129,7 +138,7 @@ async def until(sub: StreamSubscription, stop: Callable[[StreamEvent], bool]) ->
     out: list[StreamEvent] = []
     with trio.fail_after(TIMEOUT):
         while True:
-            ev = await sub.receive()
+            ev = await receive(sub)
             out.append(ev)
             if stop(ev):
                 return out
@@ -264,6 +273,105 @@ async def test_edit_full_refresh_rereads_from_zero() -> None:
         assert stats is not None
         assert stats.cached_messages == 1
         assert stats.watermark == 0
+
+
+# -- snapshot end and repeated state -----------------------------------------------------
+
+
+async def test_the_snapshot_ends_with_one_marker_before_live_events(
+    backend: tuple[Store, PubSub],
+) -> None:
+    store, pubsub = backend
+    streams = ChatStreams(store, pubsub)
+    chat_id, first, lease = await running_chat(store)
+    streams.start_turn(chat_id)
+    streams.publish_part(part(chat_id, "partial"))
+    (answer,) = await persist(store, lease, "answer")
+    queued = (await store.send_message(chat_id, (TextPart("later"),), max_queued=20)).queue
+    async with streams.subscribe(chat_id, 0) as sub:
+        with trio.fail_after(TIMEOUT):
+            snapshot = [await sub.receive() for _ in range(6)]
+        assert [type(e) for e in snapshot] == [
+            StatusEvent,
+            MessagePartEvent,
+            MessageEvent,
+            MessageEvent,
+            QueueUpdateEvent,
+            SnapshotEndEvent,
+        ]
+        assert snapshot[-1] == SnapshotEndEvent(chat_id, answer.id)
+        assert message_ids(snapshot) == [first.id, answer.id]
+        (live,) = await persist(store, lease, "live")
+        await streams.publish_message(live)
+        await sentinel(streams, chat_id)
+        rest = await until(sub, is_sentinel)
+    assert message_ids(rest) == [live.id]
+    assert not any(isinstance(e, SnapshotEndEvent) for e in rest)
+    assert queued
+
+
+async def test_the_marker_follows_a_failed_snapshot_too() -> None:
+    store = SpyStore(MemoryStore())
+    streams = ChatStreams(store, MemoryPubSub())
+    chat_id, _, _ = await running_chat(store)
+    store.fail_reads = True
+    async with streams.subscribe(chat_id, 0) as sub:
+        got = await take(sub, 1)
+        assert isinstance(got[0], ErrorEvent) and got[0].error.kind == "snapshot"
+        assert sub.receive_nowait() == SnapshotEndEvent(chat_id, 0)
+
+
+async def test_a_state_event_repeating_what_the_subscriber_knows_is_not_delivered(
+    backend: tuple[Store, PubSub],
+) -> None:
+    store, pubsub = backend
+    streams = ChatStreams(store, pubsub)
+    chat_id, first, lease = await running_chat(store)
+    worker = lease.worker_id
+    async with streams.subscribe(chat_id, first.id) as sub:
+        got = await take(sub, 1)
+        assert got == [StatusEvent(chat_id, ChatStatus.RUNNING, worker)]
+        # What the snapshot said already: not news.
+        await streams.publish_status(chat_id, ChatStatus.RUNNING, worker)
+        await streams.publish_queue_update(chat_id, ())
+        # Changes, each once however often announced.
+        await streams.publish_status(chat_id, ChatStatus.WAITING)
+        await streams.publish_status(chat_id, ChatStatus.WAITING)
+        queued = (await store.send_message(chat_id, (TextPart("q"),), max_queued=20)).queue
+        await streams.publish_queue_update(chat_id, queued)
+        await streams.publish_queue_update(chat_id, queued)
+        await streams.publish_queue_update(chat_id, ())
+        await streams.publish_status(chat_id, ChatStatus.RUNNING, worker)
+        await sentinel(streams, chat_id)
+        got = await until(sub, is_sentinel)
+    assert got == [
+        StatusEvent(chat_id, ChatStatus.WAITING),
+        QueueUpdateEvent(chat_id, queued),
+        QueueUpdateEvent(chat_id, ()),
+        StatusEvent(chat_id, ChatStatus.RUNNING, worker),
+        StatusEvent(chat_id, ChatStatus.ERROR),
+    ]
+
+
+async def test_a_change_published_while_the_snapshot_is_read_arrives_once() -> None:
+    """Registered first, read second: a status published in between is in both."""
+    store = MemoryStore()
+    streams = ChatStreams(store, None)
+    chat_id, first, lease = await running_chat(store)
+
+    class PublishingStore(SpyStore):
+        async def get_chat(self, chat_id: uuid.UUID) -> Any:
+            await streams.publish_status(chat_id, ChatStatus.RUNNING, lease.worker_id)
+            return await self.inner.get_chat(chat_id)
+
+    streams._store = PublishingStore(store)  # type: ignore[assignment]
+    async with streams.subscribe(chat_id, first.id) as sub:
+        await sentinel(streams, chat_id)
+        got = await until(sub, is_sentinel)
+    assert got == [
+        StatusEvent(chat_id, ChatStatus.RUNNING, lease.worker_id),
+        StatusEvent(chat_id, ChatStatus.ERROR),
+    ]
 
 
 # -- control events ---------------------------------------------------------------------
@@ -568,7 +676,7 @@ async def test_pubsub_failure_emits_one_error_and_ends_the_subscription() -> Non
         await take(sub, 2)
         assert pubsub.break_subscriptions() == 1
         with trio.fail_after(TIMEOUT):
-            rest = [ev async for ev in sub]
+            rest = [ev async for ev in sub if not isinstance(ev, SnapshotEndEvent)]
     assert len(rest) == 1
     assert isinstance(rest[0], ErrorEvent) and rest[0].error.kind == "pubsub"
     assert sub.cursor == first.id  # the client re-subscribes from here
@@ -581,12 +689,18 @@ async def test_pubsub_resync_catches_up_from_the_database() -> None:
     chat_id, first, lease = await running_chat(store)
     async with streams.subscribe(chat_id, first.id) as sub:
         await take(sub, 1)
-        # Persisted, but its notify was lost with the connection.
+        # Persisted and queued, but their notifies were lost with the connection.
         (lost,) = await persist(store, lease, "lost")
+        queued = (await store.send_message(chat_id, (TextPart("q"),), max_queued=20)).queue
         assert pubsub.force_resync() == 1
-        got = await take(sub, 3)
+        got = await take(sub, 2)
+        await sentinel(streams, chat_id)
+        got += await until(sub, is_sentinel)
     assert message_ids(got) == [lost.id]
-    assert isinstance(got[1], StatusEvent) and isinstance(got[2], QueueUpdateEvent)
+    # The queue changed while notifies were missed; the status did not, so it is not
+    # repeated: the next status is the sentinel.
+    assert got[1] == QueueUpdateEvent(chat_id, queued)
+    assert len(got) == 3 and is_sentinel(got[2])
     assert streams.statistics().pubsub_resyncs == 1
 
 
@@ -605,16 +719,14 @@ async def test_subscriber_overflow_of_durable_events_resyncs_instead_of_losing_t
             streams.publish_part(part(chat_id, f"p{i}"))
         await trio.testing.wait_all_tasks_blocked()
         # Control events dropped with the overflow are re-read from the store (status
-        # and queue), so no sentinel here: read up to the last message, then check
-        # that nothing is delivered twice afterwards.
+        # and queue): read up to the last message, then up to one more message published
+        # after everything (stored: an overflow cannot lose it), and check that nothing
+        # is delivered twice.
         got = await until(sub, lambda e: message_ids([e]) == [msgs[-1].id])
-        await trio.testing.wait_all_tasks_blocked()
-        while sub.backlog:
-            got.append(await sub.receive())
-            await trio.testing.wait_all_tasks_blocked()
-        await sentinel(streams, chat_id)
-        got += await until(sub, is_sentinel)
-    assert message_ids(got) == [m.id for m in msgs]
+        (last,) = await persist(store, lease, "last")
+        await streams.publish_message(last)
+        got += await until(sub, lambda e: message_ids([e]) == [last.id])
+    assert message_ids(got) == [m.id for m in [*msgs, last]]
     stats = streams.statistics()
     assert stats.overflow_resyncs >= 1
     assert stats.dropped_subscriber > 0

@@ -290,6 +290,7 @@ async def test_spawn_requires_a_prompt(args: dict[str, Any]) -> None:
     result = await invoke(registry_for(store, None), root.id, "spawn_agent", **args)
     assert result.is_error
     assert "prompt" in result.result["error"]
+    assert result.result["error"].startswith("invalid arguments: prompt: ")
     assert await store.child_chats(root.id) == []
 
 

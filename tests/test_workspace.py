@@ -524,6 +524,9 @@ async def test_tool_argument_errors(store: Store) -> None:
         read = await call(ctx, "read_file", path="a")
     assert missing.is_error and "command" in missing.result["error"]
     assert bad.is_error and "timeout" in bad.result["error"]
+    # The one argument check of every typed tool (chatd_trio.tools).
+    assert missing.result["error"] == "invalid arguments: command: Field required"
+    assert bad.result["error"] == "invalid arguments: timeout: Input should be greater than 0"
     assert written.result == {"path": "a", "bytes": 0}
     assert read.result["content"] == "content"
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple
 
+import pydantic
 import trio
 
+from chatd_trio import validation
 from chatd_trio.agent import protocol as p
 from chatd_trio.config import AgentConfig
 from chatd_trio.domain import WorkspaceAgent
@@ -192,12 +194,7 @@ class AgentConn:
         if output_limit is not None:
             args["output_limit"] = output_limit
         r = await self._call(p.OP_EXECUTE, args)
-        return ExecResult(
-            exit_code=_field(r, "exit_code", int),
-            output=_field(r, "output", str),
-            truncated=_field(r, "truncated", bool),
-            timed_out=_field(r, "timed_out", bool),
-        )
+        return ExecResult(**_read(_EXEC, r))
 
     async def read_file(self, path: str) -> FileContent:
         """Read a file inside the workspace directory (relative or absolute path).
@@ -206,12 +203,7 @@ class AgentConn:
         text: bytes that are not UTF-8 come back as U+FFFD.
         """
         r = await self._call(p.OP_READ_FILE, {"path": path})
-        return FileContent(
-            path=_field(r, "path", str),
-            content=_field(r, "content", str),
-            size=_field(r, "size", int),
-            truncated=_field(r, "truncated", bool),
-        )
+        return FileContent(**_read(_FILE, r))
 
     async def write_file(self, path: str, content: str) -> int:
         """Write (create or replace) a file inside the workspace; returns the bytes written.
@@ -220,7 +212,7 @@ class AgentConn:
         with surrogateescape, so surrogate-escaped bytes are written as those bytes.
         """
         r = await self._call(p.OP_WRITE_FILE, {"path": path, "content": content})
-        written: int = _field(r, "bytes", int)
+        written: int = _read(_WRITTEN, r)["bytes"]
         return written
 
     async def list_dir(self, path: str = ".") -> list[DirEntry]:
@@ -229,26 +221,12 @@ class AgentConn:
         Names that are not UTF-8 come surrogate-escaped (`DirEntry.raw_name` has the bytes).
         """
         r = await self._call(p.OP_LIST_DIR, {"path": path})
-        return [
-            DirEntry(
-                name=_field(e, "name", str),
-                kind=_field(e, "kind", str),
-                size=_field(e, "size", int),
-            )
-            for e in _list_of_objects(r, "entries")
-        ]
+        return [DirEntry(**_fields(e)) for e in _read(_ENTRIES, r)["entries"]]
 
     async def instruction_files(self) -> list[InstructionFile]:
         """The home instruction file and `<dir>/AGENTS.md`, those that exist."""
         r = await self._call(p.OP_INSTRUCTION_FILES, {})
-        return [
-            InstructionFile(
-                path=_field(f, "path", str),
-                content=_field(f, "content", str),
-                truncated=_field(f, "truncated", bool),
-            )
-            for f in _list_of_objects(r, "files")
-        ]
+        return [InstructionFile(**_fields(f)) for f in _read(_FILES, r)["files"]]
 
     async def mcp_list_tools(self) -> list[McpTool]:
         """Tools of every MCP server of the workspace; a server that fails is left out."""
@@ -258,15 +236,7 @@ class AgentConn:
             logger.warning(
                 "mcp servers failed discovery", extra={"agent_id": str(self._agent.id), **errors}
             )
-        return [
-            McpTool(
-                server=_field(t, "server", str),
-                name=_field(t, "name", str),
-                description=_field(t, "description", str),
-                input_schema=_field(t, "input_schema", dict),
-            )
-            for t in _list_of_objects(r, "tools")
-        ]
+        return [McpTool(**_fields(t)) for t in _read(_TOOLS, r)["tools"]]
 
     async def mcp_call_tool(
         self, server: str, tool: str, arguments: dict[str, Any]
@@ -275,11 +245,7 @@ class AgentConn:
         r = await self._call(
             p.OP_MCP_CALL_TOOL, {"server": server, "tool": tool, "arguments": arguments}
         )
-        return McpCallResult(
-            content=_list_of_objects(r, "content"),
-            is_error=_field(r, "is_error", bool),
-            structured_content=r.get("structured_content"),
-        )
+        return McpCallResult(**_read(_MCP_RESULT, r))
 
     # -- request/response -------------------------------------------------------
 
@@ -467,17 +433,45 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-def _field(obj: Any, name: str, kind: type[Any]) -> Any:
-    value = obj.get(name) if isinstance(obj, dict) else None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise AgentOperationError(
-            ERR_BAD_RESPONSE, f"response field {name!r} is not {kind.__name__}"
-        )
-    return value
+# -- response shapes (chatd_trio.validation: the library's one check of JSON data) --------
 
 
-def _list_of_objects(obj: Any, name: str) -> list[dict[str, Any]]:
-    items = _field(obj, name, list)
-    if not all(isinstance(item, dict) for item in items):
-        raise AgentOperationError(ERR_BAD_RESPONSE, f"response field {name!r} holds a non-object")
-    return list(items)
+def _shape(title: str, /, **fields: Any) -> type[pydantic.BaseModel]:
+    return validation.shape(title, {k: (v, ...) for k, v in fields.items()})
+
+
+def _list_of(item: Any) -> Any:
+    return list.__class_getitem__(item)
+
+
+_EXEC = _shape("ExecResponse", exit_code=int, output=str, truncated=bool, timed_out=bool)
+_FILE = _shape("ReadFileResponse", path=str, content=str, size=int, truncated=bool)
+_WRITTEN = _shape("WriteFileResponse", bytes=int)
+_ENTRY = _shape("DirEntryResponse", name=str, kind=str, size=int)
+_ENTRIES = _shape("ListDirResponse", entries=_list_of(_ENTRY))
+_FILE_ITEM = _shape("InstructionFileResponse", path=str, content=str, truncated=bool)
+_FILES = _shape("InstructionFilesResponse", files=_list_of(_FILE_ITEM))
+_TOOL = _shape(
+    "McpToolResponse", server=str, name=str, description=str, input_schema=dict[str, Any]
+)
+_TOOLS = _shape("McpToolsResponse", tools=_list_of(_TOOL))
+_MCP_RESULT = validation.shape(
+    "McpCallResponse",
+    {
+        "content": (list[dict[str, Any]], ...),
+        "is_error": (bool, ...),
+        "structured_content": (Any, None),
+    },
+)
+
+
+def _read(model: type[pydantic.BaseModel], response: Any) -> dict[str, Any]:
+    """The response's fields, checked against `model`; `bad_response` naming each bad one."""
+    try:
+        return _fields(validation.check(model, response, what="response"))
+    except validation.Invalid as exc:
+        raise AgentOperationError(ERR_BAD_RESPONSE, str(exc)) from None
+
+
+def _fields(values: pydantic.BaseModel) -> dict[str, Any]:
+    return {name: getattr(values, name) for name in type(values).model_fields}

@@ -40,6 +40,8 @@ class ToolSpec:
 
 @dataclass(frozen=True)
 class TextDelta:
+    """Streamed answer text."""
+
     text: str
 
 
@@ -84,6 +86,7 @@ class Finish:
 
 
 Delta = Union[TextDelta, ReasoningDelta, ToolCallDelta, ToolCallDone, Finish]  # noqa: UP007
+"""Anything a model's stream yields; one `Finish` ends a step."""
 
 
 @dataclass(frozen=True)

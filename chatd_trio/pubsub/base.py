@@ -59,6 +59,13 @@ class Subscription(Protocol):
 
 @runtime_checkable
 class PubSub(Protocol):
+    """The pubsub port: sealed payloads on named channels, delivered to subscriptions.
+
+    `MemoryPubSub` serves one process, `PostgresPubSub` every replica on a database
+    (LISTEN/NOTIFY). Subscriptions receive payloads in publish order, and a `Resync`
+    after a connection loss (something may have been missed).
+    """
+
     async def publish(self, channel: str, payload: str) -> None:
         """Seal and publish; raises PayloadTooLarge above `payload_limit`."""
         ...

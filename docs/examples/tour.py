@@ -1,4 +1,4 @@
-"""A tour of chatd_trio: one replica, in memory, a scripted model and one tool.
+"""A tour of chatd_trio: one replica, in memory, a scripted model and one typed tool.
 
 Run it with `python docs/examples/tour.py`. tests/test_docs_tour.py runs it too,
 so this file (and the copy in docs/index.md) cannot rot.
@@ -10,35 +10,31 @@ import uuid
 
 import trio
 
-from chatd_trio import ChatStatus, Config
-from chatd_trio.domain import (
-    JSON,
+from chatd_trio import (
+    Config,
+    MemoryPubSub,
+    MemoryStore,
     Message,
-    MessageEvent,
-    StatusEvent,
+    ScriptedModel,
+    Server,
     TextPart,
     ToolCallPart,
+    ToolRegistry,
     ToolResultPart,
+    text_step,
+    tool,
+    tool_step,
 )
-from chatd_trio.models.scripted import ScriptedModel, text_step, tool_step
-from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.server import Server
-from chatd_trio.store.memory import MemoryStore
-from chatd_trio.tools import ToolContext, ToolRegistry, tool
 
 
-@tool(
-    "add",
-    "Add two integers.",
-    {
-        "type": "object",
-        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-        "required": ["a", "b"],
-    },
-)
-async def add(args: dict[str, JSON], ctx: ToolContext) -> JSON:
-    a, b = args["a"], args["b"]
-    assert isinstance(a, int) and isinstance(b, int)
+@tool
+async def add(a: int, b: int) -> dict[str, int]:
+    """Add two integers.
+
+    Args:
+        a: the first addend
+        b: the second addend
+    """
     return {"sum": a + b}
 
 
@@ -56,35 +52,28 @@ def describe(message: Message) -> str:
 
 
 async def main() -> list[str]:
-    """Run one chat to completion; return (and print) what happened, line by line."""
-    lines: list[str] = []
-    # The model: first step calls the tool, second step answers in three streamed deltas.
+    """Run two exchanges of one chat; return (and print) what happened, line by line."""
+    # The model: the first step calls the tool, the second answers in three streamed
+    # deltas; the next turn is one step.
     model = ScriptedModel(
-        [tool_step([("add", {"a": 2, "b": 3})]), text_step("2 + 3 = 5", chunks=3)]
+        [
+            tool_step([("add", {"a": 2, "b": 3})]),
+            text_step("2 + 3 = 5", chunks=3),
+            text_step("You're welcome."),
+        ]
     )
-    store, pubsub = MemoryStore(), MemoryPubSub()
     owner = uuid.uuid4()
-
-    async with Server(store, pubsub, model, Config(), tools=ToolRegistry([add])) as server:
+    tools = ToolRegistry([add])
+    async with Server(MemoryStore(), MemoryPubSub(), model, Config(), tools=tools) as server:
         chat = await server.create_chat(owner, "What is 2 + 3?")
-        # Subscribe: a snapshot (status, persisted messages), then live events. Streamed
-        # deltas arrive as MessagePartEvent; each persisted message once, as MessageEvent.
-        async with server.subscribe(owner, chat.id) as events:
-            turn_over = False
-            async for event in events:
-                if isinstance(event, MessageEvent):
-                    lines.append(describe(event.message))
-                elif isinstance(event, StatusEvent):
-                    # `waiting`: the turn is over, the chat waits for the next user message.
-                    turn_over = event.status is ChatStatus.WAITING
-                # A fast turn may be over before the snapshot is read: drain what it queued.
-                if turn_over and events.backlog == 0:
-                    break
-
-        chat = await server.get_chat(owner, chat.id)
-        stats = server.stats()
+        # Wait until the chat has no work left: the report holds the new messages.
+        first = await server.wait_turn(owner, chat.id)
+        # Send and wait in one call: the report starts with the message sent.
+        second = await server.send_and_wait(owner, chat.id, "Thanks!")
+        lines = [describe(m) for m in first.messages + second.messages]
         lines.append(
-            f"status: {chat.status}, steps: {stats.steps}, model calls: {model.stream_count}"
+            f"status: {second.status}, steps: {server.stats().steps}, "
+            f"model calls: {model.stream_count}"
         )
     # Leaving the block closed the replica: no task of it is left running.
     for line in lines:
