@@ -216,6 +216,9 @@ class PostgresConfig:
     application_name: str = "chatd_trio-store"
     # pg_advisory_xact_lock key serialising migrations across replicas ("chatdmig").
     migration_lock_key: int = 0x63686174646D6967
+    # Count every network round trip of the pool's connections (`PostgresStore.round_trips`):
+    # for benchmarks and tests; off, a connection pays nothing for it.
+    count_round_trips: bool = False
 
 
 @dataclass(frozen=True)
@@ -425,6 +428,9 @@ class PubSubConfig:
     keepalives_count: int = 3
     # Sealing of every payload: key, rotation, replay window.
     auth: NotifyAuthConfig = field(default_factory=NotifyAuthConfig)
+    # Count the round trips of the publish pool and of the LISTEN connection's commands
+    # (`PubSubStatistics.round_trips`): for benchmarks and tests.
+    count_round_trips: bool = False
 
 
 @dataclass(frozen=True)

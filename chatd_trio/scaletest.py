@@ -118,6 +118,7 @@ T = TypeVar("T")
 
 PER_TURN_KEYS = (
     "statements",
+    "round_trips",
     "latest_build_agent_lookups",
     "agent_lookups",
     "stream_db_reads_same_replica",
@@ -538,6 +539,14 @@ class ReplicaRunner:
         statistics = getattr(self.server.pubsub, "statistics", None)
         if self._count_publishes and statistics is not None:
             flat["notify_publishes"] = int(statistics().published)
+        # Counted at the connections (PostgreSQL only): the store's pool and the pubsub's
+        # publishes and LISTEN commands.
+        round_trips = getattr(self.server.store, "round_trips", None)
+        if callable(round_trips) and round_trips() is not None:
+            trips = int(round_trips())
+            if statistics is not None and statistics().round_trips is not None:
+                trips += int(statistics().round_trips)
+            flat["round_trips"] = trips
         statements = dict(stats.statements) if self._count_statements else {}
         return Counters(statements, flat)
 
@@ -773,6 +782,9 @@ class ReplicaRunner:
         """Snapshot the counters and let the drivers send turn 2."""
         if not self.go.is_set():
             self.steady_start = self.counters()
+            reset = getattr(self.server.store, "reset_pool_high_water", None)
+            if callable(reset):
+                reset()
             self.go.set()
 
     def report(self) -> dict[str, Any]:
@@ -789,7 +801,12 @@ class ReplicaRunner:
             "received": {f"{s.chat_id}/{k}": s.received for k, s in enumerate(self.subs)},
             "latency_local": self.latency_local,
             "latency_cross": self.latency_cross,
-            "pool": {"size": pool.get("size", 0), "max_in_use": pool.get("max_in_use", 0)},
+            # The high-water mark since the steady phase started (the whole run when the
+            # replica was started after it).
+            "pool": {
+                "size": pool.get("max_size", 0),
+                "max_in_use": pool.get("max_in_use", 0),
+            },
             "pid": os.getpid(),
             "worker_id": str(self.server.worker_id),
             "turns_finished": self.server.stats().turns_finished,
@@ -1154,6 +1171,8 @@ def _summarise(
         "db_pool": {
             "size": max((r["pool"]["size"] for r in reports), default=0),
             "max_in_use": max((r["pool"]["max_in_use"] for r in reports), default=0),
+            # Per replica, during the steady phase (turns 2..M).
+            "steady_max_in_use_per_replica": [r["pool"]["max_in_use"] for r in reports],
         },
         "reliability": _reliability(
             plan, facts, counts, durable, progress, outcome, workers, reports, faults, crashes
@@ -1873,11 +1892,15 @@ async def worker_main() -> None:
             PostgresStore.open(
                 plan.dsn,
                 max_size=st.pool_max_size,
-                config=PostgresConfig(application_name=store_application_name(plan, index)),
+                config=PostgresConfig(
+                    application_name=store_application_name(plan, index), count_round_trips=True
+                ),
             ) as store,
             PostgresPubSub.open(
                 plan.dsn,
-                config=PubSubConfig(application_name=pubsub_application_name(plan, index)),
+                config=PubSubConfig(
+                    application_name=pubsub_application_name(plan, index), count_round_trips=True
+                ),
                 auth=NotifyAuth.from_key_text(hello["notify_key"]),
             ) as pubsub,
         ):

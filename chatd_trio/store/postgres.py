@@ -41,6 +41,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
+from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import LimitsConfig, PostgresConfig
 from chatd_trio.domain import (
     Chat,
@@ -407,8 +408,10 @@ class PostgresStore(StoreOps):
         config: PostgresConfig,
         limits: LimitsConfig,
         database: str = "",
+        round_trips: RoundTrips | None = None,
     ) -> None:
         self._database = database
+        self._round_trips = round_trips
         self._pool = pool
         self._bridge = bridge
         self._config = config
@@ -445,15 +448,18 @@ class PostgresStore(StoreOps):
         )
         migrations = await trio.to_thread.run_sync(load_migrations)
         failure: ChatdError | None = None
+        trips = RoundTrips() if cfg.count_round_trips else None
         async with asyncio_bridge() as bridge:
             try:
-                pool = await bridge.run(_open_pool, dsn, cfg, migrations)
+                pool = await bridge.run(_open_pool, dsn, cfg, migrations, trips)
             except ChatdError as exc:
                 # Raised after the bridge closes, so the caller sees the StoreError itself
                 # rather than the bridge nursery's exception group.
                 failure = exc
             else:
-                store = cls(pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn))
+                store = cls(
+                    pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn), trips
+                )
                 try:
                     yield store
                 finally:
@@ -479,9 +485,20 @@ class PostgresStore(StoreOps):
         )
         return stats
 
+    def reset_pool_high_water(self) -> None:
+        """Restart `pool_stats()["max_in_use"]` from the connections in use now (a
+        benchmark's steady phase)."""
+        self._max_in_use = self._in_use
+
     def statement_counts(self) -> dict[str, int]:
         """Executions per statement name since the store was opened."""
         return self._counter.snapshot()
+
+    def round_trips(self) -> int | None:
+        """Network round trips of the pool's connections since the store was opened
+        (statements, BEGIN, COMMIT, pipelined batches: `chatd_trio._pgtrace`), or None
+        unless `PostgresConfig.count_round_trips`."""
+        return None if self._round_trips is None else self._round_trips.count
 
     def announces_to(self, pubsub: object) -> bool:
         """True for a `PostgresPubSub` on the same database (host, port, name)."""
@@ -1072,7 +1089,12 @@ class PostgresStore(StoreOps):
         return await self._run("parent_of", body)
 
 
-async def _open_pool(dsn: str, cfg: PostgresConfig, migrations: Sequence[tuple[str, str]]) -> _Pool:
+async def _open_pool(
+    dsn: str,
+    cfg: PostgresConfig,
+    migrations: Sequence[tuple[str, str]],
+    trips: RoundTrips | None = None,
+) -> _Pool:
     """asyncio side of `PostgresStore.open`: migrate on a direct connection, open the pool.
 
     The direct connection fails fast on a refused or unreachable server, where the
@@ -1094,9 +1116,12 @@ async def _open_pool(dsn: str, cfg: PostgresConfig, migrations: Sequence[tuple[s
     except psycopg.Error as exc:
         raise StoreError(f"migrating PostgreSQL at {where} failed: {exc}") from exc
 
+    connection_class: type[_Conn] = psycopg.AsyncConnection[DictRow]
+    if trips is not None:
+        connection_class = counting_connection_class(trips)
     pool: _Pool = AsyncConnectionPool(
         dsn,
-        connection_class=psycopg.AsyncConnection[DictRow],
+        connection_class=connection_class,
         kwargs={"autocommit": True, "row_factory": dict_row, **connect_kwargs},
         min_size=cfg.min_size,
         max_size=cfg.max_size,
