@@ -34,7 +34,6 @@ from chatd_trio.domain import (
     Part,
     RetryPayload,
     TextPart,
-    dumps,
     owner_channel,
     stream_channel,
 )
@@ -59,7 +58,7 @@ from chatd_trio.store.base import (
     Store,
     TurnOutcome,
 )
-from chatd_trio.streams import ChatStreams, StreamSubscription
+from chatd_trio.streams import ChatStreams, StreamSubscription, owner_payload
 from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.workspace import (
@@ -263,7 +262,9 @@ class Server:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
                 try:
-                    chats = await self.store.acquire(self.worker_id, limit)
+                    chats = await self.store.acquire(
+                        self.worker_id, limit, announce=self.streams.announcer
+                    )
                 except ChatdError as exc:
                     logger.warning(
                         "acquire failed",
@@ -303,8 +304,9 @@ class Server:
             await self._recover_stale_once()
 
     async def _recover_stale_once(self) -> None:
+        announce = self.streams.announcer
         try:
-            ids = await self.store.recover_stale(self.config.acquire.stale_after)
+            ids = await self.store.recover_stale(self.config.acquire.stale_after, announce=announce)
         except ChatdError as exc:
             logger.warning("stale recovery failed", extra={"error": str(exc)})
             return
@@ -312,8 +314,11 @@ class Server:
             return
         self._bump("stale_recovered", len(ids))
         logger.info("recovered stale chats", extra={"count": len(ids)})
-        for chat_id in ids:
-            await self._publish_quietly(self.streams.publish_status(chat_id, ChatStatus.PENDING))
+        if announce is None:
+            for chat_id in ids:
+                await self._publish_quietly(
+                    self.streams.publish_status(chat_id, ChatStatus.PENDING)
+                )
         self.wake()
 
     # -- turns --------------------------------------------------------------------------
@@ -348,11 +353,13 @@ class Server:
         # Buffering starts BEFORE `running` is published (docs/spec.md §4).
         generation = self.streams.start_turn(chat.id)
         try:
-            await self._publish_quietly(
-                self.streams.publish_status(
-                    chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
+            if self.streams.announcer is None:
+                # Else the acquisition announced it, in its transaction.
+                await self._publish_quietly(
+                    self.streams.publish_status(
+                        chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
+                    )
                 )
-            )
             with control:
                 await self._supervised_turn(chat, lease, control)
         except* Exception as group:
@@ -537,16 +544,19 @@ class Server:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + budget.budget + self.config.loop.cleanup_timeout
 
+            announcer = self.streams.announcer
+
             async def final(
                 outcome: TurnOutcome, error: ErrorPayload | None, messages: Sequence[NewMessage]
             ) -> FinishResult:
+                announce = announcer.with_error(error) if announcer is not None else None
                 return await with_store_retries(
                     lambda: self.store.finish_turn(
                         lease,
                         outcome,
                         error.message if error else None,
                         messages=messages,
-                        announce=self.streams.announcer,
+                        announce=announce,
                         op_id=op_id,
                     ),
                     budget,
@@ -602,16 +612,25 @@ class Server:
                 await self._publish_message(message)
             if fin.inserted:
                 self.streams.step_persisted(chat.id)
-            failed = outcome is TurnOutcome.ERROR and fin.chat.status is ChatStatus.ERROR
-            if failed and error is not None:
-                await self._publish_quietly(self.streams.publish_error(chat.id, error))
-            if fin.promoted is not None:
-                await self._publish_message(fin.promoted)
-                await self._publish_quietly(self.streams.publish_queue_update(chat.id, fin.queue))
-            await self._publish_quietly(
-                self.streams.publish_status(chat.id, fin.chat.status, None, fin.chat.owner_token)
-            )
-            await self._publish_owner(fin.chat, "status")
+            if announcer is not None:
+                # The finish announced its error, queue, status and owner events itself.
+                if fin.promoted is not None:
+                    await self._publish_message(fin.promoted)
+            else:
+                failed = outcome is TurnOutcome.ERROR and fin.chat.status is ChatStatus.ERROR
+                if failed and error is not None:
+                    await self._publish_quietly(self.streams.publish_error(chat.id, error))
+                if fin.promoted is not None:
+                    await self._publish_message(fin.promoted)
+                    await self._publish_quietly(
+                        self.streams.publish_queue_update(chat.id, fin.queue)
+                    )
+                await self._publish_quietly(
+                    self.streams.publish_status(
+                        chat.id, fin.chat.status, None, fin.chat.owner_token
+                    )
+                )
+                await self._publish_owner(fin.chat, "status")
             if fin.chat.status is ChatStatus.PENDING:
                 self.wake()
 
@@ -681,12 +700,17 @@ class Server:
                             continue
                         if payload.status is None:
                             continue
+                        if payload.owner_token is not None and payload.owner_token < lease.token:
+                            # Tokens only grow and every status names the token after its
+                            # change: this one was written before this run acquired the
+                            # chat (a sender's `pending` arriving late).
+                            continue
                         heard = ChatView(payload.status, payload.owner_token or 0)
                         if lifecycle.still_owner(heard, lease.token):
                             continue
-                    # Notifies from other replicas may be stale (a sender's `pending` can
-                    # arrive after this run acquired the chat): the store has the last
-                    # word before a turn is stopped.
+                    # Notifies from other replicas may be stale (published after their
+                    # commit, a status without a token): the store has the last word
+                    # before a turn is stopped.
                     chat = await self.store.get_chat(chat_id)
                     if not lifecycle.still_owner(ChatView.of(chat), lease.token):
                         self._stop_turn(control, ChatView.of(chat), lease)
@@ -740,14 +764,7 @@ class Server:
     async def _publish_owner(self, chat: Chat, kind: str) -> None:
         if self.pubsub is None:
             return
-        payload = dumps(
-            {
-                "kind": kind,
-                "chat_id": str(chat.id),
-                "status": chat.status.value,
-                "title": chat.title,
-            }
-        )
+        payload = owner_payload(chat, kind)
         await self._publish_quietly(self.pubsub.publish(owner_channel(chat.owner_id), payload))
 
     def _bump(self, name: str, n: int = 1) -> None:
@@ -795,8 +812,10 @@ class Server:
             parent_chat_id=parent_chat_id,
             mcp_servers=mcp_servers,
             system_prompt=system_prompt,
+            announce=self.streams.announcer,
         )
-        await self._publish_owner(chat, "created")
+        if self.streams.announcer is None:
+            await self._publish_owner(chat, "created")
         self.wake()
         return chat
 
@@ -823,19 +842,25 @@ class Server:
 
         `busy_behavior="interrupt"` queues, then interrupts the running turn.
         """
+        announce = self.streams.announcer
+        # The owner check is the write's own guard: no read before it.
         result = await self.store.send_message(
             chat_id,
             self._as_parts(content),
             max_queued=self.config.queue.max_queued,
-            announce=self.streams.announcer,
+            announce=announce,
             owner_id=owner_id,
         )
         if result.message is not None:
             await self._publish_message(result.message)
-            await self._publish_status(result.chat)
+            if announce is None:
+                await self._publish_status(result.chat)
             self.wake()
         else:
-            await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
+            if announce is None:
+                await self._publish_quietly(
+                    self.streams.publish_queue_update(chat_id, result.queue)
+                )
             if busy_behavior == "interrupt" and result.chat.status is ChatStatus.RUNNING:
                 await self._interrupt(chat_id, owner_id)
         return result
@@ -859,8 +884,9 @@ class Server:
         await self._publish_committed(
             self.streams.publish_edited_message(result.message, announced=announce is not None)
         )
-        await self._publish_status(result.chat)
-        await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
+        if announce is None:
+            await self._publish_status(result.chat)
+            await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
         self.wake()
         return result
 
@@ -869,11 +895,13 @@ class Server:
         return await self._interrupt(chat_id, owner_id)
 
     async def _interrupt(self, chat_id: uuid.UUID, owner_id: uuid.UUID | None) -> Chat:
-        chat = await self.store.interrupt(chat_id, owner_id=owner_id)
+        announce = self.streams.announcer
+        chat = await self.store.interrupt(chat_id, owner_id=owner_id, announce=announce)
         self._stop_local(chat_id, "user interrupt")
-        await self._publish_quietly(
-            self.streams.publish_status(chat_id, chat.status, None, chat.owner_token)
-        )
+        if announce is None:
+            await self._publish_quietly(
+                self.streams.publish_status(chat_id, chat.status, None, chat.owner_token)
+            )
         return chat
 
     def _stop_local(self, chat_id: uuid.UUID, why: str) -> None:
@@ -885,21 +913,27 @@ class Server:
         self, owner_id: uuid.UUID, chat_id: uuid.UUID, queued_id: int
     ) -> SendResult:
         """Send a queued message now (or move it to the front while the chat runs)."""
+        announce = self.streams.announcer
         result = await self.store.promote_queued(
-            chat_id, queued_id, announce=self.streams.announcer, owner_id=owner_id
+            chat_id, queued_id, announce=announce, owner_id=owner_id
         )
         if result.message is not None:
             await self._publish_message(result.message)
-            await self._publish_status(result.chat)
+            if announce is None:
+                await self._publish_status(result.chat)
             self.wake()
-        await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
+        if announce is None:
+            await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
         return result
 
     async def delete_queued(self, owner_id: uuid.UUID, chat_id: uuid.UUID, queued_id: int) -> None:
         """Remove a queued message."""
-        await self._owned_chat(owner_id, chat_id)
-        queue = await self.store.delete_queued(chat_id, queued_id)
-        await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
+        announce = self.streams.announcer
+        queue = await self.store.delete_queued(
+            chat_id, queued_id, owner_id=owner_id, announce=announce
+        )
+        if announce is None:
+            await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
 
     @asynccontextmanager
     async def subscribe(

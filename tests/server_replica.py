@@ -209,8 +209,10 @@ class ObservedStore:
             raise StoreUnavailable("connection lost around COMMIT (injected)")
         return inserted
 
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        chats = await self.inner.acquire(worker_id, limit)
+    async def acquire(
+        self, worker_id: uuid.UUID, limit: int, *, announce: Announcer | None = None
+    ) -> list[Chat]:
+        chats = await self.inner.acquire(worker_id, limit, announce=announce)
         self.acquired.append([c.id for c in chats])
         return chats
 
@@ -246,6 +248,11 @@ class ObservedStore:
             for f in self.finished
             if f.lease.chat_id == chat_id and (outcome is None or f.outcome is outcome)
         ]
+
+    @property
+    def finish_event(self) -> trio.Event:
+        """Set when the next final transition is recorded (take it before checking)."""
+        return self._finish_event
 
     async def wait_finished(
         self, chat_id: uuid.UUID, count: int = 1, *, outcome: TurnOutcome | None = None

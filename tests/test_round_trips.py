@@ -7,21 +7,28 @@ of exchanges with the server, whatever the machine.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 import trio
 
 from chatd_trio.config import PostgresConfig, PubSubConfig
+from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, Visibility
+from chatd_trio.lifecycle import Event
 from chatd_trio.pubsub.auth import NotifyAuth, new_key_text
 from chatd_trio.pubsub.postgres import PostgresPubSub
+from chatd_trio.store.base import Applied, Lease, TurnOutcome
 from chatd_trio.store.postgres import PostgresStore
 from tests.pgcluster import truncate_all
 
 pytestmark = pytest.mark.postgres
 
+T = TypeVar("T")
 COUNTED = PostgresConfig(count_round_trips=True)
+W = uuid.UUID(int=1)
 
 
 @asynccontextmanager
@@ -69,3 +76,82 @@ async def test_a_pubsub_publish_is_one_round_trip(pg_dsn: str) -> None:
         assert pubsub.statistics().round_trips == before + 1
     async with PostgresPubSub.open(pg_dsn, auth=auth) as plain:
         assert plain.statistics().round_trips is None
+
+
+@dataclass
+class Sealing:
+    """An announcer: one notify per message and per change, sealed for the pubsub."""
+
+    pubsub: PostgresPubSub
+
+    def _sealed(self, text: str) -> tuple[str, str]:
+        return ("trips", self.pubsub.seal("trips", text))
+
+    def __call__(
+        self, messages: Sequence[Message], *, refresh: bool = False
+    ) -> Sequence[tuple[str, str]]:
+        return [self._sealed(str(m.id)) for m in messages]
+
+    def changes(self, event: Event | None, applied: Applied) -> Sequence[tuple[str, str]]:
+        return [self._sealed(applied.chat.status.value)]
+
+
+def say(text: str) -> list[NewMessage]:
+    return [NewMessage(Role.ASSISTANT, (TextPart(text),), Visibility.BOTH)]
+
+
+async def test_a_steady_turn_is_one_batch_per_write_plus_one_for_its_notifies(
+    pg_dsn: str,
+) -> None:
+    """The store operations of a steady turn: each guarded write is one batch (BEGIN,
+    lock, guard read, gated effects), and one more carrying its notifies and COMMIT."""
+    auth = NotifyAuth.from_key_text(new_key_text())
+    async with counted_store(pg_dsn) as store, PostgresPubSub.open(pg_dsn, auth=auth) as ps:
+        announce = Sealing(ps)
+        owner = uuid.uuid4()
+        chat, _ = await store.create_chat(owner, "t", (TextPart("u1"),))
+        spent: dict[str, int] = {}
+
+        async def cost(name: str, op: Awaitable[T]) -> T:
+            before = trips(store)
+            result = await op
+            spent[name] = trips(store) - before
+            return result
+
+        (running,) = await cost("acquire", store.acquire(W, 1, announce=announce))
+        lease = Lease.of(running)
+        await cost("step", store.persist_step(lease, say("a1"), announce=announce))
+        await cost("heartbeat", store.heartbeat(lease))
+        queued = await cost(
+            "queued send",
+            store.send_message(chat.id, (TextPart("q"),), max_queued=20, announce=announce),
+        )
+        assert queued.queued is not None
+        await store.delete_queued(chat.id, queued.queued.id)
+        fin = await cost(
+            "finish",
+            store.finish_turn(lease, TurnOutcome.DONE, messages=say("a2"), announce=announce),
+        )
+        assert fin.changed and fin.chat.status is ChatStatus.WAITING
+        sent = await cost(
+            "send",
+            store.send_message(
+                chat.id, (TextPart("u2"),), max_queued=20, announce=announce, owner_id=owner
+            ),
+        )
+        assert sent.message is not None
+        (again,) = await cost("acquire without notifies", store.acquire(W, 1))
+        await cost("step without notifies", store.persist_step(Lease.of(again), say("a3")))
+        assert await cost("nothing to acquire", store.acquire(W, 1, announce=announce)) == []
+    assert spent == {
+        "acquire": 2,
+        "acquire without notifies": 1,
+        "step": 2,
+        "heartbeat": 1,
+        # Decided on a presumed idle chat, it missed (the chat runs), then queued.
+        "queued send": 4,
+        "finish": 2,
+        "send": 2,
+        "step without notifies": 1,
+        "nothing to acquire": 2,
+    }

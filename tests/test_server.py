@@ -638,13 +638,13 @@ async def test_acquire_loop_survives_a_store_failure(env: Env, clock: Any) -> No
     real = env.store.inner.acquire
     calls = 0
 
-    async def flaky(worker_id: uuid.UUID, limit: int) -> list[Any]:
+    async def flaky(worker_id: uuid.UUID, limit: int, **kwargs: Any) -> list[Any]:
         nonlocal calls
         calls += 1
         if calls <= 2:
             await trio.lowlevel.checkpoint()
             raise StoreError("connection reset")
-        return await real(worker_id, limit)
+        return await real(worker_id, limit, **kwargs)
 
     env.store.inner.acquire = flaky  # type: ignore[method-assign]
     async with env.server(answering_model()) as server:
@@ -723,9 +723,10 @@ STEADY_TURN = {
     "UpdateChat": 2,  # pending (send), waiting (finish)
     "AcquireChats": 1,
     "GetPromptMessages": 1,
-    # The message notifies, sent inside the inserting transactions (user message, step 1,
-    # step 2) instead of by separate publishes after the commits.
-    "NotifyInTransaction": 3,
+    # Every notify, sent inside the writing transactions instead of by separate publishes
+    # after the commits: the user message and `pending` (send), `running` (acquisition),
+    # step 1, step 2 with `waiting` and the owner's list (finish).
+    "NotifyInTransaction": 4,
 }
 
 

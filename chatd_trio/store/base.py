@@ -29,7 +29,7 @@ from chatd_trio.domain import (
     parts_to_json,
 )
 from chatd_trio.errors import DecodeError, EditRefused, MessageNotFound, PayloadTooLarge
-from chatd_trio.lifecycle import ChatView, Plan
+from chatd_trio.lifecycle import ChatView, Effect, Event, Plan
 
 
 class TurnOutcome(enum.StrEnum):
@@ -151,14 +151,16 @@ class FinishResult:
 
 
 class Announcer(Protocol):
-    """Builds the stream notifies of the messages a store operation inserts.
+    """Builds the notifies of what a store operation changed: the stream notifies of
+    the messages it inserted, and the status, queue and owner notifies of the change.
 
-    A store that `announces_to` the replica's pubsub sends them inside the
-    inserting transaction: listeners then receive a chat's message notifies in
-    commit order, which is id order (inserts hold the chat's row lock), whichever
-    replica inserted them. Sent after the commit instead, a notify from the replica
-    that wrote a message can overtake the notify of the message before it, and a
-    subscriber would have to read the gap from the database.
+    A store that `announces_to` the replica's pubsub sends them inside the writing
+    transaction: listeners then receive a chat's notifies in commit order, which is
+    id order for messages (inserts hold the chat's row lock), whichever replica
+    wrote them, and a status never overtakes the message it follows. Sent after the
+    commit instead, a notify from the replica that wrote a message can overtake the
+    notify of the message before it, and a subscriber would have to read the gap
+    from the database; and every notify would be one more round trip.
     """
 
     def __call__(
@@ -166,6 +168,41 @@ class Announcer(Protocol):
     ) -> Sequence[tuple[str, str]]:
         """(channel, payload) pairs for `messages`; `refresh` for an edit's replacement."""
         ...
+
+    def changes(self, event: Event | None, applied: Applied) -> Sequence[tuple[str, str]]:
+        """(channel, payload) pairs announcing what `event` did to the chat (status, queue,
+        owner list), sent after the message notifies. `applied` is the write's result
+        (for the bulk operations and `create_chat`: the changed row). `event` None: a
+        change outside the lifecycle (`delete_queued`): `applied.queue` is the new queue."""
+        ...
+
+
+# Effects the PostgreSQL adapter sends in the same batch as the guard read, each gated
+# by the mark the read sets when the guard holds: such a write is one exchange (two
+# when its notifies depend on what it inserted). The others read before they write.
+PIPELINED_EFFECTS = frozenset(
+    {Effect.INSERT, Effect.ENQUEUE, Effect.CLAIM, Effect.BEAT, Effect.NEW_TOKEN, Effect.SET_ERROR}
+)
+
+
+def pipelined(plan: Plan) -> bool:
+    """Whether `plan` is executed as one pipelined batch (see `PIPELINED_EFFECTS`)."""
+    return plan.effects <= PIPELINED_EFFECTS
+
+
+def pipelined_statements(plan: Plan, write: Write) -> list[str]:
+    """The statements of a pipelined write, in order: all of them run (the effects as
+    no-ops when the guard does not hold), so both adapters count all of them."""
+    names = ["LockChatForUpdate", "GetChatForWrite"]
+    if plan.has(Effect.ENQUEUE):
+        names.append("InsertQueuedMessage")
+    if plan.has(Effect.INSERT) and write.messages:
+        names.append("InsertChatMessages")
+    if plan.changes_row or write.binding is not None:
+        names.append("UpdateChat")
+    if plan.has(Effect.ENQUEUE):
+        names.append("GetQueuedMessages")
+    return names
 
 
 @dataclass(frozen=True)
@@ -256,11 +293,13 @@ class Store(Protocol):
         parent_chat_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
+        announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`.
 
         With `parent_chat_id`, root_chat_id is the parent's root (or the parent).
         With `system_prompt`, a system message is inserted before the user message.
+        With `announce`, `announce.changes(Event.CREATE, ...)` goes out in the transaction.
         """
         ...
 
@@ -304,7 +343,12 @@ class Store(Protocol):
         ...
 
     async def interrupt(
-        self, chat_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, view: Chat | None = None
+        self,
+        chat_id: uuid.UUID,
+        *,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
+        announce: Announcer | None = None,
     ) -> Chat:
         """Set `waiting` and clear the worker, unless the chat is `pending`."""
         ...
@@ -338,14 +382,28 @@ class Store(Protocol):
         not running; otherwise move it to the front of the queue."""
         ...
 
-    async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
-        """Delete one queued message; returns the remaining queue."""
+    async def delete_queued(
+        self,
+        chat_id: uuid.UUID,
+        queued_id: int,
+        *,
+        owner_id: uuid.UUID | None = None,
+        announce: Announcer | None = None,
+    ) -> list[QueuedMessage]:
+        """Delete one queued message; returns the remaining queue.
+
+        ChatNotFound, PermissionDenied (when `owner_id` is set and the chat belongs to
+        someone else) and QueuedMessageNotFound change nothing. With `announce`, the
+        new queue's notify goes out in the transaction."""
         ...
 
     # -- ownership ------------------------------------------------------------
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def acquire(
+        self, worker_id: uuid.UUID, limit: int, *, announce: Announcer | None = None
+    ) -> list[Chat]:
         """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
-        each claim gets a new ownership token (`Lease.of(chat)`)."""
+        each claim gets a new ownership token (`Lease.of(chat)`). With `announce`, each
+        claim's `announce.changes(Event.ACQUIRE, ...)` goes out in the transaction."""
         ...
 
     async def release(self, leases: Sequence[Lease]) -> None:
@@ -356,9 +414,12 @@ class Store(Protocol):
         """Refresh heartbeat_at; False when the lease no longer holds the running chat."""
         ...
 
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
+    async def recover_stale(
+        self, stale_after: float, *, announce: Announcer | None = None
+    ) -> list[uuid.UUID]:
         """Running chats with heartbeat older than `stale_after` seconds -> pending, each
-        with a new ownership token (the stale run is fenced out)."""
+        with a new ownership token (the stale run is fenced out). With `announce`, each
+        one's `announce.changes(Event.STALE_RECOVERED, ...)` goes out in the transaction."""
         ...
 
     async def persist_step(

@@ -96,10 +96,14 @@ class StoreOps:
     async def _set_binding(self, chat_id: uuid.UUID, binding: Binding) -> None:
         raise NotImplementedError
 
-    async def _claim(self, plan: Plan, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def _claim(
+        self, plan: Plan, worker_id: uuid.UUID, limit: int, announce: Announcer | None
+    ) -> list[Chat]:
         raise NotImplementedError
 
-    async def _recover(self, plan: Plan, stale_after: float) -> list[uuid.UUID]:
+    async def _recover(
+        self, plan: Plan, stale_after: float, announce: Announcer | None
+    ) -> list[uuid.UUID]:
         raise NotImplementedError
 
     async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
@@ -118,6 +122,7 @@ class StoreOps:
         agent_id: uuid.UUID | None,
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
+        announce: Announcer | None,
     ) -> tuple[Chat, Message]:
         raise NotImplementedError
 
@@ -168,6 +173,7 @@ class StoreOps:
         parent_chat_id: uuid.UUID | None = None,
         mcp_servers: Sequence[str] = (),
         system_prompt: str | None = None,
+        announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`."""
         plan = decide(Event.CREATE, None)
@@ -185,6 +191,7 @@ class StoreOps:
             agent_id=agent_id,
             parent_chat_id=parent_chat_id,
             mcp_servers=mcp_servers,
+            announce=announce,
         )
         taken(plan)
         return created
@@ -243,11 +250,12 @@ class StoreOps:
         *,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        announce: Announcer | None = None,
     ) -> Chat:
         """Stop the chat: `waiting` and no owner, unless it is `pending`."""
         start = ChatView.of(view) if view else _presumed(ChatStatus.RUNNING)
         write = Write(owner_id=owner_id)
-        return (await self._decided(chat_id, Event.INTERRUPT, start, write)).chat
+        return (await self._decided(chat_id, Event.INTERRUPT, start, write, announce=announce)).chat
 
     async def promote_queued(
         self,
@@ -269,15 +277,21 @@ class StoreOps:
         return SendResult(res.chat, None, res.queued, queue)
 
     # -- ownership ----------------------------------------------------------------------
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement."""
-        chats = await self._claim(_ACQUIRE, worker_id, limit)
+    async def acquire(
+        self, worker_id: uuid.UUID, limit: int, *, announce: Announcer | None = None
+    ) -> list[Chat]:
+        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
+        with `announce`, each claim's `running` status is sent in the same transaction."""
+        chats = await self._claim(_ACQUIRE, worker_id, limit, announce)
         taken(_ACQUIRE, len(chats))
         return chats
 
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
-        """Running chats whose heartbeat is older than `stale_after` seconds -> pending."""
-        recovered = await self._recover(_STALE_RECOVERED, stale_after)
+    async def recover_stale(
+        self, stale_after: float, *, announce: Announcer | None = None
+    ) -> list[uuid.UUID]:
+        """Running chats whose heartbeat is older than `stale_after` seconds -> pending;
+        with `announce`, each one's `pending` status is sent in the same transaction."""
+        recovered = await self._recover(_STALE_RECOVERED, stale_after, announce)
         taken(_STALE_RECOVERED, len(recovered))
         return recovered
 
