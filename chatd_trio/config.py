@@ -155,8 +155,8 @@ class WorkspaceConfig:
     # OpenAI-compatible APIs refuse a request whose tool names exceed 64 characters or use
     # anything but [A-Za-z0-9_-]; such MCP tools are left out rather than break the turn.
     tool_name_max_chars: int = 64
-    # Replica-level caches (MCP tools per agent, which chats hold an agent's instruction
-    # files) are LRU-bounded so a long-lived replica's memory stays flat.
+    # Replica-level caches (MCP tools and rows per agent, which chats hold an agent's
+    # instruction files) are LRU-bounded so a long-lived replica's memory stays flat.
     mcp_cache_max_agents: int = 4096
     instruction_ledger_max_entries: int = 100_000
     # LocalProvisioner: in-process agents for the demo and tests, one per workspace.
@@ -216,6 +216,9 @@ class PostgresConfig:
     application_name: str = "chatd_trio-store"
     # pg_advisory_xact_lock key serialising migrations across replicas ("chatdmig").
     migration_lock_key: int = 0x63686174646D6967
+    # The prompts of the last 1000 chats this replica ran stay in memory (a few MB): the
+    # next turn of one of them reads only what the user wrote since (PromptCache).
+    prompt_cache_chats: int = 1000
     # Count every network round trip of the pool's connections (`PostgresStore.round_trips`):
     # for benchmarks and tests; off, a connection pays nothing for it.
     count_round_trips: bool = False

@@ -48,7 +48,7 @@ from chatd_trio.errors import (
 )
 from chatd_trio.lifecycle import ChatView
 from chatd_trio.loop import TurnCallbacks, TurnControl, TurnResult, run_turn, with_store_retries
-from chatd_trio.models.base import Model
+from chatd_trio.models.base import Model, PromptMessage
 from chatd_trio.pubsub.base import PubSub, Resync
 from chatd_trio.store.base import (
     EditResult,
@@ -63,6 +63,7 @@ from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_promp
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.workspace import (
     AgentDialer,
+    AgentRows,
     McpToolCache,
     WorkspaceContext,
     WorkspaceProvisioner,
@@ -171,6 +172,8 @@ class Server:
         self._provisioner = provisioner
         self._subagents = subagents
         self.mcp_cache = McpToolCache(self.config.workspace)
+        # Agent rows never change: a turn bound to a known agent reads none.
+        self.agent_rows = AgentRows(self.config.workspace)
         self.workspace_stats = WorkspaceStats()
         self.subagent_stats = SubagentStats()
         # The current turn of each chat running here, and every turn not yet ended (a
@@ -263,7 +266,7 @@ class Server:
                 scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
                 try:
                     chats = await self.store.acquire(
-                        self.worker_id, limit, announce=self.streams.announcer
+                        self.worker_id, limit, announce=self.streams.announcer, prompts=True
                     )
                 except ChatdError as exc:
                     logger.warning(
@@ -436,6 +439,18 @@ class Server:
             announce=self.streams.announcer,
         )
         assert self._nursery is not None
+        loads = 0
+
+        async def load_prompt() -> Sequence[PromptMessage]:
+            # The acquisition loaded the prompt (plus what this run wrote since, e.g. the
+            # workspace's instruction files): the turn's first load reads nothing.
+            nonlocal loads
+            loads += 1
+            cached = self.store.cached_prompt(lease) if loads == 1 else None
+            if cached is not None:
+                return cached
+            return await self.store.prompt_messages(lease.chat_id)
+
         return await run_turn(
             self.store,
             lease,
@@ -444,6 +459,7 @@ class Server:
             config=self.config.loop,
             callbacks=callbacks,
             control=control,
+            load_prompt=load_prompt,
             tool_context=ToolContext(chat.id, self.worker_id, env.extras),
             # Tools run in the replica's nursery: a turn stopped while a tool ignores
             # cancellation ends (and releases its chat) without waiting for it.
@@ -466,6 +482,7 @@ class Server:
                 self.mcp_cache,
                 self.workspace_stats,
                 provisioner=self._provisioner,
+                agent_rows=self.agent_rows,
             )
             env.cleanups.append(ctx.aclose)
             env.extras["workspace"] = ctx

@@ -209,10 +209,8 @@ class ObservedStore:
             raise StoreUnavailable("connection lost around COMMIT (injected)")
         return inserted
 
-    async def acquire(
-        self, worker_id: uuid.UUID, limit: int, *, announce: Announcer | None = None
-    ) -> list[Chat]:
-        chats = await self.inner.acquire(worker_id, limit, announce=announce)
+    async def acquire(self, worker_id: uuid.UUID, limit: int, **kwargs: Any) -> list[Chat]:
+        chats = await self.inner.acquire(worker_id, limit, **kwargs)
         self.acquired.append([c.id for c in chats])
         return chats
 

@@ -155,3 +155,26 @@ async def test_a_steady_turn_is_one_batch_per_write_plus_one_for_its_notifies(
         "step without notifies": 1,
         "nothing to acquire": 2,
     }
+
+
+async def test_a_turn_run_by_another_replica_makes_the_prompt_a_whole_read(
+    pg_dsn: str,
+) -> None:
+    async with counted_store(pg_dsn) as a, PostgresStore.open(pg_dsn) as b:
+        chat, _ = await a.create_chat(uuid.uuid4(), "t", (TextPart("u1"),))
+        (running,) = await a.acquire(W, 1, prompts=True)
+        await a.finish_turn(Lease.of(running), TurnOutcome.DONE, messages=say("a1"))
+        await a.send_message(chat.id, (TextPart("u2"),), max_queued=20)
+        # Replica B runs turn 2: A's cached prompt ends before B's answer.
+        (on_b,) = await b.acquire(W, 1, prompts=True)
+        await b.finish_turn(Lease.of(on_b), TurnOutcome.DONE, messages=say("a2"))
+        await b.send_message(chat.id, (TextPart("u3"),), max_queued=20)
+        before = (a.statement_counts(), trips(a))
+        (again,) = await a.acquire(W, 1, prompts=True)
+        round_trips = trips(a) - before[1]
+        prompt = a.cached_prompt(Lease.of(again))
+        spent = {k: v - before[0].get(k, 0) for k, v in a.statement_counts().items()}
+        assert prompt == await a.prompt_messages(chat.id)
+        assert [m.role for m in prompt or []] == [Role.USER, Role.ASSISTANT] * 2 + [Role.USER]
+        # Still two round trips: the whole read rides in the acquisition's second batch.
+        assert spent["GetPromptMessages"] == 1 and round_trips == 2

@@ -205,6 +205,8 @@ async def test_turn_runs_to_waiting_and_publishes_in_order(env: Env, clock: Any)
         assert (await history(env.store, chat.id))[-1] == ("assistant", "done")
         running = [e for e in status_events(events) if e.status is ChatStatus.RUNNING]
         assert running[-1].worker_id == server.worker_id
+        # `waiting` is announced in the finish's transaction: it can arrive first.
+        await env.store.wait_finished(chat.id)
         stats = server.stats()
         assert stats.turns_finished == {"done": 1}
         assert stats.steps == 2
@@ -448,6 +450,9 @@ async def test_last_error_is_stored_on_error_and_cleared_by_the_next_send(
             await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
         stored = await env.store.get_chat(chat.id)
         assert stored.status is ChatStatus.WAITING and stored.last_error is None
+        # `waiting` is announced in the finish's transaction: it can arrive before the
+        # replica has counted the turn.
+        await env.store.wait_finished(chat.id, 2)
         assert server.stats().turns_finished == {"error": 1, "done": 1}
 
 
@@ -722,7 +727,10 @@ STEADY_TURN = {
     "InsertChatMessages": 3,  # user message, step 1, step 2
     "UpdateChat": 2,  # pending (send), waiting (finish)
     "AcquireChats": 1,
-    "GetPromptMessages": 1,
+    # The prompt: the acquisition reads the user's new message (the chat's tail) and
+    # completes the prompt from the replica's cache (was GetPromptMessages, the whole
+    # history).
+    "GetPromptTails": 1,
     # Every notify, sent inside the writing transactions instead of by separate publishes
     # after the commits: the user message and `pending` (send), `running` (acquisition),
     # step 1, step 2 with `waiting` and the owner's list (finish).

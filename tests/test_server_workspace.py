@@ -97,6 +97,15 @@ async def test_turns_execute_switch_after_rebuild_and_survive_a_stopped_workspac
             assert (extra["dials"], extra["validations"], extra["switches"]) == (3, 1, 1)
             assert extra["binding_updates"] == 2
 
+            # A steady turn: the bound agent's row is known to the replica, none is read.
+            lookups = server.stats().statements.get("GetWorkspaceAgentByID", 0)
+            async with server.subscribe(OWNER, chat.id) as sub:
+                await server.send_message(OWNER, chat.id, "cat f.txt")
+                await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+            assert tool_results(await store.messages_after(chat.id, 0))[-1].result["exit_code"] == 0
+            assert server.stats().statements.get("GetWorkspaceAgentByID", 0) == lookups
+            assert server.stats().extra["dials"] == 4
+
             # Stop: agent rows exist, nothing answers; the turn must not hang.
             await provisioner.stop(ws.id)
             async with server.subscribe(OWNER, chat.id) as sub:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -206,6 +206,95 @@ def pipelined_statements(plan: Plan, write: Write) -> list[str]:
 
 
 @dataclass(frozen=True)
+class _CachedPrompt:
+    messages: tuple[Message, ...]
+    # The ownership token the prompt was validated under at acquisition (None: read
+    # outside one, usable only once an acquisition validates it).
+    token: int | None
+
+    @property
+    def last(self) -> int:
+        return self.messages[-1].id if self.messages else 0
+
+
+class PromptCache:
+    """The model-visible history (`prompt_messages`) of chats this replica runs, kept
+    across their turns so that a steady turn reads no history.
+
+    An acquisition validates an entry against the database in its own transaction:
+    the entry is whole when its last message is the chat's last model-visible message
+    up to the last one a run wrote (`anchor`); then the prompt is the entry plus the
+    messages written since by the API (the user's). The turn's own writes extend it,
+    when the first message written names the entry's last one as its predecessor.
+    Anything else (an edit, a compaction, another replica's turn) fails a check and
+    costs one read. `max_chats` bounds it (least recently used first out).
+    """
+
+    def __init__(self, max_chats: int | None = None) -> None:
+        self._max = max_chats
+        self._entries: OrderedDict[uuid.UUID, _CachedPrompt] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def valid(self, chat_id: uuid.UUID, anchor: int) -> tuple[Message, ...] | None:
+        """The entry when its last message is `anchor`; else forget it."""
+        entry = self._entries.get(chat_id)
+        if entry is None:
+            return None
+        if entry.last != anchor:
+            del self._entries[chat_id]
+            return None
+        self._entries.move_to_end(chat_id)
+        return entry.messages
+
+    def put(self, chat_id: uuid.UUID, messages: Sequence[Message], token: int | None) -> None:
+        self._entries[chat_id] = _CachedPrompt(tuple(messages), token)
+        self._entries.move_to_end(chat_id)
+        while self._max is not None and len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def refresh(self, chat_id: uuid.UUID, messages: Sequence[Message]) -> None:
+        """A whole read of the prompt: it replaces the entry (for the same run)."""
+        entry = self._entries.get(chat_id)
+        self.put(chat_id, messages, entry.token if entry is not None else None)
+
+    def extend(self, chat_id: uuid.UUID, prev: int, messages: Sequence[Message]) -> None:
+        """A run wrote `messages`; `prev` is the chat's last model-visible message before."""
+        entry = self._entries.get(chat_id)
+        if entry is None:
+            return
+        if entry.last != prev or any(m.compressed for m in messages):
+            # Someone else wrote in between, or a compaction moved the boundary.
+            del self._entries[chat_id]
+            return
+        added = tuple(m for m in messages if m.model_visible and not m.deleted)
+        self._entries[chat_id] = _CachedPrompt(entry.messages + added, entry.token)
+
+    def forget(self, chat_id: uuid.UUID) -> None:
+        self._entries.pop(chat_id, None)
+
+    def get(self, lease: Lease) -> list[Message] | None:
+        """The prompt of the turn holding `lease`, when its acquisition loaded it."""
+        entry = self._entries.get(lease.chat_id)
+        if entry is None or entry.token != lease.token:
+            return None
+        return list(entry.messages)
+
+
+def prompt_tail_plan(
+    chat_id: uuid.UUID, anchor: int, tail: Sequence[Message], cache: PromptCache
+) -> tuple[Message, ...] | None:
+    """The prompt of a chat just claimed, from its tail (the model-visible messages after
+    the last one a run wrote) and the cache; None when it must be read whole."""
+    if anchor == 0:
+        # No run wrote yet: the tail is the whole history (nothing compacted either).
+        return tuple(tail)
+    cached = cache.valid(chat_id, anchor)
+    return None if cached is None else cached + tuple(tail)
+
+
+@dataclass(frozen=True)
 class StatementCounter:
     """Counts statement executions per name."""
 
@@ -399,11 +488,27 @@ class Store(Protocol):
 
     # -- ownership ------------------------------------------------------------
     async def acquire(
-        self, worker_id: uuid.UUID, limit: int, *, announce: Announcer | None = None
+        self,
+        worker_id: uuid.UUID,
+        limit: int,
+        *,
+        announce: Announcer | None = None,
+        prompts: bool = False,
     ) -> list[Chat]:
         """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
         each claim gets a new ownership token (`Lease.of(chat)`). With `announce`, each
-        claim's `announce.changes(Event.ACQUIRE, ...)` goes out in the transaction."""
+        claim's `announce.changes(Event.ACQUIRE, ...)` goes out in the transaction.
+
+        With `prompts`, the same transaction loads each claimed chat's prompt (what
+        `prompt_messages` returns) into the store's prompt cache: from the cache and the
+        messages written since when the cache still holds the rest, else read whole.
+        The turn takes it with `cached_prompt(lease)`."""
+        ...
+
+    def cached_prompt(self, lease: Lease) -> list[Message] | None:
+        """The prompt the acquisition of `lease` loaded (`acquire(prompts=True)`), with
+        the messages the run wrote since; None when there is none to trust (read it
+        with `prompt_messages`)."""
         ...
 
     async def release(self, leases: Sequence[Lease]) -> None:
@@ -536,7 +641,8 @@ STATEMENTS: dict[str, str] = {
     "SoftDeleteMessagesFrom": "mark a message and every later one deleted",
     "GetChatMessageByID": "read one message",
     "GetChatMessagesAfter": "user-visible messages after a cursor (stream catch-up)",
-    "GetPromptMessages": "model-visible history after the compaction boundary",
+    "GetPromptMessages": "model-visible history after the compaction boundary (of some chats)",
+    "GetPromptTails": "claimed chats' messages since a run last wrote, and the one before",
     "GetLatestAssistantText": "latest assistant message of a chat (subagent report)",
     "AcquireChats": "claim pending chats FOR UPDATE SKIP LOCKED",
     "ReleaseChats": "hand owned chats back to pending",

@@ -102,6 +102,7 @@ from chatd_trio.store.base import (
     Applied,
     Binding,
     Lease,
+    PromptCache,
     StatementCounter,
     Write,
     check_edit_target,
@@ -110,6 +111,7 @@ from chatd_trio.store.base import (
     pipelined,
     pipelined_statements,
     promoted_by,
+    prompt_tail_plan,
 )
 from chatd_trio.store.ops import StoreOps, user_message
 
@@ -159,6 +161,10 @@ class MemoryStore(StoreOps):
         # Idempotent writes: the last write applied to each chat, and what each inserted.
         self._last_op: dict[uuid.UUID, uuid.UUID] = {}
         self._op_messages: dict[tuple[uuid.UUID, uuid.UUID], list[int]] = {}
+        # The last message a run wrote in each chat (PostgreSQL: chat_messages.owner_token).
+        self._last_stamped: dict[uuid.UUID, int] = {}
+        # Every message is in memory anyway: the prompt cache needs no bound here.
+        self._prompts = PromptCache()
 
     # -- internals ------------------------------------------------------------
     def _now(self) -> datetime:
@@ -352,6 +358,11 @@ class MemoryStore(StoreOps):
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
         await trio.lowlevel.checkpoint()
         self._hit("GetPromptMessages")
+        prompt = self._prompt(chat_id)
+        self._prompts.refresh(chat_id, prompt)
+        return prompt
+
+    def _prompt(self, chat_id: uuid.UUID) -> list[Message]:
         visible = [m for m in self._live_messages(chat_id) if m.model_visible]
         summaries = [m for m in visible if m.compressed and m.role is Role.USER]
         if not summaries:
@@ -361,6 +372,16 @@ class MemoryStore(StoreOps):
             m for m in visible if m.role is Role.SYSTEM and not m.compressed and m.id < boundary
         ]
         return system + [m for m in visible if m.id >= boundary]
+
+    def _last_model_visible(self, chat_id: uuid.UUID, up_to: int | None = None) -> int:
+        return max(
+            (
+                m.id
+                for m in self._live_messages(chat_id)
+                if m.model_visible and (up_to is None or m.id <= up_to)
+            ),
+            default=0,
+        )
 
     async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
         """The latest non-blank user-visible assistant text (a subagent's report)."""
@@ -488,10 +509,12 @@ class MemoryStore(StoreOps):
         chat = self._out(stored)
         replay = self._replayed(chat, write)
         if replay is not None:
+            self._remember_write(chat_id, plan, write, replay, 0)
             return replay
         if not plan.guard.holds(ChatView.of(chat)):
             return Applied(False, chat)
         queue = self._queues.setdefault(chat_id, [])
+        prev_model = self._last_model_visible(chat_id)
         # Everything that can fail runs before the first change: the write is atomic.
         if plan.has(Effect.REPLACE_FROM):
             assert write.edit_from is not None
@@ -544,6 +567,8 @@ class MemoryStore(StoreOps):
             queue.append(queued)
         if inserted:
             self._store_messages(chat_id, inserted, write, counted=batched)
+            if write.stamp is not None:
+                self._last_stamped[chat_id] = inserted[-1].id
         if plan.changes_row or write.binding is not None:
             hit("UpdateChat")
             stored = self._write_row(
@@ -568,11 +593,17 @@ class MemoryStore(StoreOps):
             notifies += announce.changes(plan.event, applied)
         if notifies:
             self._deliver(notifies)
+        self._remember_write(chat_id, plan, write, applied, prev_model)
         return applied
 
     # -- bulk ownership ---------------------------------------------------------
     async def _claim(
-        self, plan: Plan, worker_id: uuid.UUID, limit: int, announce: Announcer | None
+        self,
+        plan: Plan,
+        worker_id: uuid.UUID,
+        limit: int,
+        announce: Announcer | None,
+        prompts: bool = False,
     ) -> list[Chat]:
         await trio.lowlevel.checkpoint()
         self._check_announce(announce)
@@ -585,8 +616,27 @@ class MemoryStore(StoreOps):
         claimed = [
             self._out(self._write_row(c, plan, now, worker_id=worker_id)) for c in ready[:limit]
         ]
+        if prompts:
+            self._load_prompts(claimed)
         self._announce_each(announce, plan, claimed)
         return claimed
+
+    def _load_prompts(self, claimed: Sequence[Chat]) -> None:
+        """As the PostgreSQL adapter: the tails of every claim in one statement, then the
+        prompts it could not complete from the cache in one more."""
+        self._hit("GetPromptTails")
+        missed = False
+        for chat in claimed:
+            stamped = self._last_stamped.get(chat.id, 0)
+            anchor = self._last_model_visible(chat.id, stamped)
+            tail = [m for m in self._live_messages(chat.id) if m.model_visible and m.id > stamped]
+            prompt = prompt_tail_plan(chat.id, anchor, tail, self._prompts)
+            if prompt is None:
+                missed = True
+                prompt = tuple(self._prompt(chat.id))
+            self._prompts.put(chat.id, prompt, chat.owner_token)
+        if missed:
+            self._hit("GetPromptMessages")
 
     def _announce_each(self, announce: Announcer | None, plan: Plan, chats: Sequence[Chat]) -> None:
         if announce is None or not chats:

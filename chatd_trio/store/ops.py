@@ -32,7 +32,7 @@ from chatd_trio.errors import (
     QueueFull,
     StoreError,
 )
-from chatd_trio.lifecycle import ChatView, Event, Plan, Refused, decide, taken
+from chatd_trio.lifecycle import ChatView, Effect, Event, Plan, Refused, decide, taken
 from chatd_trio.store.base import (
     Announcer,
     Applied,
@@ -40,6 +40,7 @@ from chatd_trio.store.base import (
     EditResult,
     FinishResult,
     Lease,
+    PromptCache,
     SendResult,
     TurnOutcome,
     Write,
@@ -77,6 +78,7 @@ class StoreOps:
     """
 
     _limits: LimitsConfig
+    _prompts: PromptCache
 
     # -- what an adapter implements ---------------------------------------------------------
 
@@ -97,7 +99,12 @@ class StoreOps:
         raise NotImplementedError
 
     async def _claim(
-        self, plan: Plan, worker_id: uuid.UUID, limit: int, announce: Announcer | None
+        self,
+        plan: Plan,
+        worker_id: uuid.UUID,
+        limit: int,
+        announce: Announcer | None,
+        prompts: bool = False,
     ) -> list[Chat]:
         raise NotImplementedError
 
@@ -278,13 +285,34 @@ class StoreOps:
 
     # -- ownership ----------------------------------------------------------------------
     async def acquire(
-        self, worker_id: uuid.UUID, limit: int, *, announce: Announcer | None = None
+        self,
+        worker_id: uuid.UUID,
+        limit: int,
+        *,
+        announce: Announcer | None = None,
+        prompts: bool = False,
     ) -> list[Chat]:
         """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
-        with `announce`, each claim's `running` status is sent in the same transaction."""
-        chats = await self._claim(_ACQUIRE, worker_id, limit, announce)
+        with `announce`, each claim's `running` status is sent in the same transaction;
+        with `prompts`, each claim's prompt is loaded too (`cached_prompt`)."""
+        chats = await self._claim(_ACQUIRE, worker_id, limit, announce, prompts)
         taken(_ACQUIRE, len(chats))
         return chats
+
+    def cached_prompt(self, lease: Lease) -> list[Message] | None:
+        """The prompt `acquire(prompts=True)` loaded for this run, with its writes since."""
+        return self._prompts.get(lease)
+
+    def _remember_write(
+        self, chat_id: uuid.UUID, plan: Plan, write: Write, applied: Applied, prev: int
+    ) -> None:
+        """Keep the prompt cache in step with a write that landed (`prev`: the chat's last
+        model-visible message before it)."""
+        if applied.replayed or plan.has(Effect.REPLACE_FROM):
+            self._prompts.forget(chat_id)
+        elif applied.inserted and write.stamp is not None:
+            # A run's write: what the next acquisition finds before the user's messages.
+            self._prompts.extend(chat_id, prev, applied.inserted)
 
     async def recover_stale(
         self, stale_after: float, *, announce: Announcer | None = None

@@ -78,6 +78,7 @@ from chatd_trio.store.base import (
     Applied,
     Binding,
     Lease,
+    PromptCache,
     StatementCounter,
     Write,
     check_edit_target,
@@ -85,6 +86,7 @@ from chatd_trio.store.base import (
     check_user_parts,
     pipelined,
     promoted_by,
+    prompt_tail_plan,
 )
 from chatd_trio.store.ops import StoreOps, user_message
 
@@ -204,7 +206,10 @@ _SQL_INSERT_MESSAGES_TEMPLATE = (
     # The statement's snapshot excludes its own rows: this is the chat's latest visible
     # message before the insert (the chat row is locked, so nothing else inserts).
     " (SELECT max(p.id) FROM chat_messages p WHERE p.chat_id = chat_messages.chat_id"
-    " AND NOT p.deleted AND p.visibility IN ('user', 'both')) AS prev_visible_id"
+    " AND NOT p.deleted AND p.visibility IN ('user', 'both')) AS prev_visible_id,"
+    # And its latest model-visible one: the prompt cache extends only from there.
+    " (SELECT max(p.id) FROM chat_messages p WHERE p.chat_id = chat_messages.chat_id"
+    " AND NOT p.deleted AND p.visibility IN ('model', 'both')) AS prev_model_id"
 )
 _SQL_INSERT_MESSAGES = _SQL_INSERT_MESSAGES_TEMPLATE.format(gate="")
 _SQL_INSERT_MESSAGES_GATED = _SQL_INSERT_MESSAGES_TEMPLATE.format(gate=f" WHERE {_GATE}")
@@ -220,15 +225,35 @@ _SQL_MESSAGES_AFTER = (
     " AND visibility IN ('user', 'both') ORDER BY id"
 )
 # The boundary is the latest compressed summary (a compressed user message); before it
-# only uncompressed system messages survive (docs/spec.md §3.1).
+# only uncompressed system messages survive (docs/spec.md §3.1). For any number of chats.
 _SQL_PROMPT_MESSAGES = (
-    f"WITH visible AS (SELECT {_MSG} FROM chat_messages WHERE chat_id = %s AND NOT deleted"
-    " AND visibility IN ('model', 'both')),"
-    " boundary AS (SELECT max(id) AS id FROM visible WHERE compressed AND role = 'user')"
+    f"WITH visible AS (SELECT {_MSG} FROM chat_messages WHERE chat_id = ANY(%s::uuid[])"
+    " AND NOT deleted AND visibility IN ('model', 'both')),"
+    " boundary AS (SELECT chat_id, max(id) AS id FROM visible WHERE compressed"
+    " AND role = 'user' GROUP BY chat_id)"
     f" SELECT {', '.join('v.' + c.strip() for c in _MSG.split(','))}"
-    " FROM visible v CROSS JOIN boundary b"
+    " FROM visible v LEFT JOIN boundary b ON b.chat_id = v.chat_id"
     " WHERE b.id IS NULL OR v.id >= b.id OR (v.role = 'system' AND NOT v.compressed)"
-    " ORDER BY v.id"
+    " ORDER BY v.chat_id, v.id"
+)
+# The chats the acquisition in this transaction claimed (see _SQL_ACQUIRE), each with
+# the id of the last message a run wrote (`stamped`), the last model-visible message up
+# to it (`anchor`, what a cached prompt must end with), and the model-visible messages
+# after it (one row each; none: one row of NULLs), which the API wrote: the user's.
+_CLAIMED = "chatd.claimed"
+_SQL_PROMPT_TAILS = (
+    "SELECT k.id AS tail_of, k.anchor,"
+    f" {', '.join('m.' + c.strip() for c in _MSG.split(','))}"
+    " FROM (SELECT s.id, s.stamped, (SELECT coalesce(max(a.id), 0) FROM chat_messages a"
+    " WHERE a.chat_id = s.id AND a.id <= s.stamped AND NOT a.deleted"
+    " AND a.visibility IN ('model', 'both')) AS anchor"
+    " FROM (SELECT i.id, (SELECT coalesce(max(x.id), 0) FROM chat_messages x"
+    " WHERE x.chat_id = i.id AND x.owner_token IS NOT NULL) AS stamped"
+    f" FROM unnest(string_to_array(current_setting('{_CLAIMED}', true), ',')::uuid[])"
+    " AS i(id)) AS s) AS k"
+    " LEFT JOIN chat_messages m ON m.chat_id = k.id AND m.id > k.stamped AND NOT m.deleted"
+    " AND m.visibility IN ('model', 'both')"
+    " ORDER BY k.id, m.id"
 )
 _SQL_LATEST_ASSISTANT_TEXT = (
     "SELECT t.txt FROM chat_messages m CROSS JOIN LATERAL ("
@@ -269,13 +294,17 @@ _SQL_POP_QUEUED = (
 )
 # The bulk ownership statements execute a lifecycle plan: its source and target status,
 # and a new ownership token for every row they change.
+# It also names the claimed chats in the transaction-local `chatd.claimed`, for the
+# prompt read sent with it (_SQL_PROMPT_TAILS).
 _SQL_ACQUIRE = (
-    "UPDATE chats AS c SET status = %(target)s, worker_id = %(worker)s, started_at = now(),"
-    " heartbeat_at = now(), updated_at = now(), last_error = NULL,"
+    "WITH claimed AS (UPDATE chats AS c SET status = %(target)s, worker_id = %(worker)s,"
+    " started_at = now(), heartbeat_at = now(), updated_at = now(), last_error = NULL,"
     " owner_token = c.owner_token + 1"
     " FROM (SELECT id, updated_at FROM chats WHERE status = %(source)s"
     " ORDER BY updated_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS p"
-    f" WHERE c.id = p.id RETURNING {_CHAT_C}, p.updated_at AS pending_since"
+    f" WHERE c.id = p.id RETURNING {_CHAT_C}, p.updated_at AS pending_since)"
+    f" SELECT k.*, set_config('{_CLAIMED}',"
+    " (SELECT string_agg(id::text, ',') FROM claimed), true) AS claimed_ids FROM claimed k"
 )
 _SQL_RELEASE = (
     "UPDATE chats AS c SET status = %(target)s, worker_id = NULL, started_at = NULL,"
@@ -458,6 +487,19 @@ def _inserted(rows: Sequence[DictRow]) -> list[Message]:
     return out
 
 
+def _by_chat(rows: Sequence[DictRow]) -> dict[uuid.UUID, list[Message]]:
+    out: dict[uuid.UUID, list[Message]] = {}
+    for r in rows:
+        out.setdefault(r["chat_id"], []).append(_message(r))
+    return out
+
+
+def _prev_model(rows: Sequence[DictRow]) -> int:
+    """The chat's last model-visible message before an insert (its rows)."""
+    first = min(rows, key=lambda r: int(r["id"]), default=None)
+    return int(first["prev_model_id"] or 0) if first is not None else 0
+
+
 def _notify_params(notifies: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
     return [c for c, _ in notifies], [p for _, p in notifies]
 
@@ -620,6 +662,7 @@ class PostgresStore(StoreOps):
         self._config = config
         self._limits = limits
         self._counter = StatementCounter.new()
+        self._prompts = PromptCache(config.prompt_cache_chats)
         self._in_use = 0
         self._max_in_use = 0
 
@@ -897,10 +940,12 @@ class PostgresStore(StoreOps):
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
 
         async def body(conn: _Conn) -> list[Message]:
-            rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, (chat_id,))
+            rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, ([chat_id],))
             return [_message(r) for r in rows]
 
-        return await self._run("prompt_messages", body)
+        prompt = await self._run("prompt_messages", body)
+        self._prompts.refresh(chat_id, prompt)
+        return prompt
 
     async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
         """The latest non-blank user-visible assistant text (a subagent's report)."""
@@ -1014,10 +1059,13 @@ class PostgresStore(StoreOps):
             if write.owner_id is not None and chat.owner_id != write.owner_id:
                 raise PermissionDenied(f"chat {chat_id} does not belong to this user")
             if row["last_op_id"] == write.op_id or row["op_inserted"]:
+                self._prompts.forget(chat_id)
                 return await self._replayed(conn, chat, write, bool(row["op_inserted"]))
             if not plan.guard.holds(ChatView.of(chat)):
                 return Applied(False, chat)
             applied = await self._execute_plan(conn, chat, plan, write, mark)
+            # An edit or a promotion: the next acquisition reads the prompt whole.
+            self._prompts.forget(chat_id)
             if announce is not None:
                 await self._notify(conn, _announced(announce, plan, applied))
             return applied
@@ -1113,9 +1161,12 @@ class PostgresStore(StoreOps):
             raise PermissionDenied(f"chat {chat_id} does not belong to this user")
         if not holds:
             if row["last_op_id"] == write.op_id or row["op_inserted"]:
-                return await self._replayed(conn, chat, write, bool(row["op_inserted"]))
+                replayed = await self._replayed(conn, chat, write, bool(row["op_inserted"]))
+                self._remember_write(chat_id, plan, write, replayed, 0)
+                return replayed
             return Applied(False, chat)
         inserted = _inserted(effects.get("InsertChatMessages", ()))
+        prev_model = _prev_model(effects.get("InsertChatMessages", ()))
         if "UpdateChat" in effects:
             chat = _chat(effects["UpdateChat"][0])
         queued: QueuedMessage | None = None
@@ -1124,7 +1175,9 @@ class PostgresStore(StoreOps):
             queued = _queued(effects["InsertQueuedMessage"][0])
             queue = tuple(_queued(r) for r in await sent["GetQueuedMessages"].fetchall())
             chat = dataclasses.replace(chat, queued=len(queue))
-        return Applied(True, chat, inserted=tuple(inserted), queued=queued, queue=queue)
+        applied = Applied(True, chat, inserted=tuple(inserted), queued=queued, queue=queue)
+        self._remember_write(chat_id, plan, write, applied, prev_model)
+        return applied
 
     async def _replayed(
         self, conn: _Conn, chat: Chat, write: Write, inserted_some: bool
@@ -1230,7 +1283,12 @@ class PostgresStore(StoreOps):
 
     # -- bulk ownership -------------------------------------------------------------
     async def _claim(
-        self, plan: Plan, worker_id: uuid.UUID, limit: int, announce: Announcer | None
+        self,
+        plan: Plan,
+        worker_id: uuid.UUID,
+        limit: int,
+        announce: Announcer | None,
+        prompts: bool = False,
     ) -> list[Chat]:
         if limit < 1:
             await trio.lowlevel.checkpoint()
@@ -1249,22 +1307,64 @@ class PostgresStore(StoreOps):
         async def body(conn: _Conn) -> list[Chat]:
             return claimed(await self._fetch(conn, "AcquireChats", _SQL_ACQUIRE, params))
 
-        async def announced(conn: _Conn) -> list[Chat]:
-            # The claims' `running` notifies need the new tokens: a second batch, with
-            # the COMMIT (a ROLLBACK when nothing was claimed).
+        async def batched(conn: _Conn) -> list[Chat]:
+            # The claim and the prompts' tails, then (they need the claims' new tokens and
+            # what the tails showed) the notifies, the prompts the cache could not
+            # complete and the COMMIT; a ROLLBACK when nothing was claimed.
+            loaded: dict[uuid.UUID, tuple[Message, ...]] = {}
+            full: _Cursor | None = None
             async with _batched(conn) as batch:
                 self._counter.hit("AcquireChats")
                 cursor = await conn.execute(_SQL_ACQUIRE, params)
+                tails: _Cursor | None = None
+                if prompts:
+                    self._counter.hit("GetPromptTails")
+                    tails = await conn.execute(_SQL_PROMPT_TAILS)
                 await batch.sync()
                 chats = claimed(await cursor.fetchall())
                 if not chats:
                     await batch.rollback()
-                else:
-                    assert announce is not None
+                    return []
+                if tails is not None:
+                    missing = self._complete_prompts(await tails.fetchall(), loaded)
+                    if missing:
+                        self._counter.hit("GetPromptMessages")
+                        full = await conn.execute(_SQL_PROMPT_MESSAGES, (missing,))
+                if announce is not None:
                     await self._notify(conn, _announce_each(announce, plan, chats))
+                await batch.commit()
+            if full is not None:
+                for chat_id, messages in _by_chat(await full.fetchall()).items():
+                    loaded[chat_id] = tuple(messages)
+            if prompts:
+                for chat in chats:
+                    self._prompts.put(chat.id, loaded.get(chat.id, ()), chat.owner_token)
             return chats
 
-        return await self._run("acquire", body if announce is None else announced)
+        plain = announce is None and not prompts
+        return await self._run("acquire", body if plain else batched)
+
+    def _complete_prompts(
+        self, rows: Sequence[DictRow], loaded: dict[uuid.UUID, tuple[Message, ...]]
+    ) -> list[uuid.UUID]:
+        """Fill `loaded` with the prompts the cache completes from the claims' tails; the
+        chats whose prompt must be read whole."""
+        anchors: dict[uuid.UUID, int] = {}
+        tails: dict[uuid.UUID, list[Message]] = {}
+        for r in rows:
+            chat_id = r["tail_of"]
+            anchors[chat_id] = r["anchor"]
+            tail = tails.setdefault(chat_id, [])
+            if r["id"] is not None:
+                tail.append(_message(r))
+        missing: list[uuid.UUID] = []
+        for chat_id, anchor in anchors.items():
+            prompt = prompt_tail_plan(chat_id, anchor, tails[chat_id], self._prompts)
+            if prompt is None:
+                missing.append(chat_id)
+            else:
+                loaded[chat_id] = prompt
+        return missing
 
     async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
         if not leases:
