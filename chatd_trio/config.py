@@ -19,9 +19,19 @@ class AcquireConfig:
     acquire_interval: float = 1.0
     # One statement claims up to 10 chats: fewer round trips under load, bounded per tick.
     max_chats_per_acquire: int = 10
+    # At most 100 turns run at once on one replica (LangGraph's worker pool has the same
+    # knob): past that its CPU, its connection pool and the model quota only queue them.
+    # A replica claims no more than its free capacity, leaving pending chats to its peers.
+    max_running_turns: int = 100
     # 30 s heartbeat, stale after 5 min: ten missed beats before another replica takes over.
     heartbeat_interval: float = 30.0
     stale_after: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_chats_per_acquire", "max_running_turns"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AcquireConfig.{name} must be an integer >= 1, not {value!r}")
 
     @property
     def stale_recovery_interval(self) -> float:

@@ -120,6 +120,8 @@ class ServerStats:
     late_tool_results_dropped: int = 0
     # Turn writes retried through a transient store fault.
     store_retries: int = 0
+    # Acquisitions not tried because the replica ran `AcquireConfig.max_running_turns`.
+    acquire_skipped_full: int = 0
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -256,8 +258,15 @@ class Server:
             self._work = trio.Event()
 
     async def _acquire_until_short_batch(self) -> None:
-        limit = self.config.acquire.max_chats_per_acquire
+        cfg = self.config.acquire
         while True:
+            # Only as many as there is room for: a full replica leaves pending chats to its
+            # peers (and a turn that ends wakes this loop).
+            free = cfg.max_running_turns - len(self._controls)
+            if free <= 0:
+                self._bump("acquire_skipped_full")
+                return
+            limit = min(cfg.max_chats_per_acquire, free)
             # The claim runs shielded so that a close cannot cancel it after the database
             # committed; a close observed afterwards hands the chats straight back. A claim
             # cut off by its deadline may have committed: stale recovery returns those.
@@ -398,7 +407,11 @@ class Server:
         """The turn wrote its last row: it no longer counts as running here (idempotent)."""
         if control not in self._controls:
             return
+        full = len(self._controls) >= self.config.acquire.max_running_turns
         self._controls.discard(control)
+        if full:
+            # Room for one more turn: the acquire loop waited for it.
+            self.wake()
         self._finished[outcome.value] = self._finished.get(outcome.value, 0) + 1
         self.streams.end_turn(chat_id, generation)
         if self._turns.get(chat_id) is control:
@@ -990,6 +1003,7 @@ class Server:
             fenced=c.get("fenced", 0),
             late_tool_results_dropped=c.get("late_tool_results_dropped", 0),
             store_retries=c.get("store_retries", 0),
+            acquire_skipped_full=c.get("acquire_skipped_full", 0),
             extra={
                 **self.workspace_stats.snapshot(),
                 **{

@@ -1056,3 +1056,36 @@ async def test_a_recovered_turn_whose_answer_is_stored_is_not_answered_again(
         assert server.stats().turns_finished == {"done": 1}
     assert model_calls == []
     assert await history(env.store, chat.id) == [("user", "question"), ("assistant", "the answer")]
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_a_full_replica_leaves_pending_chats_to_its_peers(env: Env, clock: Any) -> None:
+    small = env.config.replace(acquire=dataclasses.replace(env.config.acquire, max_running_turns=2))
+    async with env.server(hanging_model(), config=small) as a:
+        chats = [await a.create_chat(OWNER, f"hang {i}", title="t") for i in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(a.running_chats) == 2
+        statuses = [(await env.store.get_chat(c.id)).status for c in chats]
+        assert statuses.count(ChatStatus.PENDING) == 3
+        assert a.stats().acquire_skipped_full >= 1
+        async with env.server(hanging_model()) as b:
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(b.running_chats) == 3 and len(a.running_chats) == 2
+            # One of A's turns ends: the room it leaves is used again.
+            stopped = sorted(a.running_chats)[0]
+            await a.interrupt(OWNER, stopped)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(a.running_chats) == 1
+            late = await a.create_chat(OWNER, "hang late", title="t")
+            await trio.testing.wait_all_tasks_blocked()
+            assert late.id in a.running_chats and len(a.running_chats) == 2
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+@pytest.mark.parametrize("field", ["max_running_turns", "max_chats_per_acquire"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+async def test_acquisition_bounds_must_be_positive_integers(
+    kind: str, field: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        AcquireConfig(**{field: value})  # type: ignore[arg-type]
