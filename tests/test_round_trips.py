@@ -112,10 +112,12 @@ async def test_a_steady_turn_is_one_batch_per_write_plus_one_for_its_notifies(
         chat, _ = await store.create_chat(owner, "t", (TextPart("u1"),))
         spent: dict[str, int] = {}
 
-        async def cost(name: str, op: Awaitable[T]) -> T:
-            before = trips(store)
+        async def cost(name: str, op: Awaitable[T], attempts: int = 1) -> T:
+            before, crossed = trips(store), store.bridge_crossings()
             result = await op
             spent[name] = trips(store) - before
+            # One crossing into asyncio per attempt, however many batches it sends.
+            assert store.bridge_crossings() - crossed == attempts, name
             return result
 
         (running,) = await cost("acquire", store.acquire(W, 1, announce=announce))
@@ -125,6 +127,7 @@ async def test_a_steady_turn_is_one_batch_per_write_plus_one_for_its_notifies(
         queued = await cost(
             "queued send",
             store.send_message(chat.id, (TextPart("q"),), max_queued=20, announce=announce),
+            attempts=2,
         )
         assert queued.queued is not None
         await store.delete_queued(chat.id, queued.queued.id)

@@ -740,6 +740,10 @@ class PostgresStore(StoreOps):
         """Executions per statement name since the store was opened."""
         return self._counter.snapshot()
 
+    def bridge_crossings(self) -> int:
+        """Trio -> asyncio crossings of this store's operations: one per operation."""
+        return self._bridge.crossings
+
     def round_trips(self) -> int | None:
         """Network round trips of the pool's connections since the store was opened
         (statements, BEGIN, COMMIT, pipelined batches: `chatd_trio._pgtrace`), or None
