@@ -806,6 +806,7 @@ class ReplicaRunner:
             "pool": {
                 "size": pool.get("max_size", 0),
                 "max_in_use": pool.get("max_in_use", 0),
+                "mean_in_use": round(pool.get("mean_in_use", 0.0), 2),
             },
             "pid": os.getpid(),
             "worker_id": str(self.server.worker_id),
@@ -1171,8 +1172,10 @@ def _summarise(
         "db_pool": {
             "size": max((r["pool"]["size"] for r in reports), default=0),
             "max_in_use": max((r["pool"]["max_in_use"] for r in reports), default=0),
-            # Per replica, during the steady phase (turns 2..M).
+            # Per replica, during the steady phase (turns 2..M): the high-water mark and
+            # the time-weighted mean of the connections in use.
             "steady_max_in_use_per_replica": [r["pool"]["max_in_use"] for r in reports],
+            "steady_mean_in_use_per_replica": [r["pool"].get("mean_in_use", 0.0) for r in reports],
         },
         "reliability": _reliability(
             plan, facts, counts, durable, progress, outcome, workers, reports, faults, crashes

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import importlib.resources
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -665,6 +666,10 @@ class PostgresStore(StoreOps):
         self._prompts = PromptCache(config.prompt_cache_chats)
         self._in_use = 0
         self._max_in_use = 0
+        # Connection-seconds in use since the high-water mark was last reset, and when
+        # that was: their ratio is the mean number of connections in use.
+        self._in_use_area = 0.0
+        self._in_use_changed = self._in_use_since = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -723,6 +728,7 @@ class PostgresStore(StoreOps):
             available=stats.get("pool_available", 0),
             in_use=self._in_use,
             max_in_use=self._max_in_use,
+            mean_in_use=self._mean_in_use(),
             min_size=self._pool.min_size,
             max_size=self._pool.max_size,
             max_idle=self._pool.max_idle,
@@ -732,9 +738,23 @@ class PostgresStore(StoreOps):
         return stats
 
     def reset_pool_high_water(self) -> None:
-        """Restart `pool_stats()["max_in_use"]` from the connections in use now (a
-        benchmark's steady phase)."""
+        """Restart `pool_stats()["max_in_use"]` and `["mean_in_use"]` from the connections
+        in use now (a benchmark's steady phase)."""
         self._max_in_use = self._in_use
+        self._in_use_area = 0.0
+        self._in_use_changed = self._in_use_since = time.monotonic()
+
+    def _mean_in_use(self) -> float:
+        now = time.monotonic()
+        area = self._in_use_area + self._in_use * (now - self._in_use_changed)
+        return area / (now - self._in_use_since) if now > self._in_use_since else 0.0
+
+    def _count_in_use(self, delta: int) -> None:
+        now = time.monotonic()
+        self._in_use_area += self._in_use * (now - self._in_use_changed)
+        self._in_use_changed = now
+        self._in_use += delta
+        self._max_in_use = max(self._max_in_use, self._in_use)
 
     def statement_counts(self) -> dict[str, int]:
         """Executions per statement name since the store was opened."""
@@ -765,15 +785,14 @@ class PostgresStore(StoreOps):
         try:
             async with self._pool.connection() as conn:
                 borrowed = conn
-                self._in_use += 1
-                self._max_in_use = max(self._max_in_use, self._in_use)
+                self._count_in_use(1)
                 try:
                     if transaction:
                         async with conn.transaction():
                             return await body(conn)
                     return await body(conn)
                 finally:
-                    self._in_use -= 1
+                    self._count_in_use(-1)
         except DecodeError as exc:
             raise StoreError(f"{op}: a stored row does not decode: {exc}") from exc
         except ChatdError:
