@@ -150,6 +150,7 @@ async def test_a_root_chat_spawns_a_subagent_and_receives_its_report() -> None:
         stats = server.stats()
         assert stats.extra["subagent_spawned"] == 1
         assert stats.extra["subagent_completed"] == 1
-        # Woken by the child's notify, not by the 5 s fallback poll.
+        # Woken by the child's notify, not by the 5 s fallback poll (or the child was
+        # done at the wait's first check: no wake at all).
         assert stats.extra["subagent_poll_wakes"] == 0
-        assert stats.extra["subagent_notify_wakes"] >= 1
+        assert stats.extra["subagent_notify_wakes"] >= 1 or stats.extra["subagent_checks"] == 1
