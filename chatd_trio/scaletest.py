@@ -126,6 +126,7 @@ PER_TURN_KEYS = (
     "dials",
     "validations",
     "notify_publishes",
+    "driver_reads",
 )
 
 FAULTS = ("sigkill", "sigstop", "pg_restart", "pool_kill", "listen_kill", "outage")
@@ -503,6 +504,10 @@ class ReplicaRunner:
         self.stats = RunnerStats()
         self.reads_same = 0
         self.reads_cross = 0
+        # The drivers' own reads (a turn's end confirmed in the database, a send checked
+        # after a failure, the final read): one statement and one round trip each, the
+        # harness's cost and not a turn's.
+        self.driver_reads = 0
         self.latency_local: list[float] = []
         self.latency_cross: list[float] = []
         self.phase1 = trio.Event()
@@ -531,6 +536,7 @@ class ReplicaRunner:
             "validations": extra.get("validations", 0),
             "stream_db_reads_same_replica": self.reads_same,
             "stream_db_reads_cross_replica": self.reads_cross,
+            "driver_reads": self.driver_reads,
             "parts_dropped": stats.streams["dropped_buffer"] + stats.streams["dropped_subscriber"],
         }
         # NOTIFYs sent through the pubsub (status, queue, owner and, unless sent in the
@@ -769,6 +775,7 @@ class ReplicaRunner:
     async def _read(self, read: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
         while True:
+            self.driver_reads += 1
             try:
                 return await read()
             except TRANSIENT as exc:
@@ -1135,6 +1142,9 @@ def _summarise(
     def per_turn(statements: dict[str, int], flat: dict[str, int], turns: int) -> dict[str, float]:
         out = {"statements": sum(statements.values())}
         out.update({k: flat.get(k, 0) for k in PER_TURN_KEYS if k != "statements"})
+        if "round_trips" in flat:
+            # What the turns cost on the wire, the drivers' own reads set apart.
+            out["turn_round_trips"] = flat["round_trips"] - flat.get("driver_reads", 0)
         return {k: round(v / turns, 3) if turns else 0.0 for k, v in out.items()}
 
     steady_flat = {k: end_flat.get(k, 0) - start_flat.get(k, 0) for k in end_flat}
