@@ -17,6 +17,7 @@ import trio
 
 from chatd_trio.config import PostgresConfig, PubSubConfig
 from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, Visibility
+from chatd_trio.errors import StoreError
 from chatd_trio.lifecycle import Event
 from chatd_trio.pubsub.auth import NotifyAuth, new_key_text
 from chatd_trio.pubsub.postgres import PostgresPubSub
@@ -181,3 +182,21 @@ async def test_a_turn_run_by_another_replica_makes_the_prompt_a_whole_read(
         assert [m.role for m in prompt or []] == [Role.USER, Role.ASSISTANT] * 2 + [Role.USER]
         # Still two round trips: the whole read rides in the acquisition's second batch.
         assert spent["GetPromptMessages"] == 1 and round_trips == 2
+
+
+async def test_a_batch_the_server_refuses_rolls_the_whole_write_back(pg_dsn: str) -> None:
+    """An error inside the first batch (here a value no bigint holds) aborts the
+    transaction: nothing of the write lands, the row lock is gone and the connection
+    goes back to the pool clean, so the next write of the chat lands at once."""
+    async with counted_store(pg_dsn) as store:
+        await store.create_chat(uuid.uuid4(), "t", (TextPart("u1"),))
+        (running,) = await store.acquire(W, 1)
+        lease = Lease.of(running)
+        bad = [NewMessage(Role.ASSISTANT, (TextPart("x"),), Visibility.BOTH, context_limit=2**70)]
+        with pytest.raises(StoreError):
+            await store.persist_step(lease, bad)
+        assert [m.role for m in await store.messages_after(lease.chat_id, 0)] == [Role.USER]
+        with trio.fail_after(10):
+            (ok,) = await store.persist_step(lease, say("fine"))
+        assert ok.prev_id is not None
+        assert store.pool_stats()["in_use"] == 0
