@@ -200,3 +200,31 @@ async def test_a_batch_the_server_refuses_rolls_the_whole_write_back(pg_dsn: str
             (ok,) = await store.persist_step(lease, say("fine"))
         assert ok.prev_id is not None
         assert store.pool_stats()["in_use"] == 0
+
+
+async def test_a_replay_with_notifies_reads_what_landed_and_announces_nothing(
+    pg_dsn: str,
+) -> None:
+    auth = NotifyAuth.from_key_text(new_key_text())
+    async with (
+        counted_store(pg_dsn) as store,
+        PostgresPubSub.open(pg_dsn, auth=auth) as ps,
+        ps.subscribe("trips") as sub,
+    ):
+        announce = Sealing(ps)
+        await store.create_chat(uuid.uuid4(), "t", (TextPart("u1"),))
+        (running,) = await store.acquire(W, 1)
+        lease, op = Lease.of(running), uuid.uuid4()
+        first = await store.persist_step(lease, say("a1"), announce=announce, op_id=op)
+        notifies = store.statement_counts()["NotifyInTransaction"]
+        before = trips(store)
+        again = await store.persist_step(lease, say("a1"), announce=announce, op_id=op)
+        assert again == first
+        # The batch, the read of what landed, the ROLLBACK: no second notify.
+        assert trips(store) - before == 3
+        assert store.statement_counts()["NotifyInTransaction"] == notifies
+        fin = await store.finish_turn(lease, TurnOutcome.DONE, announce=announce)
+        assert fin.changed
+        got = [await sub.receive() for _ in range(3)]
+    # The step's notifies, then the finish's: the replay sent none in between.
+    assert got == [str(first[0].id), "running", "waiting"]
