@@ -5,8 +5,11 @@
 
 Without `--faults`, each variant runs `chatd-trio scaletest --store postgres --json`
 against the `--admin-dsn` server (the command creates its own database there and drops
-it) and the script prints one JSON object with both summaries, the exact commands and
-the optimised/baseline ratios.
+it); right after the optimised one, `benchmarks/raw_floor.py` replays the same number
+of turns raw, with as many connections as the replicas' pools (`--no-floor` skips it).
+The script prints one JSON object with the summaries, the exact commands, the
+framework's share of the floor and the optimised/baseline ratios (`--no-baseline`
+runs the optimised variant only).
 
 With `--faults`, it runs the scale test once per fault kind (each on a throwaway
 cluster the command starts itself) and prints one JSON object: the rows of the
@@ -24,6 +27,8 @@ import shlex
 import subprocess
 import sys
 from typing import Any
+
+from chatd_trio.config import ScaleTestConfig
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 FAULTS = ("none", "sigkill", "sigstop", "pg_restart", "pool_kill", "listen_kill", "outage")
@@ -88,6 +93,19 @@ def run_fault(args: argparse.Namespace, fault: str) -> dict[str, Any]:
     }
 
 
+def run_floor(args: argparse.Namespace) -> dict[str, Any]:
+    concurrency = args.replicas * ScaleTestConfig().pool_max_size
+    argv = [
+        "--chats", str(args.chats), "--turns", str(args.turns),
+        "--concurrency", str(concurrency),
+    ]  # fmt: skip
+    cmd = [sys.executable, "benchmarks/raw_floor.py", "--dsn", args.admin_dsn, *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    result["command"] = shlex.join(["python", "benchmarks/raw_floor.py", "--dsn", "DSN", *argv])
+    return result
+
+
 def _commit() -> str:
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip()
@@ -117,6 +135,10 @@ def main() -> None:
     parser.add_argument("--stale-after", type=float, default=6.0)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--outage-seconds", type=float, default=15.0)
+    parser.add_argument("--no-baseline", action="store_true", help="the optimised variant only")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the raw SQL floor (benchmarks/raw_floor.py)"
+    )
     args = parser.parse_args()
     if args.faults:
         args.chats = args.chats or 200
@@ -130,15 +152,27 @@ def main() -> None:
     args.chats = args.chats or 600
     args.turns = args.turns or 10
     optimised = run_variant(args, baseline=False)
-    baseline = run_variant(args, baseline=True)
-    ratios = {
-        "turns_per_s": round(optimised["turns_per_s"] / baseline["turns_per_s"], 3),
-        "steady_statements_per_turn": round(
-            optimised["steady_per_turn"]["statements"] / baseline["steady_per_turn"]["statements"],
-            3,
-        ),
-    }
-    print(json.dumps({"optimised": optimised, "baseline": baseline, "ratios": ratios}))
+    out: dict[str, Any] = {"optimised": optimised}
+    if not args.no_floor:
+        # In the same run: the same steady turns replayed raw, with as many connections
+        # as the replicas' pools together.
+        floor = run_floor(args)
+        out["raw_floor"] = floor
+        out["framework_over_floor"] = round(
+            optimised["turns_per_s"] / floor["floor_turns_per_s"], 3
+        )
+    if not args.no_baseline:
+        baseline = run_variant(args, baseline=True)
+        out["baseline"] = baseline
+        out["ratios"] = {
+            "turns_per_s": round(optimised["turns_per_s"] / baseline["turns_per_s"], 3),
+            "steady_statements_per_turn": round(
+                optimised["steady_per_turn"]["statements"]
+                / baseline["steady_per_turn"]["statements"],
+                3,
+            ),
+        }
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -38,9 +38,12 @@ class Bridge:
 
     def __init__(self, loop: Any) -> None:
         self._loop = loop
+        # Crossings into asyncio so far: a store operation is one, whatever its statements.
+        self.crossings = 0
 
     async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
         """Call `fn(*args, **kwargs)` as one asyncio coroutine and return its result."""
+        self.crossings += 1
         result: T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
         return result
 

@@ -117,6 +117,10 @@ class AcquireConfig(Checked):
     acquire_interval: float = 1.0
     # One statement claims up to 10 chats: fewer round trips under load, bounded per tick.
     max_chats_per_acquire: int = 10
+    # At most 100 turns run at once on one replica (LangGraph's worker pool has the same
+    # knob): past that its CPU, its connection pool and the model quota only queue them.
+    # A replica claims no more than its free capacity, leaving pending chats to its peers.
+    max_running_turns: int = 100
     # 30 s heartbeat, stale after 5 min: ten missed beats before another replica takes over.
     heartbeat_interval: float = 30.0
     stale_after: float = 300.0
@@ -285,8 +289,8 @@ class WorkspaceConfig(Checked):
     # OpenAI-compatible APIs refuse a request whose tool names exceed 64 characters or use
     # anything but [A-Za-z0-9_-]; such MCP tools are left out rather than break the turn.
     tool_name_max_chars: int = 64
-    # Replica-level caches (MCP tools per agent, which chats hold an agent's instruction
-    # files) are LRU-bounded so a long-lived replica's memory stays flat.
+    # Replica-level caches (MCP tools and rows per agent, which chats hold an agent's
+    # instruction files) are LRU-bounded so a long-lived replica's memory stays flat.
     mcp_cache_max_agents: int = 4096
     instruction_ledger_max_entries: int = 100_000
     # LocalProvisioner: in-process agents for the demo and tests, one per workspace.
@@ -354,6 +358,12 @@ class PostgresConfig(Checked):
     application_name: str = "chatd_trio-store"
     # pg_advisory_xact_lock key serialising migrations across replicas ("chatdmig").
     migration_lock_key: int = 0x63686174646D6967
+    # The prompts of the last 1000 chats this replica ran stay in memory (a few MB): the
+    # next turn of one of them reads only what the user wrote since (PromptCache).
+    prompt_cache_chats: int = 1000
+    # Count every network round trip of the pool's connections (`PostgresStore.round_trips`):
+    # for benchmarks and tests; off, a connection pays nothing for it.
+    count_round_trips: bool = False
 
 
 @dataclass(frozen=True)
@@ -666,6 +676,9 @@ class PubSubConfig(Checked):
     keepalives_count: int = 3
     # Sealing of every payload: key, rotation, replay window.
     auth: NotifyAuthConfig = field(default_factory=NotifyAuthConfig)
+    # Count the round trips of the publish pool and of the LISTEN connection's commands
+    # (`PubSubStatistics.round_trips`): for benchmarks and tests.
+    count_round_trips: bool = False
 
 
 @dataclass(frozen=True)

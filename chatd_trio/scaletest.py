@@ -118,6 +118,7 @@ T = TypeVar("T")
 
 PER_TURN_KEYS = (
     "statements",
+    "round_trips",
     "latest_build_agent_lookups",
     "agent_lookups",
     "stream_db_reads_same_replica",
@@ -125,6 +126,7 @@ PER_TURN_KEYS = (
     "dials",
     "validations",
     "notify_publishes",
+    "driver_reads",
 )
 
 FAULTS = ("sigkill", "sigstop", "pg_restart", "pool_kill", "listen_kill", "outage")
@@ -502,6 +504,10 @@ class ReplicaRunner:
         self.stats = RunnerStats()
         self.reads_same = 0
         self.reads_cross = 0
+        # The drivers' own reads (a turn's end confirmed in the database, a send checked
+        # after a failure, the final read): one statement and one round trip each, the
+        # harness's cost and not a turn's.
+        self.driver_reads = 0
         self.latency_local: list[float] = []
         self.latency_cross: list[float] = []
         self.phase1 = trio.Event()
@@ -530,6 +536,7 @@ class ReplicaRunner:
             "validations": extra.get("validations", 0),
             "stream_db_reads_same_replica": self.reads_same,
             "stream_db_reads_cross_replica": self.reads_cross,
+            "driver_reads": self.driver_reads,
             "parts_dropped": stats.streams["dropped_buffer"] + stats.streams["dropped_subscriber"],
         }
         # NOTIFYs sent through the pubsub (status, queue, owner and, unless sent in the
@@ -538,6 +545,14 @@ class ReplicaRunner:
         statistics = getattr(self.server.pubsub, "statistics", None)
         if self._count_publishes and statistics is not None:
             flat["notify_publishes"] = int(statistics().published)
+        # Counted at the connections (PostgreSQL only): the store's pool and the pubsub's
+        # publishes and LISTEN commands.
+        round_trips = getattr(self.server.store, "round_trips", None)
+        if callable(round_trips) and round_trips() is not None:
+            trips = int(round_trips())
+            if statistics is not None and statistics().round_trips is not None:
+                trips += int(statistics().round_trips)
+            flat["round_trips"] = trips
         statements = dict(stats.statements) if self._count_statements else {}
         return Counters(statements, flat)
 
@@ -760,6 +775,7 @@ class ReplicaRunner:
     async def _read(self, read: Callable[[], Awaitable[T]]) -> T:
         attempt = 0
         while True:
+            self.driver_reads += 1
             try:
                 return await read()
             except TRANSIENT as exc:
@@ -773,6 +789,9 @@ class ReplicaRunner:
         """Snapshot the counters and let the drivers send turn 2."""
         if not self.go.is_set():
             self.steady_start = self.counters()
+            reset = getattr(self.server.store, "reset_pool_high_water", None)
+            if callable(reset):
+                reset()
             self.go.set()
 
     def report(self) -> dict[str, Any]:
@@ -789,7 +808,13 @@ class ReplicaRunner:
             "received": {f"{s.chat_id}/{k}": s.received for k, s in enumerate(self.subs)},
             "latency_local": self.latency_local,
             "latency_cross": self.latency_cross,
-            "pool": {"size": pool.get("size", 0), "max_in_use": pool.get("max_in_use", 0)},
+            # The high-water mark since the steady phase started (the whole run when the
+            # replica was started after it).
+            "pool": {
+                "size": pool.get("max_size", 0),
+                "max_in_use": pool.get("max_in_use", 0),
+                "mean_in_use": round(pool.get("mean_in_use", 0.0), 2),
+            },
             "pid": os.getpid(),
             "worker_id": str(self.server.worker_id),
             "turns_finished": self.server.stats().turns_finished,
@@ -1117,6 +1142,9 @@ def _summarise(
     def per_turn(statements: dict[str, int], flat: dict[str, int], turns: int) -> dict[str, float]:
         out = {"statements": sum(statements.values())}
         out.update({k: flat.get(k, 0) for k in PER_TURN_KEYS if k != "statements"})
+        if "round_trips" in flat:
+            # What the turns cost on the wire, the drivers' own reads set apart.
+            out["turn_round_trips"] = flat["round_trips"] - flat.get("driver_reads", 0)
         return {k: round(v / turns, 3) if turns else 0.0 for k, v in out.items()}
 
     steady_flat = {k: end_flat.get(k, 0) - start_flat.get(k, 0) for k in end_flat}
@@ -1154,6 +1182,10 @@ def _summarise(
         "db_pool": {
             "size": max((r["pool"]["size"] for r in reports), default=0),
             "max_in_use": max((r["pool"]["max_in_use"] for r in reports), default=0),
+            # Per replica, during the steady phase (turns 2..M): the high-water mark and
+            # the time-weighted mean of the connections in use.
+            "steady_max_in_use_per_replica": [r["pool"]["max_in_use"] for r in reports],
+            "steady_mean_in_use_per_replica": [r["pool"].get("mean_in_use", 0.0) for r in reports],
         },
         "reliability": _reliability(
             plan, facts, counts, durable, progress, outcome, workers, reports, faults, crashes
@@ -1873,11 +1905,15 @@ async def worker_main() -> None:
             PostgresStore.open(
                 plan.dsn,
                 max_size=st.pool_max_size,
-                config=PostgresConfig(application_name=store_application_name(plan, index)),
+                config=PostgresConfig(
+                    application_name=store_application_name(plan, index), count_round_trips=True
+                ),
             ) as store,
             PostgresPubSub.open(
                 plan.dsn,
-                config=PubSubConfig(application_name=pubsub_application_name(plan, index)),
+                config=PubSubConfig(
+                    application_name=pubsub_application_name(plan, index), count_round_trips=True
+                ),
                 auth=NotifyAuth.from_key_text(hello["notify_key"]),
             ) as pubsub,
         ):

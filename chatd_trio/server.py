@@ -34,7 +34,6 @@ from chatd_trio.domain import (
     Part,
     RetryPayload,
     TextPart,
-    dumps,
     owner_channel,
     parse_uuid,
     stream_channel,
@@ -50,7 +49,7 @@ from chatd_trio.errors import (
 )
 from chatd_trio.lifecycle import ChatView
 from chatd_trio.loop import TurnCallbacks, TurnControl, TurnResult, run_turn, with_store_retries
-from chatd_trio.models.base import Model
+from chatd_trio.models.base import Model, PromptMessage
 from chatd_trio.pubsub.base import PubSub, Resync
 from chatd_trio.store.base import (
     EditResult,
@@ -60,12 +59,13 @@ from chatd_trio.store.base import (
     Store,
     TurnOutcome,
 )
-from chatd_trio.streams import ChatStreams, StreamSubscription
+from chatd_trio.streams import ChatStreams, StreamSubscription, owner_payload
 from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.turns import TurnReport, settled, wait_settled
 from chatd_trio.workspace import (
     AgentDialer,
+    AgentRows,
     McpToolCache,
     WorkspaceContext,
     WorkspaceProvisioner,
@@ -122,6 +122,8 @@ class ServerStats:
     late_tool_results_dropped: int = 0
     # Turn writes retried through a transient store fault.
     store_retries: int = 0
+    # Acquisitions not tried because the replica ran `AcquireConfig.max_running_turns`.
+    acquire_skipped_full: int = 0
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -174,6 +176,8 @@ class Server:
         self._provisioner = provisioner
         self._subagents = subagents
         self.mcp_cache = McpToolCache(self.config.workspace)
+        # Agent rows never change: a turn bound to a known agent reads none.
+        self.agent_rows = AgentRows(self.config.workspace)
         self.workspace_stats = WorkspaceStats()
         self.subagent_stats = SubagentStats()
         # The current turn of each chat running here, and every turn not yet ended (a
@@ -258,8 +262,15 @@ class Server:
             self._work = trio.Event()
 
     async def _acquire_until_short_batch(self) -> None:
-        limit = self.config.acquire.max_chats_per_acquire
+        cfg = self.config.acquire
         while True:
+            # Only as many as there is room for: a full replica leaves pending chats to its
+            # peers (and a turn that ends wakes this loop).
+            free = cfg.max_running_turns - len(self._controls)
+            if free <= 0:
+                self._bump("acquire_skipped_full")
+                return
+            limit = min(cfg.max_chats_per_acquire, free)
             # The claim runs shielded so that a close cannot cancel it after the database
             # committed; a close observed afterwards hands the chats straight back. A claim
             # cut off by its deadline may have committed: stale recovery returns those.
@@ -267,7 +278,9 @@ class Server:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
                 try:
-                    chats = await self.store.acquire(self.worker_id, limit)
+                    chats = await self.store.acquire(
+                        self.worker_id, limit, announce=self.streams.announcer, prompts=True
+                    )
                 except ChatdError as exc:
                     logger.warning(
                         "acquire failed",
@@ -307,8 +320,9 @@ class Server:
             await self._recover_stale_once()
 
     async def _recover_stale_once(self) -> None:
+        announce = self.streams.announcer
         try:
-            ids = await self.store.recover_stale(self.config.acquire.stale_after)
+            ids = await self.store.recover_stale(self.config.acquire.stale_after, announce=announce)
         except ChatdError as exc:
             logger.warning("stale recovery failed", extra={"error": str(exc)})
             return
@@ -316,8 +330,11 @@ class Server:
             return
         self._bump("stale_recovered", len(ids))
         logger.info("recovered stale chats", extra={"count": len(ids)})
-        for chat_id in ids:
-            await self._publish_quietly(self.streams.publish_status(chat_id, ChatStatus.PENDING))
+        if announce is None:
+            for chat_id in ids:
+                await self._publish_quietly(
+                    self.streams.publish_status(chat_id, ChatStatus.PENDING)
+                )
         self.wake()
 
     # -- turns --------------------------------------------------------------------------
@@ -353,12 +370,14 @@ class Server:
         # Buffering starts BEFORE `running` is published (docs/spec.md §4).
         generation = self.streams.start_turn(chat.id)
         try:
-            await self._publish_quietly(
-                self.streams.publish_status(
-                    chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
+            if self.streams.announcer is None:
+                # Else the acquisition announced it, in its transaction.
+                await self._publish_quietly(
+                    self.streams.publish_status(
+                        chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
+                    )
                 )
-            )
-            await self._publish_owner(chat, "status")
+                await self._publish_owner(chat, "status")
             with control:
                 await self._supervised_turn(chat, lease, control)
         except* Exception as group:
@@ -394,7 +413,11 @@ class Server:
         """The turn wrote its last row: it no longer counts as running here (idempotent)."""
         if control not in self._controls:
             return
+        full = len(self._controls) >= self.config.acquire.max_running_turns
         self._controls.discard(control)
+        if full:
+            # Room for one more turn: the acquire loop waited for it.
+            self.wake()
         self._finished[outcome.value] = self._finished.get(outcome.value, 0) + 1
         self.streams.end_turn(chat_id, generation)
         if self._turns.get(chat_id) is control:
@@ -437,6 +460,18 @@ class Server:
             announce=self.streams.announcer,
         )
         assert self._nursery is not None
+        loads = 0
+
+        async def load_prompt() -> Sequence[PromptMessage]:
+            # The acquisition loaded the prompt (plus what this run wrote since, e.g. the
+            # workspace's instruction files): the turn's first load reads nothing.
+            nonlocal loads
+            loads += 1
+            cached = self.store.cached_prompt(lease) if loads == 1 else None
+            if cached is not None:
+                return cached
+            return await self.store.prompt_messages(lease.chat_id)
+
         return await run_turn(
             self.store,
             lease,
@@ -445,6 +480,7 @@ class Server:
             config=self.config.loop,
             callbacks=callbacks,
             control=control,
+            load_prompt=load_prompt,
             tool_context=ToolContext(chat.id, self.worker_id, env.extras),
             # Tools run in the replica's nursery: a turn stopped while a tool ignores
             # cancellation ends (and releases its chat) without waiting for it.
@@ -467,6 +503,7 @@ class Server:
                 self.mcp_cache,
                 self.workspace_stats,
                 provisioner=self._provisioner,
+                agent_rows=self.agent_rows,
             )
             env.cleanups.append(ctx.aclose)
             env.extras["workspace"] = ctx
@@ -545,16 +582,19 @@ class Server:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + budget.budget + self.config.loop.cleanup_timeout
 
+            announcer = self.streams.announcer
+
             async def final(
                 outcome: TurnOutcome, error: ErrorPayload | None, messages: Sequence[NewMessage]
             ) -> FinishResult:
+                announce = announcer.with_error(error) if announcer is not None else None
                 return await with_store_retries(
                     lambda: self.store.finish_turn(
                         lease,
                         outcome,
                         error.message if error else None,
                         messages=messages,
-                        announce=self.streams.announcer,
+                        announce=announce,
                         op_id=op_id,
                     ),
                     budget,
@@ -610,21 +650,29 @@ class Server:
                 await self._publish_message(message)
             if fin.inserted:
                 self.streams.step_persisted(chat.id)
-            failed = outcome is TurnOutcome.ERROR and fin.chat.status is ChatStatus.ERROR
-            if failed and error is not None:
-                await self._publish_quietly(self.streams.publish_error(chat.id, error))
-            if fin.promoted is not None:
-                await self._publish_message(fin.promoted)
-                await self._publish_quietly(self.streams.publish_queue_update(chat.id, fin.queue))
-            await self._publish_quietly(
-                self.streams.publish_status(chat.id, fin.chat.status, None, fin.chat.owner_token)
-            )
-            # A stopped turn that leaves the chat `waiting` changed no status: the
-            # interrupt did, and `Server.interrupt` (on whichever replica) announced it.
-            # (Its stream status is published anyway: subscriptions drop the repeat, and
-            # a subscriber that missed the interrupt's notify learns it here.)
-            if not (outcome is TurnOutcome.INTERRUPTED and fin.chat.status is ChatStatus.WAITING):
-                await self._publish_owner(fin.chat, "status")
+            if announcer is not None:
+                # The finish announced its error, queue, status and owner events itself.
+                if fin.promoted is not None:
+                    await self._publish_message(fin.promoted)
+            else:
+                failed = outcome is TurnOutcome.ERROR and fin.chat.status is ChatStatus.ERROR
+                if failed and error is not None:
+                    await self._publish_quietly(self.streams.publish_error(chat.id, error))
+                if fin.promoted is not None:
+                    await self._publish_message(fin.promoted)
+                    await self._publish_quietly(
+                        self.streams.publish_queue_update(chat.id, fin.queue)
+                    )
+                await self._publish_quietly(
+                    self.streams.publish_status(
+                        chat.id, fin.chat.status, None, fin.chat.owner_token
+                    )
+                )
+                # A stopped turn that leaves the chat `waiting` changed no status: the
+                # interrupt did, and `Server.interrupt` (on whichever replica) announced it.
+                stopped = outcome is TurnOutcome.INTERRUPTED
+                if not (stopped and fin.chat.status is ChatStatus.WAITING):
+                    await self._publish_owner(fin.chat, "status")
             if fin.chat.status is ChatStatus.PENDING:
                 self.wake()
 
@@ -694,12 +742,17 @@ class Server:
                             continue
                         if payload.status is None:
                             continue
+                        if payload.owner_token is not None and payload.owner_token < lease.token:
+                            # Tokens only grow and every status names the token after its
+                            # change: this one was written before this run acquired the
+                            # chat (a sender's `pending` arriving late).
+                            continue
                         heard = ChatView(payload.status, payload.owner_token or 0)
                         if lifecycle.still_owner(heard, lease.token):
                             continue
-                    # Notifies from other replicas may be stale (a sender's `pending` can
-                    # arrive after this run acquired the chat): the store has the last
-                    # word before a turn is stopped.
+                    # Notifies from other replicas may be stale (published after their
+                    # commit, a status without a token): the store has the last word
+                    # before a turn is stopped.
                     chat = await self.store.get_chat(chat_id)
                     if not lifecycle.still_owner(ChatView.of(chat), lease.token):
                         self._stop_turn(control, ChatView.of(chat), lease)
@@ -753,14 +806,7 @@ class Server:
     async def _publish_owner(self, chat: Chat, kind: str) -> None:
         if self.pubsub is None:
             return
-        payload = dumps(
-            {
-                "kind": kind,
-                "chat_id": str(chat.id),
-                "status": chat.status.value,
-                "title": chat.title,
-            }
-        )
+        payload = owner_payload(chat, kind)
         await self._publish_quietly(self.pubsub.publish(owner_channel(chat.owner_id), payload))
 
     def _bump(self, name: str, n: int = 1) -> None:
@@ -826,8 +872,10 @@ class Server:
             system_prompt=system_prompt,
             model_options=model_options,
             limits=self.config.limits,
+            announce=self.streams.announcer,
         )
-        await self._publish_owner(chat, "created")
+        if self.streams.announcer is None:
+            await self._publish_owner(chat, "created")
         self.wake()
         return chat
 
@@ -859,21 +907,27 @@ class Server:
         owner_id, chat_id = _ids(owner_id, chat_id)
         if busy_behavior not in ("queue", "interrupt"):
             raise DecodeError("busy_behavior", f"not 'queue' or 'interrupt': {busy_behavior!r}")
+        announce = self.streams.announcer
+        # The owner check is the write's own guard: no read before it.
         result = await self.store.send_message(
             chat_id,
             self._as_parts(content),
             max_queued=self.config.queue.max_queued,
-            announce=self.streams.announcer,
+            announce=announce,
             owner_id=owner_id,
             limits=self.config.limits,
         )
         if result.message is not None:
             await self._publish_message(result.message)
-            await self._publish_status(result.chat)
-            await self._publish_owner(result.chat, "status")
+            if announce is None:
+                await self._publish_status(result.chat)
+                await self._publish_owner(result.chat, "status")
             self.wake()
         else:
-            await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
+            if announce is None:
+                await self._publish_quietly(
+                    self.streams.publish_queue_update(chat_id, result.queue)
+                )
             if busy_behavior == "interrupt" and result.chat.status is ChatStatus.RUNNING:
                 await self._interrupt(chat_id, owner_id)
         return result
@@ -905,9 +959,10 @@ class Server:
         await self._publish_committed(
             self.streams.publish_edited_message(result.message, announced=announce is not None)
         )
-        await self._publish_status(result.chat)
-        await self._publish_owner(result.chat, "status")
-        await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
+        if announce is None:
+            await self._publish_status(result.chat)
+            await self._publish_quietly(self.streams.publish_queue_update(chat_id, ()))
+            await self._publish_owner(result.chat, "status")
         self.wake()
         return result
 
@@ -917,13 +972,15 @@ class Server:
         return await self._interrupt(chat_id, owner_id)
 
     async def _interrupt(self, chat_id: uuid.UUID, owner_id: uuid.UUID | None) -> Chat:
-        chat = await self.store.interrupt(chat_id, owner_id=owner_id)
+        announce = self.streams.announcer
+        chat = await self.store.interrupt(chat_id, owner_id=owner_id, announce=announce)
         self._stop_local(chat_id, "user interrupt")
-        await self._publish_quietly(
-            self.streams.publish_status(chat_id, chat.status, None, chat.owner_token)
-        )
-        if chat.status is not ChatStatus.PENDING:  # a pending chat is left as it was
-            await self._publish_owner(chat, "status")
+        if announce is None:
+            await self._publish_quietly(
+                self.streams.publish_status(chat_id, chat.status, None, chat.owner_token)
+            )
+            if chat.status is not ChatStatus.PENDING:  # a pending chat is left as it was
+                await self._publish_owner(chat, "status")
         return chat
 
     def _stop_local(self, chat_id: uuid.UUID, why: str) -> None:
@@ -937,22 +994,29 @@ class Server:
         """Send a queued message now (or move it to the front while the chat runs)."""
         owner_id, chat_id = _ids(owner_id, chat_id)
         queued_id = _row_id(queued_id, "queued_id")
+        announce = self.streams.announcer
         result = await self.store.promote_queued(
-            chat_id, queued_id, announce=self.streams.announcer, owner_id=owner_id
+            chat_id, queued_id, announce=announce, owner_id=owner_id
         )
         if result.message is not None:
             await self._publish_message(result.message)
-            await self._publish_status(result.chat)
-            await self._publish_owner(result.chat, "status")
+            if announce is None:
+                await self._publish_status(result.chat)
+                await self._publish_owner(result.chat, "status")
             self.wake()
-        await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
+        if announce is None:
+            await self._publish_quietly(self.streams.publish_queue_update(chat_id, result.queue))
         return result
 
     async def delete_queued(self, owner_id: uuid.UUID, chat_id: uuid.UUID, queued_id: int) -> None:
         """Remove a queued message."""
-        chat_id = (await self._owned_chat(owner_id, chat_id)).id
-        queue = await self.store.delete_queued(chat_id, _row_id(queued_id, "queued_id"))
-        await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
+        owner_id, chat_id = _ids(owner_id, chat_id)
+        announce = self.streams.announcer
+        queue = await self.store.delete_queued(
+            chat_id, _row_id(queued_id, "queued_id"), owner_id=owner_id, announce=announce
+        )
+        if announce is None:
+            await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
 
     async def wait_turn(
         self, owner_id: uuid.UUID, chat_id: uuid.UUID, *, after_message_id: int = 0
@@ -1053,6 +1117,7 @@ class Server:
             fenced=c.get("fenced", 0),
             late_tool_results_dropped=c.get("late_tool_results_dropped", 0),
             store_retries=c.get("store_retries", 0),
+            acquire_skipped_full=c.get("acquire_skipped_full", 0),
             extra={
                 **self.workspace_stats.snapshot(),
                 **{

@@ -52,6 +52,7 @@ import trio
 
 from chatd_trio.config import StreamConfig
 from chatd_trio.domain import (
+    Chat,
     ChatStatus,
     ErrorEvent,
     ErrorPayload,
@@ -66,12 +67,15 @@ from chatd_trio.domain import (
     SnapshotEndEvent,
     StatusEvent,
     StreamEvent,
+    dumps,
+    owner_channel,
     stream_channel,
 )
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
+from chatd_trio.lifecycle import Event
 from chatd_trio.pubsub.base import PubSub, Resync
 from chatd_trio.pubsub.base import Subscription as PubSubSubscription
-from chatd_trio.store.base import Announcer, Store
+from chatd_trio.store.base import Applied, Store
 
 logger = logging.getLogger(__name__)
 
@@ -505,6 +509,42 @@ class StreamSubscription:
 # the replica's streams
 
 
+_FINISHES = frozenset(
+    {Event.FINISH_DONE, Event.FINISH_INTERRUPTED, Event.FINISH_ERROR, Event.FINISH_SHUTDOWN}
+)
+
+
+def owner_payload(chat: Chat, kind: str) -> str:
+    """The event on the owner's chat-list channel (`owner_channel`): a chat was created
+    or changed status."""
+    return dumps(
+        {"kind": kind, "chat_id": str(chat.id), "status": chat.status.value, "title": chat.title}
+    )
+
+
+class StreamAnnouncer:
+    """The replica's `Announcer`: the notifies its publishes would send, sealed for its
+    pubsub, for the store to send inside the writing transaction."""
+
+    def __init__(self, streams: ChatStreams, error: ErrorPayload | None = None) -> None:
+        self._streams = streams
+        self._error = error
+
+    def __call__(
+        self, messages: Sequence[Message], *, refresh: bool = False
+    ) -> list[tuple[str, str]]:
+        """The stream notifies of inserted messages (a full refresh after an edit)."""
+        return self._streams._announce(messages, refresh=refresh)
+
+    def changes(self, event: Event | None, applied: Applied) -> list[tuple[str, str]]:
+        """Status, queue and owner notifies of the change (and the error of a failed turn)."""
+        return self._streams._changes(event, applied, self._error)
+
+    def with_error(self, error: ErrorPayload | None) -> StreamAnnouncer:
+        """This announcer, also announcing `error` when a finish leaves the chat `error`."""
+        return StreamAnnouncer(self._streams, error)
+
+
 class ChatStreams:
     """All chat streams of one replica.
 
@@ -533,22 +573,24 @@ class ChatStreams:
         self._decode_errors = 0
         self._publish_failures = 0
         self._announced = 0
-        self._announces = (
+        announces = (
             pubsub is not None and self._config.notify_in_transaction and store.announces_to(pubsub)
         )
+        self._announcer = StreamAnnouncer(self) if announces else None
 
     @property
     def config(self) -> StreamConfig:
         return self._config
 
     @property
-    def announcer(self) -> Announcer | None:
-        """What to pass as `announce=` to the store's inserting operations, or None.
+    def announcer(self) -> StreamAnnouncer | None:
+        """What to pass as `announce=` to the store's writing operations, or None.
 
         Not None when the store sends notifies to this replica's pubsub inside the
-        inserting transaction; the messages are then published with `announced=True`.
+        writing transaction; the messages are then published with `announced=True`,
+        and the status, queue and owner events of the write are not published again.
         """
-        return self._announce if self._announces else None
+        return self._announcer
 
     def _announce(
         self, messages: Sequence[Message], *, refresh: bool = False
@@ -568,6 +610,79 @@ class ChatStreams:
                     (channel, seal(channel, self._message_notify(m, m.prev_id).encode()))
                 )
         return notifies
+
+    def _control(
+        self, chat_id: uuid.UUID, payload: NotifyPayload, kind: str
+    ) -> list[tuple[str, str]]:
+        assert self._pubsub is not None, "announcer is None without a pubsub"
+        self._published[kind] += 1
+        if not self._fits(payload):
+            # Too large for a NOTIFY (a long queue): delivered here only, as a failed
+            # publish would be; other replicas learn it at their next catch-up.
+            self._publish_failures += 1
+            logger.warning(
+                "stream notify too large; delivered locally only", extra={"chat_id": str(chat_id)}
+            )
+            state = self._chats.get(chat_id)
+            if state is not None:
+                self._publish_local(state, _NotifyItem(payload))
+            return []
+        self._announced += 1
+        channel = stream_channel(chat_id)
+        return [(channel, self._pubsub.seal(channel, payload.encode()))]
+
+    def _changes(
+        self, event: Event | None, applied: Applied, error: ErrorPayload | None
+    ) -> list[tuple[str, str]]:
+        """The control notifies of a change, as the server would publish them after it."""
+        assert self._pubsub is not None, "announcer is None without a pubsub"
+        chat = applied.chat
+        status = NotifyPayload(
+            status=chat.status,
+            worker_id=chat.worker_id if chat.status is ChatStatus.RUNNING else None,
+            owner_token=chat.owner_token,
+        )
+        out: list[tuple[str, str]] = []
+
+        def add_status() -> None:
+            out.extend(self._control(chat.id, status, StatusEvent.type.value))
+
+        def add_queue(queue: Sequence[QueuedMessage]) -> None:
+            payload = NotifyPayload(queue_update=tuple(queue))
+            out.extend(self._control(chat.id, payload, QueueUpdateEvent.type.value))
+
+        def add_owner(kind: str) -> None:
+            assert self._pubsub is not None
+            channel = owner_channel(chat.owner_id)
+            out.append((channel, self._pubsub.seal(channel, owner_payload(chat, kind))))
+
+        if event is None:
+            add_queue(applied.queue or ())
+        elif event is Event.CREATE:
+            add_owner("created")
+        elif event is Event.SEND_MESSAGE:
+            if applied.inserted:
+                add_status()
+            elif applied.queue is not None:
+                add_queue(applied.queue)
+        elif event is Event.EDIT:
+            add_status()
+            add_queue(())
+        elif event is Event.PROMOTE_QUEUED:
+            if applied.promoted is not None:
+                add_status()
+            add_queue(applied.queue or ())
+        elif event in (Event.INTERRUPT, Event.ACQUIRE, Event.STALE_RECOVERED):
+            add_status()
+        elif event in _FINISHES:
+            if error is not None and chat.status is ChatStatus.ERROR:
+                payload = NotifyPayload(error_payload=error, error=error.message)
+                out.extend(self._control(chat.id, payload, ErrorEvent.type.value))
+            if applied.promoted is not None:
+                add_queue(applied.queue or ())
+            add_status()
+            add_owner("status")
+        return out
 
     def _message_notify(self, message: Message, prev: int | None) -> NotifyPayload:
         """The notify announcing `message`: carrying it (after its known predecessor)

@@ -83,6 +83,7 @@ from chatd_trio.tools import (
 
 __all__ = [
     "AgentDialer",
+    "AgentRows",
     "InstructionOutcome",
     "LocalProvisioner",
     "McpToolCache",
@@ -161,6 +162,33 @@ class WorkspaceStats(DialCounter):
     def snapshot(self) -> dict[str, int]:
         """The counters by name."""
         return dataclasses.asdict(self)
+
+
+class AgentRows:
+    """Replica-level memory of workspace agent rows by id (LRU-bounded).
+
+    An agent row never changes once inserted (a rebuild inserts new agents), so a
+    turn bound to an agent this replica has seen reads no row: whether that agent
+    still runs is what the dial finds out, as with a row just read.
+    """
+
+    def __init__(self, config: WorkspaceConfig | None = None) -> None:
+        cfg = config if config is not None else WorkspaceConfig()
+        self._max = cfg.mcp_cache_max_agents
+        self._rows: OrderedDict[uuid.UUID, WorkspaceAgent] = OrderedDict()
+
+    def get(self, agent_id: uuid.UUID) -> WorkspaceAgent | None:
+        """The agent's row, or None when not seen (or evicted)."""
+        row = self._rows.get(agent_id)
+        if row is not None:
+            self._rows.move_to_end(agent_id)
+        return row
+
+    def put(self, agent: WorkspaceAgent) -> None:
+        self._rows[agent.id] = agent
+        self._rows.move_to_end(agent.id)
+        while len(self._rows) > self._max:
+            self._rows.popitem(last=False)
 
 
 class McpToolCache:
@@ -261,7 +289,7 @@ class WorkspaceContext:
 
     `dialer` connects to an agent (`dial_agent`); `nursery` is the turn's
     nursery, where a stale dial finishes and its late connection is released;
-    `mcp_cache` and `stats` belong to the replica. With `use_binding=False`
+    `mcp_cache`, `stats` and `agent_rows` belong to the replica. With `use_binding=False`
     (baseline benchmark) every operation resolves the latest build and dials
     anew, releasing the connection after the call.
     """
@@ -278,8 +306,10 @@ class WorkspaceContext:
         stats: WorkspaceStats,
         *,
         provisioner: WorkspaceProvisioner | None = None,
+        agent_rows: AgentRows | None = None,
     ) -> None:
         self._store = store
+        self._rows = agent_rows
         self._chat = chat
         # The turn's claim on the chat: its writes (binding, instruction files) carry it.
         self._claim = lease
@@ -357,8 +387,12 @@ class WorkspaceContext:
         workspace_id = await self._workspace_id()
         bound_id = self._chat.agent_id
         if bound_id is not None:
-            self._stats.agent_lookups += 1
-            bound = await self._store.agent_by_id(bound_id)
+            bound = self._rows.get(bound_id) if self._rows is not None else None
+            if bound is None:
+                self._stats.agent_lookups += 1
+                bound = await self._store.agent_by_id(bound_id)
+                if bound is not None and self._rows is not None:
+                    self._rows.put(bound)
             if bound is not None and bound.workspace_id == workspace_id:
                 self._known[bound.id] = bound
                 self._agent = bound
@@ -387,6 +421,8 @@ class WorkspaceContext:
             raise NoWorkspaceAgent()
         for a in agents:
             self._known[a.id] = a
+            if self._rows is not None:
+                self._rows.put(a)
         return agents
 
     async def _bind(self, agent: WorkspaceAgent) -> None:

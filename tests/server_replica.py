@@ -209,8 +209,8 @@ class ObservedStore:
             raise StoreUnavailable("connection lost around COMMIT (injected)")
         return inserted
 
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        chats = await self.inner.acquire(worker_id, limit)
+    async def acquire(self, worker_id: uuid.UUID, limit: int, **kwargs: Any) -> list[Chat]:
+        chats = await self.inner.acquire(worker_id, limit, **kwargs)
         self.acquired.append([c.id for c in chats])
         return chats
 
@@ -246,6 +246,11 @@ class ObservedStore:
             for f in self.finished
             if f.lease.chat_id == chat_id and (outcome is None or f.outcome is outcome)
         ]
+
+    @property
+    def finish_event(self) -> trio.Event:
+        """Set when the next final transition is recorded (take it before checking)."""
+        return self._finish_event
 
     async def wait_finished(
         self, chat_id: uuid.UUID, count: int = 1, *, outcome: TurnOutcome | None = None

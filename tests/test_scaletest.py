@@ -104,7 +104,7 @@ async def test_memory_optimised_vs_baseline() -> None:
     assert fast["statements"]["NotifyInTransaction"] > 0
     assert "NotifyInTransaction" not in slow["statements"]
     assert fast["latency_ms"]["local_fanout_p50"] is not None
-    assert fast["db_pool"] == {"size": 0, "max_in_use": 0}
+    assert fast["db_pool"]["size"] == fast["db_pool"]["max_in_use"] == 0
 
 
 def _tables(dsn: str) -> list[str]:
@@ -161,6 +161,11 @@ async def test_postgres_two_replica_processes_in_a_database_of_their_own(pg_dsn:
         result["per_turn"]["statements"] * 18, abs=1
     )
     assert 0 < result["db_pool"]["max_in_use"] <= result["db_pool"]["size"]
+    steady_pool = result["db_pool"]["steady_max_in_use_per_replica"]
+    assert len(steady_pool) == 2
+    assert all(0 < n <= result["db_pool"]["size"] for n in steady_pool)
+    # Round trips are counted at the connections of both workers.
+    assert result["steady_per_turn"]["round_trips"] > 0
     assert result["latency_ms"]["cross_replica_fanout_p50"] is not None
 
 

@@ -40,6 +40,7 @@ from chatd_trio.domain import (
 )
 from chatd_trio.errors import (
     ChatNotFound,
+    ConfigError,
     EditRefused,
     MessageNotFound,
     PermissionDenied,
@@ -205,6 +206,8 @@ async def test_turn_runs_to_waiting_and_publishes_in_order(env: Env, clock: Any)
         assert (await history(env.store, chat.id))[-1] == ("assistant", "done")
         running = [e for e in status_events(events) if e.status is ChatStatus.RUNNING]
         assert running[-1].worker_id == server.worker_id
+        # `waiting` is announced in the finish's transaction: it can arrive first.
+        await env.store.wait_finished(chat.id)
         stats = server.stats()
         assert stats.turns_finished == {"done": 1}
         assert stats.steps == 2
@@ -448,6 +451,9 @@ async def test_last_error_is_stored_on_error_and_cleared_by_the_next_send(
             await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
         stored = await env.store.get_chat(chat.id)
         assert stored.status is ChatStatus.WAITING and stored.last_error is None
+        # `waiting` is announced in the finish's transaction: it can arrive before the
+        # replica has counted the turn.
+        await env.store.wait_finished(chat.id, 2)
         assert server.stats().turns_finished == {"error": 1, "done": 1}
 
 
@@ -638,13 +644,13 @@ async def test_acquire_loop_survives_a_store_failure(env: Env, clock: Any) -> No
     real = env.store.inner.acquire
     calls = 0
 
-    async def flaky(worker_id: uuid.UUID, limit: int) -> list[Any]:
+    async def flaky(worker_id: uuid.UUID, limit: int, **kwargs: Any) -> list[Any]:
         nonlocal calls
         calls += 1
         if calls <= 2:
             await trio.lowlevel.checkpoint()
             raise StoreError("connection reset")
-        return await real(worker_id, limit)
+        return await real(worker_id, limit, **kwargs)
 
     env.store.inner.acquire = flaky  # type: ignore[method-assign]
     async with env.server(answering_model()) as server:
@@ -665,8 +671,9 @@ async def test_another_owner_gets_permission_denied_and_no_data(env: Env, clock:
             queued = await server.send_message(OWNER, chat.id, "queued")
             assert queued.queued is not None
             first_id = (await env.store.messages_after(chat.id, 0))[0].id
+            # The running turn's heartbeat may land meanwhile (every 0.2 s on PostgreSQL).
             before = (
-                await env.store.get_chat(chat.id),
+                dataclasses.replace(await env.store.get_chat(chat.id), heartbeat_at=None),
                 await history(env.store, chat.id),
                 await env.store.list_queued(chat.id),
             )
@@ -692,7 +699,7 @@ async def test_another_owner_gets_permission_denied_and_no_data(env: Env, clock:
             with pytest.raises(QueuedMessageNotFound):
                 await server.delete_queued(OWNER, chat.id, 10_000)
             after = (
-                await env.store.get_chat(chat.id),
+                dataclasses.replace(await env.store.get_chat(chat.id), heartbeat_at=None),
                 await history(env.store, chat.id),
                 await env.store.list_queued(chat.id),
             )
@@ -722,10 +729,14 @@ STEADY_TURN = {
     "InsertChatMessages": 3,  # user message, step 1, step 2
     "UpdateChat": 2,  # pending (send), waiting (finish)
     "AcquireChats": 1,
-    "GetPromptMessages": 1,
-    # The message notifies, sent inside the inserting transactions (user message, step 1,
-    # step 2) instead of by separate publishes after the commits.
-    "NotifyInTransaction": 3,
+    # The prompt: the acquisition reads the user's new message (the chat's tail) and
+    # completes the prompt from the replica's cache (was GetPromptMessages, the whole
+    # history).
+    "GetPromptTails": 1,
+    # Every notify, sent inside the writing transactions instead of by separate publishes
+    # after the commits: the user message and `pending` (send), `running` (acquisition),
+    # step 1, step 2 with `waiting` and the owner's list (finish).
+    "NotifyInTransaction": 4,
 }
 
 
@@ -1047,3 +1058,36 @@ async def test_a_recovered_turn_whose_answer_is_stored_is_not_answered_again(
         assert server.stats().turns_finished == {"done": 1}
     assert model_calls == []
     assert await history(env.store, chat.id) == [("user", "question"), ("assistant", "the answer")]
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_a_full_replica_leaves_pending_chats_to_its_peers(env: Env, clock: Any) -> None:
+    small = env.config.replace(acquire=dataclasses.replace(env.config.acquire, max_running_turns=2))
+    async with env.server(hanging_model(), config=small) as a:
+        chats = [await a.create_chat(OWNER, f"hang {i}", title="t") for i in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(a.running_chats) == 2
+        statuses = [(await env.store.get_chat(c.id)).status for c in chats]
+        assert statuses.count(ChatStatus.PENDING) == 3
+        assert a.stats().acquire_skipped_full >= 1
+        async with env.server(hanging_model()) as b:
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(b.running_chats) == 3 and len(a.running_chats) == 2
+            # One of A's turns ends: the room it leaves is used again.
+            stopped = sorted(a.running_chats)[0]
+            await a.interrupt(OWNER, stopped)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(a.running_chats) == 1
+            late = await a.create_chat(OWNER, "hang late", title="t")
+            await trio.testing.wait_all_tasks_blocked()
+            assert late.id in a.running_chats and len(a.running_chats) == 2
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+@pytest.mark.parametrize("field", ["max_running_turns", "max_chats_per_acquire"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+async def test_acquisition_bounds_must_be_positive_integers(
+    kind: str, field: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=field):
+        AcquireConfig(**{field: value})  # type: ignore[arg-type]

@@ -666,8 +666,8 @@ class RecordingStore(MemoryStore):
             self._record(chat_id, applied.chat.status)
         return applied
 
-    async def _claim(self, plan: Any, worker_id: uuid.UUID, limit: int) -> list[Any]:
-        chats = await super()._claim(plan, worker_id, limit)
+    async def _claim(self, plan: Any, worker_id: uuid.UUID, limit: int, *args: Any) -> list[Any]:
+        chats = await super()._claim(plan, worker_id, limit, *args)
         for chat in chats:
             self._record(chat.id, chat.status)
         return chats

@@ -74,6 +74,11 @@ async def replicas(pg_dsn: str) -> AsyncIterator[tuple[Replica, Replica]]:
         yield a, b
 
 
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 def _sql(dsn: str, query: str, params: tuple[Any, ...]) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(query, params)  # type: ignore[arg-type]
@@ -130,7 +135,9 @@ async def test_message_queued_on_a_is_promoted_by_b_and_run_once(
         assert sent.queued is not None
         first = await b.store.wait_finished(chat_id)
         assert first.promoted is not None and text_of(first.promoted.parts) == "next"
-        # Either replica may run the promoted message; exactly one does.
+        # Either replica may run the promoted message; exactly one does. Its `waiting`
+        # is announced in the finish's transaction, so it can arrive before the
+        # finishing replica has recorded the finish.
         with trio.fail_after(WAIT):
             while True:
                 event = await sub_a.receive()
@@ -138,9 +145,15 @@ async def test_message_queued_on_a_is_promoted_by_b_and_run_once(
                     isinstance(event, StatusEvent)
                     and event.status is ChatStatus.WAITING
                     and (await a.store.get_chat(chat_id)).status is ChatStatus.WAITING
-                    and len(a.store.finished) + len(b.store.finished) == 2
+                    and len(await history(a.store, chat_id)) == 4
                 ):
                     break
+            while len(a.store.finished) + len(b.store.finished) < 2:
+                events = (a.store.finish_event, b.store.finish_event)
+                async with trio.open_nursery() as either:
+                    for event in events:
+                        either.start_soon(_set_then_cancel, event, either.cancel_scope)
+        assert len(a.store.finished) + len(b.store.finished) == 2
     pairs = await history(a.store, chat_id)
     assert pairs == [
         ("user", "hang on"),

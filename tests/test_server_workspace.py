@@ -97,6 +97,15 @@ async def test_turns_execute_switch_after_rebuild_and_survive_a_stopped_workspac
             assert (extra["dials"], extra["validations"], extra["switches"]) == (3, 1, 1)
             assert extra["binding_updates"] == 2
 
+            # A steady turn: the bound agent's row is known to the replica, none is read.
+            lookups = server.stats().statements.get("GetWorkspaceAgentByID", 0)
+            async with server.subscribe(OWNER, chat.id) as sub:
+                await server.send_message(OWNER, chat.id, "cat f.txt")
+                await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+            assert tool_results(await store.messages_after(chat.id, 0))[-1].result["exit_code"] == 0
+            assert server.stats().statements.get("GetWorkspaceAgentByID", 0) == lookups
+            assert server.stats().extra["dials"] == 4
+
             # Stop: agent rows exist, nothing answers; the turn must not hang.
             await provisioner.stop(ws.id)
             async with server.subscribe(OWNER, chat.id) as sub:
@@ -141,6 +150,7 @@ async def test_a_root_chat_spawns_a_subagent_and_receives_its_report() -> None:
         stats = server.stats()
         assert stats.extra["subagent_spawned"] == 1
         assert stats.extra["subagent_completed"] == 1
-        # Woken by the child's notify, not by the 5 s fallback poll.
+        # Woken by the child's notify, not by the 5 s fallback poll (or the child was
+        # done at the wait's first check: no wake at all).
         assert stats.extra["subagent_poll_wakes"] == 0
-        assert stats.extra["subagent_notify_wakes"] >= 1
+        assert stats.extra["subagent_notify_wakes"] >= 1 or stats.extra["subagent_checks"] == 1

@@ -35,6 +35,9 @@ class PubSubStatistics:
     #: Received payloads dropped because they did not open (forged, altered, expired,
     #: sealed for another channel or under another key); counted once per payload.
     rejected: int = 0
+    #: Network round trips to the database (publishes, LISTEN, UNLISTEN) when counted
+    #: (`PubSubConfig.count_round_trips`), else None.
+    round_trips: int | None = None
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
+from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
 from chatd_trio.pubsub.auth import NotifyAuth, NotifyGate
@@ -59,8 +60,10 @@ bind_psycopg_loop_lookup()
 # -- asyncio side: each function is one coroutine entered once from Trio --------------
 
 
-async def _connect(conninfo: str, kwargs: dict[str, Any]) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
+async def _connect(
+    conninfo: str, kwargs: dict[str, Any], cls: type[psycopg.AsyncConnection[Any]]
+) -> psycopg.AsyncConnection[Any]:
+    return await cls.connect(conninfo, autocommit=True, **kwargs)
 
 
 async def _fetch_batch(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:
@@ -118,8 +121,15 @@ class PostgresPubSub:
         pool: AsyncConnectionPool[Any],
         instance: str,
         auth: NotifyAuth,
+        round_trips: RoundTrips | None = None,
     ) -> None:
         self._bridge = bridge
+        self._round_trips = round_trips
+        self._connection_class: type[psycopg.AsyncConnection[Any]] = (
+            psycopg.AsyncConnection
+            if round_trips is None
+            else counting_connection_class(round_trips)
+        )
         self._dsn = dsn
         self._config = config
         self._pool = pool
@@ -184,9 +194,13 @@ class PostgresPubSub:
         # an exception group: the caller sees its own exception, as with the memory adapter.
         failure: Exception | None = None
         instance = uuid.uuid4().hex[:8]
+        trips = RoundTrips() if cfg.count_round_trips else None
         async with asyncio_bridge() as bridge:
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 dsn,
+                connection_class=(
+                    psycopg.AsyncConnection if trips is None else counting_connection_class(trips)
+                ),
                 min_size=cfg.publish_pool_min_size,
                 max_size=cfg.publish_pool_max_size,
                 timeout=cfg.publish_timeout,
@@ -196,7 +210,7 @@ class PostgresPubSub:
                 },
                 open=False,
             )
-            pubsub = cls(bridge, dsn, cfg, pool, instance, auth)
+            pubsub = cls(bridge, dsn, cfg, pool, instance, auth, trips)
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 # The listener first: a refused connection fails at once, while the pool
@@ -324,6 +338,7 @@ class PostgresPubSub:
             unlistens=self._unlistens,
             reconnects=self._reconnects,
             rejected=self._gate.rejected,
+            round_trips=None if self._round_trips is None else self._round_trips.count,
         )
 
     # -- subscriptions -------------------------------------------------------------------
@@ -382,7 +397,7 @@ class PostgresPubSub:
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await self._bridge.run(
-            _connect, self._dsn, _conn_kwargs(self._config, self._app_name)
+            _connect, self._dsn, _conn_kwargs(self._config, self._app_name), self._connection_class
         )
 
     async def _reconnect(self) -> psycopg.AsyncConnection[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -27,7 +27,7 @@ from chatd_trio.domain import (
     WorkspaceBuild,
 )
 from chatd_trio.errors import DecodeError, EditRefused, MessageNotFound, PayloadTooLarge
-from chatd_trio.lifecycle import ChatView, Plan
+from chatd_trio.lifecycle import ChatView, Effect, Event, Plan
 from chatd_trio.storable import Cleaned, is_blank, storable_parts, storable_text, stored_size
 
 
@@ -150,14 +150,16 @@ class FinishResult:
 
 
 class Announcer(Protocol):
-    """Builds the stream notifies of the messages a store operation inserts.
+    """Builds the notifies of what a store operation changed: the stream notifies of
+    the messages it inserted, and the status, queue and owner notifies of the change.
 
-    A store that `announces_to` the replica's pubsub sends them inside the
-    inserting transaction: listeners then receive a chat's message notifies in
-    commit order, which is id order (inserts hold the chat's row lock), whichever
-    replica inserted them. Sent after the commit instead, a notify from the replica
-    that wrote a message can overtake the notify of the message before it, and a
-    subscriber would have to read the gap from the database.
+    A store that `announces_to` the replica's pubsub sends them inside the writing
+    transaction: listeners then receive a chat's notifies in commit order, which is
+    id order for messages (inserts hold the chat's row lock), whichever replica
+    wrote them, and a status never overtakes the message it follows. Sent after the
+    commit instead, a notify from the replica that wrote a message can overtake the
+    notify of the message before it, and a subscriber would have to read the gap
+    from the database; and every notify would be one more round trip.
     """
 
     def __call__(
@@ -165,6 +167,130 @@ class Announcer(Protocol):
     ) -> Sequence[tuple[str, str]]:
         """(channel, payload) pairs for `messages`; `refresh` for an edit's replacement."""
         ...
+
+    def changes(self, event: Event | None, applied: Applied) -> Sequence[tuple[str, str]]:
+        """(channel, payload) pairs announcing what `event` did to the chat (status, queue,
+        owner list), sent after the message notifies. `applied` is the write's result
+        (for the bulk operations and `create_chat`: the changed row). `event` None: a
+        change outside the lifecycle (`delete_queued`): `applied.queue` is the new queue."""
+        ...
+
+
+# Effects the PostgreSQL adapter sends in the same batch as the guard read, each gated
+# by the mark the read sets when the guard holds: such a write is one exchange (two
+# when its notifies depend on what it inserted). The others read before they write.
+PIPELINED_EFFECTS = frozenset(
+    {Effect.INSERT, Effect.ENQUEUE, Effect.CLAIM, Effect.BEAT, Effect.NEW_TOKEN, Effect.SET_ERROR}
+)
+
+
+def pipelined(plan: Plan) -> bool:
+    """Whether `plan` is executed as one pipelined batch (see `PIPELINED_EFFECTS`)."""
+    return plan.effects <= PIPELINED_EFFECTS
+
+
+def pipelined_statements(plan: Plan, write: Write) -> list[str]:
+    """The statements of a pipelined write, in order: all of them run (the effects as
+    no-ops when the guard does not hold), so both adapters count all of them."""
+    names = ["LockChatForUpdate", "GetChatForWrite"]
+    if plan.has(Effect.ENQUEUE):
+        names.append("InsertQueuedMessage")
+    if plan.has(Effect.INSERT) and write.messages:
+        names.append("InsertChatMessages")
+    if plan.changes_row or write.binding is not None:
+        names.append("UpdateChat")
+    if plan.has(Effect.ENQUEUE):
+        names.append("GetQueuedMessages")
+    return names
+
+
+@dataclass(frozen=True)
+class _CachedPrompt:
+    messages: tuple[Message, ...]
+    # The ownership token the prompt was validated under at acquisition (None: read
+    # outside one, usable only once an acquisition validates it).
+    token: int | None
+
+    @property
+    def last(self) -> int:
+        return self.messages[-1].id if self.messages else 0
+
+
+class PromptCache:
+    """The model-visible history (`prompt_messages`) of chats this replica runs, kept
+    across their turns so that a steady turn reads no history.
+
+    An acquisition validates an entry against the database in its own transaction:
+    the entry is whole when its last message is the chat's last model-visible message
+    up to the last one a run wrote (`anchor`); then the prompt is the entry plus the
+    messages written since by the API (the user's). The turn's own writes extend it,
+    when the first message written names the entry's last one as its predecessor.
+    Anything else (an edit, a compaction, another replica's turn) fails a check and
+    costs one read. `max_chats` bounds it (least recently used first out).
+    """
+
+    def __init__(self, max_chats: int | None = None) -> None:
+        self._max = max_chats
+        self._entries: OrderedDict[uuid.UUID, _CachedPrompt] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def valid(self, chat_id: uuid.UUID, anchor: int) -> tuple[Message, ...] | None:
+        """The entry when its last message is `anchor`; else forget it."""
+        entry = self._entries.get(chat_id)
+        if entry is None:
+            return None
+        if entry.last != anchor:
+            del self._entries[chat_id]
+            return None
+        self._entries.move_to_end(chat_id)
+        return entry.messages
+
+    def put(self, chat_id: uuid.UUID, messages: Sequence[Message], token: int | None) -> None:
+        self._entries[chat_id] = _CachedPrompt(tuple(messages), token)
+        self._entries.move_to_end(chat_id)
+        while self._max is not None and len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def refresh(self, chat_id: uuid.UUID, messages: Sequence[Message]) -> None:
+        """A whole read of the prompt: it replaces the entry (for the same run)."""
+        entry = self._entries.get(chat_id)
+        self.put(chat_id, messages, entry.token if entry is not None else None)
+
+    def extend(self, chat_id: uuid.UUID, prev: int, messages: Sequence[Message]) -> None:
+        """A run wrote `messages`; `prev` is the chat's last model-visible message before."""
+        entry = self._entries.get(chat_id)
+        if entry is None:
+            return
+        if entry.last != prev or any(m.compressed for m in messages):
+            # Someone else wrote in between, or a compaction moved the boundary.
+            del self._entries[chat_id]
+            return
+        added = tuple(m for m in messages if m.model_visible and not m.deleted)
+        self._entries[chat_id] = _CachedPrompt(entry.messages + added, entry.token)
+
+    def forget(self, chat_id: uuid.UUID) -> None:
+        self._entries.pop(chat_id, None)
+
+    def get(self, lease: Lease) -> list[Message] | None:
+        """The prompt of the turn holding `lease`, when its acquisition loaded it."""
+        entry = self._entries.get(lease.chat_id)
+        if entry is None or entry.token != lease.token:
+            return None
+        return list(entry.messages)
+
+
+def prompt_tail_plan(
+    chat_id: uuid.UUID, anchor: int, tail: Sequence[Message], cache: PromptCache
+) -> tuple[Message, ...] | None:
+    """The prompt of a chat just claimed, from its tail (the model-visible messages after
+    the last one a run wrote) and the cache; None when it must be read whole."""
+    if anchor == 0:
+        # No run wrote yet: the tail is the whole history (nothing compacted either).
+        return tuple(tail)
+    cached = cache.valid(chat_id, anchor)
+    return None if cached is None else cached + tuple(tail)
 
 
 @dataclass(frozen=True)
@@ -271,6 +397,7 @@ class Store(Protocol):
         system_prompt: str | None = None,
         model_options: RequestOptions | None = None,
         limits: LimitsConfig | None = None,
+        announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`.
 
@@ -280,6 +407,7 @@ class Store(Protocol):
         they are not JSON.
         `limits` replaces the store's own (the Server passes `Config.limits`). Every
         value passes the storable-value gate (`check_user_parts`, `check_title`).
+        With `announce`, `announce.changes(Event.CREATE, ...)` goes out in the transaction.
         """
         ...
 
@@ -327,7 +455,12 @@ class Store(Protocol):
         ...
 
     async def interrupt(
-        self, chat_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, view: Chat | None = None
+        self,
+        chat_id: uuid.UUID,
+        *,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
+        announce: Announcer | None = None,
     ) -> Chat:
         """Set `waiting` and clear the worker, unless the chat is `pending`."""
         ...
@@ -361,14 +494,44 @@ class Store(Protocol):
         not running; otherwise move it to the front of the queue."""
         ...
 
-    async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
-        """Delete one queued message; returns the remaining queue."""
+    async def delete_queued(
+        self,
+        chat_id: uuid.UUID,
+        queued_id: int,
+        *,
+        owner_id: uuid.UUID | None = None,
+        announce: Announcer | None = None,
+    ) -> list[QueuedMessage]:
+        """Delete one queued message; returns the remaining queue.
+
+        ChatNotFound, PermissionDenied (when `owner_id` is set and the chat belongs to
+        someone else) and QueuedMessageNotFound change nothing. With `announce`, the
+        new queue's notify goes out in the transaction."""
         ...
 
     # -- ownership ------------------------------------------------------------
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def acquire(
+        self,
+        worker_id: uuid.UUID,
+        limit: int,
+        *,
+        announce: Announcer | None = None,
+        prompts: bool = False,
+    ) -> list[Chat]:
         """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
-        each claim gets a new ownership token (`Lease.of(chat)`)."""
+        each claim gets a new ownership token (`Lease.of(chat)`). With `announce`, each
+        claim's `announce.changes(Event.ACQUIRE, ...)` goes out in the transaction.
+
+        With `prompts`, the same transaction loads each claimed chat's prompt (what
+        `prompt_messages` returns) into the store's prompt cache: from the cache and the
+        messages written since when the cache still holds the rest, else read whole.
+        The turn takes it with `cached_prompt(lease)`."""
+        ...
+
+    def cached_prompt(self, lease: Lease) -> list[Message] | None:
+        """The prompt the acquisition of `lease` loaded (`acquire(prompts=True)`), with
+        the messages the run wrote since; None when there is none to trust (read it
+        with `prompt_messages`)."""
         ...
 
     async def release(self, leases: Sequence[Lease]) -> None:
@@ -379,9 +542,12 @@ class Store(Protocol):
         """Refresh heartbeat_at; False when the lease no longer holds the running chat."""
         ...
 
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
+    async def recover_stale(
+        self, stale_after: float, *, announce: Announcer | None = None
+    ) -> list[uuid.UUID]:
         """Running chats with heartbeat older than `stale_after` seconds -> pending, each
-        with a new ownership token (the stale run is fenced out)."""
+        with a new ownership token (the stale run is fenced out). With `announce`, each
+        one's `announce.changes(Event.STALE_RECOVERED, ...)` goes out in the transaction."""
         ...
 
     async def persist_step(
@@ -500,7 +666,8 @@ STATEMENTS: dict[str, str] = {
     "SoftDeleteMessagesFrom": "mark a message and every later one deleted",
     "GetChatMessageByID": "read one message",
     "GetChatMessagesAfter": "user-visible messages after a cursor (stream catch-up)",
-    "GetPromptMessages": "model-visible history after the compaction boundary",
+    "GetPromptMessages": "model-visible history after the compaction boundary (of some chats)",
+    "GetPromptTails": "claimed chats' messages since a run last wrote, and the one before",
     "GetLatestAssistantText": "latest assistant message of a chat (subagent report)",
     "AcquireChats": "claim pending chats FOR UPDATE SKIP LOCKED",
     "ReleaseChats": "hand owned chats back to pending",

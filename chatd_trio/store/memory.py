@@ -96,7 +96,7 @@ from chatd_trio.errors import (
     QueuedMessageNotFound,
     WorkspaceNotFound,
 )
-from chatd_trio.lifecycle import ChatView, Effect, Plan
+from chatd_trio.lifecycle import ChatView, Effect, Event, Plan
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.storable import storable_texts
 from chatd_trio.store.base import (
@@ -104,10 +104,14 @@ from chatd_trio.store.base import (
     Applied,
     Binding,
     Lease,
+    PromptCache,
     StatementCounter,
     Write,
     check_edit_target,
+    pipelined,
+    pipelined_statements,
     promoted_by,
+    prompt_tail_plan,
 )
 from chatd_trio.store.ops import StoreOps, user_message
 
@@ -121,6 +125,10 @@ _TICK = timedelta(microseconds=1)
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _uncounted(*names: str) -> None:
+    """Counting nothing: a pipelined write counted its statements up front."""
 
 
 class MemoryStore(StoreOps):
@@ -153,6 +161,10 @@ class MemoryStore(StoreOps):
         # Idempotent writes: the last write applied to each chat, and what each inserted.
         self._last_op: dict[uuid.UUID, uuid.UUID] = {}
         self._op_messages: dict[tuple[uuid.UUID, uuid.UUID], list[int]] = {}
+        # The last message a run wrote in each chat (PostgreSQL: chat_messages.owner_token).
+        self._last_stamped: dict[uuid.UUID, int] = {}
+        # Every message is in memory anyway: the prompt cache needs no bound here.
+        self._prompts = PromptCache()
 
     # -- internals ------------------------------------------------------------
     def _now(self) -> datetime:
@@ -239,9 +251,15 @@ class MemoryStore(StoreOps):
         return out
 
     def _store_messages(
-        self, chat_id: uuid.UUID, messages: Sequence[Message], write: Write | None = None
+        self,
+        chat_id: uuid.UUID,
+        messages: Sequence[Message],
+        write: Write | None = None,
+        *,
+        counted: bool = False,
     ) -> None:
-        self._hit("InsertChatMessages")
+        if not counted:
+            self._hit("InsertChatMessages")
         ids = self._chat_message_ids.setdefault(chat_id, [])
         for msg in messages:
             # Stored without prev_id: reads return None there, like the PostgreSQL adapter.
@@ -284,8 +302,10 @@ class MemoryStore(StoreOps):
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
         model_options: RequestOptions | None,
+        announce: Announcer | None,
     ) -> tuple[Chat, Message]:
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         root_chat_id: uuid.UUID | None = None
         if parent_chat_id is not None:
             self._hit("GetChatByID")
@@ -310,6 +330,8 @@ class MemoryStore(StoreOps):
         )
         self._chats[chat.id] = chat
         inserted = self._insert_messages(chat.id, messages, now)
+        if announce is not None:
+            self._deliver(announce.changes(Event.CREATE, Applied(True, chat)))
         return chat, inserted[-1]
 
     async def get_chat(self, chat_id: uuid.UUID) -> Chat:
@@ -336,6 +358,11 @@ class MemoryStore(StoreOps):
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
         await trio.lowlevel.checkpoint()
         self._hit("GetPromptMessages")
+        prompt = self._prompt(chat_id)
+        self._prompts.refresh(chat_id, prompt)
+        return prompt
+
+    def _prompt(self, chat_id: uuid.UUID) -> list[Message]:
         visible = [m for m in self._live_messages(chat_id) if m.model_visible]
         summaries = [m for m in visible if m.compressed and m.role is Role.USER]
         if not summaries:
@@ -345,6 +372,16 @@ class MemoryStore(StoreOps):
             m for m in visible if m.role is Role.SYSTEM and not m.compressed and m.id < boundary
         ]
         return system + [m for m in visible if m.id >= boundary]
+
+    def _last_model_visible(self, chat_id: uuid.UUID, up_to: int | None = None) -> int:
+        return max(
+            (
+                m.id
+                for m in self._live_messages(chat_id)
+                if m.model_visible and (up_to is None or m.id <= up_to)
+            ),
+            default=0,
+        )
 
     async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
         """The latest non-blank user-visible assistant text (a subagent's report)."""
@@ -364,16 +401,32 @@ class MemoryStore(StoreOps):
         self._hit("GetQueuedMessages")
         return list(self._queues.get(chat_id, ()))
 
-    async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
+    async def delete_queued(
+        self,
+        chat_id: uuid.UUID,
+        queued_id: int,
+        *,
+        owner_id: uuid.UUID | None = None,
+        announce: Announcer | None = None,
+    ) -> list[QueuedMessage]:
         """Delete one queued message; returns the remaining queue."""
         await trio.lowlevel.checkpoint()
-        self._hit("DeleteQueuedMessage")
+        self._check_announce(announce)
+        # The PostgreSQL adapter sends these together (the delete guarded by the owner).
+        if owner_id is not None:
+            self._hit("GetChatByID")
+        self._hit("DeleteQueuedMessage", "GetQueuedMessages")
+        if owner_id is not None and self._chat(chat_id).owner_id != owner_id:
+            raise PermissionDenied(f"chat {chat_id} does not belong to this user")
         queue = self._queues.get(chat_id, [])
         found = next((q for q in queue if q.id == queued_id), None)
         if found is None:
             raise QueuedMessageNotFound(f"queued message {queued_id} not found in chat {chat_id}")
         queue.remove(found)
-        self._hit("GetQueuedMessages")
+        if announce is not None:
+            chat = self._out(self._chat(chat_id))
+            changed = Applied(True, chat, queue=tuple(queue))
+            self._deliver(announce.changes(None, changed))
         return list(queue)
 
     # -- the guarded write ------------------------------------------------------
@@ -441,26 +494,35 @@ class MemoryStore(StoreOps):
         """Execute `plan` if its guard still holds; all of it or nothing."""
         await trio.lowlevel.checkpoint()
         self._check_announce(announce)
-        self._hit("LockChatForUpdate")
+        # A pipelined write sends every statement with its guard read: all of them count,
+        # whatever the guard finds; the others count as they run.
+        batched = pipelined(plan)
+        if batched:
+            self._hit(*pipelined_statements(plan, write))
+        else:
+            self._hit("LockChatForUpdate")
         stored = self._chat(chat_id)
-        self._hit("GetChatForWrite")
+        hit = self._hit if not batched else _uncounted
+        hit("GetChatForWrite")
         if write.owner_id is not None and stored.owner_id != write.owner_id:
             raise PermissionDenied(f"chat {chat_id} does not belong to this user")
         chat = self._out(stored)
         replay = self._replayed(chat, write)
         if replay is not None:
+            self._remember_write(chat_id, plan, write, replay, 0)
             return replay
         if not plan.guard.holds(ChatView.of(chat)):
             return Applied(False, chat)
         queue = self._queues.setdefault(chat_id, [])
+        prev_model = self._last_model_visible(chat_id)
         # Everything that can fail runs before the first change: the write is atomic.
         if plan.has(Effect.REPLACE_FROM):
             assert write.edit_from is not None
-            self._hit("GetChatMessageByID")
+            hit("GetChatMessageByID")
             check_edit_target(self._messages.get(write.edit_from), chat_id, write.edit_from)
         chosen: QueuedMessage | None = None
         if plan.has(Effect.PROMOTE_CHOSEN) or plan.has(Effect.QUEUE_TO_FRONT):
-            self._hit("DeleteQueuedMessage")
+            hit("DeleteQueuedMessage")
             chosen = next((q for q in queue if q.id == write.queued_id), None)
             if chosen is None:
                 raise QueuedMessageNotFound(
@@ -469,7 +531,7 @@ class MemoryStore(StoreOps):
         new: list[NewMessage] = list(write.messages) if plan.has(Effect.INSERT) else []
         promoted_from: QueuedMessage | None = None
         if plan.has(Effect.PROMOTE_OLDEST):
-            self._hit("PopQueuedMessage")
+            hit("PopQueuedMessage")
             promoted_from = queue[0]
         elif plan.has(Effect.PROMOTE_CHOSEN):
             promoted_from = chosen
@@ -478,40 +540,40 @@ class MemoryStore(StoreOps):
         now = self._now()
         replace = plan.has(Effect.REPLACE_FROM)
         inserted = self._new_messages(chat_id, new, now, write.edit_from if replace else None)
-        notifies: Sequence[tuple[str, str]] = ()
+        notifies: list[tuple[str, str]] = []
         if announce is not None and inserted:
-            notifies = announce(inserted, refresh=replace)
+            notifies += announce(inserted, refresh=replace)
             assert self._pubsub is not None, "checked by _check_announce"
             for channel, wire in notifies:
                 self._pubsub.check_nowait(channel, wire)
         # -- nothing below can fail ------------------------------------------------------
         if replace:
-            self._hit("SoftDeleteMessagesFrom")
+            hit("SoftDeleteMessagesFrom")
             for mid in self._chat_message_ids.get(chat_id, ()):
                 if mid >= (write.edit_from or 0) and not self._messages[mid].deleted:
                     self._messages[mid] = dataclasses.replace(self._messages[mid], deleted=True)
         if plan.has(Effect.CLEAR_QUEUE):
-            self._hit("DeleteQueuedMessages")
+            hit("DeleteQueuedMessages")
             queue.clear()
         if promoted_from is not None:
             queue.remove(promoted_from)
         queued: QueuedMessage | None = None
         if plan.has(Effect.QUEUE_TO_FRONT):
             assert chosen is not None
-            self._hit("InsertQueuedMessage")
+            hit("InsertQueuedMessage")
             queue.remove(chosen)
             queue.insert(0, chosen)
             queued = chosen
         if plan.has(Effect.ENQUEUE):
-            self._hit("InsertQueuedMessage")
+            hit("InsertQueuedMessage")
             queued = self._new_queued(chat_id, write.parts, now)
             queue.append(queued)
         if inserted:
-            self._store_messages(chat_id, inserted, write)
-            if notifies:
-                self._deliver(notifies)
+            self._store_messages(chat_id, inserted, write, counted=batched)
+            if write.stamp is not None:
+                self._last_stamped[chat_id] = inserted[-1].id
         if plan.changes_row or write.binding is not None:
-            self._hit("UpdateChat")
+            hit("UpdateChat")
             stored = self._write_row(
                 stored, plan, now, worker_id=write.worker_id, binding=write.binding
             )
@@ -521,8 +583,8 @@ class MemoryStore(StoreOps):
             & {Effect.ENQUEUE, Effect.QUEUE_TO_FRONT, Effect.PROMOTE_OLDEST, Effect.PROMOTE_CHOSEN}
         )
         if touched_queue:
-            self._hit("GetQueuedMessages")
-        return Applied(
+            hit("GetQueuedMessages")
+        applied = Applied(
             True,
             self._out(stored),
             inserted=tuple(inserted),
@@ -530,19 +592,61 @@ class MemoryStore(StoreOps):
             queued=queued,
             queue=tuple(queue) if touched_queue else None,
         )
+        if announce is not None:
+            notifies += announce.changes(plan.event, applied)
+        if notifies:
+            self._deliver(notifies)
+        self._remember_write(chat_id, plan, write, applied, prev_model)
+        return applied
 
     # -- bulk ownership ---------------------------------------------------------
-    async def _claim(self, plan: Plan, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def _claim(
+        self,
+        plan: Plan,
+        worker_id: uuid.UUID,
+        limit: int,
+        announce: Announcer | None,
+        prompts: bool = False,
+    ) -> list[Chat]:
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         if limit < 1:
             return []
         self._hit("AcquireChats")
         ready = [c for c in self._chats.values() if c.status is plan.guard.status]
         ready.sort(key=lambda c: (c.updated_at, c.id))
         now = self._now()
-        return [
+        claimed = [
             self._out(self._write_row(c, plan, now, worker_id=worker_id)) for c in ready[:limit]
         ]
+        if prompts:
+            self._load_prompts(claimed)
+        self._announce_each(announce, plan, claimed)
+        return claimed
+
+    def _load_prompts(self, claimed: Sequence[Chat]) -> None:
+        """As the PostgreSQL adapter: the tails of every claim in one statement, then the
+        prompts it could not complete from the cache in one more."""
+        self._hit("GetPromptTails")
+        missed = False
+        for chat in claimed:
+            stamped = self._last_stamped.get(chat.id, 0)
+            anchor = self._last_model_visible(chat.id, stamped)
+            tail = [m for m in self._live_messages(chat.id) if m.model_visible and m.id > stamped]
+            prompt = prompt_tail_plan(chat.id, anchor, tail, self._prompts)
+            if prompt is None:
+                missed = True
+                prompt = tuple(self._prompt(chat.id))
+            self._prompts.put(chat.id, prompt, chat.owner_token)
+        if missed:
+            self._hit("GetPromptMessages")
+
+    def _announce_each(self, announce: Announcer | None, plan: Plan, chats: Sequence[Chat]) -> None:
+        if announce is None or not chats:
+            return
+        notifies = [n for c in chats for n in announce.changes(plan.event, Applied(True, c))]
+        if notifies:
+            self._deliver(notifies)
 
     async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
         await trio.lowlevel.checkpoint()
@@ -558,21 +662,24 @@ class MemoryStore(StoreOps):
                 released += 1
         return released
 
-    async def _recover(self, plan: Plan, stale_after: float) -> list[uuid.UUID]:
+    async def _recover(
+        self, plan: Plan, stale_after: float, announce: Announcer | None
+    ) -> list[uuid.UUID]:
         await trio.lowlevel.checkpoint()
+        self._check_announce(announce)
         self._hit("RecoverStaleChats")
         now = self._now()
         cutoff = now - timedelta(seconds=stale_after)
-        recovered: list[uuid.UUID] = []
+        recovered: list[Chat] = []
         for chat in list(self._chats.values()):
             if (
                 chat.status is plan.guard.status
                 and chat.heartbeat_at is not None
                 and chat.heartbeat_at <= cutoff
             ):
-                self._write_row(chat, plan, now)
-                recovered.append(chat.id)
-        return recovered
+                recovered.append(self._out(self._write_row(chat, plan, now)))
+        self._announce_each(announce, plan, recovered)
+        return [c.id for c in recovered]
 
     # -- workspaces -----------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:

@@ -37,7 +37,7 @@ from chatd_trio.errors import (
     QueueFull,
     StoreError,
 )
-from chatd_trio.lifecycle import ChatView, Event, Plan, Refused, decide, taken
+from chatd_trio.lifecycle import ChatView, Effect, Event, Plan, Refused, decide, taken
 from chatd_trio.storable import Cleaned, storable_messages, storable_text
 from chatd_trio.store.base import (
     Announcer,
@@ -46,6 +46,7 @@ from chatd_trio.store.base import (
     EditResult,
     FinishResult,
     Lease,
+    PromptCache,
     SendResult,
     TurnOutcome,
     Write,
@@ -121,6 +122,7 @@ class StoreOps:
     """
 
     _limits: LimitsConfig
+    _prompts: PromptCache
 
     # -- what an adapter implements ---------------------------------------------------------
 
@@ -140,10 +142,19 @@ class StoreOps:
     async def _set_binding(self, chat_id: uuid.UUID, binding: Binding) -> None:
         raise NotImplementedError
 
-    async def _claim(self, plan: Plan, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def _claim(
+        self,
+        plan: Plan,
+        worker_id: uuid.UUID,
+        limit: int,
+        announce: Announcer | None,
+        prompts: bool = False,
+    ) -> list[Chat]:
         raise NotImplementedError
 
-    async def _recover(self, plan: Plan, stale_after: float) -> list[uuid.UUID]:
+    async def _recover(
+        self, plan: Plan, stale_after: float, announce: Announcer | None
+    ) -> list[uuid.UUID]:
         raise NotImplementedError
 
     async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
@@ -163,6 +174,7 @@ class StoreOps:
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
         model_options: RequestOptions | None,
+        announce: Announcer | None,
     ) -> tuple[Chat, Message]:
         raise NotImplementedError
 
@@ -215,6 +227,7 @@ class StoreOps:
         system_prompt: str | None = None,
         model_options: RequestOptions | None = None,
         limits: LimitsConfig | None = None,
+        announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`."""
         options = stored_options(model_options)
@@ -243,6 +256,7 @@ class StoreOps:
             parent_chat_id=parent_chat_id,
             mcp_servers=servers,
             model_options=options,
+            announce=announce,
         )
         taken(plan)
         return created
@@ -303,11 +317,12 @@ class StoreOps:
         *,
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
+        announce: Announcer | None = None,
     ) -> Chat:
         """Stop the chat: `waiting` and no owner, unless it is `pending`."""
         start = ChatView.of(view) if view else _presumed(ChatStatus.RUNNING)
         write = Write(owner_id=owner_id)
-        return (await self._decided(chat_id, Event.INTERRUPT, start, write)).chat
+        return (await self._decided(chat_id, Event.INTERRUPT, start, write, announce=announce)).chat
 
     async def promote_queued(
         self,
@@ -329,15 +344,42 @@ class StoreOps:
         return SendResult(res.chat, None, res.queued, queue)
 
     # -- ownership ----------------------------------------------------------------------
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement."""
-        chats = await self._claim(_ACQUIRE, worker_id, limit)
+    async def acquire(
+        self,
+        worker_id: uuid.UUID,
+        limit: int,
+        *,
+        announce: Announcer | None = None,
+        prompts: bool = False,
+    ) -> list[Chat]:
+        """Claim up to `limit` pending chats, oldest `updated_at` first, in one statement;
+        with `announce`, each claim's `running` status is sent in the same transaction;
+        with `prompts`, each claim's prompt is loaded too (`cached_prompt`)."""
+        chats = await self._claim(_ACQUIRE, worker_id, limit, announce, prompts)
         taken(_ACQUIRE, len(chats))
         return chats
 
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
-        """Running chats whose heartbeat is older than `stale_after` seconds -> pending."""
-        recovered = await self._recover(_STALE_RECOVERED, stale_after)
+    def cached_prompt(self, lease: Lease) -> list[Message] | None:
+        """The prompt `acquire(prompts=True)` loaded for this run, with its writes since."""
+        return self._prompts.get(lease)
+
+    def _remember_write(
+        self, chat_id: uuid.UUID, plan: Plan, write: Write, applied: Applied, prev: int
+    ) -> None:
+        """Keep the prompt cache in step with a write that landed (`prev`: the chat's last
+        model-visible message before it)."""
+        if applied.replayed or plan.has(Effect.REPLACE_FROM):
+            self._prompts.forget(chat_id)
+        elif applied.inserted and write.stamp is not None:
+            # A run's write: what the next acquisition finds before the user's messages.
+            self._prompts.extend(chat_id, prev, applied.inserted)
+
+    async def recover_stale(
+        self, stale_after: float, *, announce: Announcer | None = None
+    ) -> list[uuid.UUID]:
+        """Running chats whose heartbeat is older than `stale_after` seconds -> pending;
+        with `announce`, each one's `pending` status is sent in the same transaction."""
+        recovered = await self._recover(_STALE_RECOVERED, stale_after, announce)
         taken(_STALE_RECOVERED, len(recovered))
         return recovered
 

@@ -25,9 +25,11 @@ PostgreSQL-specific choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -36,11 +38,13 @@ from typing import Any, TypeAlias, TypeVar
 import psycopg
 import psycopg.waiting
 import trio
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
+from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
@@ -76,10 +80,13 @@ from chatd_trio.store.base import (
     Applied,
     Binding,
     Lease,
+    PromptCache,
     StatementCounter,
     Write,
     check_edit_target,
+    pipelined,
     promoted_by,
+    prompt_tail_plan,
 )
 from chatd_trio.store.ops import StoreOps, user_message
 
@@ -92,6 +99,9 @@ _Conn: TypeAlias = psycopg.AsyncConnection[DictRow]
 _Pool: TypeAlias = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
 _Body: TypeAlias = Callable[[_Conn], Awaitable[T]]
 _Params: TypeAlias = Sequence[object] | Mapping[str, object]
+_Cursor: TypeAlias = psycopg.AsyncCursor[DictRow]
+
+_IN_TRANSACTION = frozenset({TransactionStatus.INTRANS, TransactionStatus.INERROR})
 
 _DEFAULTS = PostgresConfig()
 
@@ -145,10 +155,27 @@ _SQL_GET_CHAT = f"SELECT {_CHAT} FROM chats WHERE id = %s"
 # statement: that statement's snapshot starts after the lock was granted, so it sees
 # every write committed before (the queue, the messages of an earlier attempt).
 _SQL_LOCK_CHAT = "SELECT id FROM chats WHERE id = %s FOR UPDATE"
+# The read also decides, in SQL, what the caller re-decides in Python on the same row:
+# when the guard holds (the owner matches, the write has not landed before, and the
+# row has the status, token and queue length the plan rests on) it sets the
+# transaction-local mark `chatd.apply` that every effect statement of the write is
+# gated on. So the effects can be sent with the read, in one batch, without waiting
+# for its answer: when the guard does not hold they change nothing.
+_APPLY_MARK = "chatd.apply"
+_GATE = f"current_setting('{_APPLY_MARK}', true) = %(mark)s::text"
 _SQL_CHAT_FOR_WRITE = (
-    f"SELECT {_CHAT}, last_op_id,"
-    " EXISTS (SELECT 1 FROM chat_messages m WHERE m.op_id = %s AND m.chat_id = chats.id)"
-    " AS op_inserted FROM chats WHERE id = %s"
+    f"SELECT r.*, set_config('{_APPLY_MARK}', CASE WHEN"
+    " (%(owner)s::uuid IS NULL OR r.owner_id = %(owner)s::uuid)"
+    " AND r.last_op_id IS DISTINCT FROM %(op)s::uuid AND NOT r.op_inserted"
+    " AND r.status = %(status)s::text"
+    " AND (%(token)s::bigint IS NULL OR r.owner_token = %(token)s::bigint)"
+    " AND (%(queued)s::bigint IS NULL OR r.queued = %(queued)s::bigint)"
+    " THEN %(mark)s::text ELSE '' END, true) = %(mark)s::text AS marked"
+    f" FROM (SELECT {_CHAT}, last_op_id,"
+    " EXISTS (SELECT 1 FROM chat_messages m WHERE m.op_id = %(op)s::uuid"
+    " AND m.chat_id = chats.id) AS op_inserted"
+    # OFFSET 0 keeps the row a subquery: set_config runs once, on the row as read.
+    " FROM chats WHERE id = %(id)s OFFSET 0) AS r"
 )
 _SQL_CHATS_BY_OWNER = (
     f"SELECT {_CHAT} FROM chats WHERE owner_id = %s ORDER BY created_at DESC, id DESC"
@@ -162,24 +189,35 @@ _SQL_INSERT_CHAT = (
 # Array order is evaluation order: the notifies go out (at commit) in message order.
 _SQL_NOTIFY_MANY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
 # One statement for any number of messages; ORDER BY ordinality assigns ids in input order.
-_SQL_INSERT_MESSAGES = (
+# `{gate}`: empty, or the guarded write's mark (see _SQL_CHAT_FOR_WRITE).
+_SQL_INSERT_MESSAGES_TEMPLATE = (
     "INSERT INTO chat_messages (chat_id, role, content, visibility, input_tokens,"
     " output_tokens, cache_read_tokens, cache_creation_tokens, total_tokens, reasoning_tokens,"
     " context_limit, compressed, owner_token, op_id)"
-    " SELECT %s, m.role, m.content, m.visibility, m.input_tokens, m.output_tokens,"
+    " SELECT %(chat)s, m.role, m.content, m.visibility, m.input_tokens, m.output_tokens,"
     " m.cache_read_tokens, m.cache_creation_tokens, m.total_tokens, m.reasoning_tokens,"
-    " m.context_limit, m.compressed, %s, %s"
-    " FROM unnest(%s::text[], %s::jsonb[], %s::text[], %s::bigint[], %s::bigint[],"
-    " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
+    " m.context_limit,"
+    " m.compressed, %(stamp)s, %(op)s"
+    " FROM unnest(%(roles)s::text[], %(contents)s::jsonb[], %(visibilities)s::text[],"
+    " %(input_tokens)s::bigint[], %(output_tokens)s::bigint[], %(cache_read_tokens)s::bigint[],"
+    " %(cache_creation_tokens)s::bigint[], %(total_tokens)s::bigint[],"
+    " %(reasoning_tokens)s::bigint[],"
+    " %(context_limits)s::bigint[], %(compressed)s::boolean[])"
     " WITH ORDINALITY AS m(role, content, visibility, input_tokens, output_tokens,"
     " cache_read_tokens, cache_creation_tokens, total_tokens, reasoning_tokens, context_limit,"
     " compressed, ord)"
+    "{gate}"
     f" ORDER BY m.ord RETURNING {_MSG},"
     # The statement's snapshot excludes its own rows: this is the chat's latest visible
     # message before the insert (the chat row is locked, so nothing else inserts).
     " (SELECT max(p.id) FROM chat_messages p WHERE p.chat_id = chat_messages.chat_id"
-    " AND NOT p.deleted AND p.visibility IN ('user', 'both')) AS prev_visible_id"
+    " AND NOT p.deleted AND p.visibility IN ('user', 'both')) AS prev_visible_id,"
+    # And its latest model-visible one: the prompt cache extends only from there.
+    " (SELECT max(p.id) FROM chat_messages p WHERE p.chat_id = chat_messages.chat_id"
+    " AND NOT p.deleted AND p.visibility IN ('model', 'both')) AS prev_model_id"
 )
+_SQL_INSERT_MESSAGES = _SQL_INSERT_MESSAGES_TEMPLATE.format(gate="")
+_SQL_INSERT_MESSAGES_GATED = _SQL_INSERT_MESSAGES_TEMPLATE.format(gate=f" WHERE {_GATE}")
 _SQL_MESSAGES_BY_OP = (
     f"SELECT {_MSG} FROM chat_messages WHERE chat_id = %s AND op_id = %s ORDER BY id"
 )
@@ -192,15 +230,35 @@ _SQL_MESSAGES_AFTER = (
     " AND visibility IN ('user', 'both') ORDER BY id"
 )
 # The boundary is the latest compressed summary (a compressed user message); before it
-# only uncompressed system messages survive (docs/spec.md §3.1).
+# only uncompressed system messages survive (docs/spec.md §3.1). For any number of chats.
 _SQL_PROMPT_MESSAGES = (
-    f"WITH visible AS (SELECT {_MSG} FROM chat_messages WHERE chat_id = %s AND NOT deleted"
-    " AND visibility IN ('model', 'both')),"
-    " boundary AS (SELECT max(id) AS id FROM visible WHERE compressed AND role = 'user')"
+    f"WITH visible AS (SELECT {_MSG} FROM chat_messages WHERE chat_id = ANY(%s::uuid[])"
+    " AND NOT deleted AND visibility IN ('model', 'both')),"
+    " boundary AS (SELECT chat_id, max(id) AS id FROM visible WHERE compressed"
+    " AND role = 'user' GROUP BY chat_id)"
     f" SELECT {', '.join('v.' + c.strip() for c in _MSG.split(','))}"
-    " FROM visible v CROSS JOIN boundary b"
+    " FROM visible v LEFT JOIN boundary b ON b.chat_id = v.chat_id"
     " WHERE b.id IS NULL OR v.id >= b.id OR (v.role = 'system' AND NOT v.compressed)"
-    " ORDER BY v.id"
+    " ORDER BY v.chat_id, v.id"
+)
+# The chats the acquisition in this transaction claimed (see _SQL_ACQUIRE), each with
+# the id of the last message a run wrote (`stamped`), the last model-visible message up
+# to it (`anchor`, what a cached prompt must end with), and the model-visible messages
+# after it (one row each; none: one row of NULLs), which the API wrote: the user's.
+_CLAIMED = "chatd.claimed"
+_SQL_PROMPT_TAILS = (
+    "SELECT k.id AS tail_of, k.anchor,"
+    f" {', '.join('m.' + c.strip() for c in _MSG.split(','))}"
+    " FROM (SELECT s.id, s.stamped, (SELECT coalesce(max(a.id), 0) FROM chat_messages a"
+    " WHERE a.chat_id = s.id AND a.id <= s.stamped AND NOT a.deleted"
+    " AND a.visibility IN ('model', 'both')) AS anchor"
+    " FROM (SELECT i.id, (SELECT coalesce(max(x.id), 0) FROM chat_messages x"
+    " WHERE x.chat_id = i.id AND x.owner_token IS NOT NULL) AS stamped"
+    f" FROM unnest(string_to_array(current_setting('{_CLAIMED}', true), ',')::uuid[])"
+    " AS i(id)) AS s) AS k"
+    " LEFT JOIN chat_messages m ON m.chat_id = k.id AND m.id > k.stamped AND NOT m.deleted"
+    " AND m.visibility IN ('model', 'both')"
+    " ORDER BY k.id, m.id"
 )
 _SQL_LATEST_ASSISTANT_TEXT = (
     "SELECT t.txt FROM chat_messages m CROSS JOIN LATERAL ("
@@ -216,8 +274,9 @@ _SQL_GET_QUEUED = (
 )
 _SQL_APPEND_QUEUED = (
     "INSERT INTO chat_queued_messages (chat_id, content, position)"
-    " SELECT %s, %s, coalesce(max(position), 0) + 1 FROM chat_queued_messages"
-    f" WHERE chat_id = %s RETURNING {_QUEUED}"
+    " SELECT %(chat)s, %(content)s, s.next FROM (SELECT coalesce(max(position), 0) + 1 AS next"
+    f" FROM chat_queued_messages WHERE chat_id = %(chat)s) AS s WHERE {_GATE}"
+    f" RETURNING {_QUEUED}"
 )
 # Re-insert a queued message (same id, same created_at) ahead of every other one.
 _SQL_PREPEND_QUEUED = (
@@ -228,6 +287,11 @@ _SQL_PREPEND_QUEUED = (
 _SQL_DELETE_QUEUED = (
     f"DELETE FROM chat_queued_messages WHERE chat_id = %s AND id = %s RETURNING {_QUEUED}"
 )
+_SQL_DELETE_QUEUED_OWNED = (
+    "DELETE FROM chat_queued_messages q WHERE q.chat_id = %(chat)s AND q.id = %(id)s"
+    " AND (%(owner)s::uuid IS NULL OR EXISTS (SELECT 1 FROM chats c WHERE c.id = q.chat_id"
+    f" AND c.owner_id = %(owner)s::uuid)) RETURNING {_QUEUED}"
+)
 _SQL_CLEAR_QUEUE = "DELETE FROM chat_queued_messages WHERE chat_id = %s"
 _SQL_POP_QUEUED = (
     "DELETE FROM chat_queued_messages WHERE id = (SELECT id FROM chat_queued_messages"
@@ -235,13 +299,17 @@ _SQL_POP_QUEUED = (
 )
 # The bulk ownership statements execute a lifecycle plan: its source and target status,
 # and a new ownership token for every row they change.
+# It also names the claimed chats in the transaction-local `chatd.claimed`, for the
+# prompt read sent with it (_SQL_PROMPT_TAILS).
 _SQL_ACQUIRE = (
-    "UPDATE chats AS c SET status = %(target)s, worker_id = %(worker)s, started_at = now(),"
-    " heartbeat_at = now(), updated_at = now(), last_error = NULL,"
+    "WITH claimed AS (UPDATE chats AS c SET status = %(target)s, worker_id = %(worker)s,"
+    " started_at = now(), heartbeat_at = now(), updated_at = now(), last_error = NULL,"
     " owner_token = c.owner_token + 1"
     " FROM (SELECT id, updated_at FROM chats WHERE status = %(source)s"
     " ORDER BY updated_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) AS p"
-    f" WHERE c.id = p.id RETURNING {_CHAT_C}, p.updated_at AS pending_since"
+    f" WHERE c.id = p.id RETURNING {_CHAT_C}, p.updated_at AS pending_since)"
+    f" SELECT k.*, set_config('{_CLAIMED}',"
+    " (SELECT string_agg(id::text, ',') FROM claimed), true) AS claimed_ids FROM claimed k"
 )
 _SQL_RELEASE = (
     "UPDATE chats AS c SET status = %(target)s, worker_id = NULL, started_at = NULL,"
@@ -257,7 +325,7 @@ _SQL_RECOVER_STALE = (
     " WHERE id IN (SELECT id FROM chats WHERE status = %(source)s"
     " AND heartbeat_at <= now() - make_interval(secs => %(secs)s) FOR UPDATE SKIP LOCKED)"
     " AND status = %(source)s AND heartbeat_at <= now() - make_interval(secs => %(secs)s)"
-    " RETURNING id, created_at"
+    f" RETURNING {_CHAT}"
 )
 _SQL_INSERT_WORKSPACE = (
     f"INSERT INTO workspaces (id, owner_id, name) VALUES (%s, %s, %s) RETURNING {_WORKSPACE}"
@@ -380,6 +448,188 @@ def _status(status: ChatStatus | None) -> str:
     return status.value
 
 
+def _insert_params(
+    chat_id: uuid.UUID,
+    messages: Sequence[NewMessage],
+    stamp: int | None,
+    op: uuid.UUID | None,
+    mark: str | None = None,
+) -> dict[str, object]:
+    """Parameters of `_SQL_INSERT_MESSAGES` (with `mark`: of its gated form)."""
+
+    def usage(field: str) -> list[int | None]:
+        return [getattr(m.usage, field) if m.usage is not None else None for m in messages]
+
+    params: dict[str, object] = {
+        "chat": chat_id,
+        "stamp": stamp,
+        "op": op,
+        "roles": [m.role.value for m in messages],
+        "contents": [Jsonb(parts_to_json(m.parts)) for m in messages],
+        "visibilities": [m.visibility.value for m in messages],
+        "input_tokens": usage("input_tokens"),
+        "output_tokens": usage("output_tokens"),
+        "cache_read_tokens": usage("cache_read_tokens"),
+        "cache_creation_tokens": usage("cache_creation_tokens"),
+        "total_tokens": usage("total_tokens"),
+        "reasoning_tokens": usage("reasoning_tokens"),
+        "context_limits": [m.context_limit for m in messages],
+        "compressed": [m.compressed for m in messages],
+    }
+    if mark is not None:
+        params["mark"] = mark
+    return params
+
+
+def _inserted(rows: Sequence[DictRow]) -> list[Message]:
+    """The inserted messages in id order, each user-visible one with its predecessor."""
+    ordered = sorted(rows, key=lambda r: int(r["id"]))
+    if not ordered:
+        return []
+    prev: int = ordered[0]["prev_visible_id"] or 0
+    out: list[Message] = []
+    for r in ordered:
+        m = _message(r)
+        if m.user_visible:
+            m = dataclasses.replace(m, prev_id=prev)
+            prev = m.id
+        out.append(m)
+    return out
+
+
+def _by_chat(rows: Sequence[DictRow]) -> dict[uuid.UUID, list[Message]]:
+    out: dict[uuid.UUID, list[Message]] = {}
+    for r in rows:
+        out.setdefault(r["chat_id"], []).append(_message(r))
+    return out
+
+
+def _prev_model(rows: Sequence[DictRow]) -> int:
+    """The chat's last model-visible message before an insert (its rows)."""
+    first = min(rows, key=lambda r: int(r["id"]), default=None)
+    return int(first["prev_model_id"] or 0) if first is not None else 0
+
+
+def _notify_params(notifies: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    return [c for c, _ in notifies], [p for _, p in notifies]
+
+
+def _guard_params(chat_id: uuid.UUID, plan: Plan, write: Write, mark: str) -> dict[str, object]:
+    """Parameters of `_SQL_CHAT_FOR_WRITE`: the guard the mark is set under."""
+    return {
+        "id": chat_id,
+        "owner": write.owner_id,
+        "op": write.op_id,
+        "status": _status(plan.guard.status),
+        "token": plan.guard.token,
+        "queued": plan.guard.queued,
+        "mark": mark,
+    }
+
+
+def _update_chat_sql(
+    plan: Plan, write: Write, chat_id: uuid.UUID, mark: str
+) -> tuple[str, dict[str, object]]:
+    """The row part of a decided write (status, owner, token, heartbeat, error, binding),
+    gated on the write's mark. The row's status before is the guard's (it held)."""
+    before = plan.guard.status
+    sets = ["status = %(target)s", "last_op_id = %(op)s"]
+    params: dict[str, object] = {"target": plan.target.value, "op": write.op_id}
+    if plan.owned_after:
+        if plan.has(Effect.CLAIM):
+            sets += ["worker_id = %(worker)s", "started_at = now()", "heartbeat_at = now()"]
+            params["worker"] = write.worker_id
+        elif plan.has(Effect.BEAT):
+            sets.append("heartbeat_at = now()")
+    else:
+        sets += ["worker_id = NULL", "started_at = NULL", "heartbeat_at = NULL"]
+    if plan.has(Effect.NEW_TOKEN):
+        sets.append("owner_token = owner_token + 1")
+    if plan.has(Effect.SET_ERROR):
+        sets.append("last_error = %(error)s")
+        params["error"] = plan.last_error
+    elif plan.target is not before:
+        sets.append("last_error = NULL")
+    if plan.target is not before or plan.has(Effect.CLAIM):
+        sets.append("updated_at = now()")
+    if write.binding is not None:
+        sets += ["workspace_id = %(ws)s", "build_id = %(build)s", "agent_id = %(agent)s"]
+        params.update(
+            ws=write.binding.workspace_id,
+            build=write.binding.build_id,
+            agent=write.binding.agent_id,
+        )
+    params.update(id=chat_id, mark=mark)
+    query = f"UPDATE chats SET {', '.join(sets)} WHERE id = %(id)s AND {_GATE} RETURNING {_CHAT}"
+    return query, params
+
+
+def _announce_each(announce: Announcer, plan: Plan, chats: Sequence[Chat]) -> list[tuple[str, str]]:
+    """The notifies of a bulk change, chat by chat."""
+    return [n for chat in chats for n in announce.changes(plan.event, Applied(True, chat))]
+
+
+def _announced(announce: Announcer, plan: Plan, applied: Applied) -> list[tuple[str, str]]:
+    """What a write that landed announces: its messages, then the change itself."""
+    refresh = plan.has(Effect.REPLACE_FROM)
+    notifies = list(announce(applied.inserted, refresh=refresh)) if applied.inserted else []
+    notifies += announce.changes(plan.event, applied)
+    return notifies
+
+
+class _Batch:
+    """A transaction sent through a pipeline (see `_batched`)."""
+
+    def __init__(self, conn: _Conn, pipeline: psycopg.AsyncPipeline) -> None:
+        self._conn = conn
+        self._pipeline = pipeline
+        self.ended = False
+
+    async def sync(self) -> None:
+        """Send what is queued and wait for its results: one round trip."""
+        await self._pipeline.sync()
+
+    async def commit(self) -> None:
+        """Queue the COMMIT: it goes out with the last batch (the pipeline's exit)."""
+        await self._conn.execute("COMMIT")
+        self.ended = True
+
+    async def rollback(self) -> None:
+        """Queue a ROLLBACK instead (nothing changed, or nothing may)."""
+        await self._conn.execute("ROLLBACK")
+        self.ended = True
+
+
+@asynccontextmanager
+async def _batched(conn: _Conn) -> AsyncIterator[_Batch]:
+    """BEGIN, the block's statements and COMMIT through one pipeline.
+
+    Statements are queued, not sent: a batch goes out at `sync()` (the block then
+    reads its results) and the last one, with the COMMIT, when the pipeline closes.
+    The block ends with `commit()` or `rollback()`, or COMMIT is queued after it; an
+    exception queues a ROLLBACK, and a last batch that fails is rolled back here.
+    Each batch is one round trip; psycopg's `transaction()` would sync at its start
+    and end, three round trips more.
+    """
+    try:
+        async with conn.pipeline() as pipeline:
+            await conn.execute("BEGIN")
+            batch = _Batch(conn, pipeline)
+            try:
+                yield batch
+            except Exception:
+                if not batch.ended:
+                    await conn.execute("ROLLBACK")
+                raise
+            if not batch.ended:
+                await conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status in _IN_TRANSACTION:
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("ROLLBACK")
+        raise
+
+
 def load_migrations() -> list[tuple[str, str]]:
     """(version, SQL text) of every migration file, in version order."""
     root = importlib.resources.files("chatd_trio.store").joinpath("migrations")
@@ -413,15 +663,22 @@ class PostgresStore(StoreOps):
         config: PostgresConfig,
         limits: LimitsConfig,
         database: str = "",
+        round_trips: RoundTrips | None = None,
     ) -> None:
         self._database = database
+        self._round_trips = round_trips
         self._pool = pool
         self._bridge = bridge
         self._config = config
         self._limits = limits
         self._counter = StatementCounter.new()
+        self._prompts = PromptCache(config.prompt_cache_chats)
         self._in_use = 0
         self._max_in_use = 0
+        # Connection-seconds in use since the high-water mark was last reset, and when
+        # that was: their ratio is the mean number of connections in use.
+        self._in_use_area = 0.0
+        self._in_use_changed = self._in_use_since = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -451,15 +708,18 @@ class PostgresStore(StoreOps):
         )
         migrations = await trio.to_thread.run_sync(load_migrations)
         failure: ChatdError | None = None
+        trips = RoundTrips() if cfg.count_round_trips else None
         async with asyncio_bridge() as bridge:
             try:
-                pool = await bridge.run(_open_pool, dsn, cfg, migrations)
+                pool = await bridge.run(_open_pool, dsn, cfg, migrations, trips)
             except ChatdError as exc:
                 # Raised after the bridge closes, so the caller sees the StoreError itself
                 # rather than the bridge nursery's exception group.
                 failure = exc
             else:
-                store = cls(pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn))
+                store = cls(
+                    pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn), trips
+                )
                 try:
                     yield store
                 finally:
@@ -477,6 +737,7 @@ class PostgresStore(StoreOps):
             available=stats.get("pool_available", 0),
             in_use=self._in_use,
             max_in_use=self._max_in_use,
+            mean_in_use=self._mean_in_use(),
             min_size=self._pool.min_size,
             max_size=self._pool.max_size,
             max_idle=self._pool.max_idle,
@@ -485,9 +746,38 @@ class PostgresStore(StoreOps):
         )
         return stats
 
+    def reset_pool_high_water(self) -> None:
+        """Restart `pool_stats()["max_in_use"]` and `["mean_in_use"]` from the connections
+        in use now (a benchmark's steady phase)."""
+        self._max_in_use = self._in_use
+        self._in_use_area = 0.0
+        self._in_use_changed = self._in_use_since = time.monotonic()
+
+    def _mean_in_use(self) -> float:
+        now = time.monotonic()
+        area = self._in_use_area + self._in_use * (now - self._in_use_changed)
+        return area / (now - self._in_use_since) if now > self._in_use_since else 0.0
+
+    def _count_in_use(self, delta: int) -> None:
+        now = time.monotonic()
+        self._in_use_area += self._in_use * (now - self._in_use_changed)
+        self._in_use_changed = now
+        self._in_use += delta
+        self._max_in_use = max(self._max_in_use, self._in_use)
+
     def statement_counts(self) -> dict[str, int]:
         """Executions per statement name since the store was opened."""
         return self._counter.snapshot()
+
+    def bridge_crossings(self) -> int:
+        """Trio -> asyncio crossings of this store's operations: one per operation."""
+        return self._bridge.crossings
+
+    def round_trips(self) -> int | None:
+        """Network round trips of the pool's connections since the store was opened
+        (statements, BEGIN, COMMIT, pipelined batches: `chatd_trio._pgtrace`), or None
+        unless `PostgresConfig.count_round_trips`."""
+        return None if self._round_trips is None else self._round_trips.count
 
     def announces_to(self, pubsub: object) -> bool:
         """True for a `PostgresPubSub` on the same database (host, port, name)."""
@@ -504,15 +794,14 @@ class PostgresStore(StoreOps):
         try:
             async with self._pool.connection() as conn:
                 borrowed = conn
-                self._in_use += 1
-                self._max_in_use = max(self._max_in_use, self._in_use)
+                self._count_in_use(1)
                 try:
                     if transaction:
                         async with conn.transaction():
                             return await body(conn)
                     return await body(conn)
                 finally:
-                    self._in_use -= 1
+                    self._count_in_use(-1)
         except DecodeError as exc:
             raise StoreError(f"{op}: a stored row does not decode: {exc}") from exc
         except ChatdError:
@@ -568,62 +857,30 @@ class PostgresStore(StoreOps):
         stamp: int | None = None,
         op: uuid.UUID | None = None,
     ) -> list[Message]:
-        inserted = await self._insert_rows(conn, chat_id, messages, stamp, op)
+        rows = await self._fetch(
+            conn,
+            "InsertChatMessages",
+            _SQL_INSERT_MESSAGES,
+            _insert_params(chat_id, messages, stamp, op),
+        )
+        inserted = _inserted(rows)
         if announce is not None:
-            notifies = announce(inserted, refresh=refresh)
-            if notifies:
-                # Delivered at COMMIT, in commit order; discarded by a rollback.
-                await self._execute(
-                    conn,
-                    "NotifyInTransaction",
-                    _SQL_NOTIFY_MANY,
-                    ([c for c, _ in notifies], [p for _, p in notifies]),
-                )
+            await self._notify(conn, announce(inserted, refresh=refresh))
         return inserted
 
-    async def _insert_rows(
-        self,
-        conn: _Conn,
-        chat_id: uuid.UUID,
-        messages: Sequence[NewMessage],
-        stamp: int | None,
-        op: uuid.UUID | None,
-    ) -> list[Message]:
-        def usage(m: NewMessage, field: str) -> int | None:
-            return getattr(m.usage, field) if m.usage is not None else None
+    async def _fetch_chat(self, conn: _Conn, chat_id: uuid.UUID) -> Chat:
+        row = await self._fetchone(conn, "GetChatByID", _SQL_GET_CHAT, (chat_id,))
+        if row is None:
+            raise ChatNotFound(f"chat {chat_id} not found")
+        return _chat(row)
 
-        fields = (
-            "input_tokens",
-            "output_tokens",
-            "cache_read_tokens",
-            "cache_creation_tokens",
-            "total_tokens",
-            "reasoning_tokens",
-        )
-        params: list[object] = [
-            chat_id,
-            stamp,
-            op,
-            [m.role.value for m in messages],
-            [Jsonb(parts_to_json(m.parts)) for m in messages],
-            [m.visibility.value for m in messages],
-            *([usage(m, f) for m in messages] for f in fields),
-            [m.context_limit for m in messages],
-            [m.compressed for m in messages],
-        ]
-        rows = await self._fetch(conn, "InsertChatMessages", _SQL_INSERT_MESSAGES, params)
-        rows = sorted(rows, key=lambda r: int(r["id"]))
-        if not rows:
-            return []
-        prev: int = rows[0]["prev_visible_id"] or 0
-        out: list[Message] = []
-        for r in rows:
-            m = _message(r)
-            if m.user_visible:
-                m = dataclasses.replace(m, prev_id=prev)
-                prev = m.id
-            out.append(m)
-        return out
+    async def _notify(self, conn: _Conn, notifies: Sequence[tuple[str, str]]) -> None:
+        """pg_notify each (channel, payload), in order: delivered at COMMIT, in commit
+        order, and discarded by a rollback."""
+        if notifies:
+            await self._execute(
+                conn, "NotifyInTransaction", _SQL_NOTIFY_MANY, _notify_params(notifies)
+            )
 
     async def _queue(self, conn: _Conn, chat_id: uuid.UUID) -> list[QueuedMessage]:
         rows = await self._fetch(conn, "GetQueuedMessages", _SQL_GET_QUEUED, (chat_id,))
@@ -643,6 +900,7 @@ class PostgresStore(StoreOps):
         parent_chat_id: uuid.UUID | None,
         mcp_servers: Sequence[str],
         model_options: RequestOptions | None,
+        announce: Announcer | None,
     ) -> tuple[Chat, Message]:
 
         async def body(conn: _Conn) -> tuple[Chat, Message]:
@@ -673,6 +931,8 @@ class PostgresStore(StoreOps):
             assert chat_row is not None
             chat = _chat(chat_row)
             inserted = await self._insert_messages(conn, chat.id, messages)
+            if announce is not None:
+                await self._notify(conn, announce.changes(plan.event, Applied(True, chat)))
             return chat, inserted[-1]
 
         return await self._run("create_chat", body, transaction=True)
@@ -712,10 +972,12 @@ class PostgresStore(StoreOps):
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
 
         async def body(conn: _Conn) -> list[Message]:
-            rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, (chat_id,))
+            rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, ([chat_id],))
             return [_message(r) for r in rows]
 
-        return await self._run("prompt_messages", body)
+        prompt = await self._run("prompt_messages", body)
+        self._prompts.refresh(chat_id, prompt)
+        return prompt
 
     async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
         """The latest non-blank user-visible assistant text (a subagent's report)."""
@@ -736,20 +998,56 @@ class PostgresStore(StoreOps):
         """The chat's queue, front first."""
         return await self._run("list_queued", lambda conn: self._queue(conn, chat_id))
 
-    async def delete_queued(self, chat_id: uuid.UUID, queued_id: int) -> list[QueuedMessage]:
-        """Delete one queued message; returns the remaining queue."""
+    async def delete_queued(
+        self,
+        chat_id: uuid.UUID,
+        queued_id: int,
+        *,
+        owner_id: uuid.UUID | None = None,
+        announce: Announcer | None = None,
+    ) -> list[QueuedMessage]:
+        """Delete one queued message; returns the remaining queue.
+
+        One batch: [the chat's row,] the delete (guarded by the owner) and the queue
+        left; with `announce`, its notify and the COMMIT follow in a second one."""
 
         async def body(conn: _Conn) -> list[QueuedMessage]:
-            row = await self._fetchone(
-                conn, "DeleteQueuedMessage", _SQL_DELETE_QUEUED, (chat_id, queued_id)
-            )
-            if row is None:
-                raise QueuedMessageNotFound(
-                    f"queued message {queued_id} not found in chat {chat_id}"
+            queue: list[QueuedMessage] = []
+            async with _batched(conn) as batch:
+                owner = None
+                if owner_id is not None:
+                    self._counter.hit("GetChatByID")
+                    owner = await conn.execute(_SQL_GET_CHAT, (chat_id,))
+                self._counter.hit("DeleteQueuedMessage")
+                gone = await conn.execute(
+                    _SQL_DELETE_QUEUED_OWNED, {"chat": chat_id, "id": queued_id, "owner": owner_id}
                 )
-            return await self._queue(conn, chat_id)
+                self._counter.hit("GetQueuedMessages")
+                left = await conn.execute(_SQL_GET_QUEUED, (chat_id,))
+                await batch.sync()
+                chat: Chat | None = None
+                if owner is not None:
+                    row = await owner.fetchone()
+                    if row is None:
+                        raise ChatNotFound(f"chat {chat_id} not found")
+                    chat = _chat(row)
+                    if chat.owner_id != owner_id:
+                        raise PermissionDenied(f"chat {chat_id} does not belong to this user")
+                if not await gone.fetchall():
+                    raise QueuedMessageNotFound(
+                        f"queued message {queued_id} not found in chat {chat_id}"
+                    )
+                queue = [_queued(r) for r in await left.fetchall()]
+                if announce is not None:
+                    if chat is None:
+                        chat = await self._fetch_chat(conn, chat_id)
+                    chat = dataclasses.replace(chat, queued=len(queue))
+                    await self._notify(
+                        conn, announce.changes(None, Applied(True, chat, queue=tuple(queue)))
+                    )
+            return queue
 
-        return await self._run("delete_queued", body, transaction=True)
+        return await self._run("delete_queued", body)
 
     # -- the guarded write ----------------------------------------------------------
     async def apply(
@@ -760,39 +1058,175 @@ class PostgresStore(StoreOps):
         *,
         announce: Announcer | None = None,
     ) -> Applied:
-        """Execute `plan` in one transaction if its guard still holds under the row lock."""
+        """Execute `plan` in one transaction if its guard still holds under the row lock.
+
+        A pipelined plan (`chatd_trio.store.base.pipelined`: inserts, queue appends,
+        row changes) is one batch: BEGIN, the lock, the guard read that sets the mark,
+        the gated effects and the reads of what they changed. The COMMIT rides in
+        that batch when the write announces nothing; otherwise the notifies depend on
+        what the batch inserted and go with the COMMIT in a second one. Other plans
+        (an edit, a promotion) read the row, then write what it holds.
+        """
+        # Named by the decided event, so a failure says which operation failed.
+        if pipelined(plan):
+
+            async def batched(conn: _Conn) -> Applied:
+                return await self._apply_pipelined(conn, chat_id, plan, write, announce)
+
+            return await self._run(plan.event.value, batched)
 
         async def body(conn: _Conn) -> Applied:
+            mark = uuid.uuid4().hex
             locked = await self._fetchone(conn, "LockChatForUpdate", _SQL_LOCK_CHAT, (chat_id,))
             if locked is None:
                 raise ChatNotFound(f"chat {chat_id} not found")
             row = await self._fetchone(
-                conn, "GetChatForWrite", _SQL_CHAT_FOR_WRITE, (write.op_id, chat_id)
+                conn,
+                "GetChatForWrite",
+                _SQL_CHAT_FOR_WRITE,
+                _guard_params(chat_id, plan, write, mark),
             )
             assert row is not None, "the row is locked by this transaction"
             chat = _chat(row)
             if write.owner_id is not None and chat.owner_id != write.owner_id:
                 raise PermissionDenied(f"chat {chat_id} does not belong to this user")
             if row["last_op_id"] == write.op_id or row["op_inserted"]:
-                inserted: tuple[Message, ...] = ()
-                if row["op_inserted"]:
-                    rows = await self._fetch(
-                        conn, "GetChatMessagesByOp", _SQL_MESSAGES_BY_OP, (chat_id, write.op_id)
-                    )
-                    inserted = tuple(_message(r) for r in rows)
-                promoted = promoted_by(write, inserted)
-                queue: tuple[QueuedMessage, ...] | None = None
-                if promoted is not None:
-                    queue = tuple(await self._queue(conn, chat_id))
-                return Applied(
-                    True, chat, inserted=inserted, promoted=promoted, queue=queue, replayed=True
-                )
+                self._prompts.forget(chat_id)
+                return await self._replayed(conn, chat, write, bool(row["op_inserted"]))
             if not plan.guard.holds(ChatView.of(chat)):
                 return Applied(False, chat)
-            return await self._execute_plan(conn, chat, plan, write, announce)
+            applied = await self._execute_plan(conn, chat, plan, write, mark)
+            # An edit or a promotion: the next acquisition reads the prompt whole.
+            self._prompts.forget(chat_id)
+            if announce is not None:
+                await self._notify(conn, _announced(announce, plan, applied))
+            return applied
 
-        # Named by the decided event, so a failure says which operation failed.
         return await self._run(plan.event.value, body, transaction=True)
+
+    async def _apply_pipelined(
+        self,
+        conn: _Conn,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        announce: Announcer | None,
+    ) -> Applied:
+        mark = uuid.uuid4().hex
+        new = list(write.messages) if plan.has(Effect.INSERT) else []
+        sent: dict[str, _Cursor] = {}
+
+        async def send(name: str, query: str, params: _Params) -> None:
+            self._counter.hit(name)
+            sent[name] = await conn.execute(query, params)
+
+        applied: Applied | None = None
+        async with _batched(conn) as batch:
+            await send("LockChatForUpdate", _SQL_LOCK_CHAT, (chat_id,))
+            await send(
+                "GetChatForWrite", _SQL_CHAT_FOR_WRITE, _guard_params(chat_id, plan, write, mark)
+            )
+            if plan.has(Effect.ENQUEUE):
+                content = Jsonb(parts_to_json(write.parts))
+                await send(
+                    "InsertQueuedMessage",
+                    _SQL_APPEND_QUEUED,
+                    {"chat": chat_id, "content": content, "mark": mark},
+                )
+            if new:
+                params = _insert_params(chat_id, new, write.stamp, write.op_id, mark)
+                await send("InsertChatMessages", _SQL_INSERT_MESSAGES_GATED, params)
+            if plan.changes_row or write.binding is not None:
+                await send("UpdateChat", *_update_chat_sql(plan, write, chat_id, mark))
+            if plan.has(Effect.ENQUEUE):
+                await send("GetQueuedMessages", _SQL_GET_QUEUED, (chat_id,))
+            if announce is not None:
+                await batch.sync()
+                applied = await self._pipelined_result(conn, chat_id, plan, write, sent)
+                if applied.applied and not applied.replayed:
+                    await self._notify(conn, _announced(announce, plan, applied))
+                    await batch.commit()
+                else:
+                    await batch.rollback()
+        if applied is None:
+            # Committed with the batch: the effects ran exactly when the guard held.
+            applied = await self._pipelined_result(conn, chat_id, plan, write, sent)
+        return applied
+
+    async def _pipelined_result(
+        self,
+        conn: _Conn,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        sent: Mapping[str, _Cursor],
+    ) -> Applied:
+        """Re-decide on the row the batch read, check that the gated effects agree, and
+        return what they did."""
+        row = await sent["GetChatForWrite"].fetchone()
+        if row is None:
+            raise ChatNotFound(f"chat {chat_id} not found")
+        chat = _chat(row)
+        marked = bool(row["marked"])
+        effects = {
+            name: await cursor.fetchall()
+            for name, cursor in sent.items()
+            if name in ("InsertQueuedMessage", "InsertChatMessages", "UpdateChat")
+        }
+        if write.owner_id is not None and chat.owner_id != write.owner_id:
+            holds = False
+        else:
+            replay = row["last_op_id"] == write.op_id or bool(row["op_inserted"])
+            holds = not replay and plan.guard.holds(ChatView.of(chat))
+        expected = {
+            "InsertQueuedMessage": 1,
+            "InsertChatMessages": len(write.messages),
+            "UpdateChat": 1,
+        }
+        done = {name: len(rows) for name, rows in effects.items()}
+        if marked != holds or done != {n: expected[n] if holds else 0 for n in done}:
+            raise StoreError(
+                f"guarded write on chat {chat_id} is inconsistent: decided {holds},"
+                f" marked {marked}, rows {done}"
+            )
+        if write.owner_id is not None and chat.owner_id != write.owner_id:
+            raise PermissionDenied(f"chat {chat_id} does not belong to this user")
+        if not holds:
+            if row["last_op_id"] == write.op_id or row["op_inserted"]:
+                replayed = await self._replayed(conn, chat, write, bool(row["op_inserted"]))
+                self._remember_write(chat_id, plan, write, replayed, 0)
+                return replayed
+            return Applied(False, chat)
+        inserted = _inserted(effects.get("InsertChatMessages", ()))
+        prev_model = _prev_model(effects.get("InsertChatMessages", ()))
+        if "UpdateChat" in effects:
+            chat = _chat(effects["UpdateChat"][0])
+        queued: QueuedMessage | None = None
+        queue: tuple[QueuedMessage, ...] | None = None
+        if "InsertQueuedMessage" in effects:
+            queued = _queued(effects["InsertQueuedMessage"][0])
+            queue = tuple(_queued(r) for r in await sent["GetQueuedMessages"].fetchall())
+            chat = dataclasses.replace(chat, queued=len(queue))
+        applied = Applied(True, chat, inserted=tuple(inserted), queued=queued, queue=queue)
+        self._remember_write(chat_id, plan, write, applied, prev_model)
+        return applied
+
+    async def _replayed(
+        self, conn: _Conn, chat: Chat, write: Write, inserted_some: bool
+    ) -> Applied:
+        """An earlier attempt of `write` landed: what it inserted (and the queue, when it
+        promoted a queued message)."""
+        inserted: tuple[Message, ...] = ()
+        if inserted_some:
+            rows = await self._fetch(
+                conn, "GetChatMessagesByOp", _SQL_MESSAGES_BY_OP, (chat.id, write.op_id)
+            )
+            inserted = tuple(_message(r) for r in rows)
+        promoted = promoted_by(write, inserted)
+        queue: tuple[QueuedMessage, ...] | None = None
+        if promoted is not None:
+            queue = tuple(await self._queue(conn, chat.id))
+        return Applied(True, chat, inserted=inserted, promoted=promoted, queue=queue, replayed=True)
 
     async def _execute_plan(
         self,
@@ -800,7 +1234,7 @@ class PostgresStore(StoreOps):
         chat: Chat,
         plan: Plan,
         write: Write,
-        announce: Announcer | None,
+        mark: str,
     ) -> Applied:
         chat_id = chat.id
         replace = plan.has(Effect.REPLACE_FROM)
@@ -852,25 +1286,19 @@ class PostgresStore(StoreOps):
             )
             await self._execute(conn, "InsertQueuedMessage", _SQL_PREPEND_QUEUED, params)
             queued = chosen
-        if plan.has(Effect.ENQUEUE):
-            row = await self._fetchone(
-                conn,
-                "InsertQueuedMessage",
-                _SQL_APPEND_QUEUED,
-                (chat_id, Jsonb(parts_to_json(write.parts)), chat_id),
-            )
-            assert row is not None
-            queued = _queued(row)
         inserted: list[Message] = []
         if new:
             inserted = await self._insert_messages(
-                conn, chat_id, new, announce, refresh=replace, stamp=write.stamp, op=write.op_id
+                conn, chat_id, new, stamp=write.stamp, op=write.op_id
             )
         if plan.changes_row or write.binding is not None:
-            chat = await self._update_chat(conn, chat, plan, write)
+            row = await self._fetchone(
+                conn, "UpdateChat", *_update_chat_sql(plan, write, chat_id, mark)
+            )
+            assert row is not None, "the row is locked by this transaction and marked"
+            chat = _chat(row)
         touched_queue = bool(
-            plan.effects
-            & {Effect.ENQUEUE, Effect.QUEUE_TO_FRONT, Effect.PROMOTE_OLDEST, Effect.PROMOTE_CHOSEN}
+            plan.effects & {Effect.QUEUE_TO_FRONT, Effect.PROMOTE_OLDEST, Effect.PROMOTE_CHOSEN}
         )
         queue: tuple[QueuedMessage, ...] | None = None
         if touched_queue:
@@ -885,42 +1313,15 @@ class PostgresStore(StoreOps):
             queue=queue,
         )
 
-    async def _update_chat(self, conn: _Conn, chat: Chat, plan: Plan, write: Write) -> Chat:
-        """Write what `plan` says of the row: status, owner, token, heartbeat, error."""
-        sets = ["status = %(target)s", "last_op_id = %(op)s"]
-        params: dict[str, object] = {"target": plan.target.value, "op": write.op_id}
-        if plan.owned_after:
-            if plan.has(Effect.CLAIM):
-                sets += ["worker_id = %(worker)s", "started_at = now()", "heartbeat_at = now()"]
-                params["worker"] = write.worker_id
-            elif plan.has(Effect.BEAT):
-                sets.append("heartbeat_at = now()")
-        else:
-            sets += ["worker_id = NULL", "started_at = NULL", "heartbeat_at = NULL"]
-        if plan.has(Effect.NEW_TOKEN):
-            sets.append("owner_token = owner_token + 1")
-        if plan.has(Effect.SET_ERROR):
-            sets.append("last_error = %(error)s")
-            params["error"] = plan.last_error
-        elif plan.target is not chat.status:
-            sets.append("last_error = NULL")
-        if plan.target is not chat.status or plan.has(Effect.CLAIM):
-            sets.append("updated_at = now()")
-        if write.binding is not None:
-            sets += ["workspace_id = %(ws)s", "build_id = %(build)s", "agent_id = %(agent)s"]
-            params.update(
-                ws=write.binding.workspace_id,
-                build=write.binding.build_id,
-                agent=write.binding.agent_id,
-            )
-        params["id"] = chat.id
-        query = f"UPDATE chats SET {', '.join(sets)} WHERE id = %(id)s RETURNING {_CHAT}"
-        row = await self._fetchone(conn, "UpdateChat", query, params)
-        assert row is not None, "the row is locked by this transaction"
-        return _chat(row)
-
     # -- bulk ownership -------------------------------------------------------------
-    async def _claim(self, plan: Plan, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def _claim(
+        self,
+        plan: Plan,
+        worker_id: uuid.UUID,
+        limit: int,
+        announce: Announcer | None,
+        prompts: bool = False,
+    ) -> list[Chat]:
         if limit < 1:
             await trio.lowlevel.checkpoint()
             return []
@@ -931,12 +1332,71 @@ class PostgresStore(StoreOps):
             "limit": limit,
         }
 
-        async def body(conn: _Conn) -> list[Chat]:
-            rows = await self._fetch(conn, "AcquireChats", _SQL_ACQUIRE, params)
+        def claimed(rows: list[DictRow]) -> list[Chat]:
             rows.sort(key=lambda r: (r["pending_since"], r["id"]))
             return [_chat(r) for r in rows]
 
-        return await self._run("acquire", body)
+        async def body(conn: _Conn) -> list[Chat]:
+            return claimed(await self._fetch(conn, "AcquireChats", _SQL_ACQUIRE, params))
+
+        async def batched(conn: _Conn) -> list[Chat]:
+            # The claim and the prompts' tails, then (they need the claims' new tokens and
+            # what the tails showed) the notifies, the prompts the cache could not
+            # complete and the COMMIT; a ROLLBACK when nothing was claimed.
+            loaded: dict[uuid.UUID, tuple[Message, ...]] = {}
+            full: _Cursor | None = None
+            async with _batched(conn) as batch:
+                self._counter.hit("AcquireChats")
+                cursor = await conn.execute(_SQL_ACQUIRE, params)
+                tails: _Cursor | None = None
+                if prompts:
+                    self._counter.hit("GetPromptTails")
+                    tails = await conn.execute(_SQL_PROMPT_TAILS)
+                await batch.sync()
+                chats = claimed(await cursor.fetchall())
+                if not chats:
+                    await batch.rollback()
+                    return []
+                if tails is not None:
+                    missing = self._complete_prompts(await tails.fetchall(), loaded)
+                    if missing:
+                        self._counter.hit("GetPromptMessages")
+                        full = await conn.execute(_SQL_PROMPT_MESSAGES, (missing,))
+                if announce is not None:
+                    await self._notify(conn, _announce_each(announce, plan, chats))
+                await batch.commit()
+            if full is not None:
+                for chat_id, messages in _by_chat(await full.fetchall()).items():
+                    loaded[chat_id] = tuple(messages)
+            if prompts:
+                for chat in chats:
+                    self._prompts.put(chat.id, loaded.get(chat.id, ()), chat.owner_token)
+            return chats
+
+        plain = announce is None and not prompts
+        return await self._run("acquire", body if plain else batched)
+
+    def _complete_prompts(
+        self, rows: Sequence[DictRow], loaded: dict[uuid.UUID, tuple[Message, ...]]
+    ) -> list[uuid.UUID]:
+        """Fill `loaded` with the prompts the cache completes from the claims' tails; the
+        chats whose prompt must be read whole."""
+        anchors: dict[uuid.UUID, int] = {}
+        tails: dict[uuid.UUID, list[Message]] = {}
+        for r in rows:
+            chat_id = r["tail_of"]
+            anchors[chat_id] = r["anchor"]
+            tail = tails.setdefault(chat_id, [])
+            if r["id"] is not None:
+                tail.append(_message(r))
+        missing: list[uuid.UUID] = []
+        for chat_id, anchor in anchors.items():
+            prompt = prompt_tail_plan(chat_id, anchor, tails[chat_id], self._prompts)
+            if prompt is None:
+                missing.append(chat_id)
+            else:
+                loaded[chat_id] = prompt
+        return missing
 
     async def _release(self, plan: Plan, leases: Sequence[Lease]) -> int:
         if not leases:
@@ -954,7 +1414,9 @@ class PostgresStore(StoreOps):
 
         return await self._run("release", body)
 
-    async def _recover(self, plan: Plan, stale_after: float) -> list[uuid.UUID]:
+    async def _recover(
+        self, plan: Plan, stale_after: float, announce: Announcer | None
+    ) -> list[uuid.UUID]:
         params = {
             "target": plan.target.value,
             "source": _status(plan.guard.status),
@@ -964,9 +1426,12 @@ class PostgresStore(StoreOps):
         async def body(conn: _Conn) -> list[uuid.UUID]:
             rows = await self._fetch(conn, "RecoverStaleChats", _SQL_RECOVER_STALE, params)
             rows.sort(key=lambda r: (r["created_at"], r["id"]))
+            if announce is not None and rows:
+                chats = [_chat(r) for r in rows]
+                await self._notify(conn, _announce_each(announce, plan, chats))
             return [r["id"] for r in rows]
 
-        return await self._run("recover_stale", body)
+        return await self._run("recover_stale", body, transaction=announce is not None)
 
     async def _set_binding(self, chat_id: uuid.UUID, binding: Binding) -> None:
         async def body(conn: _Conn) -> None:
@@ -1083,7 +1548,12 @@ class PostgresStore(StoreOps):
         return await self._run("parent_of", body)
 
 
-async def _open_pool(dsn: str, cfg: PostgresConfig, migrations: Sequence[tuple[str, str]]) -> _Pool:
+async def _open_pool(
+    dsn: str,
+    cfg: PostgresConfig,
+    migrations: Sequence[tuple[str, str]],
+    trips: RoundTrips | None = None,
+) -> _Pool:
     """asyncio side of `PostgresStore.open`: migrate on a direct connection, open the pool.
 
     The direct connection fails fast on a refused or unreachable server, where the
@@ -1105,9 +1575,12 @@ async def _open_pool(dsn: str, cfg: PostgresConfig, migrations: Sequence[tuple[s
     except psycopg.Error as exc:
         raise StoreError(f"migrating PostgreSQL at {where} failed: {exc}") from exc
 
+    connection_class: type[_Conn] = psycopg.AsyncConnection[DictRow]
+    if trips is not None:
+        connection_class = counting_connection_class(trips)
     pool: _Pool = AsyncConnectionPool(
         dsn,
-        connection_class=psycopg.AsyncConnection[DictRow],
+        connection_class=connection_class,
         kwargs={"autocommit": True, "row_factory": dict_row, **connect_kwargs},
         min_size=cfg.min_size,
         max_size=cfg.max_size,

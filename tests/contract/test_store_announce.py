@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from chatd_trio.domain import Message, NewMessage, Role, TextPart, Visibility
+from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, Visibility
 from chatd_trio.errors import PersistRefused, StoreError
+from chatd_trio.lifecycle import Event
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.store.base import Lease, Store, TurnOutcome
+from chatd_trio.store.base import Applied, Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from tests.contract.conftest import MAX_QUEUED, STORE_KINDS, new_chat, running_chat, text
 
@@ -60,6 +61,9 @@ class Recorder:
     pubsub: PubSub | None = None
     calls: list[tuple[list[int], bool]] = field(default_factory=list)
     oversize: bool = False
+    # Announce every change too: "<event> <status> <queue length>".
+    control: bool = False
+    changed: list[tuple[Event | None, ChatStatus]] = field(default_factory=list)
 
     def _sealed(self, payload: str) -> tuple[str, str]:
         # A store sends what it is given: an announcer seals for the linked pubsub.
@@ -73,6 +77,14 @@ class Recorder:
             return [self._sealed(f"refresh {messages[0].id}")]
         pad = "x" * 9000 if self.oversize else ""
         return [self._sealed(f"{m.id} {m.visibility.value} {m.prev_id}{pad}") for m in messages]
+
+    def changes(self, event: Event | None, applied: Applied) -> Sequence[tuple[str, str]]:
+        self.changed.append((event, applied.chat.status))
+        if not self.control:
+            return []
+        queue = "-" if applied.queue is None else len(applied.queue)
+        name = event.value if event is not None else "queue"
+        return [self._sealed(f"{name} {applied.chat.status.value} {queue}")]
 
 
 async def received(sub: object, n: int) -> list[str]:
@@ -166,6 +178,44 @@ async def test_a_refused_write_announces_nothing(pair: tuple[Store, PubSub]) -> 
         assert await received(sub, 1) == ["marker"]
     assert rec.calls == []
     assert "NotifyInTransaction" not in store.statement_counts()
+
+
+async def test_every_change_is_announced_in_its_transaction_after_its_messages(
+    pair: tuple[Store, PubSub],
+) -> None:
+    store, pubsub = pair
+    rec = Recorder(pubsub, control=True)
+    worker = uuid.uuid4()
+    owner = uuid.uuid4()
+    answer = [NewMessage(Role.ASSISTANT, (TextPart("a"),), Visibility.BOTH)]
+    async with pubsub.subscribe(CHANNEL) as sub:
+        chat, first = await store.create_chat(owner, "t", text("u1"), announce=rec)
+        (running,) = await store.acquire(worker, 1, announce=rec)
+        queued = await store.send_message(chat.id, text("q"), max_queued=MAX_QUEUED, announce=rec)
+        assert queued.queued is not None
+        lease = Lease.of(running)
+        fin = await store.finish_turn(lease, TurnOutcome.DONE, messages=answer, announce=rec)
+        assert fin.promoted is not None
+        (again,) = await store.acquire(worker, 1, announce=rec)
+        await store.interrupt(chat.id, owner_id=owner, announce=rec)
+        sent = await store.send_message(chat.id, text("s"), max_queued=MAX_QUEUED, announce=rec)
+        assert sent.message is not None  # waiting: inserted
+        assert await store.recover_stale(3600, announce=rec) == []  # nothing to announce
+        got = await received(sub, 10)
+    (reply,) = fin.inserted
+    assert got == [
+        "create pending -",
+        "acquire running -",
+        "send_message running 1",
+        f"{reply.id} both {first.id}",
+        f"{fin.promoted.id} both {reply.id}",
+        "finish_done pending 0",
+        "acquire running -",
+        "interrupt waiting -",
+        f"{sent.message.id} both {fin.promoted.id}",
+        "send_message pending -",
+    ]
+    assert again.owner_token == running.owner_token + 2  # acquired, finished, acquired
 
 
 async def test_memory_store_without_a_pubsub_refuses_announce() -> None:

@@ -20,7 +20,9 @@ EXPECTED = {
     "InsertWorkspaceAgent": 1,
     "GetWorkspaceAgentsInLatestBuild": 1,
     "InsertChat": 2,
-    "InsertChatMessages": 8,
+    # Was 8: a pipelined write sends its effects with its guard read, gated on the guard
+    # (docs/architecture.md): a guard miss, a replay or a refusal runs them as no-ops.
+    "InsertChatMessages": 13,
     "GetChatByID": 2,
     "AcquireChats": 2,
     # HeartbeatChat (was 1) is gone: a heartbeat is a guarded write (lock, read, UpdateChat).
@@ -31,7 +33,9 @@ EXPECTED = {
     "InsertQueuedMessage": 3,
     # Was 2: only a finish that finds a queue pops (the old one popped on every done finish).
     "PopQueuedMessage": 1,
-    "UpdateChat": 5,  # was UpdateChatStatus 6: +1 heartbeat, -2 pending edit/promote keep the row
+    # Was UpdateChatStatus 6: +1 heartbeat, -2 pending edit/promote keep the row; then
+    # 5 -> 10: the no-op updates of pipelined writes whose guard missed.
+    "UpdateChat": 10,
     "GetChatMessagesAfter": 1,
     "GetPromptMessages": 1,
     "GetChatsByOwner": 1,
@@ -109,13 +113,16 @@ async def test_fixed_sequence_counts(store: Store) -> None:
 # What fencing, replays and completed turns cost, per statement (docs/spec.md §1).
 EXPECTED_FENCED = {
     "InsertChat": 1,
-    "InsertChatMessages": 4,  # the first message, the step, the answer with its finish, u2
+    # The first message, the step, the answer with its finish, u2; and the no-op inserts
+    # of the replays, the refused step and finish, the late finish and a refused send.
+    "InsertChatMessages": 9,
     "AcquireChats": 1,
     "LockChatForUpdate": 14,  # one per guarded write attempt, refused or replayed ones too
     "GetChatForWrite": 14,
     "GetChatMessagesByOp": 3,  # the replayed step, the replayed finish, the late finish
-    # Heartbeat, guarded binding, finish, the send; interrupting a pending chat writes nothing.
-    "UpdateChat": 4,
+    # Heartbeat, guarded binding, finish, the send; interrupting a pending chat writes
+    # nothing; plus the no-op updates of the writes that were refused or replayed.
+    "UpdateChat": 9,
     "RecoverStaleChats": 1,
 }
 
