@@ -297,8 +297,14 @@ async def test_statement_error_is_store_error(store: PostgresStore) -> None:
     # NOTIFY refuses a payload of 8000 bytes or more: a statement-level failure after the
     # insert, inside the same transaction. (NUL, the old example, no longer reaches a
     # statement: the storable-value gate replaces it.)
-    def too_long(messages: object, *, refresh: bool = False) -> list[tuple[str, str]]:
-        return [(f"chat:stream:{chat.id}", "x" * 9000)]
+    class TooLong:
+        def __call__(self, messages: object, *, refresh: bool = False) -> list[tuple[str, str]]:
+            return [(f"chat:stream:{chat.id}", "x" * 9000)]
+
+        def changes(self, event: object, applied: object) -> list[tuple[str, str]]:
+            return []
+
+    too_long = TooLong()
 
     with pytest.raises(StoreError) as info:
         await store.persist_step(
