@@ -656,6 +656,7 @@ class ChatStreams:
             channel = owner_channel(chat.owner_id)
             out.append((channel, self._pubsub.seal(channel, owner_payload(chat, kind))))
 
+        # The owner channel hears of every status change (docs/spec.md §4).
         if event is None:
             add_queue(applied.queue or ())
         elif event is Event.CREATE:
@@ -663,17 +664,25 @@ class ChatStreams:
         elif event is Event.SEND_MESSAGE:
             if applied.inserted:
                 add_status()
+                add_owner("status")
             elif applied.queue is not None:
                 add_queue(applied.queue)
         elif event is Event.EDIT:
             add_status()
             add_queue(())
+            add_owner("status")
         elif event is Event.PROMOTE_QUEUED:
             if applied.promoted is not None:
                 add_status()
+                add_owner("status")
             add_queue(applied.queue or ())
-        elif event in (Event.INTERRUPT, Event.ACQUIRE, Event.STALE_RECOVERED):
+        elif event is Event.INTERRUPT:
             add_status()
+            if chat.status is not ChatStatus.PENDING:  # a pending chat is left as it was
+                add_owner("status")
+        elif event in (Event.ACQUIRE, Event.STALE_RECOVERED):
+            add_status()
+            add_owner("status")
         elif event in _FINISHES:
             if error is not None and chat.status is ChatStatus.ERROR:
                 payload = NotifyPayload(error_payload=error, error=error.message)
@@ -681,7 +690,10 @@ class ChatStreams:
             if applied.promoted is not None:
                 add_queue(applied.queue or ())
             add_status()
-            add_owner("status")
+            # A stopped turn that leaves the chat `waiting` changed no status: the
+            # interrupt did, and announced it.
+            if not (event is Event.FINISH_INTERRUPTED and chat.status is ChatStatus.WAITING):
+                add_owner("status")
         return out
 
     def _message_notify(self, message: Message, prev: int | None) -> NotifyPayload:

@@ -18,10 +18,10 @@ import trio
 from chatd_trio.config import PostgresConfig, PubSubConfig
 from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, Visibility
 from chatd_trio.errors import StoreError
-from chatd_trio.lifecycle import Event
+from chatd_trio.lifecycle import ChatView, Event, decide
 from chatd_trio.pubsub.auth import NotifyAuth, new_key_text
 from chatd_trio.pubsub.postgres import PostgresPubSub
-from chatd_trio.store.base import Applied, Lease, TurnOutcome
+from chatd_trio.store.base import Applied, Lease, TurnOutcome, Write
 from chatd_trio.store.postgres import PostgresStore
 from tests.pgcluster import truncate_all
 
@@ -187,14 +187,17 @@ async def test_a_turn_run_by_another_replica_makes_the_prompt_a_whole_read(
 async def test_a_batch_the_server_refuses_rolls_the_whole_write_back(pg_dsn: str) -> None:
     """An error inside the first batch (here a value no bigint holds) aborts the
     transaction: nothing of the write lands, the row lock is gone and the connection
-    goes back to the pool clean, so the next write of the chat lands at once."""
+    goes back to the pool clean, so the next write of the chat lands at once. (The
+    storable-value gate in front of `apply` would clamp the value: the plan is applied
+    directly, as the adapter sees it.)"""
     async with counted_store(pg_dsn) as store:
         await store.create_chat(uuid.uuid4(), "t", (TextPart("u1"),))
         (running,) = await store.acquire(W, 1)
         lease = Lease.of(running)
-        bad = [NewMessage(Role.ASSISTANT, (TextPart("x"),), Visibility.BOTH, context_limit=2**70)]
+        bad = (NewMessage(Role.ASSISTANT, (TextPart("x"),), Visibility.BOTH, context_limit=2**70),)
+        plan = decide(Event.WRITE, ChatView.of(running), token=lease.token)
         with pytest.raises(StoreError):
-            await store.persist_step(lease, bad)
+            await store.apply(lease.chat_id, plan, Write(messages=bad, stamp=lease.token))
         assert [m.role for m in await store.messages_after(lease.chat_id, 0)] == [Role.USER]
         with trio.fail_after(10):
             (ok,) = await store.persist_step(lease, say("fine"))

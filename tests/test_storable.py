@@ -368,8 +368,14 @@ async def test_a_write_whose_notify_cannot_be_sent_writes_nothing(
     pubsub = MemoryPubSub()
     dsn = str(request.getfixturevalue("pg_dsn")) if kind == "postgres" else None
 
-    def broken(messages: Any, *, refresh: bool = False) -> list[tuple[str, str]]:
-        return [("chat:stream:x", "a\x00b")]
+    class Broken:
+        def __call__(self, messages: Any, *, refresh: bool = False) -> list[tuple[str, str]]:
+            return [("chat:stream:x", "a\x00b")]
+
+        def changes(self, event: Any, applied: Any) -> list[tuple[str, str]]:
+            return []
+
+    broken = Broken()
 
     async def run(store: Store) -> None:
         chat, _ = await store.create_chat(uuid.uuid4(), "t", (TextPart("hi"),))
