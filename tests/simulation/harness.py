@@ -373,6 +373,7 @@ class SimStore:
         system_prompt: str | None = None,
         model_options: RequestOptions | None = None,
         limits: LimitsConfig | None = None,
+        announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
         out = await self.inner.create_chat(
             owner_id,
@@ -386,6 +387,7 @@ class SimStore:
             system_prompt=system_prompt,
             model_options=model_options,
             limits=limits,
+            announce=announce,
         )
         self._observe()
         return out
@@ -441,9 +443,14 @@ class SimStore:
         return out
 
     async def interrupt(
-        self, chat_id: uuid.UUID, *, owner_id: uuid.UUID | None = None, view: Chat | None = None
+        self,
+        chat_id: uuid.UUID,
+        *,
+        owner_id: uuid.UUID | None = None,
+        view: Chat | None = None,
+        announce: Announcer | None = None,
     ) -> Chat:
-        out = await self.inner.interrupt(chat_id, owner_id=owner_id, view=view)
+        out = await self.inner.interrupt(chat_id, owner_id=owner_id, view=view, announce=announce)
         self._observe()
         return out
 
@@ -468,9 +475,16 @@ class SimStore:
         return out
 
     # ownership
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
+    async def acquire(
+        self,
+        worker_id: uuid.UUID,
+        limit: int,
+        *,
+        announce: Announcer | None = None,
+        prompts: bool = False,
+    ) -> list[Chat]:
         await self._gate("acquire", worker_id)
-        chats = await self.inner.acquire(worker_id, limit)
+        chats = await self.inner.acquire(worker_id, limit, announce=announce, prompts=prompts)
         self._acquired(chats, self._observe())
         return chats
 
@@ -487,9 +501,11 @@ class SimStore:
             self._accepted(lease, seq)
         return owned
 
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
+    async def recover_stale(
+        self, stale_after: float, *, announce: Announcer | None = None
+    ) -> list[uuid.UUID]:
         await self._gate("recover_stale")
-        ids = await self.inner.recover_stale(stale_after)
+        ids = await self.inner.recover_stale(stale_after, announce=announce)
         self._observe()
         return ids
 

@@ -71,8 +71,15 @@ class DoubleAcquire(SimStore):
     """Acquire also hands out chats another worker is running, under the ownership token
     that worker holds: the fence cannot tell the two runs apart, so both runs' writes land."""
 
-    async def acquire(self, worker_id: uuid.UUID, limit: int) -> list[Chat]:
-        chats = await super().acquire(worker_id, limit)
+    async def acquire(
+        self,
+        worker_id: uuid.UUID,
+        limit: int,
+        *,
+        announce: Announcer | None = None,
+        prompts: bool = False,
+    ) -> list[Chat]:
+        chats = await super().acquire(worker_id, limit, announce=announce, prompts=prompts)
         stolen = [
             dataclasses.replace(chat, worker_id=worker_id)
             for chat in list(self.inner._chats.values())

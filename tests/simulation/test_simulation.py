@@ -31,6 +31,7 @@ PASSED_THROUGH = {
     "get_chat",
     "list_chats",
     "prompt_messages",
+    "cached_prompt",
     "latest_assistant_text",
     "list_queued",
     "delete_queued",
