@@ -44,8 +44,9 @@ def main() -> int:
         for v in result.violations:
             print(f"VIOLATION {v.invariant}: {v.detail}")
         if not result.violations:
-            # Trio expires equal (virtual) deadlines in id() order, i.e. memory layout,
-            # which earlier scenarios in the same process change.
+            # Equal deadlines are ordered (see harness.deadlines_in_registration_order),
+            # but sets of objects still iterate in id() order, i.e. memory layout, which
+            # earlier scenarios in the same process change.
             print(
                 "no violation; a failure seen in a long run may depend on the scenarios "
                 "before it: rerun that sequence (see the failure line)"
@@ -63,6 +64,8 @@ def main() -> int:
                 f" (in sequence: python scripts/simulate.py --seed {args.seed}"
                 f" --scenarios {seed - args.seed + 1})"
             )
+            for v in result.violations[:5]:
+                print(f"  {v.invariant}: {v.detail}")
     elapsed = time.monotonic() - start
     print(
         f"{args.scenarios} scenarios in {elapsed:.1f} s "

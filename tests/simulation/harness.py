@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import heapq
 import inspect
 import json
 import logging
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -944,7 +945,7 @@ class SimModel(ScriptedModel):
                 await held.aclose()
 
     @staticmethod
-    async def _held(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    async def _held(deltas: AsyncIterator[Delta]) -> AsyncGenerator[Delta, None]:
         async for delta in deltas:
             await hold()
             yield delta
@@ -1325,6 +1326,8 @@ class World:
         def end() -> None:
             del self.pauses[index]
             resumed.set()
+            # Its turns own their chats again, if only until the next sample.
+            self.forget_owned_orphans()
 
         self.open_window(nursery, duration, end)
 
@@ -1359,6 +1362,14 @@ class World:
             and acquired.get((r.server.worker_id, chat.id)) == chat.owner_token
             for r in reachable
         )
+
+    def forget_owned_orphans(self) -> None:
+        """Drop the orphans whose owner runs them now (a resumed replica): the time
+        without a live owner starts again at their next loss."""
+        reachable = self.reachable()
+        for chat_id in list(self.orphans):
+            if self.owned_live(self.inner._chats[chat_id], reachable):
+                del self.orphans[chat_id]
 
     def check_orphans(self, dt: float) -> None:
         """One sample: age every running chat without a live owner by `dt` when some
@@ -1690,6 +1701,30 @@ def replay_command(scenario: Scenario, seed: int | None = None) -> str:
     return f"python scripts/simulate.py --scenario '{scenario.to_json()}'"
 
 
+@contextlib.contextmanager
+def deadlines_in_registration_order() -> Iterator[None]:
+    """Trio expires equal deadlines in the order of their cancel scopes' id(), i.e.
+    memory layout, which the scenarios run before in the same process change: a
+    failure seen in a long run often did not replay alone. Ties go to the scope that
+    registered a deadline first instead (sets of objects, iterated by id, remain)."""
+    from trio._core import _run as trio_run_module
+
+    deadlines = trio_run_module.Deadlines
+    original = deadlines.add
+    order: dict[trio.CancelScope, int] = {}
+
+    def add(self: Any, deadline: float, cancel_scope: trio.CancelScope) -> None:
+        tiebreak = order.setdefault(cancel_scope, len(order))
+        heapq.heappush(self._heap, (deadline, tiebreak, cancel_scope))
+        self._active += 1
+
+    deadlines.add = add  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        deadlines.add = original  # type: ignore[method-assign]
+
+
 def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | None = None) -> Result:
     """Play one scenario deterministically (scheduling and ids seeded) and check it."""
     from trio._core import _run as trio_run_module
@@ -1700,7 +1735,7 @@ def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | Non
     original = uuid.uuid4
     uuid.uuid4 = lambda: uuid.UUID(int=ids.getrandbits(128), version=4)
     try:
-        with crash_log(world.store.dead) as crashes:
+        with crash_log(world.store.dead) as crashes, deadlines_in_registration_order():
             early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         uuid.uuid4 = original
