@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,9 +54,13 @@ def main() -> int:
             )
         return 1 if result.violations else 0
     failures = 0
+    injected: Counter[str] = Counter()
+    finished: Counter[str] = Counter()
     start = time.monotonic()
     for seed in range(args.seed, args.seed + args.scenarios):
         result = run_scenario(scenario_from_seed(seed))
+        injected.update(result.injected)
+        finished.update(result.turns_finished)
         if result.violations:
             failures += 1
             kinds = sorted({v.invariant for v in result.violations})
@@ -67,6 +72,8 @@ def main() -> int:
             for v in result.violations[:5]:
                 print(f"  {v.invariant}: {v.detail}")
     elapsed = time.monotonic() - start
+    print(f"faults injected: {dict(sorted(injected.items()))}")
+    print(f"turns ended: {dict(sorted(finished.items()))}")
     print(
         f"{args.scenarios} scenarios in {elapsed:.1f} s "
         f"({args.scenarios / elapsed:.1f}/s), {failures} failing"
