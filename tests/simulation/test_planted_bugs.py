@@ -23,6 +23,7 @@ from tests.simulation.harness import (
     Scenario,
     SimStore,
     SimulationFailure,
+    WitnessStore,
     assert_ok,
     run_scenario,
 )
@@ -300,7 +301,9 @@ class Misclassified(SimStore):
     """An adapter that reports a lost connection as a failed statement (`StoreError`,
     not `StoreUnavailable`): the turn's final write looks refused for good."""
 
-    failed: set[uuid.UUID]
+    def __init__(self, inner: WitnessStore, rng: random.Random, faults: Faults) -> None:
+        super().__init__(inner, rng, faults)
+        self.failed: set[uuid.UUID] = set()
 
     async def finish_turn(
         self,
@@ -312,9 +315,8 @@ class Misclassified(SimStore):
         announce: Announcer | None = None,
         op_id: uuid.UUID | None = None,
     ) -> FinishResult:
-        failed = self.__dict__.setdefault("failed", set())
-        if messages and lease.chat_id not in failed:
-            failed.add(lease.chat_id)
+        if messages and lease.chat_id not in self.failed:
+            self.failed.add(lease.chat_id)
             await trio.lowlevel.checkpoint()
             raise StoreError("injected connection loss before finish_turn")
         return await super().finish_turn(
