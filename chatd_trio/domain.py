@@ -886,6 +886,9 @@ class NotifyPayload:
     error: str | None = None
     queue_update: tuple[QueuedMessage, ...] | None = None
     message: Message | None = None
+    # Read the chat again (after the cursor, then status and queue): the sender may have
+    # written something it could not announce (a final transition it could not confirm).
+    resync: bool = False
 
     def to_json(self) -> JSON:
         out: dict[str, Any] = {}
@@ -893,6 +896,8 @@ class NotifyPayload:
             out["after_message_id"] = self.after_message_id
         if self.full_refresh:
             out["full_refresh"] = True
+        if self.resync:
+            out["resync"] = True
         if self.status is not None:
             out["status"] = self.status.value
         if self.worker_id is not None:
@@ -940,6 +945,7 @@ class NotifyPayload:
             if queue is not None
             else None,
             message=Message.from_json(msg, f"{path}.message") if msg is not None else None,
+            resync=_bool(d, "resync", path, default=False),
         )
 
     @classmethod

@@ -1019,7 +1019,8 @@ class _Turn:
         """Write what the interrupted turn produced; shielded, bounded by cleanup_timeout.
 
         Under the step's operation id: if the step's own write was cut off after it
-        landed, this recognises it instead of writing the step twice.
+        landed, this recognises it instead of writing the step twice. A transient
+        store fault is retried (within the same deadline) like every turn write.
         """
         kept = self.kept_on_interrupt()
         self.step = None
@@ -1029,8 +1030,11 @@ class _Turn:
         op_id, messages = kept
         with trio.move_on_after(self.config.cleanup_timeout, shield=True) as scope:
             try:
-                persisted = await self.store.persist_step(
-                    self.lease, messages, announce=self.callbacks.announce, op_id=op_id
+                persisted = await self._retrying(
+                    lambda: self.store.persist_step(
+                        self.lease, messages, announce=self.callbacks.announce, op_id=op_id
+                    ),
+                    "persisting the interrupted step",
                 )
             except PersistRefused:
                 logger.info("interrupted step not persisted: refused", extra={**self.log_extra})

@@ -641,6 +641,9 @@ class Server:
             refused = fin is not None and not fin.changed
             self._turn_done(chat.id, control, TurnOutcome.LOST if refused else outcome, generation)
             if fin is None:
+                # It may have landed unacknowledged, and then nothing else would announce
+                # the answer or the status: the subscribers read the chat again.
+                await self._publish_quietly(self.streams.publish_resync(chat.id))
                 return
             if not fin.changed:
                 self._bump("fenced")

@@ -458,6 +458,9 @@ class StreamSubscription:
         self._emit_queue(tuple(queued))
 
     async def _handle_notify(self, n: NotifyPayload) -> None:
+        if n.resync:
+            await self._resync(_ResyncMarker("a write may have gone unannounced"))
+            return
         # Contract order (docs/spec.md §4): messages -> status -> retry -> error -> queue.
         if n.full_refresh:
             self._cursor = 0
@@ -907,6 +910,19 @@ class ChatStreams:
         await self._publish_control(
             chat_id, NotifyPayload(queue_update=q), QueueUpdateEvent(chat_id, q)
         )
+
+    async def publish_resync(self, chat_id: uuid.UUID) -> None:
+        """Tell every subscriber of the chat to read it again from the store (after its
+        cursor, then the status and the queue): a write may have landed unannounced."""
+        state = self._state(chat_id)
+        state.in_flight += 1
+        try:
+            async with state.lock:
+                marker = _ResyncMarker("a write may have gone unannounced")
+                await self._send(state, NotifyPayload(resync=True), marker)
+        finally:
+            state.in_flight -= 1
+            self._maybe_remove(state)
 
     async def _publish_control(
         self, chat_id: uuid.UUID, payload: NotifyPayload, event: StreamEvent

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,17 +45,22 @@ def main() -> int:
         for v in result.violations:
             print(f"VIOLATION {v.invariant}: {v.detail}")
         if not result.violations:
-            # Trio expires equal (virtual) deadlines in id() order, i.e. memory layout,
-            # which earlier scenarios in the same process change.
+            # Equal deadlines are ordered (see harness.deadlines_in_registration_order),
+            # but sets of objects still iterate in id() order, i.e. memory layout, which
+            # earlier scenarios in the same process change.
             print(
                 "no violation; a failure seen in a long run may depend on the scenarios "
                 "before it: rerun that sequence (see the failure line)"
             )
         return 1 if result.violations else 0
     failures = 0
+    injected: Counter[str] = Counter()
+    finished: Counter[str] = Counter()
     start = time.monotonic()
     for seed in range(args.seed, args.seed + args.scenarios):
         result = run_scenario(scenario_from_seed(seed))
+        injected.update(result.injected)
+        finished.update(result.turns_finished)
         if result.violations:
             failures += 1
             kinds = sorted({v.invariant for v in result.violations})
@@ -63,7 +69,11 @@ def main() -> int:
                 f" (in sequence: python scripts/simulate.py --seed {args.seed}"
                 f" --scenarios {seed - args.seed + 1})"
             )
+            for v in result.violations[:5]:
+                print(f"  {v.invariant}: {v.detail}")
     elapsed = time.monotonic() - start
+    print(f"faults injected: {dict(sorted(injected.items()))}")
+    print(f"turns ended: {dict(sorted(finished.items()))}")
     print(
         f"{args.scenarios} scenarios in {elapsed:.1f} s "
         f"({args.scenarios / elapsed:.1f}/s), {failures} failing"

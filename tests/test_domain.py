@@ -135,6 +135,7 @@ notifies = st.builds(
     error=st.none() | texts,
     queue_update=st.none() | st.lists(queued, max_size=2).map(tuple),
     message=st.none() | messages,
+    resync=st.booleans(),
 )
 
 
@@ -286,6 +287,7 @@ NOTIFY_CASES: list[tuple[dict[str, Any], str]] = [
     ({**good_notify(), "worker_id": "0000"}, "notify.worker_id"),
     ({**good_notify(), "after_message_id": 1.5}, "notify.after_message_id"),
     ({**good_notify(), "full_refresh": 1}, "notify.full_refresh"),
+    ({**good_notify(), "resync": "yes"}, "notify.resync"),
     (
         {**good_notify(), "retry": {"attempt": "1", "delay_s": 1, "error": "x"}},
         "notify.retry.attempt",

@@ -842,6 +842,34 @@ async def test_interrupt_during_streaming_persists_partial_output(store: Store) 
     assert len(stored) == 3
 
 
+async def test_an_interrupted_step_whose_write_fails_transiently_is_written_on_retry(
+    store: Store,
+) -> None:
+    """The interrupted step's write meets a lost connection before it reaches the
+    database: it is retried (same operation id) and lands, nothing of it is lost."""
+    faulty = FaultyStore(store)
+    faulty.faults["persist_step"] = [BEFORE]
+    lease = await start_chat(store)
+    model = ScriptedModel([ScriptStep(deltas=(TextDelta("hel"), TextDelta("lo")), hang_after=2)])
+    control = TurnControl()
+    rec = Recorder()
+
+    async def on_part(event: MessagePartEvent) -> None:
+        await rec.on_part(event)
+        if len(rec.parts) == 2:
+            control.interrupt()
+
+    callbacks = TurnCallbacks(on_part=on_part, on_message=rec.on_message)
+    result = await run_turn(faulty.as_store(), lease, model, control=control, callbacks=callbacks)
+
+    assert result.outcome is TurnOutcome.INTERRUPTED
+    ops = faulty.ops("persist_step")
+    assert len(ops) == 2 and ops[0] is not None and ops[0] == ops[1]
+    stored = await history(store, lease.chat_id)
+    assert [(m.role, m.parts) for m in stored[1:]] == [(Role.ASSISTANT, (TextPart("hello"),))]
+    assert [m.id for m in rec.messages] == [stored[1].id]
+
+
 async def test_interrupt_before_the_turn_starts_writes_nothing(store: Store) -> None:
     lease = await start_chat(store)
     model = ScriptedModel([ScriptStep(deltas=(TextDelta("x"),), hang_after=0)])

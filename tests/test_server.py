@@ -935,6 +935,39 @@ async def test_a_step_write_failing_transiently_does_not_end_the_turn_in_error(
     assert text_of(messages[-1].parts) == "done"
 
 
+@pytest.mark.parametrize("in_transaction", [True, False], ids=["notify_in_tx", "after_commit"])
+async def test_a_finish_stored_unacknowledged_past_the_budget_still_reaches_subscribers(
+    env: Env, clock: Any, in_transaction: bool
+) -> None:
+    """The final transition lands but its acknowledgement is lost on every attempt until
+    the retry budget is spent: the replica cannot tell whether the answer is stored, so
+    it tells the chat's subscribers to read the chat again. They receive the answer once
+    and the `waiting` status, whether message notifies go with the insert or after it.
+    (Found by the simulation: nothing announced the stored answer or the status.)"""
+    loop = dataclasses.replace(
+        env.config.loop,
+        store_retry=StoreRetryConfig(base_delay=0.2, max_delay=0.4, budget=0.9),
+    )
+    streams = dataclasses.replace(env.config.streams, notify_in_transaction=in_transaction)
+    config = env.config.replace(loop=loop, streams=streams)
+    # Attempts at 0, 0.2 and 0.6 s: the first lands, the next two replay it; all three
+    # answers are lost.
+    env.store.fail_next("finish_turn", 3, after_commit=True)
+    async with env.server(user_model(), config=config) as server:
+        chat = await server.create_chat(OWNER, "hello", title="t")
+        async with server.subscribe(OWNER, chat.id) as sub:
+            events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        assert env.store.injected == {"finish_turn": 3}
+        assert server.stats().store_retries == 2
+    answers = [
+        text_of(e.message.parts)
+        for e in events
+        if isinstance(e, MessageEvent) and e.message.role is Role.ASSISTANT
+    ]
+    assert answers == ["re: hello"]
+    assert (await env.store.get_chat(chat.id)).status is ChatStatus.WAITING
+
+
 async def test_a_store_outage_past_the_retry_budget_hands_the_chat_back_not_failed(
     env: Env, clock: Any
 ) -> None:

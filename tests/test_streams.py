@@ -6,6 +6,7 @@ cross-replica tests run against the memory adapters and PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -702,6 +703,31 @@ async def test_pubsub_resync_catches_up_from_the_database() -> None:
     assert got[1] == QueueUpdateEvent(chat_id, queued)
     assert len(got) == 3 and is_sentinel(got[2])
     assert streams.statistics().pubsub_resyncs == 1
+
+
+@pytest.mark.parametrize("with_pubsub", [True, False], ids=["pubsub", "local"])
+async def test_a_resync_notify_makes_every_subscriber_read_the_chat_again(
+    with_pubsub: bool,
+) -> None:
+    """A replica that could not confirm a write (it may have landed unannounced) publishes
+    a resync: subscribers, here on another replica's streams too, read after their cursor
+    and receive the status and the queue again."""
+    store = MemoryStore()
+    pubsub = MemoryPubSub() if with_pubsub else None
+    writer = ChatStreams(store, pubsub)
+    readers = [writer, ChatStreams(store, pubsub)] if with_pubsub else [writer]
+    chat_id, first, lease = await running_chat(store)
+    async with contextlib.AsyncExitStack() as stack:
+        subs = [await stack.enter_async_context(s.subscribe(chat_id, first.id)) for s in readers]
+        for sub in subs:
+            await take(sub, 1)
+        # Landed, never announced (its acknowledgement was lost).
+        (unannounced,) = await persist(store, lease, "unannounced")
+        await writer.publish_resync(chat_id)
+        for sub in subs:
+            got = await take(sub, 3)
+            assert message_ids(got) == [unannounced.id]
+            assert isinstance(got[1], StatusEvent) and isinstance(got[2], QueueUpdateEvent)
 
 
 async def test_subscriber_overflow_of_durable_events_resyncs_instead_of_losing_them() -> None:

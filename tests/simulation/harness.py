@@ -16,6 +16,11 @@ heartbeat, stale recovery) and of stream reads; and for a turn's writes
 acknowledgement lost: the run retries under the same operation id and must not
 write twice.
 
+Fault windows (scenario operations): a replica paused past `stale_after` and
+resumed (SIGSTOP / SIGCONT: see `hold`), a store outage (every store call of
+every replica fails, publishes fail, listeners resync when it ends), and one
+replica's heartbeats failing while its turns go on.
+
 Replay: `python scripts/simulate.py --replay SEED` (scenario generated from the
 seed) or `--scenario JSON` (a scenario printed by a failing test).
 """
@@ -23,11 +28,15 @@ seed) or `--scenario JSON` (a scenario printed by a failing test).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import heapq
+import inspect
 import json
 import logging
+import math
 import random
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -35,7 +44,15 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from chatd_trio.config import AcquireConfig, Config, LimitsConfig, RequestOptions, StreamConfig
+from chatd_trio.config import (
+    AcquireConfig,
+    Config,
+    LimitsConfig,
+    LoopConfig,
+    RequestOptions,
+    StoreRetryConfig,
+    StreamConfig,
+)
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -52,9 +69,9 @@ from chatd_trio.domain import (
     WorkspaceAgent,
     text_of,
 )
-from chatd_trio.errors import ChatdError, StoreError, StoreUnavailable
-from chatd_trio.lifecycle import Plan
-from chatd_trio.models.base import Finish, PromptMessage, TextDelta
+from chatd_trio.errors import ChatdError, PubSubError, StoreError, StoreUnavailable
+from chatd_trio.lifecycle import Effect, Plan
+from chatd_trio.models.base import Delta, Finish, PromptMessage, TextDelta, ToolSpec
 from chatd_trio.models.scripted import (
     ScriptedModel,
     ScriptStep,
@@ -96,6 +113,14 @@ INVARIANTS = {
     "status_path": "each chat's status path is valid per the lifecycle statechart",
     "turn_crashes": "no turn of a live replica ends by an exception it did not expect "
     "(the server's 'turn crashed')",
+    "stale_token_write": "no write of a turn lands unless it carries the ownership token the "
+    "chat row holds at that moment, issued to that worker by an acquisition",
+    "answered_once": "every user message is answered at most once: at most one final "
+    "assistant answer between two user messages (a compaction's re-entry answer aside)",
+    "no_transient_error": "no turn ends in error because of an injected store fault: every "
+    "error finish carries the model's error (or a crash turn_crashes reports)",
+    "no_orphan_running": "no chat stays running without a live owner past stale_after "
+    "(plus one recovery interval) while a replica that could recover it runs",
 }
 
 PROMPT_KINDS = ("plain", "tools", "slow", "ws", "spawn", "fail")
@@ -112,7 +137,13 @@ OP_KINDS = (
     "resync",
     "rebuild",
     "stop_ws",
+    "pause",
+    "outage",
+    "hb_fail",
 )
+
+# What every error the simulated model raises says: a turn ended in error by the model.
+MODEL_ERROR = "sim model:"
 
 
 @dataclass(frozen=True)
@@ -123,6 +154,8 @@ class SimConfig:
         default_factory=lambda: Config(
             acquire=AcquireConfig(acquire_interval=0.5, heartbeat_interval=1.0, stale_after=6.0),
             streams=StreamConfig(subscriber_queue_size=4),
+            # Shorter than the longest outage: some turns spend the budget and hand back.
+            loop=LoopConfig(store_retry=StoreRetryConfig(budget=8.0)),
         )
     )
     max_replicas: int = 3
@@ -140,6 +173,13 @@ class SimConfig:
     catchup_limit: float = 60.0
     # Fault rates are percentages.
     max_rate: int = 30
+    # Fault windows, by the operation's `a` (0-7) and `c` (0-1): a pause is short
+    # (0.5-4 s) or past stale_after (stale_after + heartbeat + a * stale_after / 4);
+    # an outage lasts (a + 1) * outage_unit; heartbeats fail for (a + 2) / 4 stale_after.
+    short_pause_unit: float = 0.5
+    outage_unit: float = 2.0
+    # The orphan check samples every chat this often.
+    check_interval: float = 1.0
 
 
 SIM = SimConfig()
@@ -239,9 +279,43 @@ class Observations:
     edits: dict[uuid.UUID, int] = field(default_factory=dict)
     queue_cleared_after: dict[uuid.UUID, int] = field(default_factory=dict)
     injected: dict[str, int] = field(default_factory=dict)
+    # Every lease an acquisition issued, and each worker's latest token per chat.
+    leases: set[Lease] = field(default_factory=set)
+    acquired_by: dict[tuple[uuid.UUID, uuid.UUID], int] = field(default_factory=dict)
+    # Writes that landed under a token the chat row did not hold (or never issued).
+    stale_writes: list[str] = field(default_factory=list)
+    # (chat, last_error) of every finish into `error` a live replica attempted.
+    error_finishes: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    # When a stale recovery last failed (it may be what keeps a chat orphaned).
+    recovery_failed_at: float = -math.inf
 
     def bump(self, name: str) -> None:
         self.injected[name] = self.injected.get(name, 0) + 1
+
+
+# The replica a task belongs to (set in its server's task and in the sessions of its
+# subscribers; tasks inherit it), with the world's pause events by replica index.
+_REPLICA: contextvars.ContextVar[tuple[dict[int, trio.Event], int] | None] = contextvars.ContextVar(
+    "sim_replica", default=None
+)
+
+
+async def hold() -> None:
+    """Wait while the current task's replica is paused (SIGSTOP until SIGCONT).
+
+    Everything a replica does outside itself goes through here first: store calls
+    (and their answers: a call in flight may land while the process is stopped, its
+    caller sees it after the resume), publishes, model reads, tools and dials. Its
+    timers still expire in virtual time, as a stopped process' clock runs on; what
+    they start waits here. Not a checkpoint unless the replica is paused.
+    """
+    at = _REPLICA.get()
+    if at is None:
+        return
+    pauses, index = at
+    resumed = pauses.get(index)
+    if resumed is not None:
+        await resumed.wait()
 
 
 def token_of(parts: Sequence[Any]) -> str:
@@ -251,13 +325,41 @@ def token_of(parts: Sequence[Any]) -> str:
 # -- the store wrapper ----------------------------------------------------------------
 
 
+class WitnessStore(MemoryStore):
+    """The memory store, noting for each write it applies the ownership token the chat
+    row held when the write landed (a final transition raises it as it lands)."""
+
+    def __init__(self, clock: Callable[[], datetime], *, pubsub: MemoryPubSub | None) -> None:
+        super().__init__(clock, pubsub=pubsub)
+        self.found_token: dict[uuid.UUID, int] = {}
+
+    async def apply(
+        self,
+        chat_id: uuid.UUID,
+        plan: Plan,
+        write: Write,
+        *,
+        announce: Announcer | None = None,
+    ) -> Applied:
+        out = await super().apply(chat_id, plan, write, announce=announce)
+        if out.applied and not out.replayed:
+            self.found_token[chat_id] = out.chat.owner_token - plan.has(Effect.NEW_TOKEN)
+        return out
+
+
 class SimStore:
     """Wraps the shared MemoryStore: transient faults, crashed workers, observation.
 
     Every method of the `Store` protocol that writes is wrapped here with the
     protocol's exact signature (test_simulation.py checks it, planted bugs too);
-    reads pass through. A write carrying a lease of a crashed replica never
-    reaches the store.
+    reads pass through, behind the same pause and outage gates. A write carrying a
+    lease of a crashed replica never reaches the store.
+
+    The stale-token witness (`_witness`) looks at every write of a turn that the
+    store accepted, right after it landed (the memory store's operations run
+    synchronously after one checkpoint: nothing ran in between): the lease it
+    carried must be one an acquisition issued, and the row must have held its token
+    when the write landed (`WitnessStore.found_token`).
     """
 
     FAULTY = frozenset({"acquire", "heartbeat", "recover_stale", "messages_after"})
@@ -266,26 +368,51 @@ class SimStore:
     # retries under the same operation id and must not write twice).
     UNAVAILABLE = frozenset({"persist_step", "persist_compaction", "finish_turn"})
 
-    def __init__(self, inner: MemoryStore, rng: random.Random, faults: Faults) -> None:
+    def __init__(self, inner: WitnessStore, rng: random.Random, faults: Faults) -> None:
         self.inner = inner
         self.rng = rng
         self.faults = faults
         self.faults_on = True
         self.dead: set[uuid.UUID] = set()
         self.obs = Observations()
+        # Fault windows (virtual time): every call fails until `outage_until`; a
+        # worker's heartbeats fail until its `heartbeat_fails_until`.
+        self.outage_until = -math.inf
+        self.heartbeat_fails_until: dict[uuid.UUID, float] = {}
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        attr = getattr(self.inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            await self._gate(name)
+            out = await attr(*args, **kwargs)
+            await hold()
+            return out
+
+        return gated
 
     def announces_to(self, pubsub: object) -> bool:
         # Every replica's SimPubSub wraps the one MemoryPubSub the store may be linked to.
         return isinstance(pubsub, SimPubSub) and self.inner.announces_to(pubsub.inner)
 
+    @property
+    def in_outage(self) -> bool:
+        return trio.current_time() < self.outage_until
+
     # fault and liveness gates
     async def _gate(self, op: str, *workers: uuid.UUID) -> None:
+        """Before a call reaches the store: a paused caller waits, an outage fails it,
+        a crashed worker's write never arrives, a transient fault may hit it."""
+        await hold()
         if any(worker in self.dead for worker in workers):
             await trio.lowlevel.checkpoint()
             raise StoreError("replica crashed: its writes never reach the database")
+        if self.in_outage:
+            self.obs.bump("store_outage_call")
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable(f"injected outage: {op} cannot reach the database")
         if (
             self.faults_on
             and op in self.FAULTY
@@ -330,6 +457,8 @@ class SimStore:
             iv = Interval(lease.worker_id, chat.id, lease.token, seq, seq)
             self.obs.intervals.append(iv)
             self.obs.open_interval[lease] = iv
+            self.obs.leases.add(lease)
+            self.obs.acquired_by[lease.worker_id, chat.id] = lease.token
 
     def _landed_before(self, chat_id: uuid.UUID, op_id: uuid.UUID | None) -> bool:
         """Whether a write with this operation id already landed: the store then reports
@@ -345,6 +474,17 @@ class SimStore:
         if iv is not None:
             iv.end = seq
 
+    def _witness(self, lease: Lease, op: str) -> None:
+        """A write under `lease` was just accepted: it must carry the row's token, as
+        issued to this worker (call with no checkpoint since the write landed)."""
+        found = self.inner.found_token.get(lease.chat_id)
+        if found != lease.token or lease not in self.obs.leases:
+            issued = "issued" if lease in self.obs.leases else "never issued"
+            self.obs.stale_writes.append(
+                f"chat {lease.chat_id}: {op} by worker {lease.worker_id} under token "
+                f"{lease.token} ({issued}) landed on the row holding token {found}"
+            )
+
     # the primitive
     async def apply(
         self,
@@ -354,8 +494,10 @@ class SimStore:
         *,
         announce: Announcer | None = None,
     ) -> Applied:
+        await self._gate("apply")
         out = await self.inner.apply(chat_id, plan, write, announce=announce)
         self._observe()
+        await hold()
         return out
 
     # chats and messages
@@ -375,6 +517,7 @@ class SimStore:
         limits: LimitsConfig | None = None,
         announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
+        await self._gate("create_chat")
         out = await self.inner.create_chat(
             owner_id,
             title,
@@ -390,6 +533,7 @@ class SimStore:
             announce=announce,
         )
         self._observe()
+        await hold()
         return out
 
     async def send_message(
@@ -403,6 +547,7 @@ class SimStore:
         view: Chat | None = None,
         limits: LimitsConfig | None = None,
     ) -> SendResult:
+        await self._gate("send_message")
         out = await self.inner.send_message(
             chat_id,
             parts,
@@ -415,6 +560,7 @@ class SimStore:
         self._observe()
         if out.queued is not None:
             self.obs.queued.setdefault(chat_id, []).append(token_of(parts))
+        await hold()
         return out
 
     async def edit_message(
@@ -428,6 +574,7 @@ class SimStore:
         view: Chat | None = None,
         limits: LimitsConfig | None = None,
     ) -> EditResult:
+        await self._gate("edit_message")
         out = await self.inner.edit_message(
             chat_id,
             message_id,
@@ -440,6 +587,7 @@ class SimStore:
         self.obs.edits[chat_id] = self.obs.edits.get(chat_id, 0) + 1
         self.obs.queue_cleared_after[chat_id] = len(self.obs.queued.get(chat_id, []))
         self._observe()
+        await hold()
         return out
 
     async def interrupt(
@@ -450,13 +598,17 @@ class SimStore:
         view: Chat | None = None,
         announce: Announcer | None = None,
     ) -> Chat:
+        await self._gate("interrupt")
         out = await self.inner.interrupt(chat_id, owner_id=owner_id, view=view, announce=announce)
         self._observe()
+        await hold()
         return out
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         await self._gate("messages_after")
-        return await self.inner.messages_after(chat_id, after_id)
+        out = await self.inner.messages_after(chat_id, after_id)
+        await hold()
+        return out
 
     # the queue
     async def promote_queued(
@@ -468,10 +620,12 @@ class SimStore:
         owner_id: uuid.UUID | None = None,
         view: Chat | None = None,
     ) -> SendResult:
+        await self._gate("promote_queued")
         out = await self.inner.promote_queued(
             chat_id, queued_id, announce=announce, owner_id=owner_id, view=view
         )
         self._observe()
+        await hold()
         return out
 
     # ownership
@@ -486,27 +640,41 @@ class SimStore:
         await self._gate("acquire", worker_id)
         chats = await self.inner.acquire(worker_id, limit, announce=announce, prompts=prompts)
         self._acquired(chats, self._observe())
+        await hold()
         return chats
 
     async def release(self, leases: Sequence[Lease]) -> None:
         await self._gate("release", *(lease.worker_id for lease in leases))
         await self.inner.release(leases)
         self._observe()
+        await hold()
 
     async def heartbeat(self, lease: Lease) -> bool:
         await self._gate("heartbeat", lease.worker_id)
+        if trio.current_time() < self.heartbeat_fails_until.get(lease.worker_id, -math.inf):
+            self.obs.bump("heartbeat_fail_call")
+            await trio.lowlevel.checkpoint()
+            raise StoreUnavailable("injected heartbeat failure")
         owned = await self.inner.heartbeat(lease)
+        if owned:
+            self._witness(lease, "heartbeat")
         seq = self._observe()
         if owned:
             self._accepted(lease, seq)
+        await hold()
         return owned
 
     async def recover_stale(
         self, stale_after: float, *, announce: Announcer | None = None
     ) -> list[uuid.UUID]:
-        await self._gate("recover_stale")
+        try:
+            await self._gate("recover_stale")
+        except ChatdError:
+            self.obs.recovery_failed_at = trio.current_time()
+            raise
         ids = await self.inner.recover_stale(stale_after, announce=announce)
         self._observe()
+        await hold()
         return ids
 
     async def persist_step(
@@ -522,9 +690,12 @@ class SimStore:
         replay = self._landed_before(lease.chat_id, op_id)
         # Refused (PersistRefused, OwnershipLost): nothing landed, the interval ends earlier.
         out = await self.inner.persist_step(lease, messages, announce=announce, op_id=op_id)
+        if not replay:
+            self._witness(lease, "persist_step")
         seq = self._observe()
         if not replay:
             self._accepted(lease, seq)
+        await hold()
         if lost_ack:
             raise self._lost_ack("persist_step")
         return out
@@ -541,9 +712,12 @@ class SimStore:
         lost_ack = await self._unavailable("persist_compaction")
         replay = self._landed_before(lease.chat_id, op_id)
         out = await self.inner.persist_compaction(lease, messages, announce=announce, op_id=op_id)
+        if not replay:
+            self._witness(lease, "persist_compaction")
         seq = self._observe()
         if not replay:
             self._accepted(lease, seq)
+        await hold()
         if lost_ack:
             raise self._lost_ack("persist_compaction")
         return out
@@ -558,15 +732,20 @@ class SimStore:
         announce: Announcer | None = None,
         op_id: uuid.UUID | None = None,
     ) -> FinishResult:
+        if outcome is TurnOutcome.ERROR and lease.worker_id not in self.dead:
+            self.obs.error_finishes.append((lease.chat_id, last_error or ""))
         await self._gate("finish_turn", lease.worker_id)
         lost_ack = await self._unavailable("finish_turn")
         replay = self._landed_before(lease.chat_id, op_id)
         out = await self.inner.finish_turn(
             lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
         )
+        if out.changed and not replay:
+            self._witness(lease, "finish_turn")
         seq = self._observe()
         if out.changed and not replay:
             self._accepted(lease, seq)
+        await hold()
         if lost_ack:
             raise self._lost_ack("finish_turn")
         return out
@@ -582,11 +761,15 @@ class SimStore:
         lease: Lease | None = None,
     ) -> None:
         if lease is None:
+            await self._gate("update_binding")
             await self.inner.update_binding(chat_id, workspace_id, build_id, agent_id)
+            await hold()
             return
         await self._gate("update_binding", lease.worker_id)
         await self.inner.update_binding(chat_id, workspace_id, build_id, agent_id, lease=lease)
+        self._witness(lease, "update_binding")
         self._accepted(lease, self._observe())
+        await hold()
 
     def as_store(self) -> Store:
         return cast(Store, self)
@@ -612,8 +795,10 @@ class SimPubSub:
         sim: SimConfig,
         obs: Observations,
         shared: dict[str, Any],
+        store: SimStore,
     ) -> None:
         self.inner = inner
+        self.store = store
         self.rng = rng
         self.faults = faults
         self.nursery = nursery
@@ -637,9 +822,15 @@ class SimPubSub:
         return self.inner.statistics()
 
     async def publish(self, channel: str, payload: str) -> None:
+        await hold()
         if not self.alive:
             await trio.lowlevel.checkpoint()
             return
+        if self.store.in_outage:
+            # NOTIFY goes through the same database: it fails with it.
+            self.obs.bump("notify_outage")
+            await trio.lowlevel.checkpoint()
+            raise PubSubError("injected outage: publish cannot reach the database")
         queues: dict[str, list[str]] = self.shared.setdefault("queues", {})
         faults_on = bool(self.shared.get("faults_on", True))
         if faults_on and self.rng.randrange(100) < self.faults.notify_lost:
@@ -685,32 +876,39 @@ class FakeConn:
     ) -> Any:
         from chatd_trio.agent import ExecResult
 
+        await hold()
         await trio.lowlevel.checkpoint()
         return ExecResult(0, f"ran {command}", False, False)
 
     async def read_file(self, path: str) -> Any:
         from chatd_trio.agent import FileContent
 
+        await hold()
         await trio.lowlevel.checkpoint()
         return FileContent(path, "", 0, False)
 
     async def write_file(self, path: str, content: str) -> int:
+        await hold()
         await trio.lowlevel.checkpoint()
         return len(content)
 
     async def list_dir(self, path: str = ".") -> list[Any]:
+        await hold()
         await trio.lowlevel.checkpoint()
         return []
 
     async def instruction_files(self) -> list[Any]:
+        await hold()
         await trio.lowlevel.checkpoint()
         return []
 
     async def mcp_list_tools(self) -> list[Any]:
+        await hold()
         await trio.lowlevel.checkpoint()
         return []
 
     async def mcp_call_tool(self, server: str, tool: str, arguments: dict[str, Any]) -> Any:
+        await hold()
         await trio.lowlevel.checkpoint()
         raise ChatdError("no MCP servers in the simulation")
 
@@ -729,6 +927,7 @@ class FakeDialer:
         self.obs: Observations | None = None
 
     async def __call__(self, agent: WorkspaceAgent) -> tuple[Any, Callable[[], Any]]:
+        await hold()
         if self.faults_on and self.rng.randrange(100) < self.faults.dial_hang:
             if self.obs is not None:
                 self.obs.bump("dial_hang")
@@ -757,8 +956,32 @@ class FakeDialer:
 
 @tool("echo", "Echo the arguments.", {"type": "object"})
 async def echo(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    await hold()
     await trio.lowlevel.checkpoint()
     return {"echo": args}
+
+
+class SimModel(ScriptedModel):
+    """The scripted model as a paused replica sees it: nothing is read from the stream
+    while the replica is paused (the provider's deltas wait in the connection)."""
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec]
+    ) -> AsyncIterator[AsyncIterator[Delta]]:
+        await hold()
+        async with super().stream(messages, tools) as deltas:
+            held = self._held(deltas)
+            try:
+                yield held
+            finally:
+                await held.aclose()
+
+    @staticmethod
+    async def _held(deltas: AsyncIterator[Delta]) -> AsyncGenerator[Delta, None]:
+        async for delta in deltas:
+            await hold()
+            yield delta
 
 
 def _kind_of(text: str) -> str:
@@ -781,13 +1004,15 @@ def model_for(
             if rng.randrange(100) < faults.model_throttle:
                 if obs is not None:
                     obs.bump("model_throttle")
-                return error_step(model_error(429, retry_after=1.0))
+                return error_step(
+                    model_error(429, retry_after=1.0, message=f"{MODEL_ERROR} throttled")
+                )
             if rng.randrange(100) < faults.model_cut:
                 if obs is not None:
                     obs.bump("model_cut")
                 return ScriptStep(
                     (TextDelta("cut"), TextDelta("off"), Finish(_usage(), "stop")),
-                    error=model_error(503, kind="stream_cut", message="stream cut"),
+                    error=model_error(503, kind="stream_cut", message=f"{MODEL_ERROR} stream cut"),
                     cut_after=1,
                 )
         last = prompt[-1] if prompt else None
@@ -809,10 +1034,12 @@ def model_for(
         if kind == "spawn":
             return tool_step([("spawn_agent", {"prompt": "plain sub"})], call_id_prefix=prefix)
         if kind == "fail":
-            return error_step(model_error(400, retryable=False, kind="bad_request"))
+            return error_step(
+                model_error(400, retryable=False, kind="bad_request", message=f"{MODEL_ERROR} no")
+            )
         return text_step("answer", chunks=2)
 
-    return ScriptedModel(step)
+    return SimModel(step)
 
 
 def _usage() -> Any:
@@ -859,7 +1086,7 @@ class Replica:
 class Hooks:
     """Planted-bug hooks: replace a fake or wrapper with a deliberately broken one."""
 
-    store: Callable[[MemoryStore, random.Random, Faults], SimStore] = SimStore
+    store: Callable[[WitnessStore, random.Random, Faults], SimStore] = SimStore
     dialer: Callable[[random.Random, Faults, SimConfig], FakeDialer] = FakeDialer
     # Wraps each subscription's receive: returns the events to record for one event.
     deliver: Callable[[MessageEvent], list[MessageEvent]] = lambda ev: [ev]
@@ -871,6 +1098,10 @@ class Violation:
     detail: str
 
 
+class Unreachable(ChatdError):
+    """A user's request finds no replica to serve it (every one is paused)."""
+
+
 @dataclass
 class Result:
     scenario: Scenario
@@ -880,6 +1111,8 @@ class Result:
     injected: dict[str, int]
     # Store operations that sent message notifies with their insert.
     notified_in_transaction: int = 0
+    # How the replicas' turns ended (`ServerStats.turns_finished`, summed).
+    turns_finished: dict[str, int] = field(default_factory=dict)
 
 
 class World:
@@ -889,7 +1122,7 @@ class World:
         self.hooks = hooks
         self.rng = random.Random(scenario.seed)
         self.memps = MemoryPubSub()
-        self.inner = MemoryStore(
+        self.inner = WitnessStore(
             clock=lambda: EPOCH + timedelta(seconds=trio.current_time()),
             pubsub=self.memps if scenario.notify_in_transaction else None,
         )
@@ -908,6 +1141,15 @@ class World:
         self.tokens = 0
         # The server's turn crash reports (see `crash_log`), set after the run.
         self.turn_crashes: list[str] = []
+        # Messages of crashes by exceptions no fault injects (turn_crashes' business).
+        self.crash_messages: set[str] = set()
+        # Paused replicas (by index): set when they resume. Open fault windows.
+        self.pauses: dict[int, trio.Event] = {}
+        self.windows = 0
+        # Running chats without a live owner: (token, seconds a replica could have
+        # recovered them), and the violations found while sampling.
+        self.orphans: dict[uuid.UUID, tuple[int, float]] = {}
+        self.orphan_violations: list[Violation] = []
 
     # replicas
     async def start_replica(self, nursery: trio.Nursery) -> None:
@@ -920,6 +1162,7 @@ class World:
             self.sim,
             self.store.obs,
             self.shared,
+            self.store,
         )
         model = model_for(
             index,
@@ -941,6 +1184,8 @@ class World:
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+            # Every task of this server inherits it: a pause of this replica holds them.
+            _REPLICA.set((self.pauses, index))
             with scope:
                 await server.run(task_status=task_status)
 
@@ -950,9 +1195,15 @@ class World:
     def live(self) -> list[Replica]:
         return [r for r in self.replicas if r.alive]
 
+    def reachable(self) -> list[Replica]:
+        """Live replicas that are not paused: the ones a user's request can reach."""
+        return [r for i, r in enumerate(self.replicas) if r.alive and i not in self.pauses]
+
     def pick(self, n: int) -> Replica:
-        live = self.live()
-        return live[n % len(live)]
+        reachable = self.reachable()
+        if not reachable:
+            raise Unreachable("every replica is paused")
+        return reachable[n % len(reachable)]
 
     def crash(self, rep: Replica) -> None:
         """Kill a replica: its writes and publishes stop reaching anything, tasks end."""
@@ -987,25 +1238,29 @@ class World:
     async def client_session(self, client: Client, rep_index: int, scope: trio.CancelScope) -> None:
         """Subscribe from the client's last id; a retryable stream error or an ended
         subscription makes the client re-subscribe (as a real client does)."""
+        # The session is served by that replica: a pause of it holds the session too.
+        _REPLICA.set((self.pauses, rep_index))
         rep = self.replicas[rep_index]
         client.replica = rep_index
         chat_id = self.chats[client.chat]
         owner = self.inner._chats[chat_id].owner_id
         with scope:
             while True:
-                async with rep.server.subscribe(owner, chat_id, client.last) as sub:
-                    client.handle = sub
-                    try:
-                        async for ev in sub:
-                            if client.lag_until > trio.current_time():
-                                await trio.sleep_until(client.lag_until)
-                            if isinstance(ev, MessageEvent):
-                                for got in self.hooks.deliver(ev):
-                                    client.ids.append(got.message.id)
-                            elif isinstance(ev, ErrorEvent) and ev.error.kind == "snapshot":
-                                break
-                    finally:
-                        client.handle = None
+                # A subscription that cannot start (the store is unreachable) is retried.
+                with contextlib.suppress(ChatdError):
+                    async with rep.server.subscribe(owner, chat_id, client.last) as sub:
+                        client.handle = sub
+                        try:
+                            async for ev in sub:
+                                if client.lag_until > trio.current_time():
+                                    await trio.sleep_until(client.lag_until)
+                                if isinstance(ev, MessageEvent):
+                                    for got in self.hooks.deliver(ev):
+                                        client.ids.append(got.message.id)
+                                elif isinstance(ev, ErrorEvent) and ev.error.kind == "snapshot":
+                                    break
+                        finally:
+                            client.handle = None
                 await trio.sleep(self.sim.settle_step)
         if client.scope is scope:
             client.scope = None
@@ -1064,6 +1319,135 @@ class World:
             self.memps.force_resync("injected connection drop")
         elif op.kind in ("rebuild", "stop_ws") and self.workspace is not None:
             await self.rebuild(agents=op.kind == "rebuild")
+        elif op.kind == "pause":
+            acq = self.sim.server.acquire
+            long = acq.stale_after + acq.heartbeat_interval + op.a * acq.stale_after / 4
+            short = (op.a + 1) * self.sim.short_pause_unit
+            self.pause(nursery, rep, long if op.c else short)
+        elif op.kind == "outage":
+            self.outage(nursery, (op.a + 1) * self.sim.outage_unit)
+        elif op.kind == "hb_fail":
+            self.heartbeats_fail(nursery, rep, (op.a + 2) * self.sim.server.acquire.stale_after / 4)
+
+    # fault windows
+    def open_window(self, nursery: trio.Nursery, duration: float, end: Callable[[], None]) -> None:
+        """A fault window that `end` closes after `duration` (or when the world ends)."""
+        self.windows += 1
+
+        async def close() -> None:
+            try:
+                await trio.sleep(duration)
+            finally:
+                end()
+                self.windows -= 1
+
+        nursery.start_soon(close)
+
+    def pause(self, nursery: trio.Nursery, rep: Replica, duration: float) -> None:
+        """SIGSTOP the replica for `duration`, then SIGCONT (see `hold`)."""
+        index = self.replicas.index(rep)
+        resumed = trio.Event()
+        self.pauses[index] = resumed
+        past_stale = duration > self.sim.server.acquire.stale_after
+        self.store.obs.bump("pause_long" if past_stale else "pause_short")
+        until = trio.current_time() + duration
+        for client in self.clients:
+            if client.replica == index:
+                # Its subscribers hear nothing from it until it resumes.
+                client.lag_until = max(client.lag_until, until)
+
+        def end() -> None:
+            del self.pauses[index]
+            resumed.set()
+            # Its turns own their chats again, if only until the next sample.
+            self.forget_owned_orphans()
+
+        self.open_window(nursery, duration, end)
+
+    def outage(self, nursery: trio.Nursery, duration: float) -> None:
+        """The database is gone for `duration`: every store call and publish fails; when
+        it is back, every LISTEN reconnects (subscriptions resync)."""
+        self.store.obs.bump("outage")
+        self.store.outage_until = max(self.store.outage_until, trio.current_time() + duration)
+
+        def end() -> None:
+            if not self.store.in_outage:
+                self.memps.force_resync("injected outage over")
+
+        self.open_window(nursery, duration, end)
+
+    def heartbeats_fail(self, nursery: trio.Nursery, rep: Replica, duration: float) -> None:
+        """Every heartbeat of the replica fails for `duration`; its turns go on."""
+        worker = rep.server.worker_id
+        self.store.obs.bump("heartbeat_fail")
+        until = trio.current_time() + duration
+        fails = self.store.heartbeat_fails_until
+        fails[worker] = max(fails.get(worker, -math.inf), until)
+        self.open_window(nursery, duration, lambda: None)
+
+    # the orphan check
+    def owned_live(self, chat: Chat, reachable: Sequence[Replica]) -> bool:
+        """Whether a running replica has a turn holding the chat under the row's token."""
+        acquired = self.store.obs.acquired_by
+        return any(
+            r.server.worker_id == chat.worker_id
+            and chat.id in r.server.running_chats
+            and acquired.get((r.server.worker_id, chat.id)) == chat.owner_token
+            for r in reachable
+        )
+
+    def forget_owned_orphans(self) -> None:
+        """Drop the orphans whose owner runs them now (a resumed replica): the time
+        without a live owner starts again at their next loss."""
+        reachable = self.reachable()
+        for chat_id in list(self.orphans):
+            if self.owned_live(self.inner._chats[chat_id], reachable):
+                del self.orphans[chat_id]
+
+    def check_orphans(self, dt: float) -> None:
+        """One sample: age every running chat without a live owner by `dt` when some
+        replica could have recovered it meanwhile (one is running and not paused, the
+        store is reachable, no stale recovery failed lately); report one older than
+        `stale_after` plus one recovery interval (and the sampling's slack)."""
+        acq = self.sim.server.acquire
+        now = trio.current_time()
+        reachable = self.reachable()
+        could_recover = (
+            bool(reachable)
+            and not self.store.in_outage
+            and now - self.store.obs.recovery_failed_at > acq.stale_recovery_interval + dt
+        )
+        bound = acq.stale_after + acq.stale_recovery_interval + 2 * self.sim.check_interval
+        running: set[uuid.UUID] = set()
+        for chat in self.inner._chats.values():
+            if chat.status is not ChatStatus.RUNNING:
+                continue
+            running.add(chat.id)
+            if self.owned_live(chat, reachable):
+                self.orphans.pop(chat.id, None)
+                continue
+            token, age = self.orphans.get(chat.id, (chat.owner_token, 0.0))
+            if token != chat.owner_token:
+                age = 0.0
+            reported = age > bound
+            age += dt if could_recover else 0.0
+            self.orphans[chat.id] = (chat.owner_token, age)
+            if age > bound and not reported:
+                self.orphan_violations.append(
+                    Violation(
+                        "no_orphan_running",
+                        f"chat {chat.id} running under token {chat.owner_token} (worker "
+                        f"{chat.worker_id}) without a live owner for {age:.1f} s that a "
+                        f"replica could have recovered it (bound {bound:.1f} s)",
+                    )
+                )
+        for gone in set(self.orphans) - running:
+            del self.orphans[gone]
+
+    async def watch_orphans(self) -> None:
+        while True:
+            await trio.sleep(self.sim.check_interval)
+            self.check_orphans(self.sim.check_interval)
 
     def faults_off(self) -> None:
         self.store.faults_on = False
@@ -1098,6 +1482,13 @@ class World:
         async with trio.open_nursery() as nursery:
             for _ in range(self.sc.replicas):
                 await self.start_replica(nursery)
+            watch = trio.CancelScope()
+
+            async def watching() -> None:
+                with watch:
+                    await self.watch_orphans()
+
+            nursery.start_soon(watching)
             for op in self.sc.ops:
                 # Refused user operations (queue full, edit refused) are fine.
                 with contextlib.suppress(ChatdError):
@@ -1105,8 +1496,11 @@ class World:
                 await trio.sleep(op.gap)
             self.faults_off()
             deadline = trio.current_time() + self.sim.settle_limit
-            while not self.settled() and trio.current_time() < deadline:  # noqa: ASYNC110 - polls a settling world on virtual time
+            # Open fault windows (a pause, an outage) run to their end first.
+            while (self.windows or not self.settled()) and trio.current_time() < deadline:  # noqa: ASYNC110 - polls a settling world on virtual time
                 await trio.sleep(self.sim.settle_step)
+            # The end of the scenario is a checkpoint too.
+            self.check_orphans(0.0)
             if not self.settled():
                 stuck = {
                     str(c.id)[:8]: c.status.value
@@ -1127,6 +1521,7 @@ class World:
             for client in self.clients:
                 if client.scope is not None:
                     client.scope.cancel()
+            watch.cancel()
             with trio.CancelScope(shield=True):
                 for rep in self.live():
                     await rep.server.close()
@@ -1231,7 +1626,57 @@ def check(world: World) -> list[Violation]:
             check_status_path(path)
         except InvalidStatusPath as exc:
             v.append(Violation("status_path", f"chat {chat_id}: {path}: {exc}"))
+    # fencing
+    for stale in obs.stale_writes:
+        v.append(Violation("stale_token_write", stale))
+    # answers
+    for chat_id, ids in inner._chat_message_ids.items():
+        live_msgs = [m for i in ids if not (m := inner._messages[i]).deleted]
+        for user, count in answers_per_user_message(live_msgs):
+            if count > 1:
+                v.append(
+                    Violation(
+                        "answered_once",
+                        f"chat {chat_id}: user message {user} answered {count} times",
+                    )
+                )
+    # errors
+    for chat_id, message in obs.error_finishes:
+        if MODEL_ERROR in message or message in world.crash_messages:
+            continue
+        v.append(
+            Violation("no_transient_error", f"chat {chat_id}: turn ended in error: {message!r}")
+        )
+    v.extend(world.orphan_violations)
     return v
+
+
+def is_answer(m: Message) -> bool:
+    """A final answer: an assistant message with text and no tool call (not a compaction's)."""
+    return (
+        m.role is Role.ASSISTANT
+        and not m.compressed
+        and not any(isinstance(p, ToolCallPart) for p in m.parts)
+        and bool(text_of(m.parts).strip())
+    )
+
+
+def answers_per_user_message(messages: Sequence[Message]) -> list[tuple[int, int]]:
+    """(user message id, answers before the next user message) for a chat's live
+    messages in id order. A compaction (its compressed messages) starts the count
+    again: the loop's re-entry answers after it."""
+    out: list[tuple[int, int]] = []
+    count = 0
+    for m in messages:
+        if m.role is Role.USER and not m.compressed:
+            out.append((m.id, 0))
+            count = 0
+        elif m.compressed:
+            count = 0
+        elif out and is_answer(m):
+            count += 1
+            out[-1] = (out[-1][0], max(out[-1][1], count))
+    return out
 
 
 # -- running ----------------------------------------------------------------------------
@@ -1246,6 +1691,9 @@ class CrashLog(logging.Handler):
         super().__init__(logging.ERROR)
         self.dead = dead
         self.crashes: list[str] = []
+        # What the server records as the error of each turn that crashed by an exception
+        # no fault injects (a crash by a store fault is a transient error too).
+        self.messages: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() != "turn crashed":
@@ -1257,6 +1705,8 @@ class CrashLog(logging.Handler):
         while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
         self.crashes.append(f"chat {getattr(record, 'chat_id', '?')}: {exc!r}")
+        if exc is not None and not isinstance(exc, StoreError):
+            self.messages.add(str(exc) or type(exc).__name__)
 
 
 @contextlib.contextmanager
@@ -1284,6 +1734,30 @@ def replay_command(scenario: Scenario, seed: int | None = None) -> str:
     return f"python scripts/simulate.py --scenario '{scenario.to_json()}'"
 
 
+@contextlib.contextmanager
+def deadlines_in_registration_order() -> Iterator[None]:
+    """Trio expires equal deadlines in the order of their cancel scopes' id(), i.e.
+    memory layout, which the scenarios run before in the same process change: a
+    failure seen in a long run often did not replay alone. Ties go to the scope that
+    registered a deadline first instead (sets of objects, iterated by id, remain)."""
+    from trio._core import _run as trio_run_module
+
+    deadlines = trio_run_module.Deadlines
+    original = deadlines.add
+    order: dict[trio.CancelScope, int] = {}
+
+    def add(self: Any, deadline: float, cancel_scope: trio.CancelScope) -> None:
+        tiebreak = order.setdefault(cancel_scope, len(order))
+        heapq.heappush(self._heap, (deadline, tiebreak, cancel_scope))
+        self._active += 1
+
+    deadlines.add = add  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        deadlines.add = original  # type: ignore[method-assign]
+
+
 def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | None = None) -> Result:
     """Play one scenario deterministically (scheduling and ids seeded) and check it."""
     from trio._core import _run as trio_run_module
@@ -1294,20 +1768,26 @@ def run_scenario(scenario: Scenario, *, sim: SimConfig = SIM, hooks: Hooks | Non
     original = uuid.uuid4
     uuid.uuid4 = lambda: uuid.UUID(int=ids.getrandbits(128), version=4)
     try:
-        with crash_log(world.store.dead) as crashes:
+        with crash_log(world.store.dead) as crashes, deadlines_in_registration_order():
             early = trio.run(world.play, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         uuid.uuid4 = original
     world.turn_crashes = crashes.crashes
+    world.crash_messages = crashes.messages
     violations = early + [x for x in check(world) if x not in early]
-    steps = sum(r.server.stats().steps for r in world.replicas)
+    stats = [r.server.stats() for r in world.replicas]
+    finished: dict[str, int] = {}
+    for st in stats:
+        for outcome, n in st.turns_finished.items():
+            finished[outcome] = finished.get(outcome, 0) + n
     return Result(
         scenario,
         violations,
         len(world.inner._chats),
-        steps,
+        sum(st.steps for st in stats),
         dict(world.store.obs.injected),
         world.inner.statement_counts().get("NotifyInTransaction", 0),
+        finished,
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from chatd_trio.domain import Chat, ChatStatus, Message, MessageEvent, NewMessage
+from chatd_trio.errors import StoreError
 from chatd_trio.store.base import Announcer, FinishResult, Lease, TurnOutcome
 from tests.simulation.harness import (
     FakeDialer,
@@ -22,11 +23,12 @@ from tests.simulation.harness import (
     Scenario,
     SimStore,
     SimulationFailure,
+    WitnessStore,
     assert_ok,
     run_scenario,
 )
 
-TOOLS, SLOW, WS = 1, 2, 3
+PLAIN, TOOLS, SLOW, WS = 0, 1, 2, 3
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +39,8 @@ def _quiet() -> Iterator[None]:
     logging.disable(logging.NOTSET)
 
 
-def scenario(*ops: Op, replicas: int = 1) -> Scenario:
-    return Scenario(seed=1, replicas=replicas, ops=ops, faults=Faults())
+def scenario(*ops: Op, replicas: int = 1, seed: int = 1) -> Scenario:
+    return Scenario(seed=seed, replicas=replicas, ops=ops, faults=Faults())
 
 
 def reported(sc: Scenario, hooks: Hooks) -> set[str]:
@@ -230,3 +232,119 @@ class BrokenWrite(SimStore):
 def test_a_turn_that_crashes_is_reported() -> None:
     sc = scenario(Op("create", 0, TOOLS))
     assert reported(sc, Hooks(store=BrokenWrite)) == {"turn_crashes"}
+
+
+class NoFence(SimStore):
+    """A store whose final transition ignores the ownership token: refused because
+    another run holds the chat, it is written again under the token the row holds."""
+
+    async def finish_turn(
+        self,
+        lease: Lease,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+        *,
+        messages: Sequence[NewMessage] = (),
+        announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
+    ) -> FinishResult:
+        out = await super().finish_turn(
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
+        )
+        if not out.owned_elsewhere:
+            return out
+        token = self.inner._chats[lease.chat_id].owner_token
+        return await super().finish_turn(
+            Lease(lease.chat_id, lease.worker_id, token),
+            outcome,
+            last_error,
+            messages=messages,
+            announce=announce,
+            op_id=op_id,
+        )
+
+
+def test_a_write_under_a_stale_token_is_reported() -> None:
+    """The replica running a slow answer (replica 1: it acquires first) retries its final
+    transition through an outage and is paused while it does; the other replica
+    recovers the chat and runs it again. When the first resumes, its final transition
+    (shielded, already under way) reaches the store under its old token."""
+    sc = scenario(
+        Op("create", 0, SLOW, gap=6.5),
+        Op("outage", 1, gap=3.0),
+        Op("pause", 0, 1, 1),
+        replicas=2,
+    )
+    assert reported(sc, Hooks(store=NoFence)) == {"stale_token_write"}
+
+
+class AnswerTwice(SimStore):
+    """The final answer lands twice: written once more before the finish under a new
+    operation id (as a finish split in two writes, retried without its op id, would)."""
+
+    async def finish_turn(
+        self,
+        lease: Lease,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+        *,
+        messages: Sequence[NewMessage] = (),
+        announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
+    ) -> FinishResult:
+        if messages:
+            await super().persist_step(lease, messages, announce=announce)
+        return await super().finish_turn(
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
+        )
+
+
+def test_an_answer_written_twice_is_reported() -> None:
+    sc = scenario(Op("create", 0, PLAIN))
+    assert reported(sc, Hooks(store=AnswerTwice)) == {"answered_once"}
+
+
+class Misclassified(SimStore):
+    """An adapter that reports a lost connection as a failed statement (`StoreError`,
+    not `StoreUnavailable`): the turn's final write looks refused for good."""
+
+    def __init__(self, inner: WitnessStore, rng: random.Random, faults: Faults) -> None:
+        super().__init__(inner, rng, faults)
+        self.failed: set[uuid.UUID] = set()
+
+    async def finish_turn(
+        self,
+        lease: Lease,
+        outcome: TurnOutcome,
+        last_error: str | None = None,
+        *,
+        messages: Sequence[NewMessage] = (),
+        announce: Announcer | None = None,
+        op_id: uuid.UUID | None = None,
+    ) -> FinishResult:
+        if messages and lease.chat_id not in self.failed:
+            self.failed.add(lease.chat_id)
+            await trio.lowlevel.checkpoint()
+            raise StoreError("injected connection loss before finish_turn")
+        return await super().finish_turn(
+            lease, outcome, last_error, messages=messages, announce=announce, op_id=op_id
+        )
+
+
+def test_a_transient_fault_that_ends_a_turn_in_error_is_reported() -> None:
+    sc = scenario(Op("create", 0, PLAIN))
+    assert reported(sc, Hooks(store=Misclassified)) == {"no_transient_error"}
+
+
+class LateRecovery(SimStore):
+    """Stale recovery that waits four times too long before it takes a chat back."""
+
+    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
+        return await super().recover_stale(stale_after * 4)
+
+
+def test_a_chat_left_running_without_an_owner_is_reported() -> None:
+    """The replica running a slow answer crashes; its replacement recovers the chat only
+    after four times stale_after."""
+    sc = scenario(Op("create", 0, SLOW, gap=1.0), Op("crash", 0, 0))
+    assert reported(sc, Hooks(store=LateRecovery)) == {"no_orphan_running"}
