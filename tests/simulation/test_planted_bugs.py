@@ -339,8 +339,10 @@ def test_a_transient_fault_that_ends_a_turn_in_error_is_reported() -> None:
 class LateRecovery(SimStore):
     """Stale recovery that waits four times too long before it takes a chat back."""
 
-    async def recover_stale(self, stale_after: float) -> list[uuid.UUID]:
-        return await super().recover_stale(stale_after * 4)
+    async def recover_stale(
+        self, stale_after: float, *, announce: Announcer | None = None
+    ) -> list[uuid.UUID]:
+        return await super().recover_stale(stale_after * 4, announce=announce)
 
 
 def test_a_chat_left_running_without_an_owner_is_reported() -> None:
