@@ -370,8 +370,13 @@ class Server:
         # Buffering starts BEFORE `running` is published (docs/spec.md §4).
         generation = self.streams.start_turn(chat.id)
         try:
-            if self.streams.announcer is None:
-                # Else the acquisition announced it, in its transaction.
+            if self.streams.announcer is not None:
+                # The acquisition announced it in its transaction; subscribers here get
+                # it now, before the turn's first part, not when the notify comes back.
+                self.streams.deliver_status_locally(
+                    chat.id, ChatStatus.RUNNING, self.worker_id, lease.token
+                )
+            else:
                 await self._publish_quietly(
                     self.streams.publish_status(
                         chat.id, ChatStatus.RUNNING, self.worker_id, lease.token

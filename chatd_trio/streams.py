@@ -890,6 +890,23 @@ class ChatStreams:
             StatusEvent(chat_id, status, worker_id),
         )
 
+    def deliver_status_locally(
+        self,
+        chat_id: uuid.UUID,
+        status: ChatStatus,
+        worker_id: uuid.UUID | None = None,
+        owner_token: int | None = None,
+    ) -> None:
+        """Deliver a status change to this replica's subscribers only, at once: for a
+        change the store already announced in its transaction, so that subscribers here
+        see it before the parts that follow it (the notify, arriving later through the
+        database, repeats what they know and is dropped)."""
+        state = self._chats.get(chat_id)
+        if state is None:
+            return
+        payload = NotifyPayload(status=status, worker_id=worker_id, owner_token=owner_token)
+        self._publish_local(state, _NotifyItem(payload))
+
     async def publish_error(self, chat_id: uuid.UUID, error: ErrorPayload) -> None:
         """Publish a structured error (plus the legacy `error` string for old subscribers)."""
         await self._publish_control(
