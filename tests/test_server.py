@@ -957,6 +957,9 @@ async def test_a_finish_stored_unacknowledged_past_the_budget_still_reaches_subs
         chat = await server.create_chat(OWNER, "hello", title="t")
         async with server.subscribe(OWNER, chat.id) as sub:
             events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        # With notifies in the transaction, `waiting` arrives from the first attempt's
+        # commit, before the replica has spent its retries.
+        assert await server.wait_ended(chat.id) is TurnOutcome.DONE
         assert env.store.injected == {"finish_turn": 3}
         assert server.stats().store_retries == 2
     answers = [
