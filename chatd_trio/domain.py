@@ -118,6 +118,18 @@ def parse_uuid(value: object, path: str = "id") -> uuid.UUID:
         raise DecodeError(path, f"not a UUID: {value[:64]!r}") from None
 
 
+def optional_uuid(value: object, path: str = "id") -> uuid.UUID | None:
+    """`parse_uuid`, letting `None` through (an optional id)."""
+    return None if value is None else parse_uuid(value, path)
+
+
+def parse_row_id(value: object, path: str = "id") -> int:
+    """A message or queue id: an integer (not a bool), else `DecodeError` naming `path`."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise DecodeError(path, f"expected an integer, got {type(value).__name__}")
+    return value
+
+
 def _uuid(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
     if optional and d.get(key) is None:
         return None

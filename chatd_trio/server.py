@@ -35,6 +35,7 @@ from chatd_trio.domain import (
     RetryPayload,
     TextPart,
     owner_channel,
+    parse_row_id,
     parse_uuid,
     stream_channel,
 )
@@ -896,7 +897,7 @@ class Server:
     ) -> list[Message]:
         """User-visible messages after a cursor."""
         chat = await self._owned_chat(owner_id, chat_id)
-        after = _row_id(after_message_id, "after_message_id")
+        after = parse_row_id(after_message_id, "after_message_id")
         return await self.store.messages_after(chat.id, after)
 
     async def send_message(
@@ -951,7 +952,7 @@ class Server:
         cleared, the chat goes `pending` (a running turn stops). Content is checked as by
         `create_chat`."""
         owner_id, chat_id = _ids(owner_id, chat_id)
-        message_id = _row_id(message_id, "message_id")
+        message_id = parse_row_id(message_id, "message_id")
         announce = self.streams.announcer
         result = await self.store.edit_message(
             chat_id,
@@ -1001,7 +1002,7 @@ class Server:
     ) -> SendResult:
         """Send a queued message now (or move it to the front while the chat runs)."""
         owner_id, chat_id = _ids(owner_id, chat_id)
-        queued_id = _row_id(queued_id, "queued_id")
+        queued_id = parse_row_id(queued_id, "queued_id")
         announce = self.streams.announcer
         result = await self.store.promote_queued(
             chat_id, queued_id, announce=announce, owner_id=owner_id
@@ -1021,7 +1022,7 @@ class Server:
         owner_id, chat_id = _ids(owner_id, chat_id)
         announce = self.streams.announcer
         queue = await self.store.delete_queued(
-            chat_id, _row_id(queued_id, "queued_id"), owner_id=owner_id, announce=announce
+            chat_id, parse_row_id(queued_id, "queued_id"), owner_id=owner_id, announce=announce
         )
         if announce is None:
             await self._publish_quietly(self.streams.publish_queue_update(chat_id, queue))
@@ -1092,7 +1093,7 @@ class Server:
     ) -> AsyncIterator[StreamSubscription]:
         """Subscribe to a chat's events (snapshot, then live), if the user owns it."""
         chat_id = (await self._owned_chat(owner_id, chat_id)).id
-        after = _row_id(after_message_id, "after_message_id")
+        after = parse_row_id(after_message_id, "after_message_id")
         async with self.streams.subscribe(chat_id, after) as sub:
             yield sub
 
@@ -1153,13 +1154,6 @@ def _ids(owner_id: object, chat_id: object) -> tuple[uuid.UUID, uuid.UUID]:
     """An API caller's owner and chat ids as UUIDs: a malformed one is the same
     `DecodeError` on every store (a UUID's text is accepted)."""
     return parse_uuid(owner_id, "owner_id"), parse_uuid(chat_id, "chat_id")
-
-
-def _row_id(value: object, field: str) -> int:
-    """A message or queue id from an API caller: an integer, else `DecodeError`."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise DecodeError(field, f"expected an integer, got {type(value).__name__}")
-    return value
 
 
 def text_of_parts(parts: Sequence[Part]) -> str:

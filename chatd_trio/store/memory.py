@@ -87,6 +87,9 @@ from chatd_trio.domain import (
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
+    optional_uuid,
+    parse_row_id,
+    parse_uuid,
     text_of,
 )
 from chatd_trio.errors import (
@@ -336,12 +339,14 @@ class MemoryStore(StoreOps):
 
     async def get_chat(self, chat_id: uuid.UUID) -> Chat:
         """Raises ChatNotFound."""
+        chat_id = parse_uuid(chat_id, "chat_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetChatByID")
         return self._out(self._chat(chat_id))
 
     async def list_chats(self, owner_id: uuid.UUID) -> list[Chat]:
         """The owner's chats, newest first."""
+        owner_id = parse_uuid(owner_id, "owner_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetChatsByOwner")
         chats = [self._out(c) for c in self._chats.values() if c.owner_id == owner_id]
@@ -350,12 +355,15 @@ class MemoryStore(StoreOps):
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         """User-visible, non-deleted messages with id > after_id, in id order."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        after_id = parse_row_id(after_id, "after_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetChatMessagesAfter")
         return [m for m in self._live_messages(chat_id) if m.id > after_id and m.user_visible]
 
     async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
+        chat_id = parse_uuid(chat_id, "chat_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetPromptMessages")
         prompt = self._prompt(chat_id)
@@ -385,6 +393,7 @@ class MemoryStore(StoreOps):
 
     async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
         """The latest non-blank user-visible assistant text (a subagent's report)."""
+        chat_id = parse_uuid(chat_id, "chat_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetLatestAssistantText")
         for m in reversed(self._live_messages(chat_id)):
@@ -397,6 +406,7 @@ class MemoryStore(StoreOps):
     # -- the queue ------------------------------------------------------------
     async def list_queued(self, chat_id: uuid.UUID) -> list[QueuedMessage]:
         """The chat's queue, oldest first."""
+        chat_id = parse_uuid(chat_id, "chat_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetQueuedMessages")
         return list(self._queues.get(chat_id, ()))
@@ -410,6 +420,9 @@ class MemoryStore(StoreOps):
         announce: Announcer | None = None,
     ) -> list[QueuedMessage]:
         """Delete one queued message; returns the remaining queue."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        owner_id = optional_uuid(owner_id, "owner_id")
+        queued_id = parse_row_id(queued_id, "queued_id")
         await trio.lowlevel.checkpoint()
         self._check_announce(announce)
         # The PostgreSQL adapter sends these together (the delete guarded by the owner).
@@ -684,6 +697,7 @@ class MemoryStore(StoreOps):
     # -- workspaces -----------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:
         """Insert a workspace (no builds yet)."""
+        owner_id = parse_uuid(owner_id, "owner_id")
         (name,) = storable_texts(name=name)
         await trio.lowlevel.checkpoint()
         self._hit("InsertWorkspace")
@@ -694,12 +708,14 @@ class MemoryStore(StoreOps):
 
     async def get_workspace(self, workspace_id: uuid.UUID) -> Workspace | None:
         """The workspace, or None."""
+        workspace_id = parse_uuid(workspace_id, "workspace_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetWorkspaceByID")
         return self._workspaces.get(workspace_id)
 
     async def create_build(self, workspace_id: uuid.UUID) -> WorkspaceBuild:
         """A new latest build (no agents yet: the workspace looks stopped)."""
+        workspace_id = parse_uuid(workspace_id, "workspace_id")
         await trio.lowlevel.checkpoint()
         self._hit("InsertWorkspaceBuild")
         builds = self._workspace_builds.get(workspace_id)
@@ -715,6 +731,7 @@ class MemoryStore(StoreOps):
         self, build_id: uuid.UUID, name: str, address: str, token: str, directory: str = ""
     ) -> WorkspaceAgent:
         """Insert an agent into a build."""
+        build_id = parse_uuid(build_id, "build_id")
         name, address, token, directory = storable_texts(
             name=name, address=address, token=token, directory=directory
         )
@@ -732,6 +749,7 @@ class MemoryStore(StoreOps):
 
     async def latest_build_agents(self, workspace_id: uuid.UUID) -> list[WorkspaceAgent]:
         """Agents of the workspace's latest build, oldest first."""
+        workspace_id = parse_uuid(workspace_id, "workspace_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetWorkspaceAgentsInLatestBuild")
         builds = self._workspace_builds.get(workspace_id)
@@ -741,6 +759,7 @@ class MemoryStore(StoreOps):
 
     async def agent_by_id(self, agent_id: uuid.UUID) -> WorkspaceAgent | None:
         """The agent, or None."""
+        agent_id = parse_uuid(agent_id, "agent_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetWorkspaceAgentByID")
         return self._agents.get(agent_id)
@@ -759,6 +778,7 @@ class MemoryStore(StoreOps):
     # -- subagents ------------------------------------------------------------
     async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]:
         """Children of a chat, oldest first."""
+        parent_chat_id = parse_uuid(parent_chat_id, "parent_chat_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetChildChats")
         children = [
@@ -769,6 +789,7 @@ class MemoryStore(StoreOps):
 
     async def parent_of(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         """The chat's parent id; ChatNotFound when the row is missing."""
+        chat_id = parse_uuid(chat_id, "chat_id")
         await trio.lowlevel.checkpoint()
         self._hit("GetChatParent")
         return self._chat(chat_id).parent_chat_id

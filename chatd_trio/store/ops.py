@@ -28,6 +28,9 @@ from chatd_trio.domain import (
     TextPart,
     Visibility,
     dumps,
+    optional_uuid,
+    parse_row_id,
+    parse_uuid,
 )
 from chatd_trio.errors import (
     ChatNotFound,
@@ -230,6 +233,10 @@ class StoreOps:
         announce: Announcer | None = None,
     ) -> tuple[Chat, Message]:
         """Create a chat with its first user message; the chat starts `pending`."""
+        owner_id = parse_uuid(owner_id, "owner_id")
+        parent_chat_id = optional_uuid(parent_chat_id, "parent_chat_id")
+        workspace_id = optional_uuid(workspace_id, "workspace_id")
+        agent_id = optional_uuid(agent_id, "agent_id")
         options = stored_options(model_options)
         limits = limits or self._limits
         title = check_title(title, limits)
@@ -273,6 +280,8 @@ class StoreOps:
         limits: LimitsConfig | None = None,
     ) -> SendResult:
         """Insert a user message (chat -> pending) or queue it (docs/spec.md §1)."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        owner_id = optional_uuid(owner_id, "owner_id")
         stored = _flagged(check_user_parts(parts, limits or self._limits), "a user message")
         start = ChatView.of(view) if view else _presumed(ChatStatus.WAITING)
         write = Write(messages=(user_message(stored),), parts=stored, owner_id=owner_id)
@@ -301,6 +310,9 @@ class StoreOps:
         limits: LimitsConfig | None = None,
     ) -> EditResult:
         """Replace a user message and drop everything after it; the chat goes `pending`."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        owner_id = optional_uuid(owner_id, "owner_id")
+        message_id = parse_row_id(message_id, "message_id")
         stored = _flagged(check_user_parts(parts, limits or self._limits), "a user message")
         start = ChatView.of(view) if view else _presumed(ChatStatus.WAITING)
         write = Write(
@@ -320,6 +332,8 @@ class StoreOps:
         announce: Announcer | None = None,
     ) -> Chat:
         """Stop the chat: `waiting` and no owner, unless it is `pending`."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        owner_id = optional_uuid(owner_id, "owner_id")
         start = ChatView.of(view) if view else _presumed(ChatStatus.RUNNING)
         write = Write(owner_id=owner_id)
         return (await self._decided(chat_id, Event.INTERRUPT, start, write, announce=announce)).chat
@@ -335,6 +349,9 @@ class StoreOps:
     ) -> SendResult:
         """Send a queued message now (chat -> pending), or move it to the front while the
         chat runs."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        owner_id = optional_uuid(owner_id, "owner_id")
+        queued_id = parse_row_id(queued_id, "queued_id")
         start = ChatView.of(view) if view else _presumed(ChatStatus.WAITING)
         write = Write(queued_id=queued_id, owner_id=owner_id)
         res = await self._decided(chat_id, Event.PROMOTE_QUEUED, start, write, announce=announce)
@@ -461,6 +478,10 @@ class StoreOps:
         lease: Lease | None = None,
     ) -> None:
         """Set the chat's workspace binding (guarded by `lease` when given)."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        workspace_id = optional_uuid(workspace_id, "workspace_id")
+        build_id = optional_uuid(build_id, "build_id")
+        agent_id = optional_uuid(agent_id, "agent_id")
         binding = Binding(workspace_id, build_id, agent_id)
         if lease is not None:
             await self._write(lease, Write(binding=binding), None)

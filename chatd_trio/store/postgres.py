@@ -58,6 +58,9 @@ from chatd_trio.domain import (
     Workspace,
     WorkspaceAgent,
     WorkspaceBuild,
+    optional_uuid,
+    parse_row_id,
+    parse_uuid,
     parts_from_json,
     parts_to_json,
 )
@@ -939,6 +942,7 @@ class PostgresStore(StoreOps):
 
     async def get_chat(self, chat_id: uuid.UUID) -> Chat:
         """Raises ChatNotFound."""
+        chat_id = parse_uuid(chat_id, "chat_id")
 
         async def body(conn: _Conn) -> Chat:
             row = await self._fetchone(conn, "GetChatByID", _SQL_GET_CHAT, (chat_id,))
@@ -950,6 +954,7 @@ class PostgresStore(StoreOps):
 
     async def list_chats(self, owner_id: uuid.UUID) -> list[Chat]:
         """The owner's chats, newest first."""
+        owner_id = parse_uuid(owner_id, "owner_id")
 
         async def body(conn: _Conn) -> list[Chat]:
             rows = await self._fetch(conn, "GetChatsByOwner", _SQL_CHATS_BY_OWNER, (owner_id,))
@@ -959,6 +964,8 @@ class PostgresStore(StoreOps):
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         """User-visible, non-deleted messages with id > after_id, in id order."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        after_id = parse_row_id(after_id, "after_id")
 
         async def body(conn: _Conn) -> list[Message]:
             rows = await self._fetch(
@@ -970,6 +977,7 @@ class PostgresStore(StoreOps):
 
     async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
+        chat_id = parse_uuid(chat_id, "chat_id")
 
         async def body(conn: _Conn) -> list[Message]:
             rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, ([chat_id],))
@@ -981,6 +989,7 @@ class PostgresStore(StoreOps):
 
     async def latest_assistant_text(self, chat_id: uuid.UUID) -> str | None:
         """The latest non-blank user-visible assistant text (a subagent's report)."""
+        chat_id = parse_uuid(chat_id, "chat_id")
 
         async def body(conn: _Conn) -> str | None:
             row = await self._fetchone(
@@ -996,6 +1005,7 @@ class PostgresStore(StoreOps):
     # -- the queue ------------------------------------------------------------------
     async def list_queued(self, chat_id: uuid.UUID) -> list[QueuedMessage]:
         """The chat's queue, front first."""
+        chat_id = parse_uuid(chat_id, "chat_id")
         return await self._run("list_queued", lambda conn: self._queue(conn, chat_id))
 
     async def delete_queued(
@@ -1010,6 +1020,9 @@ class PostgresStore(StoreOps):
 
         One batch: [the chat's row,] the delete (guarded by the owner) and the queue
         left; with `announce`, its notify and the COMMIT follow in a second one."""
+        chat_id = parse_uuid(chat_id, "chat_id")
+        owner_id = optional_uuid(owner_id, "owner_id")
+        queued_id = parse_row_id(queued_id, "queued_id")
 
         async def body(conn: _Conn) -> list[QueuedMessage]:
             queue: list[QueuedMessage] = []
@@ -1449,6 +1462,7 @@ class PostgresStore(StoreOps):
     # -- workspaces -----------------------------------------------------------------
     async def create_workspace(self, owner_id: uuid.UUID, name: str) -> Workspace:
         """Insert a workspace (no builds yet)."""
+        owner_id = parse_uuid(owner_id, "owner_id")
         (name,) = storable_texts(name=name)
 
         async def body(conn: _Conn) -> Workspace:
@@ -1462,6 +1476,7 @@ class PostgresStore(StoreOps):
 
     async def get_workspace(self, workspace_id: uuid.UUID) -> Workspace | None:
         """The workspace, or None."""
+        workspace_id = parse_uuid(workspace_id, "workspace_id")
 
         async def body(conn: _Conn) -> Workspace | None:
             row = await self._fetchone(
@@ -1473,6 +1488,7 @@ class PostgresStore(StoreOps):
 
     async def create_build(self, workspace_id: uuid.UUID) -> WorkspaceBuild:
         """A new latest build (no agents yet: the workspace looks stopped)."""
+        workspace_id = parse_uuid(workspace_id, "workspace_id")
 
         async def body(conn: _Conn) -> WorkspaceBuild:
             row = await self._fetchone(
@@ -1488,6 +1504,7 @@ class PostgresStore(StoreOps):
         self, build_id: uuid.UUID, name: str, address: str, token: str, directory: str = ""
     ) -> WorkspaceAgent:
         """Insert an agent into a build."""
+        build_id = parse_uuid(build_id, "build_id")
         name, address, token, directory = storable_texts(
             name=name, address=address, token=token, directory=directory
         )
@@ -1507,6 +1524,7 @@ class PostgresStore(StoreOps):
 
     async def latest_build_agents(self, workspace_id: uuid.UUID) -> list[WorkspaceAgent]:
         """Agents of the workspace's latest build, oldest first."""
+        workspace_id = parse_uuid(workspace_id, "workspace_id")
 
         async def body(conn: _Conn) -> list[WorkspaceAgent]:
             rows = await self._fetch(
@@ -1518,6 +1536,7 @@ class PostgresStore(StoreOps):
 
     async def agent_by_id(self, agent_id: uuid.UUID) -> WorkspaceAgent | None:
         """The agent, or None."""
+        agent_id = parse_uuid(agent_id, "agent_id")
 
         async def body(conn: _Conn) -> WorkspaceAgent | None:
             row = await self._fetchone(conn, "GetWorkspaceAgentByID", _SQL_GET_AGENT, (agent_id,))
@@ -1528,6 +1547,7 @@ class PostgresStore(StoreOps):
     # -- subagents ------------------------------------------------------------------
     async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]:
         """Children of a chat, oldest first."""
+        parent_chat_id = parse_uuid(parent_chat_id, "parent_chat_id")
 
         async def body(conn: _Conn) -> list[Chat]:
             rows = await self._fetch(conn, "GetChildChats", _SQL_CHILD_CHATS, (parent_chat_id,))
@@ -1537,6 +1557,7 @@ class PostgresStore(StoreOps):
 
     async def parent_of(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         """The chat's parent id; ChatNotFound when the row is missing."""
+        chat_id = parse_uuid(chat_id, "chat_id")
 
         async def body(conn: _Conn) -> uuid.UUID | None:
             row = await self._fetchone(conn, "GetChatParent", _SQL_CHAT_PARENT, (chat_id,))

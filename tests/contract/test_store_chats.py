@@ -477,3 +477,42 @@ async def test_edit_of_a_pending_chat_returns_the_row_with_its_queue_cleared(sto
     res = await store.edit_message(chat.id, first.id, text("edited"))
     assert res.chat.status is ChatStatus.PENDING and res.chat.queued == 0
     assert res.chat == await store.get_chat(chat.id)
+
+
+# -- ids from an untyped caller ------------------------------------------------------------
+
+_MALFORMED_IDS: list[object] = ["not-a-uuid", "", 7, None, b"\x00" * 16, "12345678-1234"]
+
+
+@pytest.mark.parametrize("bad", _MALFORMED_IDS, ids=repr)
+async def test_malformed_chat_id_is_a_decode_error_on_every_store(
+    store: Store, bad: object
+) -> None:
+    """A malformed id is the same `DecodeError` naming the field on both stores (not
+    `ChatNotFound` on one and a database error on the other), and nothing is written."""
+    chat, _ = await new_chat(store)
+    before = await store.messages_after(chat.id, 0)
+    calls = {
+        "get_chat": lambda: store.get_chat(bad),  # type: ignore[arg-type]
+        "messages_after": lambda: store.messages_after(bad, 0),  # type: ignore[arg-type]
+        "send_message": lambda: store.send_message(bad, text("x"), max_queued=MAX_QUEUED),  # type: ignore[arg-type]
+        "interrupt": lambda: store.interrupt(bad),  # type: ignore[arg-type]
+        "list_queued": lambda: store.list_queued(bad),  # type: ignore[arg-type]
+        "list_chats": lambda: store.list_chats(bad),  # type: ignore[arg-type]
+    }
+    for name, call in calls.items():
+        with pytest.raises(DecodeError) as info:
+            await call()
+        assert info.value.field in ("chat_id", "owner_id"), name
+    with pytest.raises(DecodeError) as row:
+        await store.messages_after(chat.id, "1")  # type: ignore[arg-type]
+    assert row.value.field == "after_id"
+    assert await store.messages_after(chat.id, 0) == before
+
+
+async def test_a_chat_id_given_as_text_finds_the_chat_on_every_store(store: Store) -> None:
+    chat, msg = await new_chat(store)
+    assert await store.get_chat(str(chat.id)) == chat  # type: ignore[arg-type]
+    assert await store.messages_after(str(chat.id), 0) == [msg]  # type: ignore[arg-type]
+    with pytest.raises(ChatNotFound):
+        await store.get_chat(str(uuid.uuid4()))  # type: ignore[arg-type]
