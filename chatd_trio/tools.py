@@ -28,7 +28,7 @@ import logging
 import re
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, overload, runtime_checkable
 
@@ -124,10 +124,10 @@ class TypedTool:
     arguments: type[pydantic.BaseModel]
     context_parameter: str | None = None
 
-    @functools.cached_property
+    @property
     def parameters(self) -> JSON:
         """The JSON schema of the arguments, as the model is shown it."""
-        return _without_titles(self.arguments.model_json_schema())
+        return _schema(self.arguments)
 
     def validate(self, args: Mapping[str, JSON]) -> dict[str, Any]:
         """The call's keyword arguments; `ToolError` naming every bad field."""
@@ -157,6 +157,12 @@ def validate_arguments(
         return validation.check(model, args, what="arguments", from_json=True)
     except validation.Invalid as exc:
         raise ToolError(str(exc)) from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema(model: type[pydantic.BaseModel]) -> JSON:
+    # Per model class, which `typed_tool` reuses across turns (see `_SHAPES`).
+    return _without_titles(model.model_json_schema())
 
 
 def _without_titles(schema: JSON) -> JSON:
@@ -266,6 +272,55 @@ def typed_tool(
 ) -> TypedTool:
     """A `TypedTool` from `fn` (what `@tool` does for a typed function)."""
     tool_name = name or fn.__name__
+    key = _shape_key(fn, tool_name, description)
+    shape = _SHAPES.get(key) if key is not None else None
+    if shape is None:
+        shape = _shape(fn, tool_name, description)
+        if key is not None:
+            if len(_SHAPES) >= _SHAPES_MAX:
+                _SHAPES.pop(next(iter(_SHAPES)))
+            _SHAPES[key] = shape
+    model, text, context = shape
+    return TypedTool(tool_name, text, fn, model, context)
+
+
+# Tools are built per turn (a workspace's tools close over the turn's context, subagent
+# tools over the server), but a tool's arguments model depends only on its function's
+# code, defaults, annotations, name and description: building it (pydantic's model and
+# JSON schema generation) every turn cost about a sixth of a busy replica's CPU.
+_SHAPES: dict[Hashable, tuple[type[pydantic.BaseModel], str, str | None]] = {}
+_SHAPES_MAX = 1024
+
+
+def _shape_key(fn: Callable[..., Any], name: str, description: str | None) -> Hashable | None:
+    """What `fn`'s shape depends on, or None when that cannot be told (then no reuse)."""
+    target = inspect.unwrap(fn)
+    bound = inspect.ismethod(target)
+    func = target.__func__ if bound else target
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return None
+    key = (
+        code,
+        bound,
+        name,
+        description,
+        getattr(func, "__defaults__", None),
+        tuple(sorted((getattr(func, "__kwdefaults__", None) or {}).items())),
+        tuple(getattr(func, "__annotations__", {}).items()),
+        getattr(func, "__doc__", None),
+        getattr(func, "__module__", None),
+    )
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _shape(
+    fn: Callable[..., Any], tool_name: str, description: str | None
+) -> tuple[type[pydantic.BaseModel], str, str | None]:
     summary, docs = parse_docstring(fn.__doc__)
     hints = _hints(fn)
     fields: dict[str, Any] = {}
@@ -288,7 +343,7 @@ def typed_tool(
     text = description if description is not None else summary
     if not text:
         raise TypeError(f"tool {tool_name!r} needs a description (a docstring)")
-    return TypedTool(tool_name, text, fn, model, context)
+    return model, text, context
 
 
 AnyTool = FunctionTool | TypedTool

@@ -292,3 +292,53 @@ async def test_expected_failures_are_not_logged(caplog: pytest.LogCaptureFixture
     assert (await call(forecast, {})).is_error  # invalid arguments
     assert (await call(add, {"a": 1, "b": "x"})).is_error
     assert [r for r in caplog.records if r.name == "chatd_trio.tools"] == []
+
+
+# -- tools built per turn reuse their arguments model ------------------------------------
+
+
+def _per_turn_tool(scale: int, default: int = 1) -> Any:
+    async def grow(n: int = default) -> int:
+        """Grow a number.
+
+        Args:
+            n: the number
+        """
+        return n * scale
+
+    return tool(grow)
+
+
+class _Holder:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    async def add(self, n: int) -> int:
+        """Add the holder's number.
+
+        Args:
+            n: the addend
+        """
+        return n + self.k
+
+
+async def test_closures_of_one_def_share_one_arguments_model_and_keep_their_state() -> None:
+    """A tool built each turn from the same `def` (a closure, a bound method) reuses its
+    pydantic model and schema; each tool still calls its own closure or instance."""
+    first, second = _per_turn_tool(2), _per_turn_tool(3)
+    assert first.arguments is second.arguments
+    assert first.parameters is second.parameters
+    assert (await call(first, {"n": 5})).result == 10
+    assert (await call(second, {"n": 5})).result == 15
+    a, b = tool(_Holder(1).add), tool(_Holder(100).add)
+    assert a.arguments is b.arguments
+    assert (await call(a, {"n": 1})).result == 2
+    assert (await call(b, {"n": 1})).result == 101
+
+
+async def test_a_different_default_or_name_is_a_different_shape() -> None:
+    plain, other = _per_turn_tool(1), _per_turn_tool(1, default=7)
+    assert plain.arguments is not other.arguments
+    assert (await call(other, {})).result == 7
+    renamed = tool(name="grow_more")(_per_turn_tool(1).fn)
+    assert renamed.name == "grow_more" and renamed.arguments is not plain.arguments
