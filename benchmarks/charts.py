@@ -11,7 +11,7 @@ CPU time of this process): `before` builds each chart with its constructor,
 that were considered.
 
 `spy` runs `chatd-trio scaletest --store postgres --replicas 1` and samples its replica
-process (the `python -m chatd_trio.scaletest worker` child) with py-spy (`pip install
+process (the `python -m chatd_trio.apps.scaletest worker` child) with py-spy (`pip install
 py-spy`; Linux: the child is found through /proc), then prints the share of CPU samples
 spent in chart construction, reset and dispatch (`--source DIR` runs another source
 tree, e.g. an older commit unpacked with `git archive`; `--raw FILE` keeps the
@@ -234,7 +234,7 @@ def _replica_pid(main: subprocess.Popen[bytes], timeout: float) -> int:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"chatd_trio.scaletest" in cmdline and b"worker" in cmdline:
+            if b"chatd_trio.apps.scaletest" in cmdline and b"worker" in cmdline:
                 return child
         time.sleep(0.05)
     raise SystemExit("no replica process appeared")
@@ -245,7 +245,7 @@ def spy(args: argparse.Namespace) -> dict[str, Any]:
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy not found: pip install py-spy")
-    scaletest = [sys.executable, "-m", "chatd_trio.cli", "scaletest"]
+    scaletest = [sys.executable, "-m", "chatd_trio.apps.cli", "scaletest"]
     scaletest += ["--store", "postgres", "--replicas", "1"]
     scaletest += ["--chats", str(args.chats), "--turns", str(args.turns), "--json"]
     if args.dsn:

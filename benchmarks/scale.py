@@ -35,7 +35,7 @@ FAULTS = ("none", "sigkill", "sigstop", "pg_restart", "pool_kill", "listen_kill"
 
 
 def _scaletest(argv: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "chatd_trio.cli", "scaletest", *argv, "--json"]
+    cmd = [sys.executable, "-m", "chatd_trio.apps.cli", "scaletest", *argv, "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result: dict[str, Any] = json.loads(done.stdout)
     shown = ["chatd-trio", "scaletest", *argv, "--json"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from chatd_trio._pgcluster import Cluster, ClusterError, answers
+from chatd_trio.apps._pgcluster import Cluster, ClusterError, answers
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 THROWAWAY_PORT = 55432

@@ -2,7 +2,7 @@
 
 Each run takes about two seconds (one-second parallel commands, ~2 s of throttled
 retries running alongside); assertions are on the demo's own checks and output. On
-PostgreSQL the second replica is a separate process (`--replica-worker`).
+PostgreSQL the second replica is a separate process (`python -m chatd_trio.apps.demo worker`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from rich.console import Console
 
-from chatd_trio import cli
-from chatd_trio.config import DemoConfig
-from chatd_trio.demo import (
+from chatd_trio.apps import cli
+from chatd_trio.apps.demo import (
     SCENARIOS,
     ChatRow,
     DemoOptions,
@@ -30,6 +29,7 @@ from chatd_trio.demo import (
     run_demo,
     scratch_database,
 )
+from chatd_trio.config import DemoConfig
 from chatd_trio.domain import ChatStatus, TextPart
 from chatd_trio.errors import StoreError, StoreUnavailable
 from chatd_trio.store.postgres import PostgresStore

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from chatd_trio import cli
+from chatd_trio.apps import cli
+from chatd_trio.apps.demo_provider import DEFAULT_PROMPT, ProviderDemoOptions, run_provider_demo
 from chatd_trio.config import RequestOptions
-from chatd_trio.demo_provider import DEFAULT_PROMPT, ProviderDemoOptions, run_provider_demo
 from tests.fake_anthropic import FakeAnthropic, Text, ToolUse, message_reply
 from tests.fake_openai import FakeOpenAI, JSONDict, Reply, chunk, error_reply, text_stream
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from statemachine import Event, State
 
-from chatd_trio.cli import main as cli_main
+from chatd_trio.apps.cli import main as cli_main
 from statecharts.base import Step, TracedChart, transitions_of
 from statecharts.registry import CHARTS, ChartEntry
 from statecharts.render import (

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import trio
 
-from chatd_trio._pgcluster import Cluster, ClusterError
+from chatd_trio.apps._pgcluster import Cluster, ClusterError
 from chatd_trio.config import PostgresConfig
 from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, parse_uuid, text_of
 from chatd_trio.errors import ChatNotFound, DecodeError, StoreError, StoreUnavailable

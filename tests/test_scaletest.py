@@ -13,8 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from chatd_trio.cli import main as cli_main
-from chatd_trio.scaletest import (
+from chatd_trio.apps.cli import main as cli_main
+from chatd_trio.apps.scaletest import (
     Plan,
     StoredMessage,
     add_scaletest_command,
@@ -415,7 +415,7 @@ async def test_sigkill_replaces_the_replica_and_its_chats_are_recovered() -> Non
 
 
 def test_baseline_flag_reaches_the_configuration() -> None:
-    from chatd_trio.scaletest import replica_config
+    from chatd_trio.apps.scaletest import replica_config
 
     config = replica_config(plan("memory", chats=1, turns=2, baseline=True))
     assert not config.streams.durable_cache_enabled
@@ -427,7 +427,7 @@ def test_baseline_flag_reaches_the_configuration() -> None:
 
 
 def test_stale_after_and_heartbeat_reach_the_replicas() -> None:
-    from chatd_trio.scaletest import replica_config
+    from chatd_trio.apps.scaletest import replica_config
 
     config = replica_config(plan("postgres", chats=1, turns=2, stale_after=7.0, heartbeat=1.5))
     assert (config.acquire.stale_after, config.acquire.heartbeat_interval) == (7.0, 1.5)

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,15 @@ from rich.table import Table
 from rich.text import Text
 
 from chatd_trio.agent import dial_agent
+from chatd_trio.apps.channel import (
+    WORKER,
+    JsonLines,
+    emit,
+    encode,
+    stdin_lines,
+    worker_command,
+)
+from chatd_trio.apps.demo_provider import add_provider_arguments, run_provider_command
 from chatd_trio.config import (
     AcquireConfig,
     CompactionConfig,
@@ -52,7 +60,6 @@ from chatd_trio.config import (
     RetryConfig,
     WorkspaceConfig,
 )
-from chatd_trio.demo_provider import add_provider_arguments, run_provider_command
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -938,32 +945,15 @@ def summarize(
 # -- replica processes ---------------------------------------------------------------------------
 
 
-class _Lines:
-    """Newline-delimited reads from a Trio receive stream."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buf = bytearray()
-
-    async def readline(self) -> str:
-        while b"\n" not in self._buf:
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise EOFError("stream closed")
-            self._buf += chunk
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
-        return line.decode()
-
-
 class WorkerError(RuntimeError):
     """A replica process refused a request or went away."""
 
 
 class WorkerReplica:
-    """A replica process (`python -m chatd_trio.demo --replica-worker`), one request at a time.
+    """A replica process (`python -m chatd_trio.apps.demo worker`), one request at a time.
 
-    Requests and replies are JSON lines over the process's stdin/stdout.
+    Requests (`{"op": ...}`) and replies (`{"ok": ..., "result": ..., "error": ...}`)
+    travel over the worker channel (`chatd_trio.apps.channel`).
     """
 
     def __init__(self, index: int, proc: trio.Process) -> None:
@@ -971,14 +961,14 @@ class WorkerReplica:
         self.index = index
         self.proc = proc
         self._stdin = proc.stdin
-        self._lines = _Lines(proc.stdout)
+        self._lines = JsonLines(proc.stdout)
         self._lock = trio.Lock()
 
     async def request(self, op: str, **fields: Any) -> Any:
         async with self._lock:
             try:
-                await self._stdin.send_all((json.dumps({"op": op, **fields}) + "\n").encode())
-                reply = json.loads(await self._lines.readline())
+                await self._stdin.send_all(encode({"op": op, **fields}))
+                reply = await self._lines.receive()
             except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise WorkerError(f"replica process {self.index} went away: {exc!r}") from exc
         if not reply.get("ok"):
@@ -1010,10 +1000,10 @@ async def _replica_processes(
     """Start `count` replica processes; they are killed and waited for on the way out.
 
     `auth`: the notify key this process uses too (default: a fresh one for them only);
-    it reaches them in the hello, over their stdin pipe.
+    it reaches them in the hello, over their stdin pipe, as does the DSN.
     """
     auth = auth or NotifyAuth.generate()
-    cmd = [sys.executable, "-m", "chatd_trio.demo", "--replica-worker", "--dsn", dsn]
+    cmd = worker_command("demo")
     procs: list[trio.Process] = []
     try:
         workers: list[WorkerReplica] = []
@@ -1028,6 +1018,7 @@ async def _replica_processes(
                 await worker.request(
                     "hello",
                     index=worker.index,
+                    dsn=dsn,
                     demo=dataclasses.asdict(demo),
                     notify_key=auth.key_text(),
                 )
@@ -1049,14 +1040,13 @@ async def _replica_processes(
 
 
 def _reply(ok: bool, result: Any = None, error: str | None = None) -> None:
-    sys.stdout.write(json.dumps({"ok": ok, "result": result, "error": error}) + "\n")
-    sys.stdout.flush()
+    emit({"ok": ok, "result": result, "error": error})
 
 
-async def _serve_requests(server: Server, lines: _Lines) -> None:
+async def _serve_requests(server: Server, lines: JsonLines) -> None:
     while True:
         try:
-            msg = json.loads(await lines.readline())
+            msg = await lines.receive()
         except EOFError:
             return  # the demo went away
         op = msg["op"]
@@ -1087,16 +1077,17 @@ async def _serve_requests(server: Server, lines: _Lines) -> None:
             _reply(False, error=repr(exc))
 
 
-async def worker_main(dsn: str) -> None:
+async def worker_main() -> None:
     """One replica process: a Server on PostgreSQL serving the demo's requests."""
     from chatd_trio.pubsub.postgres import PostgresPubSub
     from chatd_trio.store.postgres import PostgresStore
 
-    lines = _Lines(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
+    lines = stdin_lines()
     try:
-        hello = json.loads(await lines.readline())
+        hello = await lines.receive()
     except EOFError:
         return
+    dsn = hello["dsn"]
     demo = DemoConfig(**hello["demo"])
     auth = NotifyAuth.from_key_text(hello["notify_key"])
     config = demo_config(demo)
@@ -1267,16 +1258,13 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m chatd_trio.demo`: the same as `chatd-trio demo`."""
+    """`python -m chatd_trio.apps.demo`: the same as `chatd-trio demo`; with the single
+    argument `worker`, a replica process of a demo on PostgreSQL."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--replica-worker" in argv:
-        worker = argparse.ArgumentParser(prog="chatd_trio.demo --replica-worker")
-        worker.add_argument("--replica-worker", action="store_true", required=True)
-        worker.add_argument("--dsn", required=True)
-        args = worker.parse_args(argv)
-        trio.run(worker_main, args.dsn)
+    if argv == [WORKER]:
+        trio.run(worker_main)
         return 0
-    parser = argparse.ArgumentParser(prog="chatd_trio.demo")
+    parser = argparse.ArgumentParser(prog="python -m chatd_trio.apps.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_command(sub)
     return run_demo_command(parser.parse_args(["demo", *argv]))

@@ -9,8 +9,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chatd-trio` console script."""
     from chatd_trio.agent.server import add_agent_command, run_agent_command
-    from chatd_trio.demo import add_demo_command, run_demo_command
-    from chatd_trio.scaletest import add_scaletest_command, run_scaletest_command
+    from chatd_trio.apps.demo import add_demo_command, run_demo_command
+    from chatd_trio.apps.scaletest import add_scaletest_command, run_scaletest_command
     from statecharts.render import add_arguments as add_diagrams_arguments
     from statecharts.render import run as run_diagrams
 

@@ -5,12 +5,12 @@ Layout. The coordinator (the parent) creates one workspace with a real local age
 only (the first turn binds the agent lazily). Each chat's first user message makes it
 `pending`, so turn 1 starts at once. Replicas are `Server`s: for `--store memory`
 R of them in this process sharing one MemoryStore/MemoryPubSub, for `--store postgres`
-R worker processes (`python -m chatd_trio.scaletest worker`) sharing the database.
+R worker processes (`python -m chatd_trio.apps.scaletest worker`) sharing the database.
 
 Data. The command touches only what it creates: on PostgreSQL it works in a database
 of its own (`chatd_scale_<random>`, created on the given server and dropped at the
 end unless `--keep`), and fault runs use a throwaway cluster (initdb into a temporary
-directory, a free port, removed at the end: `chatd_trio._pgcluster`).
+directory, a free port, removed at the end: `chatd_trio.apps._pgcluster`).
 
 Chat i has a home replica i % R; subscriber j of chat i lives on replica
 (i + j) % R, so with S >= 2 every chat has subscribers on the replica that runs it
@@ -28,10 +28,10 @@ once it has received that id.
 Phases. Every replica reports when all its subscribers saw turn 1 over; once all
 have, the coordinator tells them to go on, and each replica snapshots its counters
 just before its drivers send turn 2: `steady_per_turn` is the difference between the
-end and that snapshot, divided by the turns 2..M. Workers talk to the coordinator with
-JSON lines on stdin/stdout (`ready`, `turn`, `chat_done`, `phase1`, `done`, `report`;
-`go`, `final`, `stop`). A worker stops on SIGTERM (or `stop`, or EOF): it closes its
-`Server`, which hands running chats back as `pending`, and reports.
+end and that snapshot, divided by the turns 2..M. Workers talk to the coordinator over
+the worker channel (`chatd_trio.apps.channel`: `ready`, `turn`, `chat_done`, `phase1`,
+`done`, `report`; `go`, `final`, `stop`). A worker stops on SIGTERM (or `stop`, or
+EOF): it closes its `Server`, which hands running chats back as `pending`, and reports.
 
 Faults (`--fault`, PostgreSQL only) are injected once, when a third of the turns are
 over: `sigkill` kills the replica running the most chats (a process manager would
@@ -81,6 +81,7 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from chatd_trio.apps.channel import WORKER, JsonLines, emit, encode, stdin_lines, worker_command
 from chatd_trio.config import (
     AcquireConfig,
     Config,
@@ -1359,7 +1360,7 @@ class _Database:
     admin_dsn: str
     dsn: str
     name: str
-    cluster: Any  # chatd_trio._pgcluster.Cluster | None
+    cluster: Any  # chatd_trio.apps._pgcluster.Cluster | None
 
 
 def _create_database(admin_dsn: str, name: str) -> str:
@@ -1379,7 +1380,7 @@ def _drop_database(admin_dsn: str, name: str) -> None:
 async def _database(plan: Plan, fc: FaultConfig) -> AsyncIterator[_Database]:
     """A database of the run's own: on a throwaway cluster or on the `--dsn` server.
     Dropped (and the cluster removed) at the end unless `plan.keep`."""
-    from chatd_trio._pgcluster import Cluster, ClusterError
+    from chatd_trio.apps._pgcluster import Cluster, ClusterError
 
     cluster: Cluster | None = None
     admin = plan.dsn
@@ -1417,24 +1418,6 @@ async def _database(plan: Plan, fc: FaultConfig) -> AsyncIterator[_Database]:
                     await trio.to_thread.run_sync(cluster.remove)
 
 
-class _Lines:
-    """Newline-delimited reads from a Trio receive stream."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self._buf = bytearray()
-
-    async def readline(self) -> str:
-        while b"\n" not in self._buf:
-            chunk = await self._stream.receive_some()
-            if not chunk:
-                raise EOFError("stream closed")
-            self._buf += chunk
-        line, _, rest = bytes(self._buf).partition(b"\n")
-        self._buf = bytearray(rest)
-        return line.decode()
-
-
 @dataclass
 class _Worker:
     index: int
@@ -1458,7 +1441,7 @@ class _Worker:
     def send(self, message: Mapping[str, Any]) -> None:
         # Queued, never blocking: a SIGSTOPped worker must not stall the coordinator.
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            self.outbox.send_nowait((json.dumps(message) + "\n").encode())
+            self.outbox.send_nowait(encode(message))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -1500,7 +1483,7 @@ class _Supervisor:
 
     # -- processes ----------------------------------------------------------------------
     async def spawn(self, index: int) -> _Worker:
-        cmd = [sys.executable, "-m", "chatd_trio.scaletest", "worker"]
+        cmd = worker_command("scaletest")
         proc: trio.Process = await self.nursery.start(
             functools.partial(
                 trio.run_process, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, check=False
@@ -1543,10 +1526,10 @@ class _Supervisor:
 
     async def _reader(self, worker: _Worker) -> None:
         assert worker.proc.stdout is not None
-        lines = _Lines(worker.proc.stdout)
+        lines = JsonLines(worker.proc.stdout)
         try:
             while True:
-                self._handle(worker, json.loads(await lines.readline()))
+                self._handle(worker, await lines.receive())
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -1871,8 +1854,7 @@ async def _run_workers(
 
 
 def _emit(kind: str, **fields: Any) -> None:
-    sys.stdout.write(json.dumps({"kind": kind, **fields}) + "\n")
-    sys.stdout.flush()
+    emit({"kind": kind, **fields})
 
 
 class _EmitEvents:
@@ -1895,9 +1877,8 @@ async def worker_main() -> None:
 
     st = ScaleTestConfig()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        lines = _Lines(stdin)
-        hello = json.loads(await lines.readline())
+        lines = stdin_lines()
+        hello = await lines.receive()
         plan = Plan.from_json(hello["plan"])
         index = int(hello["index"])
         config = replica_config(plan, st)
@@ -1931,7 +1912,7 @@ async def worker_main() -> None:
                 async def control(stop: trio.CancelScope) -> None:
                     try:
                         while True:
-                            msg = json.loads(await lines.readline())
+                            msg = await lines.receive()
                             if msg["kind"] == "go":
                                 runner.start_steady()
                             elif msg["kind"] == "final":
@@ -2147,10 +2128,10 @@ def run_scaletest_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["worker"]:
+    if sys.argv[1:] == [WORKER]:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         trio.run(worker_main)
     else:
-        parser = argparse.ArgumentParser(prog="python -m chatd_trio.scaletest")
+        parser = argparse.ArgumentParser(prog="python -m chatd_trio.apps.scaletest")
         add_scaletest_command(parser.add_subparsers(dest="command", required=True))
         sys.exit(run_scaletest_command(parser.parse_args(["scaletest", *sys.argv[1:]])))
