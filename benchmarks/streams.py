@@ -6,8 +6,9 @@ For 1, 10 and 100 subscribers on the publishing replica ("local") or on another
 replica ("cross"), one message at a time is persisted and published; latency is
 publish -> each subscriber's receipt (p50 / p99, milliseconds). Database reads
 are the catch-up reads (`GetChatMessagesAfter` outside snapshots) per durable
-message, with the optimised defaults and with the baseline flags
-(`durable_cache_enabled=False`, `notify_carries_messages=False`). Runs on the
+message, with the optimised defaults and with the baseline: catch-up from the
+database (`CatchUp.DATABASE`, chatd_trio.strategies) and notifies that carry no
+message (`notify_carries_messages=False`). Runs on the
 memory adapters, and on PostgreSQL when one answers (a throwaway database).
 """
 
@@ -31,12 +32,17 @@ from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.store.base import Store
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import CatchUp, Strategies
 from chatd_trio.streams import ChatStreams
 
 SUBSCRIBERS = (1, 10, 100)
-CONFIGS = {
-    "optimised": StreamConfig(),
-    "baseline": StreamConfig(durable_cache_enabled=False, notify_carries_messages=False),
+# Each variant: the streams' configuration and the strategies it measures.
+VARIANTS = {
+    "optimised": (StreamConfig(), Strategies()),
+    "baseline": (
+        StreamConfig(notify_carries_messages=False),
+        Strategies(catch_up=CatchUp.DATABASE),
+    ),
 }
 READS = "GetChatMessagesAfter"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -48,10 +54,16 @@ def percentile(samples: list[float], p: float) -> float:
 
 
 async def scenario(
-    store: Store, pubsub: PubSub, config: StreamConfig, n_subs: int, cross: bool, messages: int
+    store: Store,
+    pubsub: PubSub,
+    variant: tuple[StreamConfig, Strategies],
+    n_subs: int,
+    cross: bool,
+    messages: int,
 ) -> dict[str, Any]:
-    publisher = ChatStreams(store, pubsub, config)
-    receiver = ChatStreams(store, pubsub, config) if cross else publisher
+    config, strategies = variant
+    publisher = ChatStreams(store, pubsub, config, strategies=strategies)
+    receiver = ChatStreams(store, pubsub, config, strategies=strategies) if cross else publisher
     worker = uuid.uuid4()
     chat, first = await store.create_chat(uuid.uuid4(), "bench", (TextPart("hi"),))
     while not any(c.id == chat.id for c in await store.acquire(worker, 100)):
@@ -105,11 +117,11 @@ async def scenario(
 
 async def run_backend(store: Store, pubsub: PubSub, messages: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, config in CONFIGS.items():
+    for name, variant in VARIANTS.items():
         out[name] = {}
         for where in ("local", "cross"):
             out[name][where] = {
-                str(n): await scenario(store, pubsub, config, n, where == "cross", messages)
+                str(n): await scenario(store, pubsub, variant, n, where == "cross", messages)
                 for n in SUBSCRIBERS
             }
     return out

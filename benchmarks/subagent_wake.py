@@ -6,8 +6,8 @@ One replica (PostgresStore + PostgresPubSub). Each round, a root chat spawns a
 subagent and waits for it (`spawn_agent`, then `wait_agent`); the child answers after
 `--child-latency-ms`. The wake latency is the time from the child's final answer
 (its `created_at`) to the parent's `wait_agent` result (its `created_at`), both
-PostgreSQL timestamps. `use_pubsub=False` polls every
-`SubagentConfig.poll_interval_no_pubsub`. Prints one JSON object.
+PostgreSQL timestamps. `use_pubsub=False` (`SubagentWake.POLL`, chatd_trio.strategies)
+polls every `SubagentConfig.poll_interval_no_pubsub`. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from chatd_trio.pubsub.auth import NotifyAuth
 from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.postgres import PostgresStore
+from chatd_trio.strategies import Strategies, SubagentWake
 
 DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 PARENT_PROMPT = "delegate"
@@ -48,10 +49,8 @@ def parent_step(prompt: Sequence[PromptMessage], index: int) -> ScriptStep:
 
 
 async def one_variant(dsn: str, use_pubsub: bool, rounds: int, child_latency: float) -> Any:
-    config = Config(
-        acquire=AcquireConfig(acquire_interval=0.05),
-        subagents=SubagentConfig(use_pubsub=use_pubsub),
-    )
+    config = Config(acquire=AcquireConfig(acquire_interval=0.05))
+    strategies = Strategies(subagent_wake=SubagentWake.NOTIFY if use_pubsub else SubagentWake.POLL)
     parent_model = ScriptedModel(parent_step)
     child_model = ScriptedModel(lambda p, i: text_step(CHILD_ANSWER, latency=child_latency))
 
@@ -63,7 +62,7 @@ async def one_variant(dsn: str, use_pubsub: bool, rounds: int, child_latency: fl
         PostgresStore.open(dsn) as store,
         # One replica in this process: a notify key of this run.
         PostgresPubSub.open(dsn, auth=NotifyAuth.generate()) as pubsub,
-        Server(store, pubsub, model_for, config) as server,
+        Server(store, pubsub, model_for, config, strategies=strategies) as server,
     ):
         owner = uuid.uuid4()
         for _ in range(rounds):

@@ -5,7 +5,8 @@
 One in-memory replica with a real local agent (LocalProvisioner + dial_agent). Every
 turn asks for `--tools` calls of `execute` running `sleep <--sleep>` in one step,
 then answers. Measures each turn from sending the user message to `waiting`, with
-`LoopConfig.parallel_tools` on and off. Prints one JSON object.
+the step's calls concurrent (the default) and sequential (`ToolCalls.SEQUENTIAL`,
+chatd_trio.strategies). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ from typing import Any
 import trio
 
 from chatd_trio.agent import dial_agent
-from chatd_trio.config import AcquireConfig, Config, LoopConfig
+from chatd_trio.config import AcquireConfig, Config
 from chatd_trio.domain import ChatStatus, StatusEvent
 from chatd_trio.models.scripted import ScriptedModel, ToolsThenAnswer
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import Strategies, ToolCalls
 from chatd_trio.workspace import LocalProvisioner
 
 
 async def one_variant(parallel: bool, tools: int, sleep_s: float, turns: int) -> dict[str, Any]:
-    config = Config(
-        acquire=AcquireConfig(acquire_interval=0.05), loop=LoopConfig(parallel_tools=parallel)
-    )
+    config = Config(acquire=AcquireConfig(acquire_interval=0.05))
+    strategies = Strategies(tool_calls=ToolCalls.CONCURRENT if parallel else ToolCalls.SEQUENTIAL)
     model = ScriptedModel(
         ToolsThenAnswer(calls=tools, tool_name="execute", arguments={"command": f"sleep {sleep_s}"})
     )
@@ -44,7 +45,9 @@ async def one_variant(parallel: bool, tools: int, sleep_s: float, turns: int) ->
             provisioner = LocalProvisioner(store, agents, Path(tmp), config=config)
             owner = uuid.uuid4()
             ws = await provisioner.create(owner, "bench")
-            async with Server(store, MemoryPubSub(), model, config, dialer=dial_agent) as server:
+            async with Server(
+                store, MemoryPubSub(), model, config, dialer=dial_agent, strategies=strategies
+            ) as server:
                 chat = await server.create_chat(owner, "warm up", workspace_id=ws.id)
                 async with server.subscribe(owner, chat.id) as sub:
                     for turn in range(turns + 1):

@@ -222,8 +222,6 @@ class LoopConfig(Checked):
     retry: RetryConfig = field(default_factory=RetryConfig)
     store_retry: StoreRetryConfig = field(default_factory=StoreRetryConfig)
     compaction: CompactionConfig = field(default_factory=CompactionConfig)
-    # Run a step's tools concurrently; False only for the baseline benchmark.
-    parallel_tools: bool = True
     # The interrupted-step write is shielded; this deadline keeps a dead store from hanging it.
     cleanup_timeout: float = 10.0
     # The synthetic result of a tool call cut short by an interrupt (docs/spec.md §3).
@@ -248,12 +246,6 @@ class StreamConfig(Checked):
     notify_payload_limit: int = 8000
     # Carry small messages inside the notify so other replicas skip the database read.
     notify_carries_messages: bool = True
-    # Serve same-replica catch-up from the durable cache; False only for the baseline.
-    durable_cache_enabled: bool = True
-    # Send message notifies inside the inserting transaction (when the store reaches
-    # the pubsub): they then arrive in commit order, so no subscriber sees a gap that
-    # it must read from the database. False publishes after the commit (the baseline).
-    notify_in_transaction: bool = True
 
 
 @dataclass(frozen=True)
@@ -279,8 +271,6 @@ class WorkspaceConfig(Checked):
     instruction_timeout: float = 5.0
     mcp_discovery_timeout: float = 5.0
     instruction_file_max_bytes: int = 64 * 1024
-    # Persisted binding + turn-local context; False only for the baseline benchmark.
-    use_binding: bool = True
     # The `execute` tool's command limit when the model gives none: long enough for a build
     # step, short enough that a hung command does not stall the turn for an hour.
     default_exec_timeout: float = 120.0
@@ -313,8 +303,6 @@ class SubagentConfig(Checked):
     title_max_chars: int = 80
     # The title of a chat whose prompt has no words.
     fallback_title: str = "New Chat"
-    # Wake on the child's notify; False polls only (baseline benchmark).
-    use_pubsub: bool = True
 
 
 @dataclass(frozen=True)

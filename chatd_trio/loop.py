@@ -95,6 +95,7 @@ from chatd_trio.models.base import (
 from chatd_trio.models.classify import CONTEXT_LENGTH, UNREACHABLE
 from chatd_trio.storable import storable_text
 from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
+from chatd_trio.strategies import Strategies, ToolCalls
 from chatd_trio.tools import ToolContext, ToolRegistry
 from statecharts.base import Step
 from statecharts.compaction import Activity, CompactionChart, over_threshold, usage_percent
@@ -510,6 +511,7 @@ class _Turn:
         load_prompt: PromptLoader,
         tool_context: ToolContext,
         tool_nursery: trio.Nursery | None,
+        tool_calls: ToolCalls,
     ) -> None:
         self.store = store
         self.lease = lease
@@ -521,6 +523,7 @@ class _Turn:
         self.load_prompt = load_prompt
         self.tool_context = tool_context
         self.tool_nursery = tool_nursery
+        self.tool_calls = tool_calls
         self.chart = CompactionChart.fresh(
             config.max_steps,
             config.compaction.max_compaction_retries,
@@ -846,7 +849,7 @@ class _Turn:
         async def run_one(index: int, call: ToolCallPart) -> None:
             results[index] = await self.tools.invoke(call, self.tool_context)
 
-        if not self.config.parallel_tools:
+        if self.tool_calls is ToolCalls.SEQUENTIAL:
             for index, call in enumerate(calls):
                 await run_one(index, call)
             return
@@ -1067,6 +1070,7 @@ async def run_turn(
     load_prompt: PromptLoader | None = None,
     tool_context: ToolContext | None = None,
     tool_nursery: trio.Nursery | None = None,
+    strategies: Strategies | None = None,
 ) -> TurnResult:
     """Run one turn of the chat `lease` holds until the chart reaches a final state.
 
@@ -1074,7 +1078,8 @@ async def run_turn(
     may add system prompts and instruction files to what the store returns),
     `persist_step` and `persist_compaction`, every write under `lease`. The result's
     `final_messages` are for the caller's `finish_turn`. With `tool_nursery`, tools
-    run there (see the module docstring).
+    run there (see the module docstring). `strategies.tool_calls` says whether a
+    step's calls run concurrently (the default) or one after the other.
 
     Returns the outcome the chart's final state names (DONE, INTERRUPTED, ERROR, LOST,
     UNAVAILABLE). On shutdown the cancellation propagates (bare, or grouped by the
@@ -1092,6 +1097,7 @@ async def run_turn(
         load_prompt if load_prompt is not None else (lambda: store.prompt_messages(lease.chat_id)),
         tool_context if tool_context is not None else ToolContext(lease.chat_id, lease.worker_id),
         tool_nursery,
+        (strategies or Strategies()).tool_calls,
     )
     try:
         with control._interrupt_scope:

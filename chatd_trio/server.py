@@ -60,6 +60,7 @@ from chatd_trio.store.base import (
     Store,
     TurnOutcome,
 )
+from chatd_trio.strategies import Strategies, SubagentWake
 from chatd_trio.streams import ChatStreams, StreamSubscription, owner_payload
 from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
 from chatd_trio.tools import ToolContext, ToolRegistry
@@ -149,6 +150,8 @@ class Server:
     registry (the tools, plus workspace tools when a `dialer` is given, plus the
     subagent tools for root chats when `subagents` is true). `provisioner` adds the
     create/start/stop workspace tools. `worker_id` names this replica (random by default).
+    `strategies` are the optimised ways by default; the benchmarks pass the plain ones
+    to measure what each optimisation buys (`chatd_trio.strategies`).
     """
 
     def __init__(
@@ -164,12 +167,14 @@ class Server:
         dialer: AgentDialer | None = None,
         provisioner: WorkspaceProvisioner | None = None,
         subagents: bool = True,
+        strategies: Strategies | None = None,
     ) -> None:
         self.store = store
         self.pubsub = pubsub
         self.config = config if config is not None else Config()
+        self.strategies = strategies if strategies is not None else Strategies()
         self.worker_id = worker_id if worker_id is not None else uuid.uuid4()
-        self.streams = ChatStreams(store, pubsub, self.config.streams)
+        self.streams = ChatStreams(store, pubsub, self.config.streams, strategies=self.strategies)
         self._model = model
         self._tools = tools if tools is not None else ToolRegistry()
         self._tools_factory = tools_factory
@@ -491,6 +496,7 @@ class Server:
             # Tools run in the replica's nursery: a turn stopped while a tool ignores
             # cancellation ends (and releases its chat) without waiting for it.
             tool_nursery=self._nursery,
+            strategies=self.strategies,
         )
 
     async def _default_tools(self, env: TurnEnv) -> ToolRegistry:
@@ -510,6 +516,7 @@ class Server:
                 self.workspace_stats,
                 provisioner=self._provisioner,
                 agent_rows=self.agent_rows,
+                strategies=self.strategies,
             )
             env.cleanups.append(ctx.aclose)
             env.extras["workspace"] = ctx
@@ -517,11 +524,13 @@ class Server:
             await ctx.prepare()
             tools.extend(ctx.tools())
         if self._subagents and env.chat.parent_chat_id is None:
+            # Waits without the pubsub poll fast, as in single-process mode.
+            notify = self.strategies.subagent_wake is SubagentWake.NOTIFY
             tools.extend(
                 subagent_tools(
                     self,
                     self.store,
-                    self.pubsub if self.config.subagents.use_pubsub else None,
+                    self.pubsub if notify else None,
                     self.config.subagents,
                     stats=self.subagent_stats,
                 )

@@ -76,6 +76,7 @@ from chatd_trio.lifecycle import Event
 from chatd_trio.pubsub.base import PubSub, Resync
 from chatd_trio.pubsub.base import Subscription as PubSubSubscription
 from chatd_trio.store.base import Applied, Store
+from chatd_trio.strategies import Announce, CatchUp, Strategies
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ class StreamSubscription:
         if announced <= self._cursor:
             return True  # already delivered by an earlier catch-up
         cfg = self._streams._config
-        if cfg.durable_cache_enabled:
+        if self._streams._catch_up is CatchUp.CACHE_FIRST:
             cached = self._state.cache_after(self._cursor)
             if cached is not None:
                 self._streams._count_cache_hit(self._state)
@@ -552,6 +553,8 @@ class ChatStreams:
     """All chat streams of one replica.
 
     `pubsub=None` is the single-process mode: every event is delivered locally.
+    `strategies` says where catch-up reads (`catch_up`) and who sends message
+    notifies (`announce`); the defaults are the optimised ways.
     """
 
     def __init__(
@@ -559,10 +562,14 @@ class ChatStreams:
         store: Store,
         pubsub: PubSub | None = None,
         config: StreamConfig | None = None,
+        *,
+        strategies: Strategies | None = None,
     ) -> None:
         self._store = store
         self._pubsub = pubsub
         self._config = config or StreamConfig()
+        strategies = strategies or Strategies()
+        self._catch_up = strategies.catch_up
         self._chats: dict[uuid.UUID, _ChatStream] = {}
         self._published: Counter[str] = Counter()
         self._dropped_buffer = 0
@@ -577,7 +584,9 @@ class ChatStreams:
         self._publish_failures = 0
         self._announced = 0
         announces = (
-            pubsub is not None and self._config.notify_in_transaction and store.announces_to(pubsub)
+            pubsub is not None
+            and strategies.announce is Announce.IN_TRANSACTION
+            and store.announces_to(pubsub)
         )
         self._announcer = StreamAnnouncer(self) if announces else None
 

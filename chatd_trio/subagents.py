@@ -340,7 +340,7 @@ async def await_subagent(
     with trio.move_on_after(limit):
         async with AsyncExitStack() as stack:
             sub: Subscription | None = None
-            if pubsub is not None and cfg.use_pubsub:
+            if pubsub is not None:
                 try:
                     # Subscribed BEFORE the first check: a completion between the check
                     # and the wait still leaves its notify in the subscription.

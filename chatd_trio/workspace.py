@@ -72,6 +72,7 @@ from chatd_trio.errors import (
     ToolError,
 )
 from chatd_trio.store.base import Lease, Store
+from chatd_trio.strategies import AgentResolution, Strategies
 from chatd_trio.tools import (
     ErrorResult,
     FunctionTool,
@@ -289,9 +290,9 @@ class WorkspaceContext:
 
     `dialer` connects to an agent (`dial_agent`); `nursery` is the turn's
     nursery, where a stale dial finishes and its late connection is released;
-    `mcp_cache`, `stats` and `agent_rows` belong to the replica. With `use_binding=False`
-    (baseline benchmark) every operation resolves the latest build and dials
-    anew, releasing the connection after the call.
+    `mcp_cache`, `stats` and `agent_rows` belong to the replica. With
+    `strategies.agent_resolution` `PER_CALL` (the baseline) every operation resolves
+    the latest build and dials anew, releasing the connection after the call.
     """
 
     def __init__(
@@ -307,6 +308,7 @@ class WorkspaceContext:
         *,
         provisioner: WorkspaceProvisioner | None = None,
         agent_rows: AgentRows | None = None,
+        strategies: Strategies | None = None,
     ) -> None:
         self._store = store
         self._rows = agent_rows
@@ -315,6 +317,7 @@ class WorkspaceContext:
         self._claim = lease
         self._dialer = dialer
         self._config = config
+        self._bound = (strategies or Strategies()).agent_resolution is AgentResolution.BOUND
         self._nursery = nursery
         self._cache = mcp_cache
         self._stats = stats
@@ -371,10 +374,10 @@ class WorkspaceContext:
     async def agent(self) -> WorkspaceAgent:
         """The turn's agent, resolved once.
 
-        Raises `ChatHasNoWorkspace` or `NoWorkspaceAgent`. Without binding
-        (baseline) every call asks the latest build.
+        Raises `ChatHasNoWorkspace` or `NoWorkspaceAgent`. Resolving per call (the
+        baseline), every call asks the latest build.
         """
-        if not self._config.use_binding:
+        if not self._bound:
             return (await self._latest_agents(await self._workspace_id()))[0]
         if self._agent is not None:
             return self._agent
@@ -466,7 +469,7 @@ class WorkspaceContext:
 
     @asynccontextmanager
     async def _lease(self) -> AsyncIterator[_Lease]:
-        if self._config.use_binding:
+        if self._bound:
             lease = await self._cached_lease()
             try:
                 yield lease

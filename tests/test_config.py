@@ -19,6 +19,7 @@ from chatd_trio.config import (
     LimitsConfig,
     LoopConfig,
     PostgresConfig,
+    StreamConfig,
     field_rule,
 )
 from chatd_trio.errors import ConfigError, DecodeError
@@ -94,7 +95,7 @@ def test_every_number_is_range_checked(cls: type[Checked], name: str, kind: str)
         (lambda: LimitsConfig(max_message_bytes="1024"), "LimitsConfig.max_message_bytes"),
         (lambda: LimitsConfig(max_message_bytes=1.5), "LimitsConfig.max_message_bytes"),
         (lambda: LimitsConfig(max_title_chars=True), "LimitsConfig.max_title_chars"),
-        (lambda: LoopConfig(parallel_tools=1), "LoopConfig.parallel_tools"),
+        (lambda: StreamConfig(notify_carries_messages=1), "StreamConfig.notify_carries_messages"),
         (lambda: LoopConfig(interrupted_tool_result=None), "LoopConfig.interrupted_tool_result"),
         (lambda: Config(limits=None), "Config.limits"),
         (lambda: Config(acquire=LimitsConfig()), "Config.acquire"),

@@ -57,6 +57,7 @@ from chatd_trio.models.scripted import (
 )
 from chatd_trio.store.base import FinishResult, Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import Strategies, ToolCalls
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 from statecharts.base import Step
 from tests.contract.conftest import STORE_KINDS, open_store
@@ -459,8 +460,10 @@ async def test_five_tools_of_one_second_finish_in_one_virtual_second(
             lease,
             model,
             tools=ToolRegistry([slow]),
-            config=LoopConfig(parallel_tools=parallel),
             callbacks=rec.callbacks(),
+            strategies=Strategies(
+                tool_calls=ToolCalls.CONCURRENT if parallel else ToolCalls.SEQUENTIAL
+            ),
         )
         return trio.current_time() - start, await history(store, lease.chat_id), rec
 

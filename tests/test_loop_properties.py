@@ -64,6 +64,7 @@ from chatd_trio.models.scripted import (
 )
 from chatd_trio.store.base import Lease, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import Strategies, ToolCalls
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 from statecharts.base import Step, transitions_of
 from statecharts.compaction import FINAL_STATES, CompactionChart
@@ -180,11 +181,12 @@ async def run_case(case: Case) -> Run:
     model = ScriptedModel(next_step, summaries=summarise, summary_latency=0.5)
     config = LoopConfig(
         max_steps=case.max_steps,
-        parallel_tools=case.parallel,
         retry=RetryConfig(base_delay=0.5, max_delay=2.0),
         store_retry=STORE_RETRY,
         compaction=CompactionConfig(context_limit=LIMIT, max_compaction_retries=MAX_REENTRIES),
     )
+    tool_calls = ToolCalls.CONCURRENT if case.parallel else ToolCalls.SEQUENTIAL
+    strategies = Strategies(tool_calls=tool_calls)
     control = TurnControl()
     faulty = FaultyStore(store)
     writes = 0
@@ -246,6 +248,7 @@ async def run_case(case: Case) -> Run:
                         config=config,
                         control=control,
                         callbacks=TurnCallbacks(on_message=on_message),
+                        strategies=strategies,
                     )
                 )
             except BaseException:

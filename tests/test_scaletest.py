@@ -5,6 +5,7 @@ run's own database, and the reliability counts (planted faults are found)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import uuid
@@ -24,6 +25,7 @@ from chatd_trio.apps.scaletest import (
     postgres_facts,
     run,
 )
+from chatd_trio.strategies import Strategies
 from tests.pgcluster import create_database, drop_database
 
 
@@ -414,16 +416,20 @@ async def test_sigkill_replaces_the_replica_and_its_chats_are_recovered() -> Non
     assert rel["replica_crashes"] == []
 
 
-def test_baseline_flag_reaches_the_configuration() -> None:
-    from chatd_trio.apps.scaletest import replica_config
+def test_baseline_flag_reaches_the_strategies_and_the_configuration() -> None:
+    from chatd_trio.apps.scaletest import BASELINE, replica_config, replica_strategies
 
-    config = replica_config(plan("memory", chats=1, turns=2, baseline=True))
-    assert not config.streams.durable_cache_enabled
-    assert not config.streams.notify_carries_messages
-    assert not config.workspace.use_binding
-    assert not config.subagents.use_pubsub
-    assert not config.loop.parallel_tools
-    assert replica_config(plan("memory", chats=1, turns=2)).loop.parallel_tools
+    baseline = plan("memory", chats=1, turns=2, baseline=True)
+    optimised = plan("memory", chats=1, turns=2)
+    assert replica_strategies(baseline) == BASELINE
+    assert replica_strategies(optimised) == Strategies()
+    # Every strategy takes its plain way.
+    assert all(
+        getattr(BASELINE, f.name) != getattr(Strategies(), f.name)
+        for f in dataclasses.fields(Strategies)
+    )
+    assert not replica_config(baseline).streams.notify_carries_messages
+    assert replica_config(optimised).streams.notify_carries_messages
 
 
 def test_stale_after_and_heartbeat_reach_the_replicas() -> None:

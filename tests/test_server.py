@@ -54,6 +54,7 @@ from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server, TurnEnv
 from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import Announce, Strategies
 from chatd_trio.tools import ToolContext, ToolRegistry, tool
 from tests.server_replica import (
     MEMORY_CONFIG,
@@ -93,6 +94,7 @@ class Env:
         tools: ToolRegistry | None = None,
         on_turn: Callable[[TurnEnv], None] | None = None,
         notifies: bool = True,
+        strategies: Strategies | None = None,
     ) -> ObservedServer:
         """A Server on this env; `on_turn` runs as each turn starts (its tools factory).
 
@@ -112,6 +114,7 @@ class Env:
             model,
             config or self.config,
             tools_factory=factory,
+            strategies=strategies,
         )
 
     async def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -948,12 +951,13 @@ async def test_a_finish_stored_unacknowledged_past_the_budget_still_reaches_subs
         env.config.loop,
         store_retry=StoreRetryConfig(base_delay=0.2, max_delay=0.4, budget=0.9),
     )
-    streams = dataclasses.replace(env.config.streams, notify_in_transaction=in_transaction)
-    config = env.config.replace(loop=loop, streams=streams)
+    config = env.config.replace(loop=loop)
+    announce = Announce.IN_TRANSACTION if in_transaction else Announce.AFTER_COMMIT
     # Attempts at 0, 0.2 and 0.6 s: the first lands, the next two replay it; all three
     # answers are lost.
     env.store.fail_next("finish_turn", 3, after_commit=True)
-    async with env.server(user_model(), config=config) as server:
+    strategies = Strategies(announce=announce)
+    async with env.server(user_model(), config=config, strategies=strategies) as server:
         chat = await server.create_chat(OWNER, "hello", title="t")
         async with server.subscribe(OWNER, chat.id) as sub:
             events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])

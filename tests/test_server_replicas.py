@@ -7,7 +7,6 @@ the tests wait on stream events and on recorded final transitions.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,6 +32,7 @@ from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import TurnOutcome
 from chatd_trio.store.postgres import PostgresStore
+from chatd_trio.strategies import Announce, Strategies
 from chatd_trio.streams import ChatStreams, StreamSubscription
 from tests.pgcluster import truncate_all
 from tests.server_replica import (
@@ -232,15 +232,27 @@ async def test_late_notify_of_a_user_message_costs_no_read_when_sent_in_its_tran
     inserting transaction, PostgreSQL delivers it (commit order) before B's answer, so
     the subscriber is served from the notifies alone. Either way: each message once."""
     a, b = replicas
-    streams = dataclasses.replace(POSTGRES_CONFIG.streams, notify_in_transaction=in_transaction)
-    config = POSTGRES_CONFIG.replace(streams=streams)
-    async with Server(b.store, b.pubsub, user_model(), config, tools=registry()) as server_b:  # type: ignore[arg-type]
+    announce = Announce.IN_TRANSACTION if in_transaction else Announce.AFTER_COMMIT
+    strategies = Strategies(announce=announce)
+    async with Server(
+        b.store,  # type: ignore[arg-type]
+        b.pubsub,
+        user_model(),
+        POSTGRES_CONFIG,
+        tools=registry(),
+        strategies=strategies,
+    ) as server_b:
         chat = await server_b.create_chat(OWNER, "one", title="t")
         async with server_b.subscribe(OWNER, chat.id) as sub:
             events = await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
             reads_before = server_b.streams.statistics().db_catchup_reads
             # Replica A: its streams only (it runs no turns here).
-            sender = ChatStreams(a.store, a.pubsub, streams)  # type: ignore[arg-type]
+            sender = ChatStreams(
+                a.store,  # type: ignore[arg-type]
+                a.pubsub,
+                POSTGRES_CONFIG.streams,
+                strategies=strategies,
+            )
             assert (sender.announcer is not None) is in_transaction
             sent = await a.store.send_message(
                 chat.id, (TextPart("two"),), max_queued=20, announce=sender.announcer

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -19,12 +20,13 @@ import trio.testing
 
 from chatd_trio.agent import dial_agent
 from chatd_trio.config import AcquireConfig, Config, WorkspaceConfig
-from chatd_trio.domain import ChatStatus, Role, ToolResultPart, text_of
+from chatd_trio.domain import ChatStatus, Role, ToolResultPart, stream_channel, text_of
 from chatd_trio.models.base import PromptMessage
 from chatd_trio.models.scripted import ScriptedModel, ScriptStep, text_step, tool_step
-from chatd_trio.pubsub.memory import MemoryPubSub
+from chatd_trio.pubsub.memory import MemoryPubSub, QueueSubscription
 from chatd_trio.server import Server
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import Strategies, SubagentWake
 from chatd_trio.workspace import LocalProvisioner
 from tests.server_replica import until_statuses
 
@@ -154,3 +156,43 @@ async def test_a_root_chat_spawns_a_subagent_and_receives_its_report() -> None:
         # done at the wait's first check: no wake at all).
         assert stats.extra["subagent_poll_wakes"] == 0
         assert stats.extra["subagent_notify_wakes"] >= 1 or stats.extra["subagent_checks"] == 1
+
+
+class RecordingPubSub(MemoryPubSub):
+    """A MemoryPubSub that remembers every channel subscribed to, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels: list[str] = []
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[QueueSubscription]:
+        self.channels.append(channel)
+        async with super().subscribe(channel) as sub:
+            yield sub
+
+
+async def test_with_the_poll_strategy_a_subagent_wait_never_listens_to_the_child() -> None:
+    """`SubagentWake.POLL` (the baseline): the Server hands its subagent tools no pubsub,
+    so the wait polls although the replica has one."""
+    store = MemoryStore()
+    pubsub = RecordingPubSub()
+    strategies = Strategies(subagent_wake=SubagentWake.POLL)
+    model = ScriptedModel(parent_and_child)
+    async with Server(store, pubsub, model, CONFIG, strategies=strategies) as server:
+        root = await server.create_chat(OWNER, "delegate please", title="root")
+        async with server.subscribe(OWNER, root.id) as sub:
+            await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
+        (child,) = await store.child_chats(root.id)
+        wait = next(
+            r
+            for r in tool_results(await store.messages_after(root.id, 0))
+            if r.name == "wait_agent"
+        )
+        assert not wait.is_error
+        assert "report for task 42" in json.dumps(wait.result)
+        stats = server.stats()
+    assert stats.extra["subagent_completed"] == 1
+    assert stats.extra["subagent_notify_wakes"] == stats.extra["subagent_resync_wakes"] == 0
+    # Only the child's own turn listened on its channel (its control listener).
+    assert pubsub.channels.count(stream_channel(child.id)) == 1

@@ -42,6 +42,7 @@ from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import CatchUp, Strategies
 from chatd_trio.streams import ChatStreams, StreamSubscription
 
 TIMEOUT = 10.0
@@ -480,8 +481,10 @@ async def test_baseline_reads_the_database_once_per_message_on_another_replica(
     backend: tuple[Store, PubSub],
 ) -> None:
     store, pubsub = backend
-    baseline = StreamConfig(notify_carries_messages=False, durable_cache_enabled=False)
-    a, b = ChatStreams(store, pubsub, baseline), ChatStreams(store, pubsub, baseline)
+    config = StreamConfig(notify_carries_messages=False)
+    baseline = Strategies(catch_up=CatchUp.DATABASE)
+    a = ChatStreams(store, pubsub, config, strategies=baseline)
+    b = ChatStreams(store, pubsub, config, strategies=baseline)
     chat_id, first, lease = await running_chat(store)
     a.start_turn(chat_id)
     async with b.subscribe(chat_id, first.id) as sub:

@@ -568,31 +568,6 @@ async def test_completes_via_poll_without_pubsub(autojump_clock: trio.testing.Mo
     assert (s.poll_wakes, s.notify_wakes, s.checks) == (3, 0, 4)
 
 
-async def test_use_pubsub_false_polls_fast_and_never_subscribes(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    store = MemoryStore()
-    pubsub = MemoryPubSub()
-    cfg = SubagentConfig(use_pubsub=False)
-    root = await new_chat(store)
-    child = await new_chat(store, root)
-    stats = SubagentStats()
-    t0 = trio.current_time()
-
-    async def child_turn() -> None:
-        await trio.testing.wait_all_tasks_blocked()
-        assert pubsub.statistics().subscriptions == 0
-        await finish(store, child.id, "baseline")
-        await notify(pubsub, child.id, ChatStatus.WAITING)  # nobody listens
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(child_turn)
-        report = await await_subagent(store, pubsub, root.id, child.id, config=cfg, stats=stats)
-    assert report == "baseline"
-    assert trio.current_time() - t0 == pytest.approx(cfg.poll_interval_no_pubsub)
-    assert (stats.poll_wakes, stats.notify_wakes) == (1, 0)
-
-
 async def test_lost_notify_falls_back_to_slow_poll(autojump_clock: trio.testing.MockClock) -> None:
     store = MemoryStore()
     pubsub = MemoryPubSub()

@@ -42,6 +42,7 @@ from chatd_trio.errors import (
 )
 from chatd_trio.store.base import Lease, Store
 from chatd_trio.store.memory import MemoryStore
+from chatd_trio.strategies import AgentResolution, Strategies
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.workspace import (
     InstructionOutcome,
@@ -155,7 +156,11 @@ class World:
     stats: WorkspaceStats
 
     def ctx(
-        self, nursery: trio.Nursery, config: WorkspaceConfig = CFG, chat: Chat | None = None
+        self,
+        nursery: trio.Nursery,
+        config: WorkspaceConfig = CFG,
+        chat: Chat | None = None,
+        strategies: Strategies | None = None,
     ) -> WorkspaceContext:
         return WorkspaceContext(
             self.store,
@@ -166,6 +171,7 @@ class World:
             nursery,
             self.cache,
             self.stats,
+            strategies=strategies,
         )
 
     async def reload(self) -> Chat:
@@ -507,8 +513,8 @@ async def test_lost_connection_is_dropped_and_redialed(store: Store) -> None:
 async def test_baseline_mode_resolves_and_dials_per_call(store: Store) -> None:
     w = await make_world(store, bound=True)
     counts = Counts(store)
-    config = WorkspaceConfig(use_binding=False)
-    async with trio.open_nursery() as nursery, w.ctx(nursery, config) as ctx:
+    per_call = Strategies(agent_resolution=AgentResolution.PER_CALL)
+    async with trio.open_nursery() as nursery, w.ctx(nursery, strategies=per_call) as ctx:
         for _ in range(3):
             assert not (await call(ctx, "execute", command="ls")).is_error
     assert counts.take() == {LATEST: 3}

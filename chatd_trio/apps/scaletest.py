@@ -85,13 +85,10 @@ from chatd_trio.apps.channel import WORKER, JsonLines, emit, encode, stdin_lines
 from chatd_trio.config import (
     AcquireConfig,
     Config,
-    LoopConfig,
     PostgresConfig,
     PubSubConfig,
     ScaleTestConfig,
     StreamConfig,
-    SubagentConfig,
-    WorkspaceConfig,
 )
 from chatd_trio.domain import (
     JSON,
@@ -111,6 +108,14 @@ from chatd_trio.pubsub.auth import NotifyAuth, new_key_text
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import Store
+from chatd_trio.strategies import (
+    AgentResolution,
+    Announce,
+    CatchUp,
+    Strategies,
+    SubagentWake,
+    ToolCalls,
+)
 from chatd_trio.streams import CATCHUP_ERROR, PUBSUB_ERROR, SNAPSHOT_ERROR, StreamSubscription
 
 logger = logging.getLogger(__name__)
@@ -267,8 +272,24 @@ def pubsub_application_name(plan: Plan, index: int) -> str:
     return f"{store_application_name(plan, index)}-pubsub"
 
 
+#: `--baseline`: every plain way (`chatd_trio.strategies`), what the optimisations are
+#: measured against.
+BASELINE = Strategies(
+    tool_calls=ToolCalls.SEQUENTIAL,
+    catch_up=CatchUp.DATABASE,
+    announce=Announce.AFTER_COMMIT,
+    agent_resolution=AgentResolution.PER_CALL,
+    subagent_wake=SubagentWake.POLL,
+)
+
+
+def replica_strategies(plan: Plan) -> Strategies:
+    """The replicas' strategies: the optimised defaults, or with `--baseline` `BASELINE`."""
+    return BASELINE if plan.baseline else Strategies()
+
+
 def replica_config(plan: Plan, st: ScaleTestConfig | None = None) -> Config:
-    """The replicas' configuration; `--baseline` switches the optimisations off."""
+    """The replicas' configuration; with `--baseline` notifies carry no message either."""
     st = st or ScaleTestConfig()
     config = Config(
         acquire=AcquireConfig(
@@ -279,16 +300,8 @@ def replica_config(plan: Plan, st: ScaleTestConfig | None = None) -> Config:
     )
     if not plan.baseline:
         return config
-    return config.replace(
-        streams=StreamConfig(
-            durable_cache_enabled=False,
-            notify_carries_messages=False,
-            notify_in_transaction=False,
-        ),
-        workspace=WorkspaceConfig(use_binding=False),
-        subagents=SubagentConfig(use_pubsub=False),
-        loop=LoopConfig(parallel_tools=False),
-    )
+    # A deployment may choose this one (docs/security.md): configuration, not a strategy.
+    return config.replace(streams=StreamConfig(notify_carries_messages=False))
 
 
 def scripted_model(plan: Plan, st: ScaleTestConfig | None = None) -> ScriptedModel:
@@ -1273,7 +1286,14 @@ async def run_memory(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
                 events = _MemoryEvents(tracker)
                 for index in range(plan.replicas):
                     server = await stack.enter_async_context(
-                        Server(store, pubsub, scripted_model(plan, st), config, dialer=dial_agent)
+                        Server(
+                            store,
+                            pubsub,
+                            scripted_model(plan, st),
+                            config,
+                            dialer=dial_agent,
+                            strategies=replica_strategies(plan),
+                        )
                     )
                     # One shared store: its statement counts are taken once, below.
                     events.runners.append(
@@ -1900,7 +1920,12 @@ async def worker_main() -> None:
         ):
             pubsub_port: PubSub = pubsub
             async with Server(
-                store, pubsub_port, scripted_model(plan, st), config, dialer=dial_agent
+                store,
+                pubsub_port,
+                scripted_model(plan, st),
+                config,
+                dialer=dial_agent,
+                strategies=replica_strategies(plan),
             ) as server:
                 runner = ReplicaRunner(server, index, plan, _EmitEvents(), st=st)
                 for chat_id, last_id in hello["finals"].items():
@@ -1987,7 +2012,12 @@ def add_scaletest_command(sub: Any) -> None:
         help="workspace tool the model calls",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
-    p.add_argument("--baseline", action="store_true", help="switch the optimisations off")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="run the replicas the plain ways the optimisations are measured against "
+        "(chatd_trio.strategies)",
+    )
     p.add_argument(
         "--fault",
         choices=FAULTS,
