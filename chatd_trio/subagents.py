@@ -19,12 +19,11 @@ from typing import Annotated, Literal, Protocol
 import pydantic
 import trio
 
-from chatd_trio.config import QueueConfig, RequestOptions, SubagentConfig
+from chatd_trio.config import RequestOptions, SubagentConfig
 from chatd_trio.domain import JSON, Chat, ChatStatus, Part, TextPart, stream_channel
 from chatd_trio.errors import (
     ChatdError,
     ChatNotFound,
-    PermissionDenied,
     PubSubError,
     SubagentError,
     ToolError,
@@ -37,7 +36,6 @@ __all__ = [
     "NOT_DESCENDANT",
     "NO_REPORT_ERROR",
     "NO_SPAWN_FROM_CHILD",
-    "StoreSubagentHost",
     "SubagentHost",
     "SubagentStatistics",
     "SubagentStats",
@@ -97,79 +95,6 @@ class SubagentHost(Protocol):
     async def interrupt(self, owner_id: uuid.UUID, chat_id: uuid.UUID, /) -> object:
         """Stop the chat's running turn."""
         ...
-
-
-class StoreSubagentHost:
-    """A `SubagentHost` that calls the store directly: an embedded host without a Server.
-
-    It publishes nothing and wakes nothing: whoever acquires chats from the store
-    (polling) picks the children up.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        *,
-        config: SubagentConfig | None = None,
-        queue: QueueConfig | None = None,
-    ) -> None:
-        self._store = store
-        self._config = config or SubagentConfig()
-        self._queue = queue or QueueConfig()
-
-    async def _owned(self, owner_id: uuid.UUID, chat_id: uuid.UUID) -> Chat:
-        chat = await self._store.get_chat(chat_id)
-        if chat.owner_id != owner_id:
-            raise PermissionDenied(f"chat {chat_id} does not belong to this user")
-        return chat
-
-    async def create_chat(
-        self,
-        owner_id: uuid.UUID,
-        parts: Sequence[Part],
-        /,
-        *,
-        title: str | None = None,
-        parent_chat_id: uuid.UUID | None = None,
-        workspace_id: uuid.UUID | None = None,
-        build_id: uuid.UUID | None = None,
-        agent_id: uuid.UUID | None = None,
-        mcp_servers: Sequence[str] = (),
-        model_options: RequestOptions | None = None,
-    ) -> Chat:
-        """Create the chat with its first user message; it starts `pending`."""
-        if parent_chat_id is not None:
-            await self._owned(owner_id, parent_chat_id)
-        if title is None:
-            title = title_from_prompt(_text(parts), self._config)
-        chat, _ = await self._store.create_chat(
-            owner_id,
-            title,
-            parts,
-            workspace_id=workspace_id,
-            build_id=build_id,
-            agent_id=agent_id,
-            parent_chat_id=parent_chat_id,
-            mcp_servers=mcp_servers,
-            model_options=model_options,
-        )
-        return chat
-
-    async def send_message(
-        self, owner_id: uuid.UUID, chat_id: uuid.UUID, parts: Sequence[Part], /
-    ) -> None:
-        """Insert the message (chat -> pending) or queue it when the chat is busy."""
-        await self._owned(owner_id, chat_id)
-        await self._store.send_message(chat_id, parts, max_queued=self._queue.max_queued)
-
-    async def interrupt(self, owner_id: uuid.UUID, chat_id: uuid.UUID, /) -> None:
-        """Set the chat `waiting` (a `pending` chat stays pending)."""
-        await self._owned(owner_id, chat_id)
-        await self._store.interrupt(chat_id)
-
-
-def _text(parts: Sequence[Part]) -> str:
-    return " ".join(p.text for p in parts if isinstance(p, TextPart))
 
 
 # -- statistics ------------------------------------------------------------------------------

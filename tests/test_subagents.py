@@ -37,7 +37,6 @@ from chatd_trio.store.memory import MemoryStore
 from chatd_trio.subagents import (
     NO_REPORT_ERROR,
     NO_SPAWN_FROM_CHILD,
-    StoreSubagentHost,
     SubagentStats,
     await_subagent,
     is_descendant,
@@ -45,6 +44,7 @@ from chatd_trio.subagents import (
     title_from_prompt,
 )
 from chatd_trio.tools import ToolContext, ToolRegistry
+from tests.subagent_host import StoreSubagentHost
 
 OWNER = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 CFG = SubagentConfig()

@@ -21,7 +21,7 @@ resumed (SIGSTOP / SIGCONT: see `hold`), a store outage (every store call of
 every replica fails, publishes fail, listeners resync when it ends), and one
 replica's heartbeats failing while its turns go on.
 
-Replay: `python scripts/simulate.py --replay SEED` (scenario generated from the
+Replay: `python -m tests.simulation --replay SEED` (scenario generated from the
 seed) or `--scenario JSON` (a scenario printed by a failing test).
 """
 
@@ -1730,8 +1730,8 @@ def crash_log(dead: set[uuid.UUID]) -> Iterator[CrashLog]:
 
 def replay_command(scenario: Scenario, seed: int | None = None) -> str:
     if seed is not None:
-        return f"python scripts/simulate.py --replay {seed}"
-    return f"python scripts/simulate.py --scenario '{scenario.to_json()}'"
+        return f"python -m tests.simulation --replay {seed}"
+    return f"python -m tests.simulation --scenario '{scenario.to_json()}'"
 
 
 @contextlib.contextmanager

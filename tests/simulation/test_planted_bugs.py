@@ -48,7 +48,7 @@ def reported(sc: Scenario, hooks: Hooks) -> set[str]:
     without it holds every invariant, so what is reported is the bug's doing."""
     assert_ok(run_scenario(sc))
     result = run_scenario(sc, hooks=hooks)
-    with pytest.raises(SimulationFailure, match=r"replay with: python scripts/simulate\.py"):
+    with pytest.raises(SimulationFailure, match=r"replay with: python -m tests\.simulation"):
         assert_ok(result)
     return {v.invariant for v in result.violations}
 

@@ -1,7 +1,7 @@
 """Deterministic simulation: random scenarios with faults, checked after settling.
 
 Replay a failure with the command printed in its message
-(`python scripts/simulate.py --scenario '<json>'` or `--replay SEED`).
+(`python -m tests.simulation --scenario '<json>'` or `--replay SEED`).
 """
 
 from __future__ import annotations

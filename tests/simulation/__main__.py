@@ -1,8 +1,8 @@
-"""Run the deterministic simulation.
+"""Run the deterministic simulation, from the repository root (where `tests` imports).
 
-python scripts/simulate.py --scenarios 20000 [--seed S]   # explore, print rate + failures
-python scripts/simulate.py --replay SEED                  # replay one generated scenario
-python scripts/simulate.py --scenario JSON                # replay a printed scenario
+python -m tests.simulation --scenarios 20000 [--seed S]   # explore, print rate + failures
+python -m tests.simulation --replay SEED                  # replay one generated scenario
+python -m tests.simulation --scenario JSON                # replay a printed scenario
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.simulation.harness import (
     Scenario,
@@ -25,7 +22,7 @@ from tests.simulation.harness import (
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.simulation", description=__doc__)
     parser.add_argument("--scenarios", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=int)
@@ -66,7 +63,7 @@ def main() -> int:
             kinds = sorted({v.invariant for v in result.violations})
             print(
                 f"seed {seed}: {kinds} -> {replay_command(result.scenario, seed)}"
-                f" (in sequence: python scripts/simulate.py --seed {args.seed}"
+                f" (in sequence: python -m tests.simulation --seed {args.seed}"
                 f" --scenarios {seed - args.seed + 1})"
             )
             for v in result.violations[:5]:
