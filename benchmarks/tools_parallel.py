@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from chatd_trio.agent import dial_agent
+from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.config import AcquireConfig, Config
 from chatd_trio.domain import ChatStatus, StatusEvent
 from chatd_trio.models.scripted import ScriptedModel, ToolsThenAnswer
@@ -29,7 +30,6 @@ from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.strategies import Strategies, ToolCalls
-from chatd_trio.workspace import LocalProvisioner
 
 
 async def one_variant(parallel: bool, tools: int, sleep_s: float, turns: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ every error. Implementation modules stay importable for detail (docs/api.md).
 """
 
 from chatd_trio.agent import dial_agent, serve_agent
+from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.config import (
     AcquireConfig,
     AgentConfig,
@@ -129,7 +130,6 @@ from chatd_trio.tools import (
     tool,
 )
 from chatd_trio.turns import TurnReport
-from chatd_trio.workspace import LocalProvisioner
 
 __all__ = [
     "AcquireConfig",

@@ -73,6 +73,7 @@ from chatd_trio.workspace import (
     WorkspaceProvisioner,
     WorkspaceStats,
 )
+from chatd_trio.workspace_tools import workspace_tools
 
 logger = logging.getLogger(__name__)
 
@@ -522,7 +523,7 @@ class Server:
             env.extras["workspace"] = ctx
             # Bounded by the workspace timeouts; a stopped workspace leaves built-ins only.
             await ctx.prepare()
-            tools.extend(ctx.tools())
+            tools.extend(workspace_tools(ctx))
         if self._subagents and env.chat.parent_chat_id is None:
             # Waits without the pubsub poll fast, as in single-process mode.
             notify = self.strategies.subagent_wake is SubagentWake.NOTIFY

@@ -1,11 +1,13 @@
-"""Turn-local workspace context: binding, lazy-validation dial, instructions, MCP, tools.
+"""Turn-local workspace context: binding, lazy-validation dial, instructions, MCP.
 
 docs/spec.md §5. One `WorkspaceContext` lives for one turn. It resolves the
 chat's agent once (the persisted binding first, the latest build as the
 fallback, repairing the binding), dials it once through
 `dial_with_lazy_validation` and shares that connection with every tool call,
 the instruction files and MCP discovery of the turn. `aclose()` releases the
-connection at turn end.
+connection at turn end. This module drives; the tools the model sees (schemas,
+arguments, results) are `chatd_trio.workspace_tools`, and the agents behind the
+ports are adapters (`chatd_trio.agent`: `dial_agent`, `LocalProvisioner`).
 
 Replica-level state lives outside the turn: `McpToolCache` (MCP tools per
 agent, and which chats already hold an agent's instruction files) and
@@ -17,43 +19,35 @@ Wiring it into a turn (the server's tools factory)::
                            turn_nursery, mcp_cache, stats, provisioner=provisioner)
     env.cleanups.append(ctx.aclose)
     await ctx.prepare()  # bounded, never raises for workspace problems
-    registry = ToolRegistry(ctx.tools())
+    registry = ToolRegistry(workspace_tools(ctx))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import logging
-import secrets
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Protocol
+from typing import Any, Protocol
 
-import pydantic
 import trio
 
-from chatd_trio.agent import (
+from chatd_trio.agent.client import (
     DirEntry,
     ExecResult,
     FileContent,
     InstructionFile,
     McpCallResult,
-    McpServerConfig,
     McpTool,
-    serve_agent,
 )
-from chatd_trio.config import Config, WorkspaceConfig
+from chatd_trio.config import WorkspaceConfig
 from chatd_trio.dial import DialCounter, DialResult, Release, dial_with_lazy_validation
 from chatd_trio.domain import (
-    JSON,
     Chat,
     ContextFilePart,
     NewMessage,
@@ -63,30 +57,18 @@ from chatd_trio.domain import (
     WorkspaceAgent,
 )
 from chatd_trio.errors import (
-    AgentOperationError,
     AgentUnavailable,
     ChatdError,
     ChatHasNoWorkspace,
-    DialError,
     NoWorkspaceAgent,
-    ToolError,
 )
 from chatd_trio.store.base import Lease, Store
 from chatd_trio.strategies import AgentResolution, Strategies
-from chatd_trio.tools import (
-    ErrorResult,
-    FunctionTool,
-    Tool,
-    ToolContext,
-    ToolFunction,
-    typed_tool,
-)
 
 __all__ = [
     "AgentDialer",
     "AgentRows",
     "InstructionOutcome",
-    "LocalProvisioner",
     "McpToolCache",
     "WorkspaceConnection",
     "WorkspaceContext",
@@ -259,23 +241,6 @@ class InstructionOutcome(enum.StrEnum):
     UNAVAILABLE = "unavailable"  # no workspace, no agent or no connection: nothing persisted
 
 
-# Error kinds the workspace tools report to the model.
-_ERROR_KINDS: tuple[tuple[type[BaseException], str], ...] = (
-    (NoWorkspaceAgent, "no_workspace_agent"),
-    (ChatHasNoWorkspace, "chat_has_no_workspace"),
-    (DialError, "dial_failed"),
-    (AgentUnavailable, "agent_unavailable"),
-)
-
-
-def _error_result(exc: ChatdError) -> ErrorResult:
-    if isinstance(exc, AgentOperationError):
-        kind = exc.kind
-    else:
-        kind = next((k for t, k in _ERROR_KINDS if isinstance(exc, t)), "workspace_error")
-    return ErrorResult({"error": str(exc), "kind": kind})
-
-
 # -- the turn-local context -------------------------------------------------------------
 
 
@@ -342,6 +307,16 @@ class WorkspaceContext:
         return self._chat
 
     @property
+    def config(self) -> WorkspaceConfig:
+        """The workspace settings of the turn."""
+        return self._config
+
+    @property
+    def provisioner(self) -> WorkspaceProvisioner | None:
+        """What creates, starts and stops workspaces, when this replica may manage them."""
+        return self._provisioner
+
+    @property
     def cached_agent(self) -> WorkspaceAgent | None:
         """The agent resolved for this turn, if any."""
         return self._agent
@@ -378,7 +353,7 @@ class WorkspaceContext:
         baseline), every call asks the latest build.
         """
         if not self._bound:
-            return (await self._latest_agents(await self._workspace_id()))[0]
+            return (await self._latest_agents(await self.workspace_id()))[0]
         if self._agent is not None:
             return self._agent
         async with self._lock:
@@ -387,7 +362,7 @@ class WorkspaceContext:
     async def _resolve_locked(self) -> WorkspaceAgent:
         if self._agent is not None:
             return self._agent
-        workspace_id = await self._workspace_id()
+        workspace_id = await self.workspace_id()
         bound_id = self._chat.agent_id
         if bound_id is not None:
             bound = self._rows.get(bound_id) if self._rows is not None else None
@@ -409,7 +384,8 @@ class WorkspaceContext:
         self._agent = agent
         return agent
 
-    async def _workspace_id(self) -> uuid.UUID:
+    async def workspace_id(self) -> uuid.UUID:
+        """The chat's workspace; raises `ChatHasNoWorkspace` when it has none."""
         if self._chat.workspace_id is None:
             # A tool (create_workspace) may have just attached one elsewhere.
             self._chat = await self._store.get_chat(self._chat.id)
@@ -708,284 +684,3 @@ class WorkspaceContext:
                 "workspace setup step failed",
                 extra={"chat_id": str(self._chat.id), "step": what, "error": repr(exc)},
             )
-
-    # -- tools ------------------------------------------------------------------------
-
-    def tools(self) -> list[Tool]:
-        """Workspace tools, this turn's MCP tools and (with a provisioner) management tools."""
-        out: list[Tool] = [
-            typed_tool(self._guard(self._execute), name="execute"),
-            typed_tool(self._guard(self._read_file), name="read_file"),
-            typed_tool(self._guard(self._write_file), name="write_file"),
-            typed_tool(self._guard(self._list_dir), name="list_dir"),
-        ]
-        if self._provisioner is not None:
-            out += [
-                typed_tool(self._guard(self._create), name="create_workspace"),
-                typed_tool(self._guard(self._start), name="start_workspace"),
-                typed_tool(self._guard(self._stop), name="stop_workspace"),
-            ]
-        names = {t.name for t in out}
-        sep = self._config.mcp_tool_separator
-        for mcp in self._mcp_tools:
-            name = f"{mcp.server}{sep}{mcp.name}"
-            if name in names or not _valid_tool_name(name, self._config.tool_name_max_chars):
-                logger.warning("mcp tool name unusable; skipped", extra={"tool": name})
-                continue
-            names.add(name)
-            # The MCP server validates its own arguments against the schema it declared.
-            fn = self._guard_raw(partial(self._call_mcp, mcp.server, mcp.name))
-            schema = mcp.input_schema or {"type": "object", "properties": {}}
-            out.append(FunctionTool(name, mcp.description or name, schema, fn))
-        return out
-
-    @staticmethod
-    def _guard(fn: Callable[..., Awaitable[JSON]]) -> Callable[..., Awaitable[JSON]]:
-        """`fn` with workspace failures as error results (kind included) for the model."""
-
-        @functools.wraps(fn)
-        async def run(**kwargs: Any) -> JSON:
-            try:
-                return await fn(**kwargs)
-            except ToolError:
-                raise
-            except ChatdError as exc:
-                return _error_result(exc)
-
-        return run
-
-    def _guard_raw(self, fn: Callable[[dict[str, JSON]], Awaitable[JSON]]) -> ToolFunction:
-        guarded = self._guard(lambda args: fn(args))
-
-        async def run(args: dict[str, JSON], ctx: ToolContext) -> JSON:
-            return await guarded(args=args)
-
-        return run
-
-    async def _execute(
-        self,
-        command: NonEmpty,
-        timeout: Seconds | None = None,  # noqa: ASYNC109 - the model's limit for the agent
-    ) -> JSON:
-        """Run a shell command (/bin/sh -c) in the workspace directory; returns exit code
-        and combined output.
-
-        Args:
-            command: the shell command
-            timeout: seconds before the command is killed
-        """
-        limit = self._config.default_exec_timeout if timeout is None else timeout
-        async with self.connection() as conn:
-            r = await conn.execute(command, limit)
-        return {
-            "exit_code": r.exit_code,
-            "output": r.output,
-            "truncated": r.truncated,
-            "timed_out": r.timed_out,
-        }
-
-    async def _read_file(self, path: NonEmpty) -> JSON:
-        """Read a text file of the workspace.
-
-        Args:
-            path: path in the workspace
-        """
-        async with self.connection() as conn:
-            f = await conn.read_file(path)
-        return {"path": f.path, "content": f.content, "size": f.size, "truncated": f.truncated}
-
-    async def _write_file(self, path: NonEmpty, content: str) -> JSON:
-        """Create or replace a text file in the workspace.
-
-        Args:
-            path: path in the workspace
-            content: the whole new content
-        """
-        async with self.connection() as conn:
-            written = await conn.write_file(path, content)
-        return {"path": path, "bytes": written}
-
-    async def _list_dir(self, path: NonEmpty = ".") -> JSON:
-        """List a directory of the workspace (default: its root).
-
-        Args:
-            path: path in the workspace
-        """
-        async with self.connection() as conn:
-            entries = await conn.list_dir(path)
-        return {"entries": [{"name": e.name, "kind": e.kind, "size": e.size} for e in entries]}
-
-    async def _call_mcp(self, server: str, tool: str, args: dict[str, JSON]) -> JSON:
-        async with self.connection() as conn:
-            r = await conn.mcp_call_tool(server, tool, args)
-        result: dict[str, JSON] = {"content": r.content}
-        if r.structured_content is not None:
-            result["structured_content"] = r.structured_content
-        if r.is_error:
-            name = f"{server}{self._config.mcp_tool_separator}{tool}"
-            return ErrorResult({"error": r.text or f"{name} failed", **result})
-        return result
-
-    def _need_provisioner(self) -> WorkspaceProvisioner:
-        if self._provisioner is None:  # pragma: no cover - the tools exist only with one
-            raise ToolError("workspaces cannot be managed here")
-        return self._provisioner
-
-    async def _create(self, name: NonEmpty | None = None) -> JSON:
-        """Create a new workspace for this chat and start it.
-
-        Args:
-            name: the workspace's name
-        """
-        ws = await self._need_provisioner().create(
-            self._chat.owner_id, name or f"chat-{self._chat.id.hex[:8]}"
-        )
-        await self.change_workspace(ws.id)
-        return {"workspace_id": str(ws.id), "name": ws.name, "status": "running"}
-
-    async def _start(self) -> JSON:
-        """Start (or rebuild) the chat's workspace."""
-        workspace_id = await self._workspace_id()
-        agent = await self._need_provisioner().start(workspace_id)
-        await self.change_workspace(workspace_id)
-        return {"workspace_id": str(workspace_id), "agent_id": str(agent.id), "status": "running"}
-
-    async def _stop(self) -> JSON:
-        """Stop the chat's workspace."""
-        workspace_id = await self._workspace_id()
-        await self._need_provisioner().stop(workspace_id)
-        await self.change_workspace(workspace_id)
-        return {"workspace_id": str(workspace_id), "status": "stopped"}
-
-
-# -- tool argument types -------------------------------------------------------------------
-
-_TOOL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-NonEmpty = Annotated[str, pydantic.Field(min_length=1)]
-Seconds = Annotated[float, pydantic.Field(gt=0)]
-
-
-def _valid_tool_name(name: str, max_chars: int) -> bool:
-    return 0 < len(name) <= max_chars and set(name) <= _TOOL_NAME_CHARS
-
-
-# -- the in-process provisioner -----------------------------------------------------------
-
-
-@dataclass
-class _RunningAgent:
-    scope: trio.CancelScope
-    done: trio.Event
-    agent: WorkspaceAgent | None = None
-
-
-class LocalProvisioner:
-    """A `WorkspaceProvisioner` running real agents (`serve_agent`) in `nursery`.
-
-    Each workspace gets a directory under `base_dir` that survives rebuilds;
-    each start is a new build with a new agent on a fresh port; stop is a new
-    build without agents. Agent rows go through the store like real ones.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        nursery: trio.Nursery,
-        base_dir: Path,
-        *,
-        config: Config | None = None,
-        mcp_servers: Mapping[str, McpServerConfig] | None = None,
-        home_instruction_file: Path | None = None,
-    ) -> None:
-        self._store = store
-        self._nursery = nursery
-        self._base_dir = base_dir
-        self._config = config if config is not None else Config()
-        self._mcp_servers = dict(mcp_servers or {})
-        self._home_instruction_file = home_instruction_file
-        self._running: dict[uuid.UUID, _RunningAgent] = {}
-
-    def directory(self, workspace_id: uuid.UUID) -> Path:
-        """The workspace's directory."""
-        return self._base_dir / workspace_id.hex
-
-    def running_agent(self, workspace_id: uuid.UUID) -> WorkspaceAgent | None:
-        """The workspace's running agent, if any."""
-        running = self._running.get(workspace_id)
-        return running.agent if running is not None else None
-
-    async def create(self, owner_id: uuid.UUID, name: str) -> Workspace:
-        ws = await self._store.create_workspace(owner_id, name)
-        await self.start(ws.id)
-        return ws
-
-    async def start(self, workspace_id: uuid.UUID) -> WorkspaceAgent:
-        await self._stop_agent(workspace_id)
-        directory = self.directory(workspace_id)
-        await trio.Path(directory).mkdir(parents=True, exist_ok=True)
-        cfg = self._config.workspace
-        token = secrets.token_urlsafe(cfg.local_agent_token_bytes)
-        running = _RunningAgent(trio.CancelScope(), trio.Event())
-        host, port = await self._nursery.start(self._serve, directory, token, running)
-        self._running[workspace_id] = running
-        try:
-            build = await self._store.create_build(workspace_id)
-            agent = await self._store.create_agent(
-                build.id, cfg.local_agent_name, f"{host}:{port}", token, str(directory)
-            )
-        except BaseException:
-            await self._stop_agent(workspace_id)
-            raise
-        running.agent = agent
-        logger.info(
-            "workspace agent started",
-            extra={"workspace_id": str(workspace_id), "agent_id": str(agent.id)},
-        )
-        return agent
-
-    async def stop(self, workspace_id: uuid.UUID) -> None:
-        await self._store.create_build(workspace_id)
-        await self._stop_agent(workspace_id)
-
-    async def aclose(self) -> None:
-        """Stop every running agent (their rows stay: the workspaces look stopped-but-bound)."""
-        for workspace_id in list(self._running):
-            await self._stop_agent(workspace_id)
-
-    async def _serve(
-        self,
-        directory: Path,
-        token: str,
-        running: _RunningAgent,
-        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        try:
-            with running.scope:
-                await serve_agent(
-                    directory,
-                    host=self._config.workspace.local_agent_host,
-                    port=0,
-                    token=token,
-                    mcp_servers=self._mcp_servers,
-                    home_instruction_file=self._home_instruction_file,
-                    config=self._config,
-                    task_status=task_status,
-                )
-        finally:
-            running.done.set()
-
-    async def _stop_agent(self, workspace_id: uuid.UUID) -> None:
-        running = self._running.pop(workspace_id, None)
-        if running is None:
-            return
-        running.scope.cancel()
-        with trio.move_on_after(self._config.workspace.local_agent_stop_timeout, shield=True):
-            await running.done.wait()
-        logger.info(
-            "workspace agent stopped",
-            extra={
-                "workspace_id": str(workspace_id),
-                "agent_id": str(running.agent.id) if running.agent else None,
-            },
-        )

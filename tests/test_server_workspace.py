@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from chatd_trio.agent import dial_agent
+from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.config import AcquireConfig, Config, WorkspaceConfig
 from chatd_trio.domain import ChatStatus, Role, ToolResultPart, stream_channel, text_of
 from chatd_trio.models.base import PromptMessage
@@ -27,7 +28,6 @@ from chatd_trio.pubsub.memory import MemoryPubSub, QueueSubscription
 from chatd_trio.server import Server
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.strategies import Strategies, SubagentWake
-from chatd_trio.workspace import LocalProvisioner
 from tests.server_replica import until_statuses
 
 OWNER = uuid.UUID(int=7)

@@ -50,6 +50,7 @@ from chatd_trio.workspace import (
     WorkspaceContext,
     WorkspaceStats,
 )
+from chatd_trio.workspace_tools import workspace_tools
 
 CFG = WorkspaceConfig()
 DELAY = CFG.dial_validation_delay
@@ -212,7 +213,7 @@ class Counts:
 
 
 async def call(ctx: WorkspaceContext, name: str, /, **args: Any) -> ToolResultPart:
-    registry = ToolRegistry(ctx.tools())
+    registry = ToolRegistry(workspace_tools(ctx))
     return await registry.invoke(
         ToolCallPart(uuid.uuid4().hex, name, json.dumps(args)), ToolContext(ctx.chat.id)
     )
@@ -406,7 +407,7 @@ async def test_prepare_on_stopped_workspace_is_bounded_and_persists_nothing(
         start = trio.current_time()
         await ctx.prepare()
         assert trio.current_time() - start <= bound
-        names = {t.name for t in ctx.tools()}
+        names = {t.name for t in workspace_tools(ctx)}
     assert names == BUILTIN
     assert INSERT not in counts.take()
     assert w.stats.instruction_persists == 0 and w.stats.mcp_discoveries == 0
@@ -436,7 +437,7 @@ async def test_prepare_without_workspace_returns_quietly(store: Store) -> None:
     w = await make_world(store, workspace=False)
     async with trio.open_nursery() as nursery, w.ctx(nursery) as ctx:
         await ctx.prepare()
-        assert len(ctx.tools()) == 4
+        assert len(workspace_tools(ctx)) == 4
     assert w.agents.attempts == []
 
 
@@ -632,7 +633,7 @@ async def test_mcp_discovery_is_cached_across_turns(store: Store) -> None:
     ]
     async with trio.open_nursery() as nursery, w.ctx(nursery) as ctx:
         await ctx.prepare()
-        assert {t.name for t in ctx.tools()} - BUILTIN == {"fx__add"}
+        assert {t.name for t in workspace_tools(ctx)} - BUILTIN == {"fx__add"}
     assert (w.stats.mcp_discoveries, w.stats.mcp_cache_hits) == (1, 0)
     assert w.agents.conns[0].calls.count("mcp_list") == 1
     async with trio.open_nursery() as nursery, w.ctx(nursery, chat=await w.reload()) as ctx:

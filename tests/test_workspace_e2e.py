@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from chatd_trio.agent import McpServerConfig, dial_agent
+from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.config import AgentConfig, WorkspaceConfig
 from chatd_trio.domain import Chat, ContextFilePart, TextPart, ToolCallPart, ToolResultPart
 from chatd_trio.store.base import Lease
@@ -24,11 +25,11 @@ from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.workspace import (
     InstructionOutcome,
-    LocalProvisioner,
     McpToolCache,
     WorkspaceContext,
     WorkspaceStats,
 )
+from chatd_trio.workspace_tools import workspace_tools
 
 GUARD = 30
 WORKER = uuid.UUID(int=9)
@@ -88,7 +89,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 
 
 async def call(ctx: WorkspaceContext, name: str, /, **args: Any) -> ToolResultPart:
-    registry = ToolRegistry(ctx.tools())
+    registry = ToolRegistry(workspace_tools(ctx))
     return await registry.invoke(
         ToolCallPart(uuid.uuid4().hex, name, json.dumps(args)), ToolContext(ctx.chat.id)
     )
@@ -218,13 +219,13 @@ async def test_mcp_tools_discovered_once_and_callable(env: Env) -> None:
     with trio.fail_after(GUARD):
         async with env.ctx(chat) as ctx:
             await ctx.prepare()
-            assert {"fx__add", "fx__echo", "fx__fail"} <= {t.name for t in ctx.tools()}
+            assert {"fx__add", "fx__echo", "fx__fail"} <= {t.name for t in workspace_tools(ctx)}
             added = await call(ctx, "fx__add", a=2, b=3)
             failed = await call(ctx, "fx__fail", reason="nope")
         assert not added.is_error and added.result["content"][0]["text"] == "5"
         assert failed.is_error and "nope" in failed.result["error"]
         async with env.ctx(await env.store.get_chat(chat.id)) as ctx:
             await ctx.prepare()
-            assert "fx__echo" in {t.name for t in ctx.tools()}
+            assert "fx__echo" in {t.name for t in workspace_tools(ctx)}
     assert (env.stats.mcp_discoveries, env.stats.mcp_cache_hits) == (1, 1)
     assert env.stats.dials == 1

@@ -42,6 +42,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chatd_trio.agent import dial_agent
+from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.apps.channel import (
     WORKER,
     JsonLines,
@@ -91,7 +92,6 @@ from chatd_trio.pubsub.auth import NotifyAuth
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.server import Server
 from chatd_trio.store.base import Store
-from chatd_trio.workspace import LocalProvisioner
 
 if TYPE_CHECKING:
     from psycopg.sql import Composed

@@ -32,6 +32,7 @@ from typing import TextIO, cast
 import trio
 
 from chatd_trio.agent import dial_agent
+from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.config import AcquireConfig, Config, RequestOptions
 from chatd_trio.domain import (
     ChatStatus,
@@ -53,7 +54,6 @@ from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.streams import StreamSubscription
-from chatd_trio.workspace import LocalProvisioner
 
 PROVIDERS = ("openai", "anthropic")
 DEFAULT_MODELS: Mapping[str, str] = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}

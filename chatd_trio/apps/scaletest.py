@@ -1262,9 +1262,9 @@ async def _finish_unfinished(
 async def run_memory(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
     """R in-process replicas sharing one MemoryStore/MemoryPubSub."""
     from chatd_trio.agent import dial_agent
+    from chatd_trio.agent.local import LocalProvisioner
     from chatd_trio.pubsub.memory import MemoryPubSub
     from chatd_trio.store.memory import MemoryStore
-    from chatd_trio.workspace import LocalProvisioner
 
     st = ScaleTestConfig()
     fc = FaultConfig()
@@ -1768,8 +1768,8 @@ class _Supervisor:
 
 async def run_postgres(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
     """R worker processes sharing the run's own database; this process runs the agent."""
+    from chatd_trio.agent.local import LocalProvisioner
     from chatd_trio.store.postgres import PostgresStore
-    from chatd_trio.workspace import LocalProvisioner
 
     st = ScaleTestConfig()
     fc = FaultConfig()
