@@ -346,8 +346,13 @@ def parts_to_json(parts: Sequence[Part]) -> JSON:
 
 
 def text_of(parts: Sequence[Part]) -> str:
-    """The concatenated text parts."""
-    return "".join(p.text for p in parts if isinstance(p, TextPart))
+    """The concatenated text of the text parts.
+
+    A text part whose text is not a string (parts handed in by an untyped caller,
+    not yet checked by the store) is skipped rather than raising here: the store's
+    check refuses it with a `DecodeError` naming the field.
+    """
+    return "".join(p.text for p in parts if isinstance(p, TextPart) and isinstance(p.text, str))
 
 
 # ---------------------------------------------------------------------------

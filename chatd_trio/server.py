@@ -38,6 +38,7 @@ from chatd_trio.domain import (
     parse_row_id,
     parse_uuid,
     stream_channel,
+    text_of,
 )
 from chatd_trio.errors import (
     ChatdError,
@@ -874,7 +875,7 @@ class Server:
             parent_chat_id = parse_uuid(parent_chat_id, "parent_chat_id")
         parts = self._as_parts(content)
         if title is None:
-            title = title_from_prompt(text_of_parts(parts), self.config.subagents)
+            title = title_from_prompt(text_of(parts), self.config.subagents)
         if parent_chat_id is not None:
             parent = await self.store.get_chat(parent_chat_id)
             if parent.owner_id != owner_id:
@@ -1166,9 +1167,4 @@ def _ids(owner_id: object, chat_id: object) -> tuple[uuid.UUID, uuid.UUID]:
     return parse_uuid(owner_id, "owner_id"), parse_uuid(chat_id, "chat_id")
 
 
-def text_of_parts(parts: Sequence[Part]) -> str:
-    """The text of a message's text parts."""
-    return "".join(p.text for p in parts if isinstance(p, TextPart) and isinstance(p.text, str))
-
-
-__all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "TurnReport", "text_of_parts"]
+__all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "TurnReport"]

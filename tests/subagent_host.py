@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 
 from chatd_trio.config import QueueConfig, RequestOptions, SubagentConfig
-from chatd_trio.domain import Chat, Part, TextPart
+from chatd_trio.domain import Chat, Part, text_of
 from chatd_trio.errors import PermissionDenied
 from chatd_trio.store.base import Store
 from chatd_trio.subagents import title_from_prompt
@@ -54,7 +54,7 @@ class StoreSubagentHost:
         if parent_chat_id is not None:
             await self._owned(owner_id, parent_chat_id)
         if title is None:
-            title = title_from_prompt(_text(parts), self._config)
+            title = title_from_prompt(text_of(parts), self._config)
         chat, _ = await self._store.create_chat(
             owner_id,
             title,
@@ -79,7 +79,3 @@ class StoreSubagentHost:
         """Set the chat `waiting` (a `pending` chat stays pending)."""
         await self._owned(owner_id, chat_id)
         await self._store.interrupt(chat_id)
-
-
-def _text(parts: Sequence[Part]) -> str:
-    return " ".join(p.text for p in parts if isinstance(p, TextPart))

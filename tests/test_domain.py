@@ -207,6 +207,17 @@ def test_notify_omits_unset_fields() -> None:
     assert json.loads(encoded) == {"after_message_id": 4, "status": "running"}
 
 
+def test_text_of_joins_only_text_parts() -> None:
+    parts = (d.TextPart("one"), d.ReasoningPart("thought"), d.TextPart("two"))
+    assert d.text_of(parts) == "onetwo"
+
+
+def test_text_of_skips_a_text_that_is_not_a_string() -> None:
+    # An untyped caller's part reaches the store's check (which names the field) intact.
+    parts: tuple[Any, ...] = (d.TextPart("ok"), d.TextPart(5))  # type: ignore[arg-type]
+    assert d.text_of(parts) == "ok"
+
+
 def test_naive_timestamp_is_read_as_utc() -> None:
     chat_id = uuid.uuid4()
     raw = {"id": 1, "chat_id": str(chat_id), "parts": [], "created_at": "2024-01-02T03:04:05"}
