@@ -88,15 +88,15 @@ async def one_variant(dsn: str, use_pubsub: bool, rounds: int, child_latency: fl
                 if m.role is Role.ASSISTANT and text_of(m.parts) == CHILD_ANSWER
             ][-1]
             wakes.append((wait_result.created_at - child_final.created_at).total_seconds() * 1e3)
-        stats = server.stats().extra
+        stats = server.stats().subagents
     return {
         "use_pubsub": use_pubsub,
         "rounds": rounds,
         "wake_ms": [round(w, 3) for w in wakes],
         "wake_p50_ms": round(statistics.median(wakes), 3),
         "wake_max_ms": round(max(wakes), 3),
-        "notify_wakes": stats.get("subagent_notify_wakes", 0),
-        "poll_wakes": stats.get("subagent_poll_wakes", 0),
+        "notify_wakes": stats.notify_wakes,
+        "poll_wakes": stats.poll_wakes,
     }
 
 

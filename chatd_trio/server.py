@@ -24,6 +24,7 @@ import trio
 from chatd_trio import lifecycle
 from chatd_trio.config import Config, RequestOptions, StoreRetryConfig
 from chatd_trio.domain import (
+    JSON,
     Chat,
     ChatStatus,
     ErrorPayload,
@@ -63,7 +64,12 @@ from chatd_trio.store.base import (
 )
 from chatd_trio.strategies import Strategies, SubagentWake
 from chatd_trio.streams import ChatStreams, StreamSubscription, owner_payload
-from chatd_trio.subagents import SubagentStats, subagent_tools, title_from_prompt
+from chatd_trio.subagents import (
+    SubagentStatistics,
+    SubagentStats,
+    subagent_tools,
+    title_from_prompt,
+)
 from chatd_trio.tools import ToolContext, ToolRegistry
 from chatd_trio.turns import TurnReport, settled, wait_settled
 from chatd_trio.workspace import (
@@ -72,6 +78,7 @@ from chatd_trio.workspace import (
     McpToolCache,
     WorkspaceContext,
     WorkspaceProvisioner,
+    WorkspaceStatistics,
     WorkspaceStats,
 )
 from chatd_trio.workspace_tools import workspace_tools
@@ -98,14 +105,58 @@ class TurnEnv:
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
+@dataclass
+class _Counters:
+    """The replica's own counters, incremented where each thing happens.
+
+    Fields, not names in a dict: a misspelt counter fails type checking instead of
+    reading as 0.
+    """
+
+    turns_started: int = 0
+    acquired: int = 0
+    acquire_statements: int = 0
+    acquire_skipped_full: int = 0
+    released_on_close: int = 0
+    heartbeats_lost: int = 0
+    stale_recovered: int = 0
+    interrupts: int = 0
+    retries: int = 0
+    compactions: int = 0
+    reentries: int = 0
+    steps: int = 0
+    fenced: int = 0
+    late_tool_results_dropped: int = 0
+    store_retries: int = 0
+
+
+@dataclass(frozen=True)
+class ServerStreamStats:
+    """The stream counters `ServerStats` carries (`ChatStreams.statistics()` has them all)."""
+
+    # Parts dropped because a turn's in-flight buffer was full, and events dropped
+    # because a subscriber's queue was full (docs/spec.md §4).
+    dropped_buffer: int
+    dropped_subscriber: int
+    db_catchup_reads: int
+    cache_hits: int
+    carried_hits: int
+    snapshot_reads: int
+    # Received notifies that did not open (forged, altered, expired): dropped.
+    notifies_rejected: int
+
+
 @dataclass(frozen=True)
 class ServerStats:
-    """Counters of one replica since it started (docs/spec.md §7: statements by name)."""
+    """Counters of one replica since it started (docs/spec.md §7: statements by name).
+
+    `as_dict()` gives the same counters as JSON data, for health endpoints and reports.
+    """
 
     worker_id: uuid.UUID
     statements: dict[str, int]
     turns_started: int
-    turns_finished: dict[str, int]
+    turns_finished: dict[TurnOutcome, int]
     running: int
     acquired: int
     acquire_statements: int
@@ -117,8 +168,9 @@ class ServerStats:
     compactions: int
     reentries: int
     steps: int
-    extra: dict[str, int]
-    streams: dict[str, int]
+    workspace: WorkspaceStatistics
+    subagents: SubagentStatistics
+    streams: ServerStreamStats
     # Turns that ended because their run no longer held the chat (a write or the finish
     # was refused: fenced by a newer ownership token, or edited).
     fenced: int = 0
@@ -128,6 +180,13 @@ class ServerStats:
     store_retries: int = 0
     # Acquisitions not tried because the replica ran `AcquireConfig.max_running_turns`.
     acquire_skipped_full: int = 0
+
+    def as_dict(self) -> dict[str, JSON]:
+        """The counters as JSON data: the fields by name, nested records as objects."""
+        data: dict[str, JSON] = dataclasses.asdict(self)
+        data["worker_id"] = str(self.worker_id)
+        data["turns_finished"] = {o.value: n for o, n in self.turns_finished.items()}
+        return data
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -201,9 +260,8 @@ class Server:
         self._background = trio.CancelScope()
         self._started = False
         self._closed = trio.Event()
-        self._counts: dict[str, int] = {}
-        self._finished: dict[str, int] = {}
-        self.extra_counters: dict[str, int] = {}
+        self._counters = _Counters()
+        self._finished: dict[TurnOutcome, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> Server:
@@ -276,7 +334,7 @@ class Server:
             # peers (and a turn that ends wakes this loop).
             free = cfg.max_running_turns - len(self._controls)
             if free <= 0:
-                self._bump("acquire_skipped_full")
+                self._counters.acquire_skipped_full += 1
                 return
             limit = min(cfg.max_chats_per_acquire, free)
             # The claim runs shielded so that a close cannot cancel it after the database
@@ -295,32 +353,31 @@ class Server:
                         extra={"worker_id": str(self.worker_id), "error": str(exc)},
                     )
                     chats = []
-            self._bump("acquire_statements")
+            self._counters.acquire_statements += 1
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()
             except trio.Cancelled:
                 await self._release_on_close(chats)
                 raise
             for chat in chats:
-                self._bump("acquired")
+                self._counters.acquired += 1
                 self._start_turn(chat)
             if len(chats) < limit:
                 return
 
     async def _release_on_close(self, chats: Sequence[Chat]) -> None:
-        await self._release(chats, "released_on_close")
-
-    async def _release(self, chats: Sequence[Chat], counter: str) -> None:
         if not chats:
             return
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
             try:
                 await self.store.release([Lease.of(c) for c in chats])
-                self._bump(counter, len(chats))
+                self._counters.released_on_close += len(chats)
             except ChatdError as exc:
                 # Stale recovery hands them back once their heartbeat goes stale.
-                logger.warning("release failed", extra={"error": str(exc), "why": counter})
+                logger.warning(
+                    "release failed", extra={"error": str(exc), "why": "released_on_close"}
+                )
 
     async def _stale_loop(self) -> None:
         while True:
@@ -336,7 +393,7 @@ class Server:
             return
         if not ids:
             return
-        self._bump("stale_recovered", len(ids))
+        self._counters.stale_recovered += len(ids)
         logger.info("recovered stale chats", extra={"count": len(ids)})
         if announce is None:
             for chat_id in ids:
@@ -352,7 +409,7 @@ class Server:
         if previous is not None:
             # A turn of this chat that lost it (its token is stale: every write it tries
             # is refused) has not ended yet; it must not keep running alongside.
-            self._bump("interrupts")
+            self._counters.interrupts += 1
             previous.fence("chat acquired again")
         control = TurnControl()
         self._turns[chat.id] = control
@@ -373,7 +430,7 @@ class Server:
             "worker_id": str(self.worker_id),
             "owner_token": str(lease.token),
         }
-        self._bump("turns_started")
+        self._counters.turns_started += 1
         crashed: ErrorPayload | None = None
         # Buffering starts BEFORE `running` is published (docs/spec.md §4).
         generation = self.streams.start_turn(chat.id)
@@ -431,7 +488,7 @@ class Server:
         if full:
             # Room for one more turn: the acquire loop waited for it.
             self.wake()
-        self._finished[outcome.value] = self._finished.get(outcome.value, 0) + 1
+        self._finished[outcome] = self._finished.get(outcome, 0) + 1
         self.streams.end_turn(chat_id, generation)
         if self._turns.get(chat_id) is control:
             del self._turns[chat_id]
@@ -468,8 +525,8 @@ class Server:
             on_message=self._on_message_for(chat.id),
             on_retry=self._on_retry_for(chat.id),
             on_error=self._on_error_for(chat.id),
-            on_late_tool_result=lambda call: self._bump("late_tool_results_dropped"),
-            on_store_retry=lambda what, exc: self._bump("store_retries"),
+            on_late_tool_result=lambda call: self._count_late_tool_result(),
+            on_store_retry=lambda what, exc: self._count_store_retry(),
             announce=self.streams.announcer,
         )
         assert self._nursery is not None
@@ -541,11 +598,11 @@ class Server:
 
     def _record(self, result: TurnResult) -> None:
         if result.outcome is TurnOutcome.LOST:
-            self._bump("fenced")
-        self._bump("steps", result.steps)
-        self._bump("compactions", result.compactions)
-        self._bump("reentries", result.reentries)
-        self._bump("retries", result.retries)
+            self._counters.fenced += 1
+        self._counters.steps += result.steps
+        self._counters.compactions += result.compactions
+        self._counters.reentries += result.reentries
+        self._counters.retries += result.retries
 
     async def _on_part(self, event: MessagePartEvent) -> None:
         self.streams.publish_part(event)
@@ -616,7 +673,7 @@ class Server:
                     ),
                     budget,
                     what="the final transition",
-                    on_retry=lambda what, exc: self._bump("store_retries"),
+                    on_retry=lambda what, exc: self._count_store_retry(),
                     log_extra=log,
                 )
 
@@ -625,7 +682,7 @@ class Server:
                     await self._confirm_step(lease, result, budget, log)
                 fin = await final(outcome, error, result.final_messages)
             except PersistRefused:
-                self._bump("fenced")
+                self._counters.fenced += 1
                 logger.info("unconfirmed step refused: the run no longer holds the chat", extra=log)
                 self._turn_done(chat.id, control, TurnOutcome.LOST, generation)
                 return
@@ -663,7 +720,7 @@ class Server:
                 await self._publish_quietly(self.streams.publish_resync(chat.id))
                 return
             if not fin.changed:
-                self._bump("fenced")
+                self._counters.fenced += 1
                 logger.info("final transition refused: the run no longer holds the chat", extra=log)
                 return
             for message in fin.inserted:
@@ -708,7 +765,7 @@ class Server:
             ),
             budget,
             what="an unconfirmed step",
-            on_retry=lambda what, exc: self._bump("store_retries"),
+            on_retry=lambda what, exc: self._count_store_retry(),
             log_extra=log,
         )
         for message in persisted:
@@ -728,7 +785,7 @@ class Server:
                 )
                 continue
             if not owned:
-                self._bump("heartbeats_lost")
+                self._counters.heartbeats_lost += 1
                 logger.info(
                     "chat taken or stopped elsewhere", extra={"chat_id": str(lease.chat_id)}
                 )
@@ -798,7 +855,7 @@ class Server:
         # Counted once per turn, whichever noticed the stop first (this replica's own
         # call, the control listener or the heartbeat).
         if control.stop_reason is None:
-            self._bump("interrupts")
+            self._counters.interrupts += 1
         control.interrupt(why)
 
     async def _publish_message(self, message: Message) -> None:
@@ -829,8 +886,11 @@ class Server:
         payload = owner_payload(chat, kind)
         await self._publish_quietly(self.pubsub.publish(owner_channel(chat.owner_id), payload))
 
-    def _bump(self, name: str, n: int = 1) -> None:
-        self._counts[name] = self._counts.get(name, 0) + n
+    def _count_late_tool_result(self) -> None:
+        self._counters.late_tool_results_dropped += 1
+
+    def _count_store_retry(self) -> None:
+        self._counters.store_retries += 1
 
     # -- mutations (owner-checked) ------------------------------------------------------
     async def _owned_chat(self, owner_id: uuid.UUID, chat_id: uuid.UUID) -> Chat:
@@ -1116,48 +1176,39 @@ class Server:
 
     def stats(self) -> ServerStats:
         """Counters: statements by name, turns, retries, interrupts, compactions, drops."""
-        c = self._counts
+        c = self._counters
         s = self.streams.statistics()
         return ServerStats(
             worker_id=self.worker_id,
             statements=self.store.statement_counts(),
-            turns_started=c.get("turns_started", 0),
+            turns_started=c.turns_started,
             turns_finished=dict(self._finished),
             running=len(self._turns),
-            acquired=c.get("acquired", 0),
-            acquire_statements=c.get("acquire_statements", 0),
-            released_on_close=c.get("released_on_close", 0),
-            heartbeats_lost=c.get("heartbeats_lost", 0),
-            stale_recovered=c.get("stale_recovered", 0),
-            interrupts=c.get("interrupts", 0),
-            retries=c.get("retries", 0),
-            compactions=c.get("compactions", 0),
-            reentries=c.get("reentries", 0),
-            steps=c.get("steps", 0),
-            fenced=c.get("fenced", 0),
-            late_tool_results_dropped=c.get("late_tool_results_dropped", 0),
-            store_retries=c.get("store_retries", 0),
-            acquire_skipped_full=c.get("acquire_skipped_full", 0),
-            extra={
-                **self.workspace_stats.snapshot(),
-                **{
-                    f"subagent_{k}": v
-                    for k, v in dataclasses.asdict(self.subagent_stats.statistics()).items()
-                },
-                **self.extra_counters,
-            },
-            streams={
-                "dropped_buffer": s.dropped_buffer,
-                "dropped_subscriber": s.dropped_subscriber,
-                "db_catchup_reads": s.db_catchup_reads,
-                "cache_hits": s.cache_hits,
-                "carried_hits": s.carried_hits,
-                "snapshot_reads": s.snapshot_reads,
-                # Received notifies that did not open (forged, altered, expired): dropped.
-                "notifies_rejected": 0
-                if self.pubsub is None
-                else self.pubsub.statistics().rejected,
-            },
+            acquired=c.acquired,
+            acquire_statements=c.acquire_statements,
+            released_on_close=c.released_on_close,
+            heartbeats_lost=c.heartbeats_lost,
+            stale_recovered=c.stale_recovered,
+            interrupts=c.interrupts,
+            retries=c.retries,
+            compactions=c.compactions,
+            reentries=c.reentries,
+            steps=c.steps,
+            fenced=c.fenced,
+            late_tool_results_dropped=c.late_tool_results_dropped,
+            store_retries=c.store_retries,
+            acquire_skipped_full=c.acquire_skipped_full,
+            workspace=self.workspace_stats.statistics(),
+            subagents=self.subagent_stats.statistics(),
+            streams=ServerStreamStats(
+                dropped_buffer=s.dropped_buffer,
+                dropped_subscriber=s.dropped_subscriber,
+                db_catchup_reads=s.db_catchup_reads,
+                cache_hits=s.cache_hits,
+                carried_hits=s.carried_hits,
+                snapshot_reads=s.snapshot_reads,
+                notifies_rejected=0 if self.pubsub is None else self.pubsub.statistics().rejected,
+            ),
         )
 
 
@@ -1167,4 +1218,4 @@ def _ids(owner_id: object, chat_id: object) -> tuple[uuid.UUID, uuid.UUID]:
     return parse_uuid(owner_id, "owner_id"), parse_uuid(chat_id, "chat_id")
 
 
-__all__ = ["BusyBehavior", "Server", "ServerStats", "TurnEnv", "TurnReport"]
+__all__ = ["BusyBehavior", "Server", "ServerStats", "ServerStreamStats", "TurnEnv", "TurnReport"]

@@ -56,6 +56,7 @@ from chatd_trio.domain import (
     ChatStatus,
     ErrorEvent,
     ErrorPayload,
+    EventType,
     Message,
     MessageEvent,
     MessagePartEvent,
@@ -116,7 +117,7 @@ class StreamStatistics:
     long-running replica does not keep a record per chat it ever served.
     """
 
-    events_published: dict[str, int]
+    events_published: dict[EventType, int]
     dropped_buffer: int
     dropped_subscriber: int
     overflow_resyncs: int
@@ -571,7 +572,7 @@ class ChatStreams:
         strategies = strategies or Strategies()
         self._catch_up = strategies.catch_up
         self._chats: dict[uuid.UUID, _ChatStream] = {}
-        self._published: Counter[str] = Counter()
+        self._published: Counter[EventType] = Counter()
         self._dropped_buffer = 0
         self._dropped_subscriber = 0
         self._overflow_resyncs = 0
@@ -624,7 +625,7 @@ class ChatStreams:
         return notifies
 
     def _control(
-        self, chat_id: uuid.UUID, payload: NotifyPayload, kind: str
+        self, chat_id: uuid.UUID, payload: NotifyPayload, kind: EventType
     ) -> list[tuple[str, str]]:
         assert self._pubsub is not None, "announcer is None without a pubsub"
         self._published[kind] += 1
@@ -657,11 +658,11 @@ class ChatStreams:
         out: list[tuple[str, str]] = []
 
         def add_status() -> None:
-            out.extend(self._control(chat.id, status, StatusEvent.type.value))
+            out.extend(self._control(chat.id, status, StatusEvent.type))
 
         def add_queue(queue: Sequence[QueuedMessage]) -> None:
             payload = NotifyPayload(queue_update=tuple(queue))
-            out.extend(self._control(chat.id, payload, QueueUpdateEvent.type.value))
+            out.extend(self._control(chat.id, payload, QueueUpdateEvent.type))
 
         def add_owner(kind: str) -> None:
             assert self._pubsub is not None
@@ -698,7 +699,7 @@ class ChatStreams:
         elif event in _FINISHES:
             if error is not None and chat.status is ChatStatus.ERROR:
                 payload = NotifyPayload(error_payload=error, error=error.message)
-                out.extend(self._control(chat.id, payload, ErrorEvent.type.value))
+                out.extend(self._control(chat.id, payload, ErrorEvent.type))
             if applied.promoted is not None:
                 add_queue(applied.queue or ())
             add_status()
@@ -824,7 +825,7 @@ class ChatStreams:
     # -- publishing -------------------------------------------------------------------
     def publish_part(self, event: MessagePartEvent) -> None:
         """Publish an ephemeral delta locally; buffered while a turn runs. Never blocks."""
-        self._published[event.type.value] += 1
+        self._published[event.type] += 1
         state = self._chats.get(event.chat_id)
         if state is None:
             return  # nobody listens and no turn buffers
@@ -849,7 +850,7 @@ class ChatStreams:
         try:
             async with state.lock:
                 entry = state.cache_add(message, self._config.durable_cache_size)
-                self._published[MessageEvent.type.value] += 1
+                self._published[MessageEvent.type] += 1
                 if announced:
                     self._announced += 1
                     await trio.lowlevel.checkpoint()
@@ -875,7 +876,7 @@ class ChatStreams:
         try:
             async with state.lock:
                 state.cache_replace(message)
-                self._published[MessageEvent.type.value] += 1
+                self._published[MessageEvent.type] += 1
                 if announced:
                     self._announced += 1
                     await trio.lowlevel.checkpoint()
@@ -957,7 +958,7 @@ class ChatStreams:
         state.in_flight += 1
         try:
             async with state.lock:
-                self._published[event.type.value] += 1
+                self._published[event.type] += 1
                 await self._send(state, payload, event)
         finally:
             state.in_flight -= 1

@@ -73,6 +73,7 @@ __all__ = [
     "WorkspaceConnection",
     "WorkspaceContext",
     "WorkspaceProvisioner",
+    "WorkspaceStatistics",
     "WorkspaceStats",
 ]
 
@@ -131,6 +132,23 @@ class WorkspaceProvisioner(Protocol):
 # -- replica-level state --------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WorkspaceStatistics:
+    """A snapshot of `WorkspaceStats`."""
+
+    # Dials of agents, bindings validated against the latest build, and dials that
+    # switched to another agent (`DialCounter`).
+    dials: int
+    validations: int
+    switches: int
+    agent_lookups: int
+    latest_build_lookups: int
+    binding_updates: int
+    instruction_persists: int
+    mcp_discoveries: int
+    mcp_cache_hits: int
+
+
 @dataclass
 class WorkspaceStats(DialCounter):
     """Workspace counters of one replica; as a `DialCounter` it observes its dials."""
@@ -142,9 +160,19 @@ class WorkspaceStats(DialCounter):
     mcp_discoveries: int = 0
     mcp_cache_hits: int = 0
 
-    def snapshot(self) -> dict[str, int]:
-        """The counters by name."""
-        return dataclasses.asdict(self)
+    def statistics(self) -> WorkspaceStatistics:
+        """A frozen copy of the counters."""
+        return WorkspaceStatistics(
+            dials=self.dials,
+            validations=self.validations,
+            switches=self.switches,
+            agent_lookups=self.agent_lookups,
+            latest_build_lookups=self.latest_build_lookups,
+            binding_updates=self.binding_updates,
+            instruction_persists=self.instruction_persists,
+            mcp_discoveries=self.mcp_discoveries,
+            mcp_cache_hits=self.mcp_cache_hits,
+        )
 
 
 class AgentRows:

@@ -11,7 +11,7 @@ that it can read no table, then, against a live Server on PostgreSQL:
   error, retry and queue events, and a genuine sealed payload copied from another
   chat's channel. None reaches the subscriber, its cursor stays where the real
   messages put it, the next real turn's messages and statuses arrive, and every
-  forged notify is counted in `Server.stats().streams["notifies_rejected"]`.
+  forged notify is counted in `Server.stats().streams.notifies_rejected`.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ async def _attack(
             # Forge: well-formed payloads, and a genuine one copied from chat b.
             copied = next(p for c, p in heard if c == channel_b)
             forged = [*forgeries(chat_a.id, cursor), copied]
-            rejected_before = server.stats().streams["notifies_rejected"]
+            rejected_before = server.stats().streams.notifies_rejected
             await trio.to_thread.run_sync(forger.notify, [(channel_a, p) for p in forged])
 
             # A real turn after the forgeries: its notifies are committed after them, so
@@ -237,5 +237,5 @@ async def _attack(
             stored = await store.messages_after(chat_a.id, 0)
             assert [m.id for m in stored][-2:] == [m.id for m in got]
             assert not any(FORGED in text_of(m.parts) for m in stored)
-            rejected = server.stats().streams["notifies_rejected"] - rejected_before
+            rejected = server.stats().streams.notifies_rejected - rejected_before
             assert rejected == len(forged)

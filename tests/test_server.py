@@ -12,6 +12,7 @@ its end), never on time passing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 import uuid
@@ -214,6 +215,13 @@ async def test_turn_runs_to_waiting_and_publishes_in_order(env: Env, clock: Any)
         stats = server.stats()
         assert stats.turns_finished == {"done": 1}
         assert stats.steps == 2
+        # The JSON form (health endpoints, the demo's replicas) carries the same counters.
+        data = json.loads(json.dumps(stats.as_dict()))
+        assert data["worker_id"] == str(server.worker_id)
+        assert data["turns_finished"] == {"done": 1}
+        assert data["steps"] == 2
+        assert data["workspace"]["dials"] == stats.workspace.dials
+        assert data["streams"]["notifies_rejected"] == stats.streams.notifies_rejected
 
 
 # -- interrupt -------------------------------------------------------------------------

@@ -93,11 +93,11 @@ async def test_turns_execute_switch_after_rebuild_and_survive_a_stopped_workspac
             assert results[-1].result["output"].strip() == "hello"  # same directory
             rebound = await store.get_chat(chat.id)
             assert rebound.agent_id == second_agent.id
-            extra = server.stats().extra
+            ws_stats = server.stats().workspace
             # Turn 1: one dial, lazy bind. Turn 2: the stale dial fails fast, one
             # validation finds the new agent, one more dial, the binding is repaired.
-            assert (extra["dials"], extra["validations"], extra["switches"]) == (3, 1, 1)
-            assert extra["binding_updates"] == 2
+            assert (ws_stats.dials, ws_stats.validations, ws_stats.switches) == (3, 1, 1)
+            assert ws_stats.binding_updates == 2
 
             # A steady turn: the bound agent's row is known to the replica, none is read.
             lookups = server.stats().statements.get("GetWorkspaceAgentByID", 0)
@@ -106,7 +106,7 @@ async def test_turns_execute_switch_after_rebuild_and_survive_a_stopped_workspac
                 await until_statuses(sub, [ChatStatus.RUNNING, ChatStatus.WAITING])
             assert tool_results(await store.messages_after(chat.id, 0))[-1].result["exit_code"] == 0
             assert server.stats().statements.get("GetWorkspaceAgentByID", 0) == lookups
-            assert server.stats().extra["dials"] == 4
+            assert server.stats().workspace.dials == 4
 
             # Stop: agent rows exist, nothing answers; the turn must not hang.
             await provisioner.stop(ws.id)
@@ -149,13 +149,13 @@ async def test_a_root_chat_spawns_a_subagent_and_receives_its_report() -> None:
         wait = next(r for r in results if r.name == "wait_agent")
         assert not wait.is_error
         assert "report for task 42" in json.dumps(wait.result)
-        stats = server.stats()
-        assert stats.extra["subagent_spawned"] == 1
-        assert stats.extra["subagent_completed"] == 1
+        stats = server.stats().subagents
+        assert stats.spawned == 1
+        assert stats.completed == 1
         # Woken by the child's notify, not by the 5 s fallback poll (or the child was
         # done at the wait's first check: no wake at all).
-        assert stats.extra["subagent_poll_wakes"] == 0
-        assert stats.extra["subagent_notify_wakes"] >= 1 or stats.extra["subagent_checks"] == 1
+        assert stats.poll_wakes == 0
+        assert stats.notify_wakes >= 1 or stats.checks == 1
 
 
 class RecordingPubSub(MemoryPubSub):
@@ -191,8 +191,8 @@ async def test_with_the_poll_strategy_a_subagent_wait_never_listens_to_the_child
         )
         assert not wait.is_error
         assert "report for task 42" in json.dumps(wait.result)
-        stats = server.stats()
-    assert stats.extra["subagent_completed"] == 1
-    assert stats.extra["subagent_notify_wakes"] == stats.extra["subagent_resync_wakes"] == 0
+        stats = server.stats().subagents
+    assert stats.completed == 1
+    assert stats.notify_wakes == stats.resync_wakes == 0
     # Only the child's own turn listened on its channel (its control listener).
     assert pubsub.channels.count(stream_channel(child.id)) == 1

@@ -893,9 +893,7 @@ async def _run_group(
 
 def stats_dict(server: Server) -> dict[str, Any]:
     """`Server.stats()` as JSON-ready data (what replica processes report)."""
-    data = dataclasses.asdict(server.stats())
-    data["worker_id"] = str(data["worker_id"])
-    return data
+    return server.stats().as_dict()
 
 
 def _add(total: dict[str, int], more: dict[str, int]) -> None:
@@ -912,10 +910,12 @@ def summarize(
     (counted once), each replica process has its own.
     """
     finished: dict[str, int] = {}
-    extra: dict[str, int] = {}
+    workspace: dict[str, int] = {}
+    subagents: dict[str, int] = {}
     for s in stats:
         _add(finished, s["turns_finished"])
-        _add(extra, s["extra"])
+        _add(workspace, s["workspace"])
+        _add(subagents, s["subagents"])
     turns = sum(finished.values())
     total_statements = sum(sum(counts.values()) for counts in statements)
     drops = sum(s["streams"]["dropped_buffer"] + s["streams"]["dropped_subscriber"] for s in stats)
@@ -932,11 +932,11 @@ def summarize(
         ("store statements (demo reads included)", f"{total_statements} ({per_turn:.1f} per turn)"),
         (
             "dials / validations / switches",
-            f"{extra.get('dials', 0)} / {extra.get('validations', 0)} / {extra.get('switches', 0)}",
+            f"{workspace['dials']} / {workspace['validations']} / {workspace['switches']}",
         ),
         ("compactions / re-entries", f"{total('compactions')} / {total('reentries')}"),
         ("retries", str(total("retries"))),
-        ("subagents spawned", str(extra.get("subagent_spawned", 0))),
+        ("subagents spawned", str(subagents["spawned"])),
         ("stream drops", str(drops)),
         ("wall time", f"{wall:.1f}s"),
     )

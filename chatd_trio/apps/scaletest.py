@@ -542,16 +542,16 @@ class ReplicaRunner:
     def counters(self) -> Counters:
         """Statement counts and per-turn counters of this replica now."""
         stats = self.server.stats()
-        extra = stats.extra
+        workspace = stats.workspace
         flat = {
-            "latest_build_agent_lookups": extra.get("latest_build_lookups", 0),
-            "agent_lookups": extra.get("agent_lookups", 0),
-            "dials": extra.get("dials", 0),
-            "validations": extra.get("validations", 0),
+            "latest_build_agent_lookups": workspace.latest_build_lookups,
+            "agent_lookups": workspace.agent_lookups,
+            "dials": workspace.dials,
+            "validations": workspace.validations,
             "stream_db_reads_same_replica": self.reads_same,
             "stream_db_reads_cross_replica": self.reads_cross,
             "driver_reads": self.driver_reads,
-            "parts_dropped": stats.streams["dropped_buffer"] + stats.streams["dropped_subscriber"],
+            "parts_dropped": stats.streams.dropped_buffer + stats.streams.dropped_subscriber,
         }
         # NOTIFYs sent through the pubsub (status, queue, owner and, unless sent in the
         # inserting transaction, message notifies): round trips the statements miss.

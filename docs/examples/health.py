@@ -40,7 +40,7 @@ def counters(server: Server) -> dict[str, Any]:
         "turns_started": stats.turns_started,
         "turns_finished": stats.turns_finished,
         "acquire_statements": stats.acquire_statements,
-        "notifies_rejected": stats.streams["notifies_rejected"],
+        "notifies_rejected": stats.streams.notifies_rejected,
     }
 
 
