@@ -13,12 +13,19 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeAlias, TypeVar, Union, cast
+from typing import Any, ClassVar, TypeVar, Union, cast
+
+from typing_extensions import TypeAliasType
 
 from chatd_trio.config import RequestOptions
 from chatd_trio.errors import DecodeError, PayloadTooLarge
 
-JSON: TypeAlias = Any
+# JSON data as `json.loads` returns it. Recursive, so a value's shape is checked all the
+# way down; data from outside is narrowed with `isinstance` before use. A `TypeAliasType`
+# rather than a plain alias: its forward references resolve in this module, so pydantic
+# (the schema of a typed tool taking JSON) and `get_type_hints` (a tool returning it)
+# work in modules that never import the name.
+JSON = TypeAliasType("JSON", 'bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None')
 E = TypeVar("E", bound=enum.Enum)
 
 # A raw notify payload or event larger than this is refused before parsing.
@@ -55,19 +62,19 @@ class Visibility(enum.StrEnum):
 # strict field readers
 
 
-def _obj(data: JSON, path: str) -> Mapping[str, Any]:
+def _obj(data: JSON, path: str) -> dict[str, JSON]:
     if not isinstance(data, Mapping):
         raise DecodeError(path, f"expected an object, got {type(data).__name__}")
     return data
 
 
-def _get(d: Mapping[str, Any], key: str, path: str) -> Any:
+def _get(d: Mapping[str, JSON], key: str, path: str) -> JSON:
     if key not in d:
         raise DecodeError(f"{path}.{key}", "missing")
     return d[key]
 
 
-def _str(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
+def _str(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     if optional and d.get(key) is None:
         return None
     v = _get(d, key, path)
@@ -76,7 +83,7 @@ def _str(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -
     return v
 
 
-def _int(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
+def _int(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     if optional and d.get(key) is None:
         return None
     v = _get(d, key, path)
@@ -85,7 +92,7 @@ def _int(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -
     return v
 
 
-def _float(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
+def _float(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     if optional and d.get(key) is None:
         return None
     v = _get(d, key, path)
@@ -97,7 +104,7 @@ def _float(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False)
         raise DecodeError(f"{path}.{key}", "number out of range") from None
 
 
-def _bool(d: Mapping[str, Any], key: str, path: str, *, default: bool | None = None) -> bool:
+def _bool(d: Mapping[str, JSON], key: str, path: str, *, default: bool | None = None) -> bool:
     if default is not None and d.get(key) is None:
         return default
     v = _get(d, key, path)
@@ -130,14 +137,14 @@ def parse_row_id(value: object, path: str = "id") -> int:
     return value
 
 
-def _uuid(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
+def _uuid(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     if optional and d.get(key) is None:
         return None
     return parse_uuid(_get(d, key, path), f"{path}.{key}")
 
 
 def _enum(
-    cls: type[E], d: Mapping[str, Any], key: str, path: str, *, optional: bool = False
+    cls: type[E], d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False
 ) -> Any:
     if optional and d.get(key) is None:
         return None
@@ -149,7 +156,7 @@ def _enum(
         raise DecodeError(f"{path}.{key}", f"{v[:64]!r} is not one of {allowed}") from None
 
 
-def _dt(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
+def _dt(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     if optional and d.get(key) is None:
         return None
     v = _str(d, key, path)
@@ -160,13 +167,13 @@ def _dt(d: Mapping[str, Any], key: str, path: str, *, optional: bool = False) ->
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _str_or(d: Mapping[str, Any], key: str, path: str, default: str) -> str:
+def _str_or(d: Mapping[str, JSON], key: str, path: str, default: str) -> str:
     # Only an absent (or null) field takes the default: "" must survive a round trip.
     v = _str(d, key, path, optional=True)
     return default if v is None else str(v)
 
 
-def _list(d: Mapping[str, Any], key: str, path: str) -> list[Any]:
+def _list(d: Mapping[str, JSON], key: str, path: str) -> list[JSON]:
     v = _get(d, key, path)
     if not isinstance(v, list):
         raise DecodeError(f"{path}.{key}", f"expected a list, got {type(v).__name__}")
@@ -188,7 +195,8 @@ def loads(raw: str | bytes, *, limit: int = MAX_JSON_BYTES, what: str = "payload
     if size > limit:
         raise PayloadTooLarge(what, f"{size} bytes exceeds the limit of {limit}")
     try:
-        return json.loads(raw)
+        value: JSON = json.loads(raw)
+        return value
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeError(what, f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -196,8 +204,12 @@ def loads(raw: str | bytes, *, limit: int = MAX_JSON_BYTES, what: str = "payload
         raise DecodeError(what, "malformed JSON: nested too deeply") from None
 
 
-def dumps(data: JSON) -> str:
-    """Compact, deterministic JSON text."""
+def dumps(data: object) -> str:
+    """Compact, deterministic JSON text.
+
+    Takes any object, as `json.dumps` does (a chat's request options may carry
+    anything), and raises `TypeError` or `ValueError` for what is not JSON.
+    """
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
@@ -212,7 +224,7 @@ class TextPart:
     text: str
     type: ClassVar[str] = "text"
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {"type": self.type, "text": self.text}
 
 
@@ -230,7 +242,7 @@ class ReasoningPart:
     redacted: bool = False
     type: ClassVar[str] = "reasoning"
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         out: dict[str, JSON] = {"type": self.type, "text": self.text}
         if self.signature:
             out["signature"] = self.signature
@@ -248,7 +260,7 @@ class ToolCallPart:
     arguments: str
     type: ClassVar[str] = "tool_call"
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type,
             "call_id": self.call_id,
@@ -267,7 +279,7 @@ class ToolResultPart:
     is_error: bool = False
     type: ClassVar[str] = "tool_result"
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type,
             "call_id": self.call_id,
@@ -290,7 +302,7 @@ class ContextFilePart:
     def is_sentinel(self) -> bool:
         return not self.path
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type,
             "agent_id": str(self.agent_id),
@@ -376,7 +388,7 @@ class Usage:
         prompt = self.input_tokens + self.cache_read_tokens + self.cache_creation_tokens
         return prompt if prompt > 0 else self.total_tokens
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
@@ -443,7 +455,7 @@ class Message:
     def model_visible(self) -> bool:
         return self.visibility in (Visibility.MODEL, Visibility.BOTH)
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         out: dict[str, JSON] = {
             "id": self.id,
             "chat_id": str(self.chat_id),
@@ -488,7 +500,7 @@ class QueuedMessage:
     parts: tuple[Part, ...]
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "id": self.id,
             "chat_id": str(self.chat_id),
@@ -544,7 +556,7 @@ class Chat:
     def is_child(self) -> bool:
         return self.parent_chat_id is not None
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "id": str(self.id),
             "owner_id": str(self.owner_id),
@@ -573,7 +585,8 @@ class Chat:
     def from_json(cls, data: JSON, path: str = "chat") -> Chat:
         d = _obj(data, path)
         servers = d.get("mcp_servers") or []
-        if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
+        names = tuple(s for s in servers if isinstance(s, str)) if isinstance(servers, list) else ()
+        if not isinstance(servers, list) or len(names) != len(servers):
             raise DecodeError(f"{path}.mcp_servers", "expected a list of strings")
         return cls(
             id=_uuid(d, "id", path),
@@ -591,7 +604,7 @@ class Chat:
             build_id=_uuid(d, "build_id", path, optional=True),
             agent_id=_uuid(d, "agent_id", path, optional=True),
             last_error=_str(d, "last_error", path, optional=True),
-            mcp_servers=tuple(servers),
+            mcp_servers=names,
             owner_token=_int(d, "owner_token", path, optional=True) or 0,
             queued=_int(d, "queued", path, optional=True) or 0,
             model_options=(
@@ -661,7 +674,7 @@ class MessagePartEvent:
     part: Part
     type: ClassVar[EventType] = EventType.MESSAGE_PART
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type.value,
             "chat_id": str(self.chat_id),
@@ -678,7 +691,7 @@ class MessageEvent:
     message: Message
     type: ClassVar[EventType] = EventType.MESSAGE
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type.value,
             "chat_id": str(self.chat_id),
@@ -695,7 +708,7 @@ class StatusEvent:
     worker_id: uuid.UUID | None = None
     type: ClassVar[EventType] = EventType.STATUS
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type.value,
             "chat_id": str(self.chat_id),
@@ -714,7 +727,7 @@ class ErrorPayload:
     retryable: bool = False
     status_code: int | None = None
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "message": self.message,
             "kind": self.kind,
@@ -743,7 +756,7 @@ class ErrorEvent:
     error: ErrorPayload
     type: ClassVar[EventType] = EventType.ERROR
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {"type": self.type.value, "chat_id": str(self.chat_id), **self.error.to_json()}
 
 
@@ -758,7 +771,7 @@ class RetryPayload:
     status_code: int | None = None
     retrying_at: datetime | None = None
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "attempt": self.attempt,
             "delay_s": self.delay_s,
@@ -789,7 +802,7 @@ class RetryEvent:
     retry: RetryPayload
     type: ClassVar[EventType] = EventType.RETRY
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {"type": self.type.value, "chat_id": str(self.chat_id), **self.retry.to_json()}
 
 
@@ -801,7 +814,7 @@ class QueueUpdateEvent:
     queued: tuple[QueuedMessage, ...]
     type: ClassVar[EventType] = EventType.QUEUE_UPDATE
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "type": self.type.value,
             "chat_id": str(self.chat_id),
@@ -822,7 +835,7 @@ class SnapshotEndEvent:
     cursor: int
     type: ClassVar[EventType] = EventType.SNAPSHOT_END
 
-    def to_json(self) -> JSON:
+    def to_json(self) -> dict[str, JSON]:
         return {"type": self.type.value, "chat_id": str(self.chat_id), "cursor": self.cursor}
 
 
@@ -907,8 +920,8 @@ class NotifyPayload:
     # written something it could not announce (a final transition it could not confirm).
     resync: bool = False
 
-    def to_json(self) -> JSON:
-        out: dict[str, Any] = {}
+    def to_json(self) -> dict[str, JSON]:
+        out: dict[str, JSON] = {}
         if self.after_message_id is not None:
             out["after_message_id"] = self.after_message_id
         if self.full_refresh:

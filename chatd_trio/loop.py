@@ -66,6 +66,7 @@ import trio
 
 from chatd_trio.config import LoopConfig, RetryConfig, StoreRetryConfig
 from chatd_trio.domain import (
+    JSON,
     ErrorPayload,
     Message,
     MessagePartEvent,
@@ -946,7 +947,7 @@ class _Turn:
         summary = _storable(generated.text).strip()
         if not summary:
             return await self._compaction_failed(call, "compaction produced an empty summary")
-        report = {
+        report: dict[str, JSON] = {
             "summary": summary,
             "source": cfg.summary_source,
             "threshold_percent": cfg.effective_threshold,

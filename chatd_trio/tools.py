@@ -30,7 +30,7 @@ import typing
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload, runtime_checkable
+from typing import Any, Protocol, TypeAlias, overload, runtime_checkable
 
 import pydantic
 import pydantic_core
@@ -56,7 +56,7 @@ class ToolContext:
 
     chat_id: uuid.UUID
     worker_id: uuid.UUID | None = None
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    extras: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ class ErrorResult:
     """Return this from a tool to report a failure without raising."""
 
     error: JSON
+
+
+# What running a tool gives: JSON data for the model, or an `ErrorResult`. A value that
+# cannot be stored after all becomes an error result at `ToolRegistry.invoke`.
+ToolOutput: TypeAlias = JSON | ErrorResult
 
 
 @runtime_checkable
@@ -81,12 +86,12 @@ class Tool(Protocol):
         """JSON schema of the arguments object."""
         ...
 
-    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> ToolOutput:
         """Run the call; raise `ToolError` (or return `ErrorResult`) for an error result."""
         ...
 
 
-ToolFunction = Callable[[dict[str, JSON], ToolContext], Awaitable[JSON]]
+ToolFunction = Callable[[dict[str, JSON], ToolContext], Awaitable[ToolOutput]]
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class FunctionTool:
     parameters: JSON
     fn: ToolFunction
 
-    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> ToolOutput:
         return await self.fn(args, ctx)
 
 
@@ -129,12 +134,12 @@ class TypedTool:
         """The JSON schema of the arguments, as the model is shown it."""
         return _schema(self.arguments)
 
-    def validate(self, args: Mapping[str, JSON]) -> dict[str, Any]:
+    def validate(self, args: Mapping[str, JSON]) -> dict[str, object]:
         """The call's keyword arguments; `ToolError` naming every bad field."""
         values = validate_arguments(self.arguments, args)
         return {name: getattr(values, name) for name in type(values).model_fields}
 
-    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def run(self, args: dict[str, JSON], ctx: ToolContext) -> ToolOutput:
         kwargs = self.validate(args)
         if self.context_parameter is not None:
             kwargs[self.context_parameter] = ctx
@@ -146,7 +151,11 @@ class TypedTool:
             )
         if isinstance(result, ErrorResult):
             return result
-        return pydantic_core.to_jsonable_python(result)
+        # As JSON data: pydantic converts dataclasses, models, UUIDs and dates, and raises
+        # for an object it does not know (an error result). What converts but cannot be
+        # stored (NaN, an integer too long) is refused by the gate at `invoke`.
+        jsonable: JSON = pydantic_core.to_jsonable_python(result)
+        return jsonable
 
 
 def validate_arguments(
@@ -408,7 +417,7 @@ def _build(
     if parameters is not None or _is_raw(fn):
         tool_name = name or fn.__name__
         text = description if description is not None else parse_docstring(fn.__doc__)[0]
-        schema = parameters if parameters is not None else {"type": "object", "properties": {}}
+        schema: JSON = {"type": "object", "properties": {}} if parameters is None else parameters
         return FunctionTool(tool_name, text, schema, fn)
     return typed_tool(fn, name=name, description=description)
 

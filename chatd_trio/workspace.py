@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
@@ -48,6 +48,7 @@ from chatd_trio.agent.client import (
 from chatd_trio.config import WorkspaceConfig
 from chatd_trio.dial import DialCounter, DialResult, Release, dial_with_lazy_validation
 from chatd_trio.domain import (
+    JSON,
     Chat,
     ContextFilePart,
     NewMessage,
@@ -105,7 +106,7 @@ class WorkspaceConnection(Protocol):
     async def mcp_list_tools(self) -> list[McpTool]: ...
 
     async def mcp_call_tool(
-        self, server: str, tool: str, arguments: dict[str, Any]
+        self, server: str, tool: str, arguments: dict[str, JSON]
     ) -> McpCallResult: ...
 
 

@@ -41,6 +41,7 @@ from chatd_trio.tools import (
     Tool,
     ToolContext,
     ToolFunction,
+    ToolOutput,
     typed_tool,
 )
 from chatd_trio.workspace import WorkspaceContext, WorkspaceProvisioner
@@ -84,12 +85,12 @@ def _error_result(exc: ChatdError) -> ErrorResult:
     return ErrorResult({"error": str(exc), "kind": kind})
 
 
-def _guard(fn: Callable[..., Awaitable[JSON]]) -> Callable[..., Awaitable[JSON]]:
+def _guard(fn: Callable[..., Awaitable[ToolOutput]]) -> Callable[..., Awaitable[ToolOutput]]:
     """`fn` with workspace failures as error results (kind included) for the model."""
 
     # `wraps` keeps the signature and docstring: `typed_tool` builds the schema from them.
     @functools.wraps(fn)
-    async def run(**kwargs: object) -> JSON:
+    async def run(**kwargs: object) -> ToolOutput:
         try:
             return await fn(**kwargs)
         except ToolError:
@@ -100,10 +101,10 @@ def _guard(fn: Callable[..., Awaitable[JSON]]) -> Callable[..., Awaitable[JSON]]
     return run
 
 
-def _guard_raw(fn: Callable[[dict[str, JSON]], Awaitable[JSON]]) -> ToolFunction:
+def _guard_raw(fn: Callable[[dict[str, JSON]], Awaitable[ToolOutput]]) -> ToolFunction:
     guarded = _guard(lambda args: fn(args))
 
-    async def run(args: dict[str, JSON], ctx: ToolContext) -> JSON:
+    async def run(args: dict[str, JSON], ctx: ToolContext) -> ToolOutput:
         return await guarded(args=args)
 
     return run
@@ -201,10 +202,12 @@ class _WorkspaceTools:
             entries = await conn.list_dir(path)
         return {"entries": [{"name": e.name, "kind": e.kind, "size": e.size} for e in entries]}
 
-    async def call_mcp(self, server: str, tool: str, args: dict[str, JSON]) -> JSON:
+    async def call_mcp(self, server: str, tool: str, args: dict[str, JSON]) -> ToolOutput:
         async with self._ctx.connection() as conn:
             r = await conn.mcp_call_tool(server, tool, args)
-        result: dict[str, JSON] = {"content": r.content}
+        # `list` is invariant: the blocks go into a `list[JSON]` of their own.
+        content: list[JSON] = list(r.content)
+        result: dict[str, JSON] = {"content": content}
         if r.structured_content is not None:
             result["structured_content"] = r.structured_content
         if r.is_error:

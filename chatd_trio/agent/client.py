@@ -35,7 +35,7 @@ import trio
 from chatd_trio import validation
 from chatd_trio.agent import protocol as p
 from chatd_trio.config import AgentConfig
-from chatd_trio.domain import WorkspaceAgent
+from chatd_trio.domain import JSON, WorkspaceAgent
 from chatd_trio.errors import (
     AgentAuthError,
     AgentConnectionLost,
@@ -103,24 +103,24 @@ class McpTool(NamedTuple):
     server: str
     name: str
     description: str
-    input_schema: dict[str, Any]
+    input_schema: dict[str, JSON]
 
 
 @dataclass(frozen=True)
 class McpCallResult:
     """An MCP tool result: content blocks as MCP JSON objects."""
 
-    content: list[dict[str, Any]]
+    content: list[dict[str, JSON]]
     is_error: bool
-    structured_content: Any = None
+    structured_content: JSON = None
 
     @property
     def text(self) -> str:
         """The text blocks joined by newlines."""
         return "\n".join(
-            block["text"]
+            text
             for block in self.content
-            if block.get("type") == "text" and isinstance(block.get("text"), str)
+            if block.get("type") == "text" and isinstance(text := block.get("text"), str)
         )
 
 
@@ -239,7 +239,7 @@ class AgentConn:
         return [McpTool(**_fields(t)) for t in _read(_TOOLS, r)["tools"]]
 
     async def mcp_call_tool(
-        self, server: str, tool: str, arguments: dict[str, Any]
+        self, server: str, tool: str, arguments: dict[str, JSON]
     ) -> McpCallResult:
         """Call `tool` on the workspace's MCP server `server`."""
         r = await self._call(
