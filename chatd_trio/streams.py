@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -584,6 +585,11 @@ class ChatStreams:
         self._decode_errors = 0
         self._publish_failures = 0
         self._announced = 0
+        # The announcer runs inside the store's writing transaction, on the asyncio
+        # bridge's thread (`chatd_trio._aio`): the counters it shares with Trio tasks
+        # are locked, and a local delivery it asks for is handed to the Trio thread.
+        self._stats_lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
         announces = (
             pubsub is not None
             and strategies.announce is Announce.IN_TRANSACTION
@@ -603,7 +609,32 @@ class ChatStreams:
         writing transaction; the messages are then published with `announced=True`,
         and the status, queue and owner events of the write are not published again.
         """
+        if self._token is None and self._announcer is not None:
+            self._token = trio.lowlevel.current_trio_token()
         return self._announcer
+
+    def _count(
+        self, kind: EventType | None = None, *, announced: int = 0, failures: int = 0
+    ) -> None:
+        with self._stats_lock:
+            if kind is not None:
+                self._published[kind] += 1
+            self._announced += announced
+            self._publish_failures += failures
+
+    def _published_snapshot(self) -> dict[EventType, int]:
+        with self._stats_lock:
+            return dict(self._published)
+
+    def _on_trio_thread(self, fn: Callable[..., object], *args: object) -> None:
+        """Call `fn(*args)` now on the Trio thread, or soon from another thread."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            assert self._token is not None, "the announcer was handed out by a Trio task"
+            self._token.run_sync_soon(fn, *args)
+        else:
+            fn(*args)
 
     def _announce(
         self, messages: Sequence[Message], *, refresh: bool = False
@@ -628,19 +659,19 @@ class ChatStreams:
         self, chat_id: uuid.UUID, payload: NotifyPayload, kind: EventType
     ) -> list[tuple[str, str]]:
         assert self._pubsub is not None, "announcer is None without a pubsub"
-        self._published[kind] += 1
+        self._count(kind)
         if not self._fits(payload):
             # Too large for a NOTIFY (a long queue): delivered here only, as a failed
             # publish would be; other replicas learn it at their next catch-up.
-            self._publish_failures += 1
+            self._count(failures=1)
             logger.warning(
                 "stream notify too large; delivered locally only", extra={"chat_id": str(chat_id)}
             )
             state = self._chats.get(chat_id)
             if state is not None:
-                self._publish_local(state, _NotifyItem(payload))
+                self._on_trio_thread(self._publish_local, state, _NotifyItem(payload))
             return []
-        self._announced += 1
+        self._count(announced=1)
         channel = stream_channel(chat_id)
         return [(channel, self._pubsub.seal(channel, payload.encode()))]
 
@@ -825,7 +856,7 @@ class ChatStreams:
     # -- publishing -------------------------------------------------------------------
     def publish_part(self, event: MessagePartEvent) -> None:
         """Publish an ephemeral delta locally; buffered while a turn runs. Never blocks."""
-        self._published[event.type] += 1
+        self._count(event.type)
         state = self._chats.get(event.chat_id)
         if state is None:
             return  # nobody listens and no turn buffers
@@ -850,9 +881,9 @@ class ChatStreams:
         try:
             async with state.lock:
                 entry = state.cache_add(message, self._config.durable_cache_size)
-                self._published[MessageEvent.type] += 1
+                self._count(MessageEvent.type)
                 if announced:
-                    self._announced += 1
+                    self._count(announced=1)
                     await trio.lowlevel.checkpoint()
                     return
                 payload = self._message_notify(message, entry.prev)
@@ -876,9 +907,9 @@ class ChatStreams:
         try:
             async with state.lock:
                 state.cache_replace(message)
-                self._published[MessageEvent.type] += 1
+                self._count(MessageEvent.type)
                 if announced:
-                    self._announced += 1
+                    self._count(announced=1)
                     await trio.lowlevel.checkpoint()
                     return
                 await self._send(state, NotifyPayload(full_refresh=True), _LocalRefresh())
@@ -958,7 +989,7 @@ class ChatStreams:
         state.in_flight += 1
         try:
             async with state.lock:
-                self._published[event.type] += 1
+                self._count(event.type)
                 await self._send(state, payload, event)
         finally:
             state.in_flight -= 1
@@ -980,7 +1011,7 @@ class ChatStreams:
         except (PubSubError, PayloadTooLarge) as exc:
             # Other replicas catch up at their next notify (reads go after the cursor);
             # subscribers here get the notify directly so they do not wait for one.
-            self._publish_failures += 1
+            self._count(failures=1)
             logger.warning(
                 "stream notify failed; delivered locally only",
                 extra={"chat_id": str(state.chat_id), "error": repr(exc)},
@@ -1116,7 +1147,7 @@ class ChatStreams:
         """A frozen snapshot of this replica's stream counters."""
         chats = tuple(self._chat_stats(s) for s in self._chats.values())
         return StreamStatistics(
-            events_published=dict(self._published),
+            events_published=self._published_snapshot(),
             dropped_buffer=self._dropped_buffer,
             dropped_subscriber=self._dropped_subscriber,
             overflow_resyncs=self._overflow_resyncs,

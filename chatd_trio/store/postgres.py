@@ -1,6 +1,6 @@
 """The PostgreSQL Store: the production store and the coordination engine between replicas.
 
-psycopg's async API runs on a trio-asyncio loop (`chatd_trio._aio`). Each store
+psycopg's async API runs on an asyncio loop thread (`chatd_trio._aio`). Each store
 operation is ONE asyncio coroutine entered once from Trio: it borrows a pooled
 connection, runs its statements (inside one transaction when there are several)
 and returns the connection before it ends, so a cancelled Trio task never leaves
@@ -43,7 +43,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from chatd_trio._aio import Bridge, asyncio_bridge, bind_psycopg_loop_lookup
+from chatd_trio._aio import Bridge, asyncio_bridge
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
@@ -108,8 +108,6 @@ _IN_TRANSACTION = frozenset({TransactionStatus.INTRANS, TransactionStatus.INERRO
 
 _DEFAULTS = PostgresConfig()
 
-
-bind_psycopg_loop_lookup()
 
 # Python's str.strip() removes exactly the characters for which str.isspace() is true;
 # all of them lie below U+3001. Trimming these in SQL makes "non-blank" mean the same
