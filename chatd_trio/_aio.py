@@ -14,6 +14,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import trio_asyncio
 
+from chatd_trio._groups import unwrapped
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -50,10 +52,15 @@ class Bridge:
 
 @asynccontextmanager
 async def asyncio_bridge() -> AsyncIterator[Bridge]:
-    """Reuse the trio-asyncio loop of the current context, or open one for this block."""
+    """Reuse the trio-asyncio loop of the current context, or open one for this block.
+
+    The loop's nurseries are the bridge's business: an exception of the block leaves
+    as itself, not in an exception group (`chatd_trio._groups.unwrapped`), whether or
+    not a loop was opened here. A store that fails to open raises its `StoreError`.
+    """
     loop = trio_asyncio.current_loop.get()
     if loop is not None:
         yield Bridge(loop)
         return
-    async with trio_asyncio.open_loop() as opened:
+    async with unwrapped(trio_asyncio.open_loop()) as opened:
         yield Bridge(opened)
