@@ -23,6 +23,8 @@ from typing import ParamSpec, TypeVar
 
 import trio
 
+from chatd_trio._cleanup import bounded_cleanup
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -66,7 +68,7 @@ class Bridge:
         except trio.Cancelled:
             # Runs after `start` (the loop runs its callbacks in order): the task exists.
             self._loop.call_soon_threadsafe(lambda: tasks[0].cancel())
-            with trio.move_on_after(_UNWIND_TIMEOUT, shield=True):
+            with bounded_cleanup(_UNWIND_TIMEOUT):
                 await done.wait()
             if not done.is_set() or tasks[0].cancelled():
                 raise
@@ -106,5 +108,5 @@ async def asyncio_bridge() -> AsyncIterator[Bridge]:
         yield Bridge(loop, trio.lowlevel.current_trio_token())
     finally:
         loop.call_soon_threadsafe(loop.stop)
-        with trio.move_on_after(_STOP_TIMEOUT, shield=True):
+        with bounded_cleanup(_STOP_TIMEOUT):
             await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)

@@ -227,6 +227,13 @@ class LoopConfig(Checked):
     # The synthetic result of a tool call cut short by an interrupt (docs/spec.md §3).
     interrupted_tool_result: str = "tool call was interrupted before it produced a result"
 
+    @property
+    def close_timeout(self) -> float:
+        """Closing a replica waits this long for its turns, `3 * cleanup_timeout`: a turn
+        shut down runs its cleanups, then its final write's retries, then that write,
+        each bounded by `cleanup_timeout`."""
+        return 3 * self.cleanup_timeout
+
 
 @dataclass(frozen=True)
 class StreamConfig(Checked):

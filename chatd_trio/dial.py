@@ -26,6 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.config import WorkspaceConfig
 from chatd_trio.errors import ChatdError, DialError, NoWorkspaceAgent
 from statecharts.base import Step
@@ -345,7 +346,7 @@ class _Driver(Generic[ConnT]):
             self._report(_Report(attempt, "delay_elapsed"))
 
     async def _release(self, release: Release, agent_id: uuid.UUID | None) -> None:
-        with trio.move_on_after(self._release_timeout, shield=True) as scope:
+        with bounded_cleanup(self._release_timeout) as scope:
             try:
                 await release()
             except Exception as exc:

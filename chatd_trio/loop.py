@@ -64,6 +64,7 @@ from typing import TypeVar
 
 import trio
 
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.config import LoopConfig, RetryConfig, StoreRetryConfig
 from chatd_trio.domain import (
     JSON,
@@ -181,7 +182,7 @@ class TurnControl:
         self._interrupt_scope.cancel()
 
     def shutdown(self, detail: str = "shutting down") -> None:
-        """Stop the turn for a replica shutdown: `trio.Cancelled` leaves `run_turn`.
+        """Stop the turn for a replica shutdown: a cancellation leaves `run_turn`.
 
         Wins over an earlier interrupt."""
         self.stop_reason = StopReason.SHUTDOWN
@@ -714,7 +715,7 @@ class _Turn:
         persisted but never announced would reach subscribers only at their next read."""
         if self.callbacks.on_message is None:
             return
-        with trio.move_on_after(self.config.cleanup_timeout, shield=True):
+        with bounded_cleanup(self.config.cleanup_timeout):
             for message in messages:
                 if message.user_visible:
                     await self.callbacks.on_message(message)
@@ -982,7 +983,7 @@ class _Turn:
             return await self._compaction_failed(call, "failed to persist compaction result", exc)
         # The result only once it is stored (a failed write reports an error result
         # instead); then the stored messages, as one unit no cancellation tears.
-        with trio.move_on_after(self.config.cleanup_timeout, shield=True):
+        with bounded_cleanup(self.config.cleanup_timeout):
             await self._publish_part(Role.TOOL, result)
             await self.publish_messages(persisted)
         logger.info(
@@ -1032,7 +1033,7 @@ class _Turn:
         if kept is None:
             return
         op_id, messages = kept
-        with trio.move_on_after(self.config.cleanup_timeout, shield=True) as scope:
+        with bounded_cleanup(self.config.cleanup_timeout) as scope:
             try:
                 persisted = await self._retrying(
                     lambda: self.store.persist_step(
@@ -1049,14 +1050,6 @@ class _Turn:
             await self.publish_messages(persisted)
         if scope.cancelled_caught:
             logger.warning("persisting the interrupted step timed out", extra={**self.log_extra})
-
-
-def _cancellation(exc: BaseException) -> bool:
-    """Whether `exc` is a cancellation: bare, or grouped by a nursery it went through (a
-    shutdown that lands while tools run leaves their nursery as a group)."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    return isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None
 
 
 async def run_turn(
@@ -1083,9 +1076,9 @@ async def run_turn(
     step's calls run concurrently (the default) or one after the other.
 
     Returns the outcome the chart's final state names (DONE, INTERRUPTED, ERROR, LOST,
-    UNAVAILABLE). On shutdown the cancellation propagates (bare, or grouped by the
-    nursery of the tools it went through), after recording the outcome (SHUTDOWN) in
-    `control.result`.
+    UNAVAILABLE). On shutdown the cancellation propagates, in an exception group (as
+    it leaves a nursery), after recording the outcome (SHUTDOWN) in `control.result`;
+    the `TurnControl` scope around the call absorbs it.
     """
     control = control if control is not None else TurnControl()
     turn = _Turn(
@@ -1103,8 +1096,10 @@ async def run_turn(
     try:
         with control._interrupt_scope:
             return await turn.run()
-    except BaseException as exc:
-        if control.stop_reason is StopReason.SHUTDOWN and _cancellation(exc):
+    except* trio.Cancelled:
+        # Bare, or grouped by the nursery of the tools it went through; whatever else
+        # failed beside it propagates with it.
+        if control.stop_reason is StopReason.SHUTDOWN:
             # The step in progress is dropped: the next run repeats it (docs/spec.md §1).
             turn.step = None
             turn.chart.send("shutdown")

@@ -22,6 +22,8 @@ from typing import Literal
 import trio
 
 from chatd_trio import lifecycle
+from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._groups import leaves, unwrapped
 from chatd_trio.config import Config, RequestOptions, StoreRetryConfig
 from chatd_trio.domain import (
     JSON,
@@ -189,10 +191,10 @@ class ServerStats:
         return data
 
 
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
+def _crash_message(group: BaseException) -> str:
+    """The error a crashed turn records: every exception that crashed it, in order (a
+    turn that crashed of two failures at once names both)."""
+    return "; ".join(str(leaf) or type(leaf).__name__ for leaf in leaves(group))
 
 
 def _ended(outcome: TurnOutcome, error: ErrorPayload | None = None) -> TurnResult:
@@ -203,8 +205,9 @@ def _ended(outcome: TurnOutcome, error: ErrorPayload | None = None) -> TurnResul
 class Server:
     """One replica running chats from a shared store.
 
-    Use as ``async with Server(store, pubsub, model, config) as server:`` or
-    ``await nursery.start(server.run)``. `pubsub=None` is the single-process mode.
+    Use as ``async with Server(store, pubsub, model, config) as server:`` (an exception
+    of the block leaves as itself) or ``await nursery.start(server.run)``.
+    `pubsub=None` is the single-process mode.
 
     `model` is one `Model` for every chat or a function choosing one per chat.
     `tools` are offered to every turn; `tools_factory` replaces the default per-turn
@@ -265,7 +268,8 @@ class Server:
 
     # -- lifecycle --------------------------------------------------------------------
     async def __aenter__(self) -> Server:
-        self._outer = trio.open_nursery()
+        # The replica's nursery is its own business: the block's exception leaves as itself.
+        self._outer = unwrapped(trio.open_nursery())
         nursery = await self._outer.__aenter__()
         try:
             await nursery.start(self.run)
@@ -280,7 +284,9 @@ class Server:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        with trio.CancelScope(shield=True):
+        # Shielded: leaving the block by a cancellation still hands the chats back. The
+        # turns' own shielded writes are bounded; this bounds the waiting for them.
+        with bounded_cleanup(self.config.loop.close_timeout):
             await self.close()
         return await self._outer.__aexit__(exc_type, exc, tb)
 
@@ -298,15 +304,22 @@ class Server:
             nursery.cancel_scope.cancel()
 
     async def close(self) -> None:
-        """Stop acquiring, shut running turns down (-> pending), wait for every task."""
+        """Stop acquiring, shut running turns down (-> pending), wait for every task.
+
+        A close cut short (cancelled, or past `loop.close_timeout` when leaving
+        ``async with``) still stops the replica: its remaining tasks are cancelled.
+        """
         if self._closed.is_set() or self._nursery is None:
             self._closed.set()
             return
         self._background.cancel()
         for control in list(self._controls):
             control.shutdown("replica shutting down")
-        await self._turns_idle.wait()
-        self._closed.set()
+        try:
+            await self._turns_idle.wait()
+        finally:
+            # `run` cancels the nursery once this is set; left unset, it would wait forever.
+            self._closed.set()
 
     def wake(self) -> None:
         """Signal local work: the acquire loop runs at once."""
@@ -341,8 +354,7 @@ class Server:
             # committed; a close observed afterwards hands the chats straight back. A claim
             # cut off by its deadline may have committed: stale recovery returns those.
             chats: list[Chat] = []
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
+            with bounded_cleanup(self.config.loop.cleanup_timeout):
                 try:
                     chats = await self.store.acquire(
                         self.worker_id, limit, announce=self.streams.announcer, prompts=True
@@ -368,8 +380,7 @@ class Server:
     async def _release_on_close(self, chats: Sequence[Chat]) -> None:
         if not chats:
             return
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
+        with bounded_cleanup(self.config.loop.cleanup_timeout):
             try:
                 await self.store.release([Lease.of(c) for c in chats])
                 self._counters.released_on_close += len(chats)
@@ -455,8 +466,7 @@ class Server:
             # shielded write while the replica is being cancelled) is handled here and
             # the cancellation goes on; it must not escape the server's nursery.
             logger.exception("turn crashed", extra=log)
-            leaf = _first_leaf(group)
-            crashed = ErrorPayload(message=str(leaf) or type(leaf).__name__, kind="internal")
+            crashed = ErrorPayload(message=_crash_message(group), kind="internal")
         finally:
             result = control.result
             if crashed is not None and (result is None or not result.final_state):
@@ -506,8 +516,7 @@ class Server:
             try:
                 control.result = await self._run_loop(chat, lease, control, env)
             finally:
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + self.config.loop.cleanup_timeout
+                with bounded_cleanup(self.config.loop.cleanup_timeout):
                     for cleanup in reversed(env.cleanups):
                         try:
                             await cleanup()
@@ -653,9 +662,7 @@ class Server:
                 budget, budget=min(budget.budget, self.config.loop.cleanup_timeout)
             )
         fin: FinishResult | None = None
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + budget.budget + self.config.loop.cleanup_timeout
-
+        with bounded_cleanup(budget.budget + self.config.loop.cleanup_timeout):
             announcer = self.streams.announcer
 
             async def final(
@@ -866,7 +873,7 @@ class Server:
     async def _publish_committed(self, publish: Awaitable[None]) -> None:
         """Publish what is already committed, shielded (bounded by cleanup_timeout): a
         caller cancelled now must not leave it unannounced."""
-        with trio.move_on_after(self.config.loop.cleanup_timeout, shield=True):
+        with bounded_cleanup(self.config.loop.cleanup_timeout):
             await self._publish_quietly(publish)
 
     async def _publish_quietly(self, publish: Awaitable[None]) -> None:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from chatd_trio._groups import unwrapped
 from chatd_trio.config import StreamConfig
 from chatd_trio.domain import (
     Chat,
@@ -1024,7 +1025,8 @@ class ChatStreams:
         self, chat_id: uuid.UUID, after_message_id: int = 0
     ) -> AsyncIterator[StreamSubscription]:
         """Subscribe to a chat: the snapshot (status, buffered parts, messages after
-        `after_message_id`, queue), then live events, until the block exits."""
+        `after_message_id`, queue), then live events, until the block exits. An
+        exception of the block leaves as itself, not in an exception group."""
         state = self._state(chat_id)
         sub = _Subscriber(_Inbox(self._config.subscriber_queue_size))
         # Registering and copying the buffer in one synchronous step: no part is both
@@ -1035,18 +1037,20 @@ class ChatStreams:
         try:
             async with AsyncExitStack() as stack:
                 psub: PubSubSubscription | None = None
-                failure: PubSubError | None = None
+                subscribed = True
                 if self._pubsub is not None:
                     try:
                         psub = await stack.enter_async_context(
                             self._pubsub.subscribe(stream_channel(chat_id))
                         )
                     except PubSubError as exc:
-                        failure = exc
-                async with trio.open_nursery() as nursery:
-                    if failure is not None:
-                        handle._fail(f"{PUBSUB_ERROR}: {failure}", "pubsub")
-                    else:
+                        # Not raised: the subscription delivers the failure as its one
+                        # event and ends (`StreamSubscription`).
+                        handle._fail(f"{PUBSUB_ERROR}: {exc}", "pubsub")
+                        subscribed = False
+                # The pump's nursery is ours: the block's exception leaves as itself.
+                async with unwrapped(trio.open_nursery()) as nursery:
+                    if subscribed:
                         if psub is not None:
                             nursery.start_soon(self._pump, state, sub, psub)
                         await self._snapshot(handle, parts)

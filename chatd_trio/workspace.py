@@ -37,6 +37,7 @@ from typing import Protocol
 
 import trio
 
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.agent.client import (
     DirEntry,
     ExecResult,
@@ -542,7 +543,7 @@ class WorkspaceContext:
         await self._release(dialed.release, dialed.agent_id)
 
     async def _release(self, release: Release, agent_id: uuid.UUID) -> None:
-        with trio.move_on_after(self._config.dial_release_timeout, shield=True) as scope:
+        with bounded_cleanup(self._config.dial_release_timeout) as scope:
             try:
                 await release()
             except Exception as exc:

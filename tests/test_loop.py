@@ -714,6 +714,37 @@ async def test_shutdown_during_tool_yields_cancellation_and_records_shutdown(sto
     assert [c.name for c in tool_calls(stored)] == ["echo"]
 
 
+async def test_shutdown_while_the_model_streams_records_shutdown_and_groups_the_cancellation(
+    store: Store,
+) -> None:
+    """No nursery between the model's stream and `run_turn`: the cancellation is bare
+    when `run_turn` matches it (``except* trio.Cancelled``) and leaves in a group, as
+    every cancellation through a nursery does; the control's scope absorbs it."""
+    lease = await start_chat(store)
+    model = ScriptedModel([ScriptStep(deltas=(TextDelta("hel"), TextDelta("lo")), hang_after=1)])
+    control = TurnControl()
+    outcome: list[BaseException] = []
+
+    async def on_part(event: MessagePartEvent) -> None:
+        control.shutdown()
+
+    with control:
+        try:
+            await run_turn(
+                store, lease, model, control=control, callbacks=TurnCallbacks(on_part=on_part)
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+    (raised,) = outcome
+    assert pytest.RaisesGroup(trio.Cancelled).matches(raised)
+    assert control.shut_down
+    result = control.result
+    assert result is not None
+    assert (result.outcome, result.final_state) == (TurnOutcome.SHUTDOWN, "shut_down")
+    assert len(await history(store, lease.chat_id)) == 1
+
+
 async def test_shutdown_while_a_step_write_lands_unacknowledged_stores_it_once(
     store: Store,
 ) -> None:

@@ -231,6 +231,18 @@ async def test_unreachable_database_raises_store_unavailable() -> None:
     assert not isinstance(info.value, psycopg.Error)
 
 
+async def test_an_exception_of_the_block_leaves_as_itself(pg_dsn: str) -> None:
+    """The store's asyncio loop runs in nurseries of its own: what the caller's block
+    raises still leaves as itself (as with the memory store), not in their group."""
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with PostgresStore.open(pg_dsn):
+            raise Boom
+
+
 async def test_terminated_connection_mid_operation(store: PostgresStore, pg_dsn: str) -> None:
     chat, _ = await store.create_chat(uuid.uuid4(), "t", _text("hi"))
     failure: list[BaseException] = []

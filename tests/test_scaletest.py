@@ -360,6 +360,18 @@ def test_bad_flags_are_refused_before_anything_runs(
     assert message in capsys.readouterr().err
 
 
+def test_an_error_inside_the_run_is_printed_from_its_exception_group(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A ScaleTestError raised in the run leaves through its nurseries in exception
+    groups; the command matches it there (``except*``) and prints it like a bad flag."""
+    dsn = "postgresql://postgres@127.0.0.1:1/postgres"
+    argv = ["scaletest", "--store", "postgres", "--cluster", "dsn", "--dsn", dsn, "--json"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "chatd-trio scaletest: error: cannot create the run's database" in err
+
+
 def check_every_turn_ended(result: dict[str, Any], chats: int, turns: int) -> None:
     """Through a fault the run still ends each turn (answered, errored or confirmed
     stopped) and reads consistent counts back."""

@@ -821,6 +821,84 @@ async def test_store_error_in_a_shielded_write_during_cancellation_does_not_esca
     assert await history(store, chat.id) == [("user", "tools please")]
 
 
+async def test_a_turn_that_crashes_of_two_failures_at_once_names_both(env: Env, clock: Any) -> None:
+    """A crash the server does not expect ends the turn in error with the crash as its
+    message. A turn whose setup ran two things at once that both failed crashes of an
+    exception group: the chat's error names every failure, not the first one only."""
+
+    async def fail(message: str) -> None:
+        raise RuntimeError(message)
+
+    async def factory(turn: TurnEnv) -> ToolRegistry:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fail, "instruction files unreadable")
+            nursery.start_soon(fail, "mcp discovery failed")
+        return registry()  # pragma: no cover - the nursery raised
+
+    store: Any = env.store
+    async with ObservedServer(
+        store, env.pubsub, answering_model(), env.config, tools_factory=factory
+    ) as server:
+        chat = await server.create_chat(OWNER, "hello", title="t")
+        fin = await env.store.wait_finish(chat.id)
+    assert fin.outcome is TurnOutcome.ERROR
+    error = fin.result.chat.last_error
+    assert error is not None
+    # Nursery order is the scheduler's: the failures in either order.
+    assert sorted(error.split("; ")) == ["instruction files unreadable", "mcp discovery failed"]
+
+
+async def test_an_exception_of_the_block_leaves_the_server_as_itself(env: Env, clock: Any) -> None:
+    """The replica's nursery is an implementation detail: what the block raises leaves
+    `async with Server` as itself, after the usual close (the running turn is shut
+    down and its chat handed back)."""
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with env.server(hanging_model()) as server:
+            chat = await server.create_chat(OWNER, "hang here", title="t")
+            async with server.subscribe(OWNER, chat.id) as sub:
+                await until_part(sub)
+            raise Boom
+    assert (await env.store.get_chat(chat.id)).status is ChatStatus.PENDING
+    assert server.stats().turns_finished == {"shutdown": 1}
+
+
+@pytest.mark.parametrize("kind", ["memory"], indirect=True)
+async def test_a_close_cut_short_still_stops_the_replica(env: Env, clock: Any) -> None:
+    """`close()` cancelled while a turn is still ending (its cleanup runs shielded, for
+    up to `cleanup_timeout`): the replica stops anyway. `run` ends once that turn has
+    ended, instead of waiting for a close that will not come back; leaving
+    ``async with Server`` relies on this when `loop.close_timeout` cuts its close."""
+    cleanup_started = trio.Event()
+
+    async def slow_cleanup() -> None:
+        cleanup_started.set()
+        await trio.sleep_forever()
+
+    def on_turn(turn: TurnEnv) -> None:
+        turn.cleanups.append(slow_cleanup)
+
+    server = env.server(hanging_model(), on_turn=on_turn)
+    cleanup_timeout = env.config.loop.cleanup_timeout
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            chat = await server.create_chat(OWNER, "hang here", title="t")
+            async with server.subscribe(OWNER, chat.id) as sub:
+                await until_part(sub)
+            closing = trio.current_time()
+            with trio.move_on_after(1.0) as cut:
+                await server.close()
+            assert cut.cancelled_caught and cleanup_started.is_set()
+    # The cleanup kept its whole bound, and the chat went back to pending.
+    assert trio.current_time() == closing + cleanup_timeout
+    assert (await env.store.get_chat(chat.id)).status is ChatStatus.PENDING
+    assert server.stats().turns_finished == {"shutdown": 1}
+
+
 # -- fenced ownership (issue 13) ---------------------------------------------------------
 
 

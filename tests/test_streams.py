@@ -37,7 +37,7 @@ from chatd_trio.domain import (
     TextPart,
     stream_channel,
 )
-from chatd_trio.errors import StoreError
+from chatd_trio.errors import PubSubError, StoreError
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.store.base import Lease, Store, TurnOutcome
@@ -684,6 +684,46 @@ async def test_pubsub_failure_emits_one_error_and_ends_the_subscription() -> Non
     assert len(rest) == 1
     assert isinstance(rest[0], ErrorEvent) and rest[0].error.kind == "pubsub"
     assert sub.cursor == first.id  # the client re-subscribes from here
+
+
+async def test_a_subscription_the_pubsub_refuses_delivers_the_failure_and_ends() -> None:
+    """Subscribing to the chat's channel fails: not raised, the subscription delivers
+    one `pubsub` error (no snapshot) and ends."""
+
+    class RefusingPubSub(MemoryPubSub):
+        @asynccontextmanager
+        async def subscribe(self, channel: str) -> AsyncIterator[Any]:
+            await trio.lowlevel.checkpoint()
+            raise PubSubError("cannot listen")
+            yield  # pragma: no cover - makes this a generator
+
+    store = MemoryStore()
+    streams = ChatStreams(store, RefusingPubSub())
+    chat_id, _, _ = await running_chat(store)
+    async with streams.subscribe(chat_id, 0) as sub:
+        with trio.fail_after(TIMEOUT):
+            events = [ev async for ev in sub]
+    assert len(events) == 1
+    assert isinstance(events[0], ErrorEvent) and events[0].error.kind == "pubsub"
+    assert "cannot listen" in events[0].error.message
+
+
+async def test_an_exception_of_the_block_leaves_the_subscription_as_itself(
+    backend: tuple[Store, PubSub],
+) -> None:
+    """The subscription's pump runs in a nursery of its own; what the caller's block
+    raises still leaves as itself, not in that nursery's exception group."""
+
+    class Boom(Exception):
+        pass
+
+    store, pubsub = backend
+    streams = ChatStreams(store, pubsub)
+    chat_id, _, _ = await running_chat(store)
+    with pytest.raises(Boom):
+        async with streams.subscribe(chat_id, 0) as sub:
+            await take(sub, 2)
+            raise Boom
 
 
 async def test_pubsub_resync_catches_up_from_the_database() -> None:

@@ -33,6 +33,7 @@ import pydantic
 import trio
 
 from chatd_trio import validation
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.agent import protocol as p
 from chatd_trio.config import AgentConfig
 from chatd_trio.domain import JSON, WorkspaceAgent
@@ -292,8 +293,7 @@ class AgentConn:
             self._raise_if_failed()
             # A half-sent frame would corrupt the stream for every other caller: a send
             # is never interrupted by the caller's cancellation, only by its own deadline.
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self._config.send_timeout
+            with bounded_cleanup(self._config.send_timeout) as scope:
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

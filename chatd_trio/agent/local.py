@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.agent.mcp import McpServerConfig
 from chatd_trio.agent.server import serve_agent
 from chatd_trio.config import Config
@@ -136,7 +137,7 @@ class LocalProvisioner:
         if running is None:
             return
         running.scope.cancel()
-        with trio.move_on_after(self._config.workspace.local_agent_stop_timeout, shield=True):
+        with bounded_cleanup(self._config.workspace.local_agent_stop_timeout):
             await running.done.wait()
         logger.info(
             "workspace agent stopped",

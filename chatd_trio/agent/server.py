@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from chatd_trio._groups import leaves
 from chatd_trio.agent import protocol as p
 from chatd_trio.agent.confine import PathEscape, Root
 from chatd_trio.agent.mcp import McpFailure, McpHub, McpServerConfig
@@ -282,9 +283,8 @@ class _Agent:
                 reader.skip_oversized = True
                 await self._serve_requests(conn, reader)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, p.ProtocolError) as group:
-            logger.debug(
-                "agent connection ended", extra={"peer": peer, "reason": repr(group.exceptions[0])}
-            )
+            reasons = ", ".join(repr(leaf) for leaf in leaves(group))
+            logger.debug("agent connection ended", extra={"peer": peer, "reason": reasons})
         except* Exception:
             logger.exception("agent connection failed", extra={"peer": peer})
         finally:

@@ -41,6 +41,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.agent import dial_agent
 from chatd_trio.agent.local import LocalProvisioner
 from chatd_trio.apps.channel import (
@@ -844,7 +845,10 @@ async def scratch_database(
         yield ScratchDatabase(name, target, shown)
     finally:
         if not keep:
-            with trio.CancelScope(shield=True):
+            # Bounded by the statement's own limits: connecting, then the DROP.
+            with bounded_cleanup(
+                demo.database_connect_timeout_s + demo.database_statement_timeout_s
+            ):
                 await _admin(
                     dsn,
                     sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident),
@@ -1025,7 +1029,8 @@ async def _replica_processes(
         yield workers
     finally:
         # Also on failure and Ctrl-C: no replica process outlives the demo.
-        with trio.CancelScope(shield=True):
+        # The polite exit, then reaping the killed: worker_stop_timeout_s for each.
+        with bounded_cleanup(2 * demo.worker_stop_timeout_s):
             # Closing stdin asks a replica to leave (EOF); one that does not in time is killed.
             with trio.move_on_after(demo.worker_stop_timeout_s):
                 for proc in procs:
@@ -1183,7 +1188,9 @@ async def _run_demo(
                             stats.append(final["stats"])
                             statements.append(final["statements"])
                 finally:
-                    with trio.CancelScope(shield=True):
+                    # Each agent's stop is bounded inside aclose; cancelling `agents` below
+                    # ends whatever is still running past this.
+                    with bounded_cleanup(config.workspace.local_agent_stop_timeout):
                         await provisioner.aclose()
                     agents.cancel_scope.cancel()
     summary = summarize(stats, statements, trio.current_time() - started)

@@ -81,6 +81,8 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._groups import leaves
 from chatd_trio.apps.channel import WORKER, JsonLines, emit, encode, stdin_lines, worker_command
 from chatd_trio.config import (
     AcquireConfig,
@@ -177,6 +179,10 @@ class FaultConfig:
     stop_timeout_s: float = 30.0
     # Final reads and the database drop wait this long for PostgreSQL (after an outage).
     db_ready_timeout_s: float = 60.0
+    # Shielded cleanups (stopping the replicas, reaping one, restarting PostgreSQL after
+    # an outage, dropping the database, removing the cluster) give up after this: twice
+    # the longest of them (stop_timeout_s, db_ready_timeout_s), so a stopped run ends.
+    cleanup_timeout_s: float = 120.0
     db_ready_interval_s: float = 0.2
     # Names: application_name prefix of the replicas' sessions, database name prefix,
     # and the side table of the stale-token witness.
@@ -1422,7 +1428,7 @@ async def _database(plan: Plan, fc: FaultConfig) -> AsyncIterator[_Database]:
             if plan.keep:
                 print(f"kept database: {dsn}", file=sys.stderr)
             else:
-                with trio.CancelScope(shield=True):
+                with bounded_cleanup(fc.cleanup_timeout_s):
                     await _wait_for(functools.partial(_drop_database, admin, name), fc)
     finally:
         if cluster is not None:
@@ -1434,7 +1440,7 @@ async def _database(plan: Plan, fc: FaultConfig) -> AsyncIterator[_Database]:
                     file=sys.stderr,
                 )
             else:
-                with trio.CancelScope(shield=True):
+                with bounded_cleanup(fc.cleanup_timeout_s):
                     await trio.to_thread.run_sync(cluster.remove)
 
 
@@ -1553,7 +1559,7 @@ class _Supervisor:
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            with trio.CancelScope(shield=True):
+            with bounded_cleanup(self.fc.cleanup_timeout_s):
                 await worker.proc.wait()
             worker.exited.set()
             worker.outbox.close()
@@ -1761,7 +1767,7 @@ class _Supervisor:
         try:
             await trio.sleep(self.plan.outage_s)
         finally:
-            with trio.CancelScope(shield=True):
+            with bounded_cleanup(self.fc.cleanup_timeout_s):
                 await trio.to_thread.run_sync(self.db.cluster.start)
         return {"down_s": round(time.monotonic() - began, 3)}
 
@@ -1823,8 +1829,9 @@ async def run_postgres(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
 async def _run_workers(
     plan: Plan, tracker: _Progress, db: _Database, fc: FaultConfig
 ) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Start the replicas, inject the fault, wait for the end, stop and reap them all."""
-    failure: ScaleTestError | None = None
+    """Start the replicas, inject the fault, wait for the end, stop and reap them all.
+    A failure (a replica that does not start: ScaleTestError) leaves in the nursery's
+    exception group."""
     outcome = "failed"
     async with trio.open_nursery() as nursery:
         sup = _Supervisor(plan, tracker, nursery, db, fc)
@@ -1855,15 +1862,10 @@ async def _run_workers(
                 await sup.finish_unfinished()
                 tracker.bump()
                 await tracker.watch(sup.all_done, fc.drain_timeout_s, math.inf)
-        except ScaleTestError as exc:
-            # Raised below, outside the nursery, so callers see it rather than a group.
-            failure = exc
         finally:
-            with trio.CancelScope(shield=True):
+            with bounded_cleanup(fc.cleanup_timeout_s):
                 await sup.stop_all()
         nursery.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
     if plan.fault and not sup.faults:
         sup.faults.append({"kind": plan.fault, "injected": False})
     workers = [{**w.summary(), "report": w.report} for w in sup.all]
@@ -2124,28 +2126,24 @@ async def _run_until_terminated(plan: Plan, progress: bool) -> dict[str, Any] | 
     return outcome
 
 
-def _scaletest_error(exc: BaseException) -> ScaleTestError | None:
-    """The ScaleTestError in `exc`, also when nurseries wrapped it in groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, ScaleTestError) else None
-
-
 def run_scaletest_command(args: argparse.Namespace) -> int:
     """`chatd-trio scaletest ...`."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.worker:
         trio.run(worker_main)
         return 0
+    refused = False
     try:
         plan = plan_from_args(args)
         plan.validate()
         summary = trio.run(_run_until_terminated, plan, not args.json)
-    except Exception as exc:
-        error = _scaletest_error(exc)
-        if error is None:
-            raise
-        print(f"chatd-trio scaletest: error: {error}", file=sys.stderr)
+    except* ScaleTestError as group:
+        # Bare (a bad flag) or in the groups of the nurseries it left: every one is
+        # printed. Any other failure beside them propagates with its traceback.
+        for error in leaves(group):
+            print(f"chatd-trio scaletest: error: {error}", file=sys.stderr)
+        refused = True
+    if refused:
         return 2
     if isinstance(summary, int):
         print(f"chatd-trio scaletest: stopped by {signal.Signals(summary).name}", file=sys.stderr)

@@ -21,8 +21,8 @@ from typing import Any, Self, cast
 
 import httpx
 import httpx_sse
-import trio
 
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio.config import ModelHTTPConfig, RequestOptions, RetryConfig
 from chatd_trio.errors import ModelError
 from chatd_trio.models.classify import (
@@ -227,7 +227,7 @@ class HTTPModel:
             yield response
         finally:
             # Shielded so an interrupted step still returns its connection to the pool.
-            with trio.move_on_after(self._config.close_timeout, shield=True):
+            with bounded_cleanup(self._config.close_timeout):
                 await response.aclose()
 
     async def _events(

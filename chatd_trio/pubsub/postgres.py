@@ -41,6 +41,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge
+from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._groups import unwrapped
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
@@ -188,11 +190,10 @@ class PostgresPubSub:
             overrides["reconnect_backoff_max"] = reconnect_backoff_max
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
-        # Raised after leaving the nurseries (ours and the bridge's), which would wrap it in
-        # an exception group: the caller sees its own exception, as with the memory adapter.
-        failure: Exception | None = None
         instance = uuid.uuid4().hex[:8]
         trips = RoundTrips() if cfg.count_round_trips else None
+        # What the block raises, and a failure to connect, leave as themselves: the bridge
+        # and the listener's nursery are `unwrapped` (as the memory adapter raises them).
         async with asyncio_bridge() as bridge:
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 dsn,
@@ -219,29 +220,23 @@ class PostgresPubSub:
                 if conn is not None:
                     await pubsub._close_conn(conn)
                 await pubsub._close_pool()
-                failure = PubSubError(f"cannot connect the pubsub: {exc}")
-                failure.__cause__ = exc
+                raise PubSubError(f"cannot connect the pubsub: {exc}") from exc
             except BaseException:
                 if conn is not None:
                     await pubsub._close_conn(conn)
                 await pubsub._close_pool()
                 raise
-            else:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        # start(): no subscriber may arrive before the first LISTEN round.
-                        await nursery.start(pubsub._listen_forever, conn)
-                        try:
-                            yield pubsub
-                        except Exception as exc:
-                            failure = exc
-                        finally:
-                            nursery.cancel_scope.cancel()
-                finally:
-                    pubsub._shutdown()
-                    await pubsub._close_pool()
-        if failure is not None:
-            raise failure
+            try:
+                async with unwrapped(trio.open_nursery()) as nursery:
+                    # start(): no subscriber may arrive before the first LISTEN round.
+                    await nursery.start(pubsub._listen_forever, conn)
+                    try:
+                        yield pubsub
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                pubsub._shutdown()
+                await pubsub._close_pool()
 
     # -- the PubSub port --------------------------------------------------------------
 
@@ -525,11 +520,11 @@ class PostgresPubSub:
                     self._resyncs += 1
 
     async def _close_conn(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout):
+        with bounded_cleanup(self._config.close_timeout):
             await self._bridge.run(_close, conn)
 
     async def _close_pool(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(self._config.close_timeout):
+        with bounded_cleanup(self._config.close_timeout):
             await self._bridge.run(_close_pool, self._pool, self._config.close_timeout)
 
 

@@ -44,6 +44,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge
+from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
@@ -698,7 +699,8 @@ class PostgresStore(StoreOps):
         """Apply migrations, open the pool, yield the store; close the pool on exit.
 
         The keyword pool sizes and recycling ages win over `config`, which supplies
-        the timeouts. Raises StoreUnavailable when the database cannot be reached.
+        the timeouts. Raises StoreUnavailable when the database cannot be reached; an
+        exception of the block leaves as itself (as with the memory store).
         """
         cfg = dataclasses.replace(
             config or _DEFAULTS,
@@ -708,26 +710,17 @@ class PostgresStore(StoreOps):
             max_lifetime=max_lifetime,
         )
         migrations = await trio.to_thread.run_sync(load_migrations)
-        failure: ChatdError | None = None
         trips = RoundTrips() if cfg.count_round_trips else None
+        # The bridge raises what its block raises as itself: a StoreError of the open, or
+        # the caller's own exception, never the loop nursery's exception group.
         async with asyncio_bridge() as bridge:
+            pool = await bridge.run(_open_pool, dsn, cfg, migrations, trips)
+            store = cls(pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn), trips)
             try:
-                pool = await bridge.run(_open_pool, dsn, cfg, migrations, trips)
-            except ChatdError as exc:
-                # Raised after the bridge closes, so the caller sees the StoreError itself
-                # rather than the bridge nursery's exception group.
-                failure = exc
-            else:
-                store = cls(
-                    pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn), trips
-                )
-                try:
-                    yield store
-                finally:
-                    with trio.move_on_after(cfg.close_timeout, shield=True):
-                        await bridge.run(pool.close, cfg.close_timeout)
-        if failure is not None:
-            raise failure
+                yield store
+            finally:
+                with bounded_cleanup(cfg.close_timeout):
+                    await bridge.run(pool.close, cfg.close_timeout)
 
     def pool_stats(self) -> dict[str, float]:
         """Pool size, connections in use and their high-water mark, recycling settings,

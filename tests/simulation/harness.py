@@ -44,6 +44,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
+from chatd_trio._groups import leaves
 from chatd_trio.config import (
     AcquireConfig,
     Config,
@@ -1702,11 +1703,13 @@ class CrashLog(logging.Handler):
         if worker in {str(w) for w in self.dead}:
             return
         exc = record.exc_info[1] if record.exc_info else None
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        self.crashes.append(f"chat {getattr(record, 'chat_id', '?')}: {exc!r}")
-        if exc is not None and not isinstance(exc, StoreError):
-            self.messages.add(str(exc) or type(exc).__name__)
+        # Every failure of the crash (a group's leaves); the message is the one the
+        # server records, which names them all.
+        failures = leaves(exc) if exc is not None else []
+        chat = getattr(record, "chat_id", "?")
+        self.crashes.extend(f"chat {chat}: {leaf!r}" for leaf in failures or [None])
+        if failures and not any(isinstance(leaf, StoreError) for leaf in failures):
+            self.messages.add("; ".join(str(leaf) or type(leaf).__name__ for leaf in failures))
 
 
 @contextlib.contextmanager
