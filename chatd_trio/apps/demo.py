@@ -49,6 +49,7 @@ from chatd_trio.apps.channel import (
     JsonLines,
     emit,
     encode,
+    replica_process_settings,
     stdin_lines,
     worker_command,
 )
@@ -1269,6 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
     argument `worker`, a replica process of a demo on PostgreSQL."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == [WORKER]:
+        replica_process_settings()
         trio.run(worker_main)
         return 0
     parser = argparse.ArgumentParser(prog="python -m chatd_trio.apps.demo")

@@ -83,7 +83,15 @@ from psycopg.conninfo import make_conninfo
 
 from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._groups import leaves
-from chatd_trio.apps.channel import WORKER, JsonLines, emit, encode, stdin_lines, worker_command
+from chatd_trio.apps.channel import (
+    WORKER,
+    JsonLines,
+    emit,
+    encode,
+    replica_process_settings,
+    stdin_lines,
+    worker_command,
+)
 from chatd_trio.config import (
     AcquireConfig,
     Config,
@@ -2158,6 +2166,7 @@ def run_scaletest_command(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if sys.argv[1:] == [WORKER]:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        replica_process_settings()
         trio.run(worker_main)
     else:
         parser = argparse.ArgumentParser(prog="python -m chatd_trio.apps.scaletest")
