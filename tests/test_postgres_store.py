@@ -212,11 +212,16 @@ async def test_max_in_use_tracks_the_high_water_mark(pg_dsn: str) -> None:
         assert stats["in_use"] == 0
         assert stats["max_in_use"] == 3
         assert 0 < stats["mean_in_use"] < 3
+        # The time-weighted distribution: all three were in use a while, never more.
+        assert 0 < stats["share_at_half_or_more"] < 1
+        assert 0 <= stats["p99_in_use"] <= 3
         assert len(await s.list_queued(chat.id)) == 3
         # A benchmark's steady phase starts from what is in use now.
         s.reset_pool_high_water()
         assert s.pool_stats()["max_in_use"] == 0
         assert s.pool_stats()["mean_in_use"] == 0.0
+        assert s.pool_stats()["share_at_half_or_more"] == 0.0
+        assert s.pool_stats()["p99_in_use"] == 0
         await s.get_chat(chat.id)
         assert s.pool_stats()["max_in_use"] == 1
 

@@ -1210,10 +1210,15 @@ def _summarise(
         "db_pool": {
             "size": max((r["pool"]["size"] for r in reports), default=0),
             "max_in_use": max((r["pool"]["max_in_use"] for r in reports), default=0),
-            # Per replica, during the steady phase (turns 2..M): the high-water mark and
-            # the time-weighted mean of the connections in use.
+            # Per replica, during the steady phase (turns 2..M): the high-water mark, the
+            # time-weighted mean and 99th percentile of the connections in use, and the
+            # share of the time with half the pool or more in use.
             "steady_max_in_use_per_replica": [r["pool"]["max_in_use"] for r in reports],
             "steady_mean_in_use_per_replica": [r["pool"].get("mean_in_use", 0.0) for r in reports],
+            "steady_p99_in_use_per_replica": [r["pool"].get("p99_in_use", 0) for r in reports],
+            "steady_share_at_half_or_more_per_replica": [
+                r["pool"].get("share_at_half_or_more", 0.0) for r in reports
+            ],
         },
         "reliability": _reliability(
             plan, facts, counts, durable, progress, outcome, workers, reports, faults, crashes

@@ -680,6 +680,9 @@ class PostgresStore(StoreOps):
         # Connection-seconds in use since the high-water mark was last reset, and when
         # that was: their ratio is the mean number of connections in use.
         self._in_use_area = 0.0
+        # Seconds spent with n connections in use, n = 0..max_size (a time-weighted
+        # distribution: how long the pool was that busy, not only its peak).
+        self._in_use_time = [0.0] * (config.max_size + 1)
         self._in_use_changed = self._in_use_since = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -732,6 +735,8 @@ class PostgresStore(StoreOps):
             in_use=self._in_use,
             max_in_use=self._max_in_use,
             mean_in_use=self._mean_in_use(),
+            p99_in_use=self._in_use_quantile(0.99),
+            share_at_half_or_more=self._share_at_least((self._pool.max_size + 1) // 2),
             min_size=self._pool.min_size,
             max_size=self._pool.max_size,
             max_idle=self._pool.max_idle,
@@ -745,6 +750,7 @@ class PostgresStore(StoreOps):
         in use now (a benchmark's steady phase)."""
         self._max_in_use = self._in_use
         self._in_use_area = 0.0
+        self._in_use_time = [0.0] * len(self._in_use_time)
         self._in_use_changed = self._in_use_since = time.monotonic()
 
     def _mean_in_use(self) -> float:
@@ -752,8 +758,34 @@ class PostgresStore(StoreOps):
         area = self._in_use_area + self._in_use * (now - self._in_use_changed)
         return area / (now - self._in_use_since) if now > self._in_use_since else 0.0
 
+    def _in_use_times(self) -> list[float]:
+        times = list(self._in_use_time)
+        times[min(self._in_use, len(times) - 1)] += time.monotonic() - self._in_use_changed
+        return times
+
+    def _in_use_quantile(self, q: float) -> int:
+        """The smallest n such that the pool had at most n connections in use for at
+        least `q` of the time since the last reset."""
+        times = self._in_use_times()
+        total = sum(times)
+        seen = 0.0
+        for n, spent in enumerate(times):
+            seen += spent
+            if total > 0 and seen >= q * total:
+                return n
+        return self._max_in_use
+
+    def _share_at_least(self, n: int) -> float:
+        """The share of the time since the last reset with `n` or more connections in use."""
+        times = self._in_use_times()
+        total = sum(times)
+        return round(sum(times[n:]) / total, 4) if total > 0 else 0.0
+
     def _count_in_use(self, delta: int) -> None:
         now = time.monotonic()
+        self._in_use_time[min(self._in_use, len(self._in_use_time) - 1)] += (
+            now - self._in_use_changed
+        )
         self._in_use_area += self._in_use * (now - self._in_use_changed)
         self._in_use_changed = now
         self._in_use += delta
