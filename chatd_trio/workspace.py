@@ -32,12 +32,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol
 
 import trio
 
 from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._closing import AsyncClosing
 from chatd_trio.agent.client import (
     DirEntry,
     ExecResult,
@@ -280,7 +280,7 @@ class _Lease:
     agent: WorkspaceAgent
 
 
-class WorkspaceContext:
+class WorkspaceContext(AsyncClosing):
     """The workspace of one turn: resolve the agent once, dial once, release at the end.
 
     `dialer` connects to an agent (`dial_agent`); `nursery` is the turn's
@@ -357,17 +357,6 @@ class WorkspaceContext:
         return self._mcp_tools
 
     # -- lifecycle --------------------------------------------------------------------
-
-    async def __aenter__(self) -> WorkspaceContext:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Release the cached connection (exactly once); later calls change nothing."""

@@ -16,13 +16,13 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self, cast
 
 import httpx
 import httpx_sse
 
 from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._closing import AsyncClosing
 from chatd_trio.config import ModelHTTPConfig, RequestOptions, RetryConfig
 from chatd_trio.errors import ModelError
 from chatd_trio.models.classify import (
@@ -120,7 +120,7 @@ async def sse_events(
             yield event
 
 
-class HTTPModel:
+class HTTPModel(AsyncClosing):
     """The shared half of an HTTP adapter: client, options, errors.
 
     Owns an `httpx.AsyncClient` unless one is passed in; close it with `aclose()`
@@ -185,17 +185,6 @@ class HTTPModel:
         """Close the HTTP client if this model created it."""
         if self._owns_client:
             await self._client.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- requests --------------------------------------------------------------
 
