@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +280,7 @@ class AnthropicModel(HTTPModel):
             headers["x-api-key"] = api_key
         super().__init__(
             model,
+            url=base_url.rstrip("/") + "/v1/messages",
             provider=provider,
             timeout=timeout,
             context_limit=context_limit,
@@ -289,7 +290,6 @@ class AnthropicModel(HTTPModel):
             retry=retry,
             client=client,
         )
-        self._url = base_url.rstrip("/") + "/v1/messages"
 
     # -- port ----------------------------------------------------------------
 
@@ -297,13 +297,11 @@ class AnthropicModel(HTTPModel):
         self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec]
     ) -> AbstractAsyncContextManager[AsyncIterator[Delta]]:
         """Open one streamed step; iterate the deltas inside the context."""
-        return self._stream(self.request_body(messages, tools, stream=True))
+        return self._open_deltas(self.request_body(messages, tools, stream=True))
 
     async def generate(self, messages: Sequence[PromptMessage]) -> GenerateResult:
         """One non-streaming call without tools (used for summaries)."""
-        body = self.request_body(messages, (), stream=False)
-        async with self._open(self._url, body, "application/json") as response:
-            data = await self._read_json(response)
+        data = await self._generate_json(messages)
         try:
             assert isinstance(data, Mapping), "the body is not an object"
             if data.get("type") == "error":
@@ -359,13 +357,6 @@ class AnthropicModel(HTTPModel):
         return body
 
     # -- streaming -----------------------------------------------------------
-
-    @asynccontextmanager
-    async def _stream(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
-        async with self._open(self._url, body, "text/event-stream") as response:
-            await self._refuse_json_body(response)
-            async with aclosing(self._deltas(response)) as deltas:
-                yield deltas
 
     async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
         state = _StreamState()
