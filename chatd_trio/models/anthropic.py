@@ -233,6 +233,14 @@ class _StreamState:
         return _usage(self.usage)
 
 
+def _text_field(data: Mapping[str, Any], key: str, kind: str) -> str:
+    """`data[key]`, which must be a string (else a TypeError naming `kind.key`)."""
+    value = data[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{kind}.{key} is not a string")
+    return value
+
+
 def _usage(data: Mapping[str, Any]) -> Usage:
     inp = count(data, "input_tokens")
     out = count(data, "output_tokens")
@@ -452,9 +460,7 @@ class AnthropicModel(HTTPModel):
             text = block.get("thinking")
             return [ReasoningDelta(text)] if isinstance(text, str) and text else []
         if kind == "redacted_thinking":
-            secret = block["data"]
-            if not isinstance(secret, str):
-                raise TypeError("redacted_thinking.data is not a string")
+            secret = _text_field(block, "data", kind)
             state.blocks[index].closed = True
             return [ReasoningDelta("", signature=secret, redacted=True)]
         # Server tool results and other block kinds this adapter does not use.
@@ -469,9 +475,7 @@ class AnthropicModel(HTTPModel):
             raise TypeError("content_block_delta.delta is not an object")
         kind = delta["type"]
         if kind == "text_delta":
-            text = delta["text"]
-            if not isinstance(text, str):
-                raise TypeError("text_delta.text is not a string")
+            text = _text_field(delta, "text", kind)
             return [TextDelta(text)] if text else []
         if kind == "input_json_delta":
             piece = delta["partial_json"]
@@ -480,15 +484,10 @@ class AnthropicModel(HTTPModel):
             entry.pieces.append(piece)
             return [ToolCallDelta(entry.call_index, None, None, piece)] if piece else []
         if kind == "thinking_delta":
-            text = delta["thinking"]
-            if not isinstance(text, str):
-                raise TypeError("thinking_delta.thinking is not a string")
+            text = _text_field(delta, "thinking", kind)
             return [ReasoningDelta(text)] if text else []
         if kind == "signature_delta":
-            signature = delta["signature"]
-            if not isinstance(signature, str):
-                raise TypeError("signature_delta.signature is not a string")
-            entry.signature.append(signature)
+            entry.signature.append(_text_field(delta, "signature", kind))
             return []
         # citations_delta and later additions carry nothing this port models.
         return []
