@@ -36,7 +36,6 @@ from typing import Protocol
 
 import trio
 
-from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._closing import AsyncClosing
 from chatd_trio.agent.client import (
     DirEntry,
@@ -47,7 +46,13 @@ from chatd_trio.agent.client import (
     McpTool,
 )
 from chatd_trio.config import WorkspaceConfig
-from chatd_trio.dial import DialCounter, DialResult, Release, dial_with_lazy_validation
+from chatd_trio.dial import (
+    DialCounter,
+    DialResult,
+    Release,
+    dial_with_lazy_validation,
+    release_logged,
+)
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -532,19 +537,8 @@ class WorkspaceContext(AsyncClosing):
         await self._release(dialed.release, dialed.agent_id)
 
     async def _release(self, release: Release, agent_id: uuid.UUID) -> None:
-        with bounded_cleanup(self._config.dial_release_timeout) as scope:
-            try:
-                await release()
-            except Exception as exc:
-                logger.warning(
-                    "releasing an agent connection failed",
-                    extra={"agent_id": str(agent_id), "error": repr(exc)},
-                )
-        if scope.cancelled_caught:
-            logger.warning(
-                "releasing an agent connection timed out",
-                extra={"agent_id": str(agent_id), "timeout": self._config.dial_release_timeout},
-            )
+        timeout = self._config.dial_release_timeout
+        await release_logged(release, agent_id, timeout, logger, "an agent connection")
 
     async def change_workspace(self, workspace_id: uuid.UUID | None) -> None:
         """Point the chat at `workspace_id` (binding build/agent cleared, bound lazily later);
