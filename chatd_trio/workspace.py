@@ -169,17 +169,7 @@ class WorkspaceStats(DialCounter):
 
     def statistics(self) -> WorkspaceStatistics:
         """A frozen copy of the counters."""
-        return WorkspaceStatistics(
-            dials=self.dials,
-            validations=self.validations,
-            switches=self.switches,
-            agent_lookups=self.agent_lookups,
-            latest_build_lookups=self.latest_build_lookups,
-            binding_updates=self.binding_updates,
-            instruction_persists=self.instruction_persists,
-            mcp_discoveries=self.mcp_discoveries,
-            mcp_cache_hits=self.mcp_cache_hits,
-        )
+        return WorkspaceStatistics(**dataclasses.asdict(self))
 
 
 class AgentRows:
