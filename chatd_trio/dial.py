@@ -346,19 +346,31 @@ class _Driver(Generic[ConnT]):
             self._report(_Report(attempt, "delay_elapsed"))
 
     async def _release(self, release: Release, agent_id: uuid.UUID | None) -> None:
-        with bounded_cleanup(self._release_timeout) as scope:
-            try:
-                await release()
-            except Exception as exc:
-                logger.warning(
-                    "releasing an unwanted agent connection failed",
-                    extra={"agent_id": str(agent_id), "error": repr(exc)},
-                )
-        if scope.cancelled_caught:
-            logger.warning(
-                "releasing an unwanted agent connection timed out",
-                extra={"agent_id": str(agent_id), "timeout": self._release_timeout},
+        await release_logged(
+            release, agent_id, self._release_timeout, logger, "an unwanted agent connection"
+        )
+
+
+async def release_logged(
+    release: Release,
+    agent_id: uuid.UUID | None,
+    seconds: float,
+    log: logging.Logger,
+    what: str,
+) -> None:
+    """Await `release` shielded, for at most `seconds`; its failure or its timeout is
+    logged to `log` as a warning about releasing `what`, never raised."""
+    with bounded_cleanup(seconds) as scope:
+        try:
+            await release()
+        except Exception as exc:
+            log.warning(
+                f"releasing {what} failed", extra={"agent_id": str(agent_id), "error": repr(exc)}
             )
+    if scope.cancelled_caught:
+        log.warning(
+            f"releasing {what} timed out", extra={"agent_id": str(agent_id), "timeout": seconds}
+        )
 
 
 async def dial_with_lazy_validation(

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Literal, Protocol
 
 import pydantic
@@ -145,18 +145,7 @@ class SubagentStats:
 
     def statistics(self) -> SubagentStatistics:
         """A frozen copy of the counters."""
-        return SubagentStatistics(
-            spawned=self.spawned,
-            waits=self.waits,
-            completed=self.completed,
-            errored=self.errored,
-            timed_out=self.timed_out,
-            checks=self.checks,
-            notify_wakes=self.notify_wakes,
-            resync_wakes=self.resync_wakes,
-            poll_wakes=self.poll_wakes,
-            pubsub_fallbacks=self.pubsub_fallbacks,
-        )
+        return SubagentStatistics(**asdict(self))
 
 
 # -- pure helpers ----------------------------------------------------------------------------

@@ -32,12 +32,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol
 
 import trio
 
-from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._closing import AsyncClosing
 from chatd_trio.agent.client import (
     DirEntry,
     ExecResult,
@@ -47,7 +46,13 @@ from chatd_trio.agent.client import (
     McpTool,
 )
 from chatd_trio.config import WorkspaceConfig
-from chatd_trio.dial import DialCounter, DialResult, Release, dial_with_lazy_validation
+from chatd_trio.dial import (
+    DialCounter,
+    DialResult,
+    Release,
+    dial_with_lazy_validation,
+    release_logged,
+)
 from chatd_trio.domain import (
     JSON,
     Chat,
@@ -164,17 +169,7 @@ class WorkspaceStats(DialCounter):
 
     def statistics(self) -> WorkspaceStatistics:
         """A frozen copy of the counters."""
-        return WorkspaceStatistics(
-            dials=self.dials,
-            validations=self.validations,
-            switches=self.switches,
-            agent_lookups=self.agent_lookups,
-            latest_build_lookups=self.latest_build_lookups,
-            binding_updates=self.binding_updates,
-            instruction_persists=self.instruction_persists,
-            mcp_discoveries=self.mcp_discoveries,
-            mcp_cache_hits=self.mcp_cache_hits,
-        )
+        return WorkspaceStatistics(**dataclasses.asdict(self))
 
 
 class AgentRows:
@@ -280,7 +275,7 @@ class _Lease:
     agent: WorkspaceAgent
 
 
-class WorkspaceContext:
+class WorkspaceContext(AsyncClosing):
     """The workspace of one turn: resolve the agent once, dial once, release at the end.
 
     `dialer` connects to an agent (`dial_agent`); `nursery` is the turn's
@@ -357,17 +352,6 @@ class WorkspaceContext:
         return self._mcp_tools
 
     # -- lifecycle --------------------------------------------------------------------
-
-    async def __aenter__(self) -> WorkspaceContext:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Release the cached connection (exactly once); later calls change nothing."""
@@ -543,19 +527,8 @@ class WorkspaceContext:
         await self._release(dialed.release, dialed.agent_id)
 
     async def _release(self, release: Release, agent_id: uuid.UUID) -> None:
-        with bounded_cleanup(self._config.dial_release_timeout) as scope:
-            try:
-                await release()
-            except Exception as exc:
-                logger.warning(
-                    "releasing an agent connection failed",
-                    extra={"agent_id": str(agent_id), "error": repr(exc)},
-                )
-        if scope.cancelled_caught:
-            logger.warning(
-                "releasing an agent connection timed out",
-                extra={"agent_id": str(agent_id), "timeout": self._config.dial_release_timeout},
-            )
+        timeout = self._config.dial_release_timeout
+        await release_logged(release, agent_id, timeout, logger, "an agent connection")
 
     async def change_workspace(self, workspace_id: uuid.UUID | None) -> None:
         """Point the chat at `workspace_id` (binding build/agent cleared, bound lazily later);

@@ -26,7 +26,6 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import pydantic
@@ -34,6 +33,7 @@ import trio
 
 from chatd_trio import validation
 from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._closing import AsyncClosing
 from chatd_trio.agent import protocol as p
 from chatd_trio.config import AgentConfig
 from chatd_trio.domain import JSON, WorkspaceAgent
@@ -131,7 +131,7 @@ class _Pending:
     response: p.JSONObject | None = None
 
 
-class AgentConn:
+class AgentConn(AsyncClosing):
     """An authenticated connection to one workspace agent; safe to use from many tasks."""
 
     def __init__(self, stream: trio.abc.Stream, *, agent: WorkspaceAgent, config: AgentConfig):
@@ -165,17 +165,6 @@ class AgentConn:
         """Close the connection; idempotent. Calls in flight raise AgentUnavailable."""
         self._fail(AgentUnavailable, "connection released")
         await trio.aclose_forcefully(self._stream)
-
-    async def __aenter__(self) -> AgentConn:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- operations -------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from chatd_trio._closing import AsyncClosing
 from chatd_trio.config import AgentConfig
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class _Health:
     last_failure: float = -math.inf
 
 
-class _WatchedReadStream:
+class _WatchedReadStream(AsyncClosing):
     """The server's read stream, noting its end: the server exited or its stdout closed."""
 
     def __init__(self, inner: Any) -> None:
@@ -96,12 +97,6 @@ class _WatchedReadStream:
             return await self.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> _WatchedReadStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
 
 class McpHub:

@@ -304,32 +304,35 @@ class _Agent:
             request_id = _request_id(frame)
             now = trio.current_time()
             if not self._auth_failures.allowed(conn.host, now):
-                logger.warning("agent authentication rate-limited", extra={"peer": conn.peer})
-                await self._refuse(
-                    conn,
-                    request_id,
+                refused, kind, message = (
+                    "agent authentication rate-limited",
                     p.ERR_RATE_LIMITED,
                     "too many failed authentications from this host; try again later",
                 )
-                return False
-            args = frame.get("args")
-            token = args.get("token") if isinstance(args, dict) else None
-            if (
-                frame.get("op") == p.OP_AUTH
-                and isinstance(token, str)
-                and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token)
-            ):
+            elif self._holds_token(frame):
                 await conn.send(p.ok_response(request_id, {"version": p.PROTOCOL_VERSION}))
                 return True
-            self._auth_failures.failed(conn.host, now)
-            logger.warning("agent authentication refused", extra={"peer": conn.peer})
-            await self._refuse(
-                conn,
-                request_id,
-                p.ERR_AUTH,
-                "authentication failed: the first request must be 'auth' with the agent's token",
-            )
+            else:
+                self._auth_failures.failed(conn.host, now)
+                refused, kind, message = (
+                    "agent authentication refused",
+                    p.ERR_AUTH,
+                    "authentication failed: the first request must be 'auth' "
+                    "with the agent's token",
+                )
+            logger.warning(refused, extra={"peer": conn.peer})
+            await self._refuse(conn, request_id, kind, message)
         return False
+
+    def _holds_token(self, frame: p.JSONObject) -> bool:
+        """The frame is an `auth` request carrying this agent's token."""
+        args = frame.get("args")
+        token = args.get("token") if isinstance(args, dict) else None
+        return (
+            frame.get("op") == p.OP_AUTH
+            and isinstance(token, str)
+            and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self._token)
+        )
 
     async def _refuse(
         self, conn: _Connection, request_id: int | None, kind: str, message: str

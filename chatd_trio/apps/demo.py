@@ -514,8 +514,23 @@ class DemoEnv:
         chat_id = await self.next_replica().create_chat(self.owner, text, title, workspace_id)
         return await self.monitor.watch(await self.store.get_chat(chat_id))
 
+    async def first_turn(
+        self, title: str, text: str, *, workspace_id: uuid.UUID | None = None
+    ) -> ChatRow:
+        """A new chat, returned once its first turn is over."""
+        row = await self.chat(title, text, workspace_id=workspace_id)
+        await row.until_turns(1)
+        return row
+
     async def send(self, row: ChatRow, text: str) -> None:
         await self.next_replica().send_message(self.owner, row.chat_id, text)
+
+    async def turn(self, row: ChatRow, text: str, n: int) -> float:
+        """Send `text`, then wait until the chat has finished `n` turns; the seconds taken."""
+        started = trio.current_time()
+        await self.send(row, text)
+        await row.until_turns(n)
+        return trio.current_time() - started
 
 
 def _tool_results(messages: Sequence[Message], name: str) -> list[ToolResultPart]:
@@ -533,8 +548,9 @@ def _last_assistant_text(messages: Sequence[Message]) -> str:
 
 async def scenario_parallel(env: DemoEnv) -> ScenarioResult:
     ws = await env.provisioner.create(env.owner, "parallel-ws")
-    row = await env.chat("parallel tools", "[parallel] run four slow commands", workspace_id=ws.id)
-    await row.until_turns(1)
+    row = await env.first_turn(
+        "parallel tools", "[parallel] run four slow commands", workspace_id=ws.id
+    )
     results = _tool_results(await env.store.messages_after(row.chat_id, 0), "execute")
     spans: list[tuple[int, int]] = []
     for r in results:
@@ -554,8 +570,7 @@ async def scenario_parallel(env: DemoEnv) -> ScenarioResult:
 
 async def scenario_compaction(env: DemoEnv) -> ScenarioResult:
     # Checked from persisted messages: the turn may run on any replica (process).
-    row = await env.chat("compaction", "[compact] tell me everything")
-    await row.until_turns(1)
+    row = await env.first_turn("compaction", "[compact] tell me everything")
     messages = await env.store.messages_after(row.chat_id, 0)
     tool = env.server.config.loop.compaction.tool_name
     summarized = _tool_results(messages, tool)
@@ -578,8 +593,7 @@ async def scenario_compaction(env: DemoEnv) -> ScenarioResult:
 
 
 async def scenario_subagent(env: DemoEnv) -> ScenarioResult:
-    row = await env.chat("subagent (root)", "[subagent] ask a helper")
-    await row.until_turns(1)
+    row = await env.first_turn("subagent (root)", "[subagent] ask a helper")
     messages = await env.store.messages_after(row.chat_id, 0)
     spawned = _tool_results(messages, "spawn_agent")
     waited = _tool_results(messages, "wait_agent")
@@ -597,17 +611,15 @@ async def scenario_subagent(env: DemoEnv) -> ScenarioResult:
 async def scenario_rebuild(env: DemoEnv) -> ScenarioResult:
     ws = await env.provisioner.create(env.owner, "rebuild-ws")
     first = env.provisioner.running_agent(ws.id)
-    row = await env.chat(
+    row = await env.first_turn(
         "workspace rebuild",
         "[rebuild] turn 1 $ echo built-on-first-agent > note.txt && cat note.txt",
         workspace_id=ws.id,
     )
-    await row.until_turns(1)
     bound = await env.store.get_chat(row.chat_id)
     second = await env.provisioner.start(ws.id)
     env.monitor.display.line(f"[rebuild] workspace rebuilt: new agent {str(second.id)[:8]}")
-    await env.send(row, "[rebuild] turn 2 $ cat note.txt")
-    await row.until_turns(2)
+    await env.turn(row, "[rebuild] turn 2 $ cat note.txt", 2)
     chat = await env.store.get_chat(row.chat_id)
     outputs = [_result_text(r.result) for r in _tool_results(row.messages, "execute")]
     # The persisted binding moving to the new agent is the switch (whichever replica ran it).
@@ -628,14 +640,12 @@ async def scenario_rebuild(env: DemoEnv) -> ScenarioResult:
 
 async def scenario_stopped(env: DemoEnv) -> ScenarioResult:
     ws = await env.provisioner.create(env.owner, "stopped-ws")
-    row = await env.chat("stopped workspace", "[stopped] turn 1 $ echo alive", workspace_id=ws.id)
-    await row.until_turns(1)
+    row = await env.first_turn(
+        "stopped workspace", "[stopped] turn 1 $ echo alive", workspace_id=ws.id
+    )
     await env.provisioner.stop(ws.id)
     env.monitor.display.line("[stopped] workspace stopped")
-    started = trio.current_time()
-    await env.send(row, "[stopped] turn 2 $ echo still there?")
-    await row.until_turns(2)
-    took = trio.current_time() - started
+    took = await env.turn(row, "[stopped] turn 2 $ echo still there?", 2)
     results = _tool_results(row.messages, "execute")
     last = results[-1] if results else None
     kind = last.result.get("kind") if last and isinstance(last.result, dict) else None
@@ -649,12 +659,8 @@ async def scenario_stopped(env: DemoEnv) -> ScenarioResult:
 
 
 async def scenario_throttle(env: DemoEnv) -> ScenarioResult:
-    row = await env.chat("retry storm", "[throttle] hello")
-    await row.until_turns(1)
-    started = trio.current_time()
-    await env.send(row, f"[throttle] answer despite a 429 {STORM}")
-    await row.until_turns(2)
-    took = trio.current_time() - started
+    row = await env.first_turn("retry storm", "[throttle] hello")
+    took = await env.turn(row, f"[throttle] answer despite a 429 {STORM}", 2)
     expected = env.demo.throttle_errors
     # The persisted answer names the throttled attempts the model saw (on whichever replica).
     answer = _last_assistant_text(await env.store.messages_after(row.chat_id, 0))
@@ -681,8 +687,7 @@ async def scenario_catchup(env: DemoEnv) -> ScenarioResult:
     env.monitor.display.line(f"[catchup] subscriber left at message #{cursor}")
     await row.until_turns(1)
     for i in range(env.demo.catchup_missed_turns):
-        await env.send(row, f"[catchup] missed message {i + 1}")
-        await row.until_turns(2 + i)
+        await env.turn(row, f"[catchup] missed message {i + 1}", 2 + i)
     expected = [m.id for m in await env.store.messages_after(row.chat_id, cursor)]
     got: list[int] = []
     async with env.server.subscribe(env.owner, row.chat_id, cursor) as sub:

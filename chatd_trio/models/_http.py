@@ -13,18 +13,19 @@ import email.utils
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self, cast
 
 import httpx
 import httpx_sse
 
 from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._closing import AsyncClosing
 from chatd_trio.config import ModelHTTPConfig, RequestOptions, RetryConfig
 from chatd_trio.errors import ModelError
+from chatd_trio.models.base import Delta, PromptMessage, ToolSpec
 from chatd_trio.models.classify import (
     CONNECTION,
     MALFORMED,
@@ -120,7 +121,7 @@ async def sse_events(
             yield event
 
 
-class HTTPModel:
+class HTTPModel(AsyncClosing):
     """The shared half of an HTTP adapter: client, options, errors.
 
     Owns an `httpx.AsyncClient` unless one is passed in; close it with `aclose()`
@@ -131,6 +132,7 @@ class HTTPModel:
         self,
         model: str,
         *,
+        url: str,
         provider: str,
         timeout: float | None,
         context_limit: int | None,
@@ -143,6 +145,7 @@ class HTTPModel:
         self._config = config or ModelHTTPConfig()
         self._retryable = (retry or RetryConfig()).retryable_status_codes
         self._model = model
+        self._url = url
         self._provider = provider
         self._context_limit = context_limit
         self._headers = dict(headers)
@@ -186,18 +189,32 @@ class HTTPModel:
         if self._owns_client:
             await self._client.aclose()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     # -- requests --------------------------------------------------------------
+
+    def request_body(
+        self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec], *, stream: bool
+    ) -> dict[str, Any]:
+        """The body the adapter's endpoint takes: messages, tools and the request options."""
+        raise NotImplementedError
+
+    def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
+        """The deltas of a streamed response, ending with `Finish` (each adapter parses its
+        provider's events)."""
+        raise NotImplementedError
+
+    async def _generate_json(self, messages: Sequence[PromptMessage]) -> object:
+        """The decoded JSON body of one non-streaming call without tools."""
+        body = self.request_body(messages, (), stream=False)
+        async with self._open(body, "application/json") as response:
+            return await self._read_json(response)
+
+    @asynccontextmanager
+    async def _open_deltas(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
+        """One streamed call: its deltas, closed (and the response with them) on leaving."""
+        async with self._open(body, "text/event-stream") as response:
+            await self._refuse_json_body(response)
+            async with aclosing(self._deltas(response)) as deltas:
+                yield deltas
 
     def _request_headers(self, accept: str) -> dict[str, str]:
         headers = {**self._headers, "accept": accept}
@@ -208,13 +225,12 @@ class HTTPModel:
         return headers
 
     @asynccontextmanager
-    async def _open(
-        self, url: str, body: Mapping[str, Any], accept: str
-    ) -> AsyncIterator[httpx.Response]:
+    async def _open(self, body: Mapping[str, Any], accept: str) -> AsyncIterator[httpx.Response]:
         """Send; yield the response once its status is a success (else raise the
         classified error); close it shielded however the caller leaves."""
+        headers = self._request_headers(accept)
         request = self._client.build_request(
-            "POST", url, json=body, headers=self._request_headers(accept), timeout=self._timeout
+            "POST", self._url, json=body, headers=headers, timeout=self._timeout
         )
         try:
             response = await self._client.send(request, stream=True)

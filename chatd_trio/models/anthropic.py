@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +233,14 @@ class _StreamState:
         return _usage(self.usage)
 
 
+def _text_field(data: Mapping[str, Any], key: str, kind: str) -> str:
+    """`data[key]`, which must be a string (else a TypeError naming `kind.key`)."""
+    value = data[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{kind}.{key} is not a string")
+    return value
+
+
 def _usage(data: Mapping[str, Any]) -> Usage:
     inp = count(data, "input_tokens")
     out = count(data, "output_tokens")
@@ -280,6 +288,7 @@ class AnthropicModel(HTTPModel):
             headers["x-api-key"] = api_key
         super().__init__(
             model,
+            url=base_url.rstrip("/") + "/v1/messages",
             provider=provider,
             timeout=timeout,
             context_limit=context_limit,
@@ -289,7 +298,6 @@ class AnthropicModel(HTTPModel):
             retry=retry,
             client=client,
         )
-        self._url = base_url.rstrip("/") + "/v1/messages"
 
     # -- port ----------------------------------------------------------------
 
@@ -297,13 +305,11 @@ class AnthropicModel(HTTPModel):
         self, messages: Sequence[PromptMessage], tools: Sequence[ToolSpec]
     ) -> AbstractAsyncContextManager[AsyncIterator[Delta]]:
         """Open one streamed step; iterate the deltas inside the context."""
-        return self._stream(self.request_body(messages, tools, stream=True))
+        return self._open_deltas(self.request_body(messages, tools, stream=True))
 
     async def generate(self, messages: Sequence[PromptMessage]) -> GenerateResult:
         """One non-streaming call without tools (used for summaries)."""
-        body = self.request_body(messages, (), stream=False)
-        async with self._open(self._url, body, "application/json") as response:
-            data = await self._read_json(response)
+        data = await self._generate_json(messages)
         try:
             assert isinstance(data, Mapping), "the body is not an object"
             if data.get("type") == "error":
@@ -359,13 +365,6 @@ class AnthropicModel(HTTPModel):
         return body
 
     # -- streaming -----------------------------------------------------------
-
-    @asynccontextmanager
-    async def _stream(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
-        async with self._open(self._url, body, "text/event-stream") as response:
-            await self._refuse_json_body(response)
-            async with aclosing(self._deltas(response)) as deltas:
-                yield deltas
 
     async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
         state = _StreamState()
@@ -461,9 +460,7 @@ class AnthropicModel(HTTPModel):
             text = block.get("thinking")
             return [ReasoningDelta(text)] if isinstance(text, str) and text else []
         if kind == "redacted_thinking":
-            secret = block["data"]
-            if not isinstance(secret, str):
-                raise TypeError("redacted_thinking.data is not a string")
+            secret = _text_field(block, "data", kind)
             state.blocks[index].closed = True
             return [ReasoningDelta("", signature=secret, redacted=True)]
         # Server tool results and other block kinds this adapter does not use.
@@ -478,9 +475,7 @@ class AnthropicModel(HTTPModel):
             raise TypeError("content_block_delta.delta is not an object")
         kind = delta["type"]
         if kind == "text_delta":
-            text = delta["text"]
-            if not isinstance(text, str):
-                raise TypeError("text_delta.text is not a string")
+            text = _text_field(delta, "text", kind)
             return [TextDelta(text)] if text else []
         if kind == "input_json_delta":
             piece = delta["partial_json"]
@@ -489,15 +484,10 @@ class AnthropicModel(HTTPModel):
             entry.pieces.append(piece)
             return [ToolCallDelta(entry.call_index, None, None, piece)] if piece else []
         if kind == "thinking_delta":
-            text = delta["thinking"]
-            if not isinstance(text, str):
-                raise TypeError("thinking_delta.thinking is not a string")
+            text = _text_field(delta, "thinking", kind)
             return [ReasoningDelta(text)] if text else []
         if kind == "signature_delta":
-            signature = delta["signature"]
-            if not isinstance(signature, str):
-                raise TypeError("signature_delta.signature is not a string")
-            entry.signature.append(signature)
+            entry.signature.append(_text_field(delta, "signature", kind))
             return []
         # citations_delta and later additions carry nothing this port models.
         return []

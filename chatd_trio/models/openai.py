@@ -228,6 +228,7 @@ class OpenAIChatModel(HTTPModel):
             headers["authorization"] = f"Bearer {api_key}"
         super().__init__(
             model,
+            url=base_url.rstrip("/") + "/chat/completions",
             provider=provider,
             timeout=timeout,
             context_limit=context_limit,
@@ -237,7 +238,6 @@ class OpenAIChatModel(HTTPModel):
             retry=retry,
             client=client,
         )
-        self._url = base_url.rstrip("/") + "/chat/completions"
         self._refusals = _Refusals()
 
     # -- port ----------------------------------------------------------------
@@ -250,9 +250,7 @@ class OpenAIChatModel(HTTPModel):
 
     async def generate(self, messages: Sequence[PromptMessage]) -> GenerateResult:
         """One non-streaming call without tools (used for summaries)."""
-        body = self.request_body(messages, (), stream=False)
-        async with self._open(self._url, body, "application/json") as response:
-            data = await self._read_json(response)
+        data = await self._generate_json(messages)
         try:
             assert isinstance(data, Mapping), "the body is not an object"
             found = error_object(data) if "choices" not in data else None
@@ -327,7 +325,7 @@ class OpenAIChatModel(HTTPModel):
         body = self.request_body(messages, tools, stream=True)
         opened = False
         try:
-            async with self._open_stream(body) as deltas:
+            async with self._open_deltas(body) as deltas:
                 opened = True
                 yield deltas
                 return
@@ -341,15 +339,8 @@ class OpenAIChatModel(HTTPModel):
             "server refused stream_options; not sending it again",
             extra={"provider": self._provider, "model": self._model},
         )
-        async with self._open_stream(self.request_body(messages, tools, stream=True)) as deltas:
+        async with self._open_deltas(self.request_body(messages, tools, stream=True)) as deltas:
             yield deltas
-
-    @asynccontextmanager
-    async def _open_stream(self, body: Mapping[str, Any]) -> AsyncIterator[AsyncIterator[Delta]]:
-        async with self._open(self._url, body, "text/event-stream") as response:
-            await self._refuse_json_body(response)
-            async with aclosing(self._deltas(response)) as deltas:
-                yield deltas
 
     async def _deltas(self, response: httpx.Response) -> AsyncGenerator[Delta, None]:
         state = _StreamState()
