@@ -35,10 +35,10 @@ from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.server import Server
 from chatd_trio.storable import MAX_RESULT_BYTES
-from chatd_trio.store.base import Store
+from chatd_trio.store.base import Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
 from chatd_trio.tools import ErrorResult, ToolContext, ToolRegistry, tool
-from tests.server_replica import MEMORY_CONFIG, WAIT, trio_clock
+from tests.server_replica import MEMORY_CONFIG, WAIT, ObservedServer, trio_clock
 
 OWNER = uuid.UUID(int=1)
 # Real clock on PostgreSQL: quick acquisition, and a stale_after no loaded machine reaches
@@ -185,7 +185,7 @@ async def test_model_output_with_nul_and_lone_surrogates_is_stored_replaced(
         await trio.lowlevel.checkpoint()
         return args
 
-    async with Server(
+    async with ObservedServer(
         env.store, env.pubsub, model, env.config, tools=ToolRegistry([echo])
     ) as server:
         chat = await server.create_chat(OWNER, "go", title="t")
@@ -197,6 +197,8 @@ async def test_model_output_with_nul_and_lone_surrogates_is_stored_replaced(
                     part = getattr(event, "part", None)
                     if isinstance(part, TextPart):
                         streamed.append(part.text)
+        # `waiting` is committed just before the server counts the turn as ended.
+        assert await server.wait_ended(chat.id) is TurnOutcome.DONE
         assert server.stats().turns_finished == {"done": 1}
     history: list[Message] = await env.store.messages_after(chat.id, 0)
     step = history[1]
