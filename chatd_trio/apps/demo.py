@@ -811,7 +811,7 @@ async def _admin(dsn: str, statement: Composed, demo: DemoConfig, what: str) -> 
     """Run `_run_admin` in a thread (psycopg's blocking API stays off the Trio loop)."""
     import psycopg
 
-    from chatd_trio.pubsub.postgres import database_address
+    from chatd_trio._pg import database_address
 
     try:
         await trio.to_thread.run_sync(_run_admin, dsn, statement, demo)

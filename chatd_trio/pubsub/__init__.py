@@ -1,10 +1,20 @@
 """PubSub port and adapters."""
 
 from chatd_trio.pubsub.auth import NotifyAuth, NotifyRejected
-from chatd_trio.pubsub.base import Delivery, PubSub, PubSubStatistics, Resync, Subscription
+from chatd_trio.pubsub.base import (
+    DatabaseChannels,
+    Delivery,
+    InlineDelivery,
+    PubSub,
+    PubSubStatistics,
+    Resync,
+    Subscription,
+)
 
 __all__ = [
+    "DatabaseChannels",
     "Delivery",
+    "InlineDelivery",
     "NotifyAuth",
     "NotifyRejected",
     "PubSub",

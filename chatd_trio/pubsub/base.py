@@ -90,3 +90,44 @@ class PubSub(Protocol):
     def statistics(self) -> PubSubStatistics:
         """Counters since the adapter was created."""
         ...
+
+
+# -- capabilities a store asks for (`Store.announces_to`) -------------------------------
+#
+# A store that sends a pubsub's notifies itself, inside its writing operation, must
+# know how they travel. It asks for one of these capabilities instead of checking the
+# pubsub's class, so no store adapter imports a pubsub adapter.
+
+
+@runtime_checkable
+class DatabaseChannels(Protocol):
+    """A pubsub whose channels are LISTEN/NOTIFY channels of one PostgreSQL database.
+
+    A PostgreSQL store on the same database can send this pubsub's sealed notifies
+    with `pg_notify` inside its writing transaction: listeners receive them at the
+    commit, in commit order. `PostgresPubSub` has this capability.
+    """
+
+    @property
+    def database(self) -> str:
+        """host:port/dbname of the database (no credentials), as the store computes it
+        from its own DSN: equal strings mean the same database."""
+        ...
+
+
+@runtime_checkable
+class InlineDelivery(Protocol):
+    """A pubsub in this process that takes already sealed notifies without a checkpoint.
+
+    An in-memory store linked to it delivers within its operation what PostgreSQL
+    would deliver at the commit: nothing else can run in between, so listeners see
+    the notifies in the order of the writes. `MemoryPubSub` has this capability.
+    """
+
+    def publish_nowait(self, channel: str, wire: str) -> None:
+        """Deliver `wire` (what `PubSub.seal` returned) exactly as given; never blocks."""
+        ...
+
+    def check_nowait(self, channel: str, wire: str) -> None:
+        """Raise what `publish_nowait(channel, wire)` would raise, delivering nothing."""
+        ...

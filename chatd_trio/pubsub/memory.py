@@ -14,36 +14,18 @@ the same path runs, so a payload that does not open (a store handing over a raw
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
 
 from chatd_trio.config import PubSubConfig
-from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
+from chatd_trio.errors import PubSubError
+from chatd_trio.pubsub._shared import QueueSubscription, check_channel, check_publish
 from chatd_trio.pubsub.auth import NotifyAuth, NotifyGate
-from chatd_trio.pubsub.base import Delivery, PubSubStatistics, Resync
+from chatd_trio.pubsub.base import PubSubStatistics, Resync
 
 __all__ = ["MemoryPubSub", "PubSubStatistics", "QueueSubscription", "check_publish"]
-
-
-def check_publish(channel: str, payload: str, config: PubSubConfig, limit: int) -> None:
-    """Refuse what PostgreSQL's NOTIFY would refuse, before anything is sent.
-
-    Raises `DecodeError` naming `channel` (empty, too long, NUL) or `payload`
-    (NUL, not encodable), and `PayloadTooLarge` above `limit` UTF-8 bytes.
-    """
-    check_channel(channel, config)
-    if "\x00" in payload:
-        raise DecodeError("payload", "contains a NUL character")
-    try:
-        size = len(payload.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise DecodeError("payload", "not encodable as UTF-8") from None
-    if size > limit:
-        sealed = f" ({config.payload_limit} sealed)" if limit != config.payload_limit else ""
-        raise PayloadTooLarge("payload", f"{size} bytes exceeds the limit of {limit}{sealed}")
 
 
 def _memory_auth(config: PubSubConfig) -> NotifyAuth:
@@ -51,73 +33,6 @@ def _memory_auth(config: PubSubConfig) -> NotifyAuth:
     if config.auth.keys:
         return NotifyAuth.from_config(config.auth)
     return NotifyAuth.generate(max_age=config.auth.max_age)
-
-
-def check_channel(channel: str, config: PubSubConfig) -> None:
-    """Refuse channel names PostgreSQL would reject or silently truncate."""
-    if not channel:
-        raise DecodeError("channel", "empty")
-    if "\x00" in channel:
-        raise DecodeError("channel", "contains a NUL character")
-    try:
-        size = len(channel.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise DecodeError("channel", "not encodable as UTF-8") from None
-    if size > config.max_channel_bytes:
-        raise DecodeError(
-            "channel", f"{size} bytes exceeds the limit of {config.max_channel_bytes}"
-        )
-
-
-class QueueSubscription:
-    """One subscription: an unbounded FIFO of deliveries for one channel.
-
-    `deliver` never blocks. After `fail` (or `close`) the deliveries already
-    queued are still received, then `receive` raises `PubSubError`.
-    """
-
-    def __init__(self, channel: str) -> None:
-        self.channel = channel
-        # Unbounded on purpose: publishing must never block on a slow reader.
-        self._send, self._recv = trio.open_memory_channel[Delivery](math.inf)
-        self._error: PubSubError | None = None
-
-    @property
-    def failed(self) -> bool:
-        """True once the subscription can no longer deliver new payloads."""
-        return self._error is not None
-
-    def deliver(self, item: Delivery) -> bool:
-        """Queue one delivery; False when the subscription is already closed."""
-        if self._error is not None:
-            return False
-        self._send.send_nowait(item)
-        return True
-
-    def fail(self, error: PubSubError) -> None:
-        """End the subscription: `receive` raises `error` once the queue is drained."""
-        if self._error is None:
-            self._error = error
-            self._send.close()
-
-    def close(self) -> None:
-        """End the subscription because its context was left."""
-        self.fail(PubSubError(f"subscription to {self.channel!r} is closed"))
-
-    async def receive(self) -> Delivery:
-        """The next payload or `Resync`, in publish order."""
-        try:
-            return await self._recv.receive()
-        except trio.EndOfChannel:
-            assert self._error is not None
-            # A fresh exception per call: re-raising the stored one would grow its traceback.
-            raise PubSubError(*self._error.args) from self._error.__cause__
-
-    def __aiter__(self) -> AsyncIterator[Delivery]:
-        return self
-
-    async def __anext__(self) -> Delivery:
-        return await self.receive()
 
 
 class MemoryPubSub:

@@ -37,18 +37,18 @@ import psycopg
 import psycopg.waiting
 import trio
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge
 from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._groups import unwrapped
+from chatd_trio._pg import database_address
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
+from chatd_trio.pubsub._shared import QueueSubscription, check_channel, check_publish
 from chatd_trio.pubsub.auth import NotifyAuth, NotifyGate
 from chatd_trio.pubsub.base import PubSubStatistics, Resync
-from chatd_trio.pubsub.memory import QueueSubscription, check_channel, check_publish
 
 __all__ = ["PostgresPubSub"]
 
@@ -98,16 +98,6 @@ async def _notify(pool: AsyncConnectionPool[Any], channel: str, payload: str) ->
 
 
 # -- Trio side ------------------------------------------------------------------------------
-
-
-def database_address(dsn: str) -> str:
-    """host:port/dbname of a DSN, without credentials (errors, and "same database?")."""
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "the configured database"
-    host = info.get("host") or "localhost"
-    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
 
 
 class PostgresPubSub:

@@ -100,7 +100,7 @@ from chatd_trio.errors import (
     WorkspaceNotFound,
 )
 from chatd_trio.lifecycle import ChatView, Effect, Event, Plan
-from chatd_trio.pubsub.memory import MemoryPubSub
+from chatd_trio.pubsub.base import InlineDelivery
 from chatd_trio.storable import storable_texts
 from chatd_trio.store.base import (
     Announcer,
@@ -142,9 +142,10 @@ class MemoryStore(StoreOps):
         clock: Clock | None = None,
         *,
         limits: LimitsConfig | None = None,
-        pubsub: MemoryPubSub | None = None,
+        pubsub: InlineDelivery | None = None,
     ) -> None:
-        """`pubsub`: the replicas' pubsub, for notifies sent with an insert (`announce=`)."""
+        """`pubsub`: the replicas' pubsub (a `MemoryPubSub`), for notifies sent with an
+        insert (`announce=`)."""
         self._clock: Clock = clock or _utc_now
         self._limits = limits or LimitsConfig()
         self._pubsub = pubsub

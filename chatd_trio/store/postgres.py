@@ -45,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._aio import Bridge, asyncio_bridge
 from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._pg import database_address
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
@@ -77,7 +78,7 @@ from chatd_trio.errors import (
     WorkspaceNotFound,
 )
 from chatd_trio.lifecycle import ChatView, Effect, Plan
-from chatd_trio.pubsub.postgres import PostgresPubSub, database_address
+from chatd_trio.pubsub.base import DatabaseChannels
 from chatd_trio.storable import storable_texts
 from chatd_trio.store.base import (
     Announcer,
@@ -806,8 +807,9 @@ class PostgresStore(StoreOps):
         return None if self._round_trips is None else self._round_trips.count
 
     def announces_to(self, pubsub: object) -> bool:
-        """True for a `PostgresPubSub` on the same database (host, port, name)."""
-        return isinstance(pubsub, PostgresPubSub) and pubsub.database == self._database
+        """True for a pubsub whose channels are on this store's database (host, port, name):
+        a `PostgresPubSub` on the same database (`DatabaseChannels`)."""
+        return isinstance(pubsub, DatabaseChannels) and pubsub.database == self._database
 
     # -- operation plumbing ---------------------------------------------------------
     async def _run(self, op: str, body: _Body[T], *, transaction: bool = False) -> T:

@@ -19,7 +19,7 @@ import trio
 from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, Visibility
 from chatd_trio.errors import PersistRefused, StoreError
 from chatd_trio.lifecycle import Event
-from chatd_trio.pubsub.base import PubSub
+from chatd_trio.pubsub.base import DatabaseChannels, PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.store.base import Applied, Lease, Store, TurnOutcome
 from chatd_trio.store.memory import MemoryStore
@@ -105,6 +105,26 @@ async def test_a_store_announces_only_to_the_pubsub_it_is_linked_to(
     assert not store.announces_to(MemoryPubSub())
     assert not store.announces_to(None)
     assert not MemoryStore().announces_to(pubsub)
+
+
+@dataclass(frozen=True)
+class OnDatabase:
+    """Only the pubsub port's `DatabaseChannels` capability: no adapter class behind it."""
+
+    database: str
+
+
+async def test_a_store_decides_from_the_pubsub_port_where_notifies_travel(
+    pair: tuple[Store, PubSub],
+) -> None:
+    """A PostgreSQL store announces to whatever has channels on its own database, and
+    nothing else; the memory store only to the pubsub object it was created with."""
+    store, pubsub = pair
+    if isinstance(pubsub, DatabaseChannels):
+        assert store.announces_to(OnDatabase(pubsub.database))
+        assert not store.announces_to(OnDatabase(pubsub.database + "_other"))
+    else:
+        assert not store.announces_to(OnDatabase("127.0.0.1:5432/postgres"))
 
 
 async def test_every_inserting_operation_delivers_its_notifies_in_message_order(
