@@ -4,7 +4,13 @@ Everything an embedding application uses is importable from here: the `Server` a
 its turn reports, chats, messages and parts, stream events, tools, models (with the
 scripted model's step builders), stores and pubsubs, every configuration section and
 every error. Implementation modules stay importable for detail (docs/api.md).
+
+The PostgreSQL adapters (`PostgresStore`, `PostgresPubSub`) are loaded on first use:
+importing the package does not import psycopg.
 """
+
+import importlib
+from typing import TYPE_CHECKING
 
 from chatd_trio.agent import dial_agent, serve_agent
 from chatd_trio.agent.local import LocalProvisioner
@@ -114,11 +120,9 @@ from chatd_trio.models.scripted import (
 )
 from chatd_trio.pubsub.base import PubSub
 from chatd_trio.pubsub.memory import MemoryPubSub
-from chatd_trio.pubsub.postgres import PostgresPubSub
 from chatd_trio.server import Server, ServerStats, TurnEnv
 from chatd_trio.store.base import EditResult, SendResult, Store
 from chatd_trio.store.memory import MemoryStore
-from chatd_trio.store.postgres import PostgresStore
 from chatd_trio.streams import StreamSubscription
 from chatd_trio.tools import (
     ErrorResult,
@@ -130,6 +134,34 @@ from chatd_trio.tools import (
     tool,
 )
 from chatd_trio.turns import TurnReport
+
+if TYPE_CHECKING:
+    from chatd_trio.pubsub.postgres import PostgresPubSub
+    from chatd_trio.store.postgres import PostgresStore
+
+# Root names whose modules import psycopg, imported by `__getattr__` on first access
+# (PEP 562): an application on the memory adapters never loads psycopg.
+_POSTGRES = {
+    "PostgresPubSub": "chatd_trio.pubsub.postgres",
+    "PostgresStore": "chatd_trio.store.postgres",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a PostgreSQL adapter on first access (`chatd_trio.PostgresStore`)."""
+    module = _POSTGRES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    # Cached as a module global: later lookups no longer reach __getattr__.
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, including the PostgreSQL ones not loaded yet."""
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AcquireConfig",

@@ -1,8 +1,11 @@
-"""Import rules of the ports and adapters: no adapter reaches another adapter."""
+"""Import rules of the ports and adapters: no adapter reaches another adapter, and
+importing the package does not import psycopg."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,3 +144,38 @@ def test_the_walk_sees_deferred_and_relative_imports() -> None:
         "chatd_trio.store.memory",
         "chatd_trio.store.postgres",
     }
+
+
+def _run(code: str) -> None:
+    # A fresh interpreter: this test session has imported psycopg long ago.
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_importing_the_package_does_not_import_psycopg() -> None:
+    _run(
+        "import sys, chatd_trio\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'psycopg', 'psycopg_pool'})\n"
+        "assert not loaded, loaded\n"
+    )
+
+
+def test_the_postgresql_root_names_load_on_first_use() -> None:
+    _run(
+        "import sys, chatd_trio\n"
+        "assert 'PostgresStore' in dir(chatd_trio) and 'PostgresStore' in chatd_trio.__all__\n"
+        "from chatd_trio import PostgresPubSub, PostgresStore\n"
+        "from chatd_trio.pubsub.postgres import PostgresPubSub as pubsub\n"
+        "from chatd_trio.store.postgres import PostgresStore as store\n"
+        "assert (PostgresStore, PostgresPubSub) == (store, pubsub)\n"
+        "assert 'psycopg' in sys.modules\n"
+        "try:\n"
+        "    chatd_trio.NoSuchName\n"
+        "except AttributeError as exc:\n"
+        "    assert 'NoSuchName' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
