@@ -34,7 +34,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-import psycopg.waiting
 import trio
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool

@@ -36,7 +36,6 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
 
 import psycopg
-import psycopg.waiting
 import trio
 from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
