@@ -6,8 +6,10 @@ fallback, repairing the binding), dials it once through
 `dial_with_lazy_validation` and shares that connection with every tool call,
 the instruction files and MCP discovery of the turn. `aclose()` releases the
 connection at turn end. This module drives; the tools the model sees (schemas,
-arguments, results) are `chatd_trio.workspace_tools`, and the agents behind the
-ports are adapters (`chatd_trio.agent`: `dial_agent`, `LocalProvisioner`).
+arguments, results) are `chatd_trio.workspace_tools`; the ports it drives
+(`WorkspaceConnection`, `AgentDialer`, `WorkspaceProvisioner`, re-exported here) are
+`chatd_trio.agent.base`, and the agents behind them are adapters
+(`chatd_trio.agent`: `dial_agent`, `LocalProvisioner`).
 
 Replica-level state lives outside the turn: `McpToolCache` (MCP tools per
 agent, and which chats already hold an agent's instruction files) and
@@ -32,18 +34,16 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import trio
 
 from chatd_trio._closing import AsyncClosing
-from chatd_trio.agent.client import (
-    DirEntry,
-    ExecResult,
-    FileContent,
+from chatd_trio.agent.base import (
+    AgentDialer,
     InstructionFile,
-    McpCallResult,
     McpTool,
+    WorkspaceConnection,
+    WorkspaceProvisioner,
 )
 from chatd_trio.config import WorkspaceConfig
 from chatd_trio.dial import (
@@ -54,13 +54,11 @@ from chatd_trio.dial import (
     release_logged,
 )
 from chatd_trio.domain import (
-    JSON,
     Chat,
     ContextFilePart,
     NewMessage,
     Role,
     Visibility,
-    Workspace,
     WorkspaceAgent,
 )
 from chatd_trio.errors import (
@@ -85,55 +83,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-# -- ports --------------------------------------------------------------------------
-
-
-class WorkspaceConnection(Protocol):
-    """What a turn uses of an agent connection (`chatd_trio.agent.AgentConn` is one)."""
-
-    async def execute(
-        self,
-        command: str,
-        timeout: float,  # noqa: ASYNC109 - the command's limit on the agent
-        *,
-        output_limit: int | None = None,
-    ) -> ExecResult: ...
-
-    async def read_file(self, path: str) -> FileContent: ...
-
-    async def write_file(self, path: str, content: str) -> int: ...
-
-    async def list_dir(self, path: str = ".") -> list[DirEntry]: ...
-
-    async def instruction_files(self) -> list[InstructionFile]: ...
-
-    async def mcp_list_tools(self) -> list[McpTool]: ...
-
-    async def mcp_call_tool(
-        self, server: str, tool: str, arguments: dict[str, JSON]
-    ) -> McpCallResult: ...
-
-
-# `chatd_trio.agent.dial_agent` is the production dialer.
-AgentDialer = Callable[[WorkspaceAgent], Awaitable[tuple[WorkspaceConnection, Release]]]
-
-
-class WorkspaceProvisioner(Protocol):
-    """Creates, starts and stops workspaces (the built-in workspace tools call it)."""
-
-    async def create(self, owner_id: uuid.UUID, name: str) -> Workspace:
-        """A new workspace with a first build whose agent is running."""
-        ...
-
-    async def start(self, workspace_id: uuid.UUID) -> WorkspaceAgent:
-        """A new build with a new running agent (a running agent is replaced)."""
-        ...
-
-    async def stop(self, workspace_id: uuid.UUID) -> None:
-        """A new build without agents; the running agent stops."""
-        ...
 
 
 # -- replica-level state --------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Annotated
 
 import pydantic
 
+from chatd_trio.agent.base import WorkspaceProvisioner
 from chatd_trio.domain import JSON
 from chatd_trio.errors import (
     AgentOperationError,
@@ -44,7 +45,7 @@ from chatd_trio.tools import (
     ToolOutput,
     typed_tool,
 )
-from chatd_trio.workspace import WorkspaceContext, WorkspaceProvisioner
+from chatd_trio.workspace import WorkspaceContext
 
 __all__ = ["workspace_tools"]
 

@@ -1,11 +1,13 @@
-"""The workspace agent: a Trio TCP server running commands and file operations, and its dialer.
+"""The workspace agent: its port, a Trio TCP server running commands and file
+operations, and its dialer.
 
-`serve_agent` runs the server (in a nursery, or as `chatd-trio agent`);
-`dial_agent` connects to one and returns ``(AgentConn, release)``.
+`chatd_trio.agent.base` is the port a turn drives (the connection, the dialer, the
+provisioner, the records they return); the other modules are adapters. `serve_agent`
+runs the server (in a nursery, or as `chatd-trio agent`); `dial_agent` connects to one
+and returns ``(AgentConn, release)``.
 """
 
-from chatd_trio.agent.client import (
-    AgentConn,
+from chatd_trio.agent.base import (
     DirEntry,
     ExecResult,
     FileContent,
@@ -13,8 +15,8 @@ from chatd_trio.agent.client import (
     McpCallResult,
     McpTool,
     Release,
-    dial_agent,
 )
+from chatd_trio.agent.client import AgentConn, dial_agent
 from chatd_trio.agent.mcp import McpServerConfig
 from chatd_trio.agent.server import add_agent_command, run_agent_command, serve_agent
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import pydantic
 import trio
@@ -35,6 +34,18 @@ from chatd_trio import validation
 from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._closing import AsyncClosing
 from chatd_trio.agent import protocol as p
+
+# The records the connection returns are the port's (re-exported: the client's users
+# import them from here or from `chatd_trio.agent`).
+from chatd_trio.agent.base import (
+    DirEntry,
+    ExecResult,
+    FileContent,
+    InstructionFile,
+    McpCallResult,
+    McpTool,
+    Release,
+)
 from chatd_trio.config import AgentConfig
 from chatd_trio.domain import JSON, WorkspaceAgent
 from chatd_trio.errors import (
@@ -47,82 +58,7 @@ from chatd_trio.errors import (
 
 logger = logging.getLogger(__name__)
 
-Release = Callable[[], Awaitable[None]]
-
 ERR_BAD_RESPONSE = "bad_response"
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """A finished command: `exit_code` is negative when a signal (timeout) killed it."""
-
-    exit_code: int
-    output: str
-    truncated: bool
-    timed_out: bool
-
-
-@dataclass(frozen=True)
-class FileContent:
-    """A file read from the workspace; `content` holds at most the agent's byte limit."""
-
-    path: str
-    content: str
-    size: int
-    truncated: bool
-
-
-@dataclass(frozen=True)
-class DirEntry:
-    """One directory entry; `kind` is "file", "dir", "symlink" or "other".
-
-    `name` holds a lone surrogate per byte that is not UTF-8 (see the module docstring).
-    """
-
-    name: str
-    kind: str
-    size: int
-
-    @property
-    def raw_name(self) -> bytes:
-        """The name's bytes on disk."""
-        return self.name.encode("utf-8", "surrogateescape")
-
-
-@dataclass(frozen=True)
-class InstructionFile:
-    """An instruction file (home file or `<dir>/AGENTS.md`), capped at the configured size."""
-
-    path: str
-    content: str
-    truncated: bool
-
-
-class McpTool(NamedTuple):
-    """A tool offered by an MCP server of the workspace."""
-
-    server: str
-    name: str
-    description: str
-    input_schema: dict[str, JSON]
-
-
-@dataclass(frozen=True)
-class McpCallResult:
-    """An MCP tool result: content blocks as MCP JSON objects."""
-
-    content: list[dict[str, JSON]]
-    is_error: bool
-    structured_content: JSON = None
-
-    @property
-    def text(self) -> str:
-        """The text blocks joined by newlines."""
-        return "\n".join(
-            text
-            for block in self.content
-            if block.get("type") == "text" and isinstance(text := block.get("text"), str)
-        )
 
 
 @dataclass
