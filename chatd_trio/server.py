@@ -38,6 +38,7 @@ from chatd_trio.domain import (
     RetryPayload,
     TextPart,
     owner_channel,
+    owner_payload,
     parse_row_id,
     parse_uuid,
     stream_channel,
@@ -65,7 +66,7 @@ from chatd_trio.store.base import (
     TurnOutcome,
 )
 from chatd_trio.strategies import Strategies, SubagentWake
-from chatd_trio.streams import ChatStreams, StreamSubscription, owner_payload
+from chatd_trio.streams import ChatStreams, StreamSubscription
 from chatd_trio.subagents import (
     SubagentStatistics,
     SubagentStats,

@@ -54,7 +54,6 @@ import trio
 from chatd_trio._groups import unwrapped
 from chatd_trio.config import StreamConfig
 from chatd_trio.domain import (
-    Chat,
     ChatStatus,
     ErrorEvent,
     ErrorPayload,
@@ -70,8 +69,8 @@ from chatd_trio.domain import (
     SnapshotEndEvent,
     StatusEvent,
     StreamEvent,
-    dumps,
     owner_channel,
+    owner_payload,
     stream_channel,
 )
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
@@ -519,14 +518,6 @@ class StreamSubscription:
 _FINISHES = frozenset(
     {Event.FINISH_DONE, Event.FINISH_INTERRUPTED, Event.FINISH_ERROR, Event.FINISH_SHUTDOWN}
 )
-
-
-def owner_payload(chat: Chat, kind: str) -> str:
-    """The event on the owner's chat-list channel (`owner_channel`): a chat was created
-    or changed status."""
-    return dumps(
-        {"kind": kind, "chat_id": str(chat.id), "status": chat.status.value, "title": chat.title}
-    )
 
 
 class StreamAnnouncer:

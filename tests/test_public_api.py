@@ -14,8 +14,8 @@ API = ROOT / "docs" / "api.md"
 # Type aliases (unions) cannot carry a docstring of their own; the API page documents them.
 ALIAS_HOMES = {
     "Delta": "chatd_trio.models.base",
-    "Part": "chatd_trio.domain",
-    "StreamEvent": "chatd_trio.domain",
+    "Part": "chatd_trio.domain.records",
+    "StreamEvent": "chatd_trio.domain.events",
 }
 ALIASES = set(ALIAS_HOMES)
 
