@@ -1,71 +1,18 @@
-"""The agent loop: one turn of a chat (docs/spec.md §3 and §3.1).
-
-`run_turn` is a Trio driver of `statecharts.compaction.CompactionChart`: the chart
-decides what comes next (load, step, compact, reload, re-enter, finish) and how the
-turn ended; this module does it: streams model steps with retries, runs each
-step's tools concurrently, persists every step in one guarded store write (under
-the run's `Lease`), compacts the history and publishes every delta, message,
-retry and non-fatal error through the caller's callbacks. The turn's outcome is
-the chart's final state (`TurnResult.final_state`), mapped to a `TurnOutcome`.
-
-Stopping is cancellation. The caller holds a `TurnControl`: `interrupt()` ends the
-turn as INTERRUPTED after a write of what the step produced so far; `shutdown()`
-lets `trio.Cancelled` propagate out of `run_turn` (the server hands the chat back
-as pending) after recording the outcome on the control (`TurnControl.result`).
-
-Exactly once (docs/spec.md §1):
-- A completed step is written when the chart's next move needs it written (a
-  compaction, a reload, another step). A step after which the chart ends the turn
-  is not written here: it is `TurnResult.final_messages`, which the caller writes
-  together with the finish, in one transaction. A stored answer therefore always
-  has its finish, and a recovered turn whose answer is stored ends in `answered`
-  without calling the model (`already_answered`).
-- Every write of a step carries an operation id; an attempt retried after an
-  ambiguous failure, or the interrupted write of a step whose complete write was
-  cut off, lands at most once.
-- A transient store fault (`StoreUnavailable`) is retried with backoff within
-  `LoopConfig.store_retry`; past that budget the turn ends `unavailable` and the
-  chat is handed back as pending. A refused write (the run lost the chat, or an
-  edit made it pending) ends it `fenced`: nothing more is written.
-- Tools run in tasks of the caller's `tool_nursery` when given: an interrupted
-  turn stops waiting for a tool that ignores cancellation, and that tool's late
-  result is dropped and counted (`TurnCallbacks.on_late_tool_result`).
-
-Decisions where the specification is silent:
-- Backoff: the n-th retry (n from 0) waits `min(base * 2^n, max_delay)`; a
-  provider's `retry_after` raises that when larger, whatever `max_delay` says.
-  A step stops retrying after `max_attempts` attempts (the first included) or
-  when the next wait would end past `max_elapsed` seconds since its first
-  attempt (`unreachable_elapsed` while no attempt has reached the server): a
-  Retry-After is honoured up to that budget, never beyond it.
-- A failed summary call (error, timeout) is handled like an empty summary: an
-  error tool result is published, `on_error` is told, the turn goes on.
-- A step the model refuses as too long for its context window (kind
-  `context_length`) is not retried as it stands: the chart compacts the history and
-  runs the step again, at most `compaction.context_length_retries` times per step
-  (a `retry` event with no delay first tells subscribers to drop the refused
-  attempt's parts). A summary prompt refused as too long loses the older half of
-  the history (`shortened_for_summary`) until it fits.
-- `on_message` receives the user-visible persisted messages (the hidden summary
-  is model-only); the caller clears its stream buffer there.
-- `on_error` receives non-fatal errors only; a fatal one is in `TurnResult.error`.
-"""
+"""`run_turn`: the Trio driver of `CompactionChart` for one turn (`chatd_trio.loop`)."""
 
 from __future__ import annotations
 
-import enum
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import TypeVar
 
 import trio
 
 from chatd_trio._cleanup import bounded_cleanup
-from chatd_trio.config import LoopConfig, RetryConfig, StoreRetryConfig
+from chatd_trio.config import LoopConfig
 from chatd_trio.domain import (
     JSON,
     ErrorPayload,
@@ -73,7 +20,6 @@ from chatd_trio.domain import (
     MessagePartEvent,
     NewMessage,
     Part,
-    ReasoningPart,
     RetryPayload,
     Role,
     TextPart,
@@ -83,260 +29,35 @@ from chatd_trio.domain import (
     new_id,
 )
 from chatd_trio.errors import ModelError, PersistRefused, StoreUnavailable
+from chatd_trio.loop.control import (
+    OUTCOMES,
+    PromptLoader,
+    StopReason,
+    TurnCallbacks,
+    TurnControl,
+    TurnResult,
+)
+from chatd_trio.loop.history import already_answered, shortened_for_summary
+from chatd_trio.loop.retries import error_payload, format_elapsed, retry_delay, with_store_retries
+from chatd_trio.loop.step import StepBuffer, storable_output
+from chatd_trio.loop.tool_calls import run_tool_calls
 from chatd_trio.models.base import (
-    Delta,
     Finish,
     GenerateResult,
     Model,
     PromptMessage,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallDelta,
-    ToolCallDone,
 )
 from chatd_trio.models.classify import CONTEXT_LENGTH, UNREACHABLE
-from chatd_trio.storable import storable_text
-from chatd_trio.store.base import Announcer, Lease, Store, TurnOutcome
+from chatd_trio.store.base import Lease, Store, TurnOutcome
 from chatd_trio.strategies import Strategies, ToolCalls
 from chatd_trio.tools import ToolContext, ToolRegistry
-from statecharts.base import Step
 from statecharts.compaction import Activity, CompactionChart, over_threshold, usage_percent
+
+__all__ = ["run_turn"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-PartCallback = Callable[[MessagePartEvent], Awaitable[None]]
-MessageCallback = Callable[[Message], Awaitable[None]]
-RetryCallback = Callable[[RetryPayload], Awaitable[None]]
-ErrorCallback = Callable[[ErrorPayload], Awaitable[None]]
-PromptLoader = Callable[[], Awaitable[Sequence[PromptMessage]]]
-
-
-@dataclass(frozen=True)
-class TurnCallbacks:
-    """Where a turn reports what happens; every callback is optional.
-
-    `on_part`: each streamed delta, tool result and compaction indicator (ephemeral).
-    `on_message`: each persisted user-visible message, in id order (durable).
-    `on_retry`: before each retry's backoff sleep (publish locally and via pubsub).
-    `on_error`: a non-fatal error (compaction failed); the turn goes on.
-    `on_late_tool_result`: a tool that ignored the turn's cancellation returned after
-    the turn stopped waiting for it; its result is dropped.
-    `on_store_retry`: a write failed transiently and is about to be retried.
-    `announce`: passed to the store's persist operations, which then send the
-    messages' notifies in the inserting transaction (see `Store.announces_to`).
-    """
-
-    on_part: PartCallback | None = None
-    on_message: MessageCallback | None = None
-    on_retry: RetryCallback | None = None
-    on_error: ErrorCallback | None = None
-    on_late_tool_result: Callable[[ToolCallPart], None] | None = None
-    on_store_retry: Callable[[str, BaseException], None] | None = None
-    announce: Announcer | None = None
-
-
-class StopReason(enum.StrEnum):
-    INTERRUPT = "interrupt"
-    SHUTDOWN = "shutdown"
-    FENCED = "fenced"
-
-
-class TurnControl:
-    """How the caller stops a running turn, and why.
-
-    Enter it around `run_turn` so that `shutdown()` can cancel the turn::
-
-        control = TurnControl()
-        with control:
-            result = await run_turn(..., control=control)
-        if control.stop_reason is StopReason.SHUTDOWN: ...  # control.result says how
-
-    `interrupt()` needs no entering: `run_turn` owns that scope and returns INTERRUPTED.
-    Either method may be called before the turn starts; it then stops at once. One
-    control serves one turn (each of its cancel scopes is entered once).
-    """
-
-    def __init__(self) -> None:
-        self._interrupt_scope = trio.CancelScope()
-        self._shutdown_scope = trio.CancelScope()
-        self.stop_reason: StopReason | None = None
-        self.detail = ""
-        # Set by `run_turn` when a shutdown cancelled it: the chart's outcome.
-        self.result: TurnResult | None = None
-
-    def interrupt(self, detail: str = "interrupted") -> None:
-        """Stop the turn as a user interrupt: keep what was produced."""
-        if self.stop_reason is None:
-            self.stop_reason = StopReason.INTERRUPT
-            self.detail = detail
-        self._interrupt_scope.cancel()
-
-    def fence(self, detail: str = "the chat is held by another run") -> None:
-        """Stop the turn because its run lost the chat (another token holds it): nothing
-        it produced may be written, so it ends `fenced` without trying."""
-        if self.stop_reason in (None, StopReason.INTERRUPT):
-            self.stop_reason = StopReason.FENCED
-            self.detail = detail
-        self._interrupt_scope.cancel()
-
-    def shutdown(self, detail: str = "shutting down") -> None:
-        """Stop the turn for a replica shutdown: a cancellation leaves `run_turn`.
-
-        Wins over an earlier interrupt."""
-        self.stop_reason = StopReason.SHUTDOWN
-        self.detail = detail
-        self._shutdown_scope.cancel()
-
-    @property
-    def shut_down(self) -> bool:
-        """True when the turn was stopped by `shutdown()`."""
-        return self._shutdown_scope.cancelled_caught
-
-    def __enter__(self) -> TurnControl:
-        self._shutdown_scope.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        return self._shutdown_scope.__exit__(exc_type, exc, tb)
-
-
-# How each final state of the chart ends the turn for the chat's lifecycle.
-OUTCOMES: dict[str, TurnOutcome] = {
-    "done": TurnOutcome.DONE,
-    "exhausted": TurnOutcome.DONE,
-    "step_limit": TurnOutcome.DONE,
-    "answered": TurnOutcome.DONE,
-    "failed": TurnOutcome.ERROR,
-    "interrupted": TurnOutcome.INTERRUPTED,
-    "shut_down": TurnOutcome.SHUTDOWN,
-    "fenced": TurnOutcome.LOST,
-    "unavailable": TurnOutcome.UNAVAILABLE,
-}
-
-
-@dataclass(frozen=True)
-class TurnResult:
-    """How a turn ended and what it used.
-
-    `final_messages` are the turn's last messages, not yet written: the caller writes
-    them with the final transition (`Store.finish_turn(..., messages=...)`).
-    """
-
-    outcome: TurnOutcome
-    steps: int
-    compactions: int
-    reentries: int
-    retries: int = 0
-    error: ErrorPayload | None = None
-    final_messages: tuple[NewMessage, ...] = ()
-    store_retries: int = 0
-    # A complete step whose write was started but not confirmed (an outage or a
-    # shutdown cut it off): the caller writes it again under `unconfirmed_op`, which
-    # the store recognises if the first attempt landed, before the final transition.
-    unconfirmed: tuple[NewMessage, ...] = ()
-    unconfirmed_op: uuid.UUID | None = None
-    # The compaction chart's path and final state (the outcome's source).
-    trace: tuple[Step, ...] = ()
-    final_state: str = ""
-
-    @property
-    def persist_refused(self) -> bool:
-        """True when a write was refused (the chat was edited or taken over)."""
-        return self.final_state == "fenced"
-
-
-def retry_delay(config: RetryConfig, retry_index: int, retry_after: float | None) -> float:
-    """Backoff before retry number `retry_index` (from 0); see the module docstring."""
-    # 2^62 s already exceeds any ceiling; cap the exponent so huge indices cannot overflow.
-    backoff = min(config.base_delay * 2.0 ** min(retry_index, 62), config.max_delay)
-    if retry_after is not None and retry_after > 0:
-        # Not capped by max_delay: the step's time budget bounds it (_stream_with_retries).
-        return max(backoff, retry_after)
-    return backoff
-
-
-def format_elapsed(seconds: float) -> str:
-    """A duration for people: "45s", "5m12s", "1h02m"."""
-    whole = max(round(seconds), 0)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-
-
-def error_payload(exc: ModelError, provider: str) -> ErrorPayload:
-    """The structured, user-facing form of a model error."""
-    return ErrorPayload(
-        message=exc.message,
-        kind=exc.kind,
-        provider=exc.provider or provider,
-        retryable=exc.retryable,
-        status_code=exc.status_code,
-    )
-
-
-async def with_store_retries(
-    call: Callable[[], Awaitable[T]],
-    config: StoreRetryConfig,
-    *,
-    what: str,
-    on_retry: Callable[[str, BaseException], None] | None = None,
-    log_extra: dict[str, str] | None = None,
-) -> T:
-    """Run `call`, retrying `StoreUnavailable` with backoff until `config.budget` runs out.
-
-    The last `StoreUnavailable` propagates when the next attempt would start after the
-    budget. `call` must be idempotent (turn writes carry an operation id).
-    """
-    deadline = trio.current_time() + config.budget
-    attempt = 0
-    while True:
-        try:
-            return await call()
-        except StoreUnavailable as exc:
-            delay = min(config.base_delay * 2.0 ** min(attempt, 62), config.max_delay)
-            attempt += 1
-            if trio.current_time() + delay > deadline:
-                raise
-            logger.warning(
-                "store unavailable during %s, retrying in %.1f s",
-                what,
-                delay,
-                extra={**(log_extra or {}), "attempt": attempt, "error": str(exc)},
-            )
-            if on_retry is not None:
-                on_retry(what, exc)
-            await trio.sleep(delay)
-
-
-def already_answered(history: Sequence[PromptMessage]) -> bool:
-    """Whether the history after its last user message ends in a final answer: an
-    assistant message without tool calls, with every earlier tool call answered.
-
-    A recovered turn over such a history is complete; running the model again
-    would answer the same message twice.
-    """
-    last_user = None
-    for index, message in enumerate(history):
-        if message.role is Role.USER and not getattr(message, "compressed", False):
-            last_user = index
-    if last_user is None:
-        return False
-    tail = history[last_user + 1 :]
-    if not tail or tail[-1].role is not Role.ASSISTANT:
-        return False
-    calls = {p.call_id for m in tail for p in m.parts if isinstance(p, ToolCallPart)}
-    answered = {p.call_id for m in tail for p in m.parts if isinstance(p, ToolResultPart)}
-    final_calls = any(isinstance(p, ToolCallPart) for p in tail[-1].parts)
-    return not final_calls and calls <= answered
 
 
 class _TurnFailed(Exception):
@@ -352,151 +73,6 @@ class _ContextExceeded(Exception):
         super().__init__(error.message)
         self.error = error
         self.attempt = attempt
-
-
-def shortened_for_summary(history: Sequence[PromptMessage]) -> list[PromptMessage] | None:
-    """The history without its older half, for a summary prompt the model refused as too
-    long; None when nothing more can go.
-
-    System messages and an earlier summary (compressed) stay. The cut moves forward to
-    a user message, or failing that past tool messages, so that no tool result is left
-    without its call (providers refuse that).
-    """
-    pinned = [m.role is Role.SYSTEM or bool(getattr(m, "compressed", False)) for m in history]
-    movable = [i for i, pin in enumerate(pinned) if not pin]
-    if len(movable) < 2:
-        return None
-    rest = movable[len(movable) // 2 :]
-    users = [i for i in rest if history[i].role is Role.USER]
-    others = [i for i in rest if history[i].role is not Role.TOOL]
-    if not (users or others):
-        return None
-    cut = (users or others)[0]
-    return [m for i, m in enumerate(history) if pinned[i] or i >= cut]
-
-
-def _storable(text: str | None) -> str:
-    return storable_text(text or "", "model output").value
-
-
-@dataclass
-class _CallBuffer:
-    call_id: str | None = None
-    name: str | None = None
-    arguments: str = ""
-
-
-@dataclass
-class _StepBuffer:
-    """What one step has produced so far: enough to persist it whole or interrupted."""
-
-    # Closed reasoning blocks (each signed one exactly as the provider sent it: Anthropic
-    # refuses a thinking block whose text or signature changed), then the open block.
-    blocks: list[ReasoningPart] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    calls: dict[int, _CallBuffer] = field(default_factory=dict)
-    finish: Finish | None = None
-    # One slot per tool call once tools run; None until that call has a result.
-    results: list[ToolResultPart | None] = field(default_factory=list)
-    # Every write of this step (complete, or interrupted) carries this id: it lands once.
-    op_id: uuid.UUID = field(default_factory=uuid.uuid4)
-    # A write of the complete step was started: it may have landed, unacknowledged.
-    write_started: bool = False
-
-    def apply(self, delta: Delta) -> Part | None:
-        """Record a delta; returns the part to publish (None for `Finish` and for a
-        reasoning delta without text: a signature or a redacted block).
-
-        Model output passes the storable-value gate here, so what subscribers see
-        streamed is what the store keeps (NUL and lone surrogates as U+FFFD)."""
-        if isinstance(delta, TextDelta):
-            text = _storable(delta.text)
-            self.text.append(text)
-            return TextPart(text)
-        if isinstance(delta, ReasoningDelta):
-            return self._reason(delta)
-        if isinstance(delta, ToolCallDelta):
-            buf = self.calls.setdefault(delta.index, _CallBuffer())
-            buf.call_id = _storable(delta.call_id) or buf.call_id
-            buf.name = _storable(delta.name) or buf.name
-            arguments = _storable(delta.arguments_delta)
-            buf.arguments += arguments
-            return ToolCallPart(buf.call_id or "", buf.name or "", arguments)
-        if isinstance(delta, ToolCallDone):
-            call_id, name = _storable(delta.call_id), _storable(delta.name)
-            arguments = _storable(delta.arguments)
-            self.calls[delta.index] = _CallBuffer(call_id, name, arguments)
-            return ToolCallPart(call_id, name, arguments)
-        self.finish = delta
-        return None
-
-    def _reason(self, delta: ReasoningDelta) -> Part | None:
-        if delta.redacted:
-            self._close_reasoning("")
-            self.blocks.append(ReasoningPart("", delta.signature, redacted=True))
-            return None
-        text = _storable(delta.text)
-        self.reasoning.append(text)
-        if delta.signature:
-            self._close_reasoning(delta.signature)
-        return ReasoningPart(text) if text else None
-
-    def _close_reasoning(self, signature: str) -> None:
-        if self.reasoning or signature:
-            self.blocks.append(ReasoningPart("".join(self.reasoning), signature))
-        self.reasoning = []
-
-    def reasoning_parts(self) -> list[ReasoningPart]:
-        """Every reasoning block so far; unsigned text (another provider's reasoning, or
-        a thinking block cut before its signature) as one unsigned part."""
-        parts = list(self.blocks)
-        if self.reasoning:
-            parts.append(ReasoningPart("".join(self.reasoning)))
-        return parts
-
-    def tool_calls(self) -> list[ToolCallPart]:
-        return [
-            ToolCallPart(buf.call_id or f"call_{index}", buf.name or "", buf.arguments)
-            for index, buf in sorted(self.calls.items())
-        ]
-
-    def assistant_parts(self) -> tuple[Part, ...]:
-        parts: list[Part] = [p for p in self.reasoning_parts() if p.text or p.signature]
-        if self.text:
-            parts.append(TextPart("".join(self.text)))
-        parts.extend(self.tool_calls())
-        return tuple(parts)
-
-    def messages(self, context_limit: int, interrupted_result: str | None) -> list[NewMessage]:
-        """The step's assistant message plus one tool message per call.
-
-        With `interrupted_result`, calls without a result get a synthetic error
-        result, and an empty step yields nothing.
-        """
-        parts = self.assistant_parts()
-        if interrupted_result is not None and not parts:
-            return []
-        finish = self.finish
-        out = [
-            NewMessage(
-                Role.ASSISTANT,
-                parts,
-                Visibility.BOTH,
-                usage=finish.usage if finish else None,
-                context_limit=(finish.context_limit or context_limit) if finish else None,
-            )
-        ]
-        for i, call in enumerate(self.tool_calls()):
-            result = self.results[i] if i < len(self.results) else None
-            if result is None:
-                if interrupted_result is None:
-                    raise AssertionError("a completed step has a result for every call")
-                result = ToolResultPart(
-                    call.call_id, call.name, {"error": interrupted_result}, is_error=True
-                )
-            out.append(NewMessage(Role.TOOL, (result,), Visibility.BOTH))
-        return out
 
 
 class _Turn:
@@ -534,10 +110,10 @@ class _Turn:
         )
         self.history: list[PromptMessage] = []
         # The in-flight step (streaming or running tools); None once it is complete.
-        self.step: _StepBuffer | None = None
+        self.step: StepBuffer | None = None
         # A complete step not written yet: written before the next activity that needs
         # it, or handed to the caller's finish when the chart ends the turn.
-        self.unwritten: tuple[_StepBuffer, list[NewMessage]] | None = None
+        self.unwritten: tuple[StepBuffer, list[NewMessage]] | None = None
         self.last_finish: Finish | None = None
         self.error: ErrorPayload | None = None
         # The context-length error the running overflow compaction answers, and why the
@@ -763,7 +339,7 @@ class _Turn:
         self.last_finish = step.finish
         return bool(calls)
 
-    async def _stream_with_retries(self) -> _StepBuffer:
+    async def _stream_with_retries(self) -> StepBuffer:
         retry = self.config.retry
         attempt = 0
         started = trio.current_time()
@@ -771,7 +347,7 @@ class _Turn:
         reached = False
         while True:
             attempt += 1
-            self.step = step = _StepBuffer()
+            self.step = step = StepBuffer()
             try:
                 await self._stream_once(step)
                 return step
@@ -837,71 +413,27 @@ class _Turn:
                     await self.callbacks.on_retry(payload)
                 await trio.sleep(delay)
 
-    async def _stream_once(self, step: _StepBuffer) -> None:
+    async def _stream_once(self, step: StepBuffer) -> None:
         async with self.model.stream(self.history, self.tools.specs()) as deltas:
             async for delta in deltas:
                 part = step.apply(delta)
                 if part is not None:
                     await self._publish_part(Role.ASSISTANT, part)
 
-    async def _run_tools(self, step: _StepBuffer, calls: list[ToolCallPart]) -> None:
+    async def _run_tools(self, step: StepBuffer, calls: list[ToolCallPart]) -> None:
         results: list[ToolResultPart | None] = [None] * len(calls)
+        # The step holds the slots from the start: an interrupt keeps the results so far.
         step.results = results
-
-        async def run_one(index: int, call: ToolCallPart) -> None:
-            results[index] = await self.tools.invoke(call, self.tool_context)
-
-        if self.tool_calls is ToolCalls.SEQUENTIAL:
-            for index, call in enumerate(calls):
-                await run_one(index, call)
-            return
-        if self.tool_nursery is None:
-            async with trio.open_nursery() as nursery:
-                for index, call in enumerate(calls):
-                    nursery.start_soon(run_one, index, call)
-            return
-        await self._run_tools_detachable(calls, results)
-
-    async def _run_tools_detachable(
-        self, calls: list[ToolCallPart], results: list[ToolResultPart | None]
-    ) -> None:
-        """Run the calls in the caller's tool nursery and wait for them; when this turn
-        is cancelled it stops waiting at once. A tool that ignores the cancellation
-        (a blocking thread) finishes in the tool nursery; its late result is dropped."""
-        assert self.tool_nursery is not None
-        remaining = len(calls)
-        all_done = trio.Event()
-        scopes = [trio.CancelScope() for _ in calls]
-        abandoned = False
-
-        async def run_one(index: int, call: ToolCallPart, scope: trio.CancelScope) -> None:
-            nonlocal remaining
-            result: ToolResultPart | None = None
-            with scope:
-                result = await self.tools.invoke(call, self.tool_context)
-            if abandoned:
-                if result is not None:
-                    logger.warning(
-                        "late tool result dropped",
-                        extra={**self.log_extra, "tool": call.name, "call_id": call.call_id},
-                    )
-                    if self.callbacks.on_late_tool_result is not None:
-                        self.callbacks.on_late_tool_result(call)
-                return
-            results[index] = result
-            remaining -= 1
-            if remaining == 0:
-                all_done.set()
-
-        for index, call in enumerate(calls):
-            self.tool_nursery.start_soon(run_one, index, call, scopes[index])
-        try:
-            await all_done.wait()
-        except BaseException:
-            abandoned = True
-            for scope in scopes:
-                scope.cancel()
-            raise
+        await run_tool_calls(
+            self.tools,
+            calls,
+            results,
+            self.tool_context,
+            mode=self.tool_calls,
+            nursery=self.tool_nursery,
+            on_late=self.callbacks.on_late_tool_result,
+            log_extra=self.log_extra,
+        )
 
     # -- compaction -------------------------------------------------------------
     async def _summarise(self) -> GenerateResult:
@@ -945,7 +477,7 @@ class _Turn:
             return await self._compaction_failed(call, f"summary failed: {exc.message}")
         except Exception as exc:
             return await self._compaction_failed(call, f"summary failed: {exc}", exc)
-        summary = _storable(generated.text).strip()
+        summary = storable_output(generated.text).strip()
         if not summary:
             return await self._compaction_failed(call, "compaction produced an empty summary")
         report: dict[str, JSON] = {
