@@ -282,16 +282,21 @@ class ObservedServer(Server):
         super().__init__(*args, **kwargs)
         self.ended: list[tuple[uuid.UUID, TurnOutcome]] = []
         self._ended_event = trio.Event()
+        # The supervisor's end-of-turn hook, observed (it is idempotent: record once).
+        supervisor = self._supervisor
+        turn_done = supervisor._turn_done
 
-    def _turn_done(
-        self, chat_id: uuid.UUID, control: TurnControl, outcome: TurnOutcome, generation: int
-    ) -> None:
-        first = control in self._controls  # the Server's hook is idempotent; record once
-        super()._turn_done(chat_id, control, outcome, generation)
-        if first:
-            self.ended.append((chat_id, outcome))
-            self._ended_event.set()
-            self._ended_event = trio.Event()
+        def observed(
+            chat_id: uuid.UUID, control: TurnControl, outcome: TurnOutcome, generation: int
+        ) -> None:
+            first = control in supervisor.controls
+            turn_done(chat_id, control, outcome, generation)
+            if first:
+                self.ended.append((chat_id, outcome))
+                self._ended_event.set()
+                self._ended_event = trio.Event()
+
+        supervisor._turn_done = observed  # type: ignore[method-assign]
 
     async def wait_ended(
         self, chat_id: uuid.UUID, count: int = 1, *, outcome: TurnOutcome | None = None
