@@ -1,14 +1,22 @@
-"""Generate the configuration reference (docs/configuration.md) from `chatd_trio.config`.
+"""Generate the configuration reference (docs/configuration.md) from `chatd_trio.config`,
+and the layer diagram of docs/architecture.md from `chatd_trio._layers`.
 
-``python -m chatd_trio._docgen [--check] [--output PATH]``
+``python -m chatd_trio._docgen [--check] [--output PATH] [--architecture PATH]``
 
 Walks the frozen dataclasses of `Config` (and the sections that live outside it,
 such as `PostgresConfig`), in source order: every field with its dotted path,
 type, default, and the ``#`` comment lines written directly above it, which is
 where config.py records *why* a default has its value. Properties are listed as
 derived values with their docstring. Sections outside `Config` name the package
-modules that use them. ``--check`` writes nothing and exits 1 when the file is stale; the test
-suite runs the same comparison.
+modules that use them.
+
+The layer diagram is the part of the architecture page between its
+``<!-- layers: begin -->`` and ``<!-- layers: end -->`` markers: the rooms of the
+code, ranked, and the imports between them as the code has them
+(`chatd_trio._layers.render`); the rest of the page is written by hand.
+
+``--check`` writes nothing and exits 1 when either file is stale; the test suite
+runs the same comparisons.
 """
 
 from __future__ import annotations
@@ -25,9 +33,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from chatd_trio import _layers
+
 __all__ = ["FieldDoc", "SectionDoc", "collect", "main", "render"]
 
 OUTPUT = Path("docs") / "configuration.md"
+ARCHITECTURE = Path("docs") / "architecture.md"
 COMMAND = "python -m chatd_trio._docgen"
 
 
@@ -279,25 +290,56 @@ def render(module: ModuleType, root: str = "Config") -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+def _architecture(page: Path) -> tuple[str | None, str]:
+    """The architecture page as it is (None when missing) and as it should be."""
+    current = page.read_text("utf-8") if page.exists() else None
+    try:
+        expected = _layers.replace_generated(current or "", _layers.render())
+    except ValueError:
+        # No markers: nothing to put the diagram in, so the page cannot be current.
+        expected = f"{_layers.BEGIN} ... {_layers.END} (missing from {page})"
+    return current, expected
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the reference, or with ``--check`` report whether it is stale."""
+    """Write the reference and the layer diagram, or with ``--check`` report whether
+    either is stale."""
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 when the file is stale")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a file is stale")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"default: {OUTPUT}")
+    parser.add_argument(
+        "--architecture",
+        type=Path,
+        default=ARCHITECTURE,
+        help=f"the page holding the layer diagram (default: {ARCHITECTURE})",
+    )
     args = parser.parse_args(argv)
 
     from chatd_trio import config
 
     text = render(config)
     output: Path = args.output
+    architecture: Path = args.architecture
+    page, expected_page = _architecture(architecture)
     if args.check:
+        stale = False
         current = output.read_text("utf-8") if output.exists() else None
         if current != text:
             sys.stderr.write(f"{output} is stale: run `{COMMAND}`\n")
-            return 1
-        return 0
+            stale = True
+        if page != expected_page:
+            sys.stderr.write(f"{architecture}: the layer diagram is stale: run `{COMMAND}`\n")
+            stale = True
+        return 1 if stale else 0
+    if page is None or _layers.BEGIN not in page or _layers.END not in page:
+        sys.stderr.write(
+            f"{architecture} has no {_layers.BEGIN} ... {_layers.END} part to write the "
+            "layer diagram into\n"
+        )
+        return 2
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, "utf-8")
+    architecture.write_text(expected_page, "utf-8")
     return 0
 
 

@@ -121,9 +121,13 @@ def test_generator_reads_comments_defaults_nesting_and_users(fake_config: object
 
 def test_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
     out = tmp_path / "configuration.md"
-    assert _docgen.main(["--check", "--output", str(out)]) == 1
+    # The architecture page is the other file the command writes: a copy, current.
+    page = tmp_path / "architecture.md"
+    page.write_text((ROOT / "docs" / "architecture.md").read_text("utf-8"), "utf-8")
+    args = ["--output", str(out), "--architecture", str(page)]
+    assert _docgen.main(["--check", *args]) == 1
     assert not out.exists()
-    assert _docgen.main(["--output", str(out)]) == 0
-    assert _docgen.main(["--check", "--output", str(out)]) == 0
+    assert _docgen.main(args) == 0
+    assert _docgen.main(["--check", *args]) == 0
     out.write_text(out.read_text("utf-8") + "edited\n", "utf-8")
-    assert _docgen.main(["--check", "--output", str(out)]) == 1
+    assert _docgen.main(["--check", *args]) == 1
