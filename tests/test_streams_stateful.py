@@ -6,7 +6,7 @@ re-subscribe with the last id, slow (paused) subscribers that overflow their
 queue, pubsub resyncs and failures. The rules run in Hypothesis' thread and
 call into one Trio loop through `trio.from_thread.run`.
 
-What "lossless" means here (see chatd_trio/streams.py): every durable message
+What "lossless" means here (see chatd_trio/streams/__init__.py): every durable message
 reaches every subscriber exactly once per history epoch, in id order, after its
 cursor; an edit's full refresh may start a new epoch (ids go back to the start
 of the history), and only an edit may. A subscriber whose queue overflowed

@@ -33,7 +33,8 @@ def retry_delay(config: RetryConfig, retry_index: int, retry_after: float | None
     `retry_after` raises it when larger (`chatd_trio.loop`'s docstring)."""
     delay = backoff(config.base_delay, config.max_delay, retry_index)
     if retry_after is not None and retry_after > 0:
-        # Not capped by max_delay: the step's time budget bounds it (_stream_with_retries).
+        # Not capped by max_delay: the step's time budget bounds it (turn.py,
+        # `_Turn._stream_with_retries`).
         return max(delay, retry_after)
     return delay
 
