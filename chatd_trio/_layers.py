@@ -358,7 +358,7 @@ def _words(text: str, width: int) -> list[str]:
 
 def render(found: set[tuple[str, str]] | None = None, root: Path = ROOT) -> str:
     """The generated part of docs/architecture.md: the rooms by rank, the imports
-    between them as counted in the code, and the allowed exceptions."""
+    between them as the code has them, and the allowed exceptions."""
     every = modules(root)
     found = edges(root) if found is None else found
     members: dict[str, list[str]] = {room.name: [] for room in ROOMS}
