@@ -200,7 +200,7 @@ async def setup(pool: AsyncConnectionPool[Any], chats: int) -> list[tuple[uuid.U
             chat_id = uuid.uuid4()
             await conn.execute(
                 pg._SQL_INSERT_CHAT,
-                (chat_id, OWNER, f"floor {i}", "waiting", None, None, None, None, None, []),
+                (chat_id, OWNER, f"floor {i}", "waiting", None, None, None, None, None, [], None),
             )
             await conn.execute(
                 "INSERT INTO chat_messages (chat_id, role, content, visibility, owner_token)"

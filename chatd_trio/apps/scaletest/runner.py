@@ -453,6 +453,8 @@ class ReplicaRunner:
                 "size": pool.get("max_size", 0),
                 "max_in_use": pool.get("max_in_use", 0),
                 "mean_in_use": round(pool.get("mean_in_use", 0.0), 2),
+                "p99_in_use": pool.get("p99_in_use", 0),
+                "share_at_half_or_more": pool.get("share_at_half_or_more", 0.0),
             },
             "pid": os.getpid(),
             "worker_id": str(self.server.worker_id),
