@@ -1,4 +1,4 @@
-"""The asyncio bridge's cost per round trip, against native asyncio psycopg.
+"""The trio-asyncio bridge's cost per round trip, against native asyncio psycopg.
 
     python benchmarks/bridge.py [--dsn DSN] [--n 2000] [--statements 5]
 
@@ -8,8 +8,8 @@ and prints one JSON object with the medians (microseconds per operation):
 
 - `native_round_trip`: `SELECT 1` awaited on asyncio (`asyncio.run`), no bridge.
 - `bridged_round_trip`: the same coroutine entered from Trio through
-  `chatd_trio._aio.Bridge` (what every PostgresStore operation does: the coroutine
-  runs on the bridge's asyncio loop thread): the bridge's cost is the difference.
+  `chatd_trio._aio.Bridge` (what every PostgresStore operation does): the bridge's
+  cost is the difference.
 - `bridge_crossing`: entering an asyncio coroutine that does no I/O from Trio.
 - `operation_once` / `operation_per_statement`: an operation of `--statements`
   statements in one pipelined batch, crossing the bridge once (as the store does)
@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 import trio
 
-from chatd_trio._aio import asyncio_bridge
+from chatd_trio._aio import asyncio_bridge, bind_psycopg_loop_lookup
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 
 DSN = os.environ.get("CHATD_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -90,6 +90,8 @@ def native(dsn: str, n: int, statements: int) -> dict[str, Any]:
 
 
 def bridged(dsn: str, n: int, statements: int) -> dict[str, Any]:
+    bind_psycopg_loop_lookup()
+
     async def main() -> dict[str, Any]:
         trips = RoundTrips()
         async with asyncio_bridge() as bridge:

@@ -1,112 +1,68 @@
-"""The asyncio bridge: psycopg's async API runs on an asyncio loop in its own thread.
+"""The asyncio bridge: psycopg's async API runs on a trio-asyncio loop.
 
-The rule (docs/architecture.md): one store operation = one asyncio coroutine entered
-once from Trio, so a transaction begins and ends inside that coroutine and a
-cancellation never leaves a connection mid-transaction.
-
-Why a thread: on a busy replica, a coroutine whose answer has arrived would resume
-only when the Trio scheduler next reached an asyncio loop running inside Trio, after
-every other runnable task of that batch, and it holds its pooled connection all that
-time. On its own thread the loop resumes as soon as the socket is readable and it can
-take the GIL, so a connection is held for the round trips and little more. The
-coroutines share no state with Trio tasks but what they are handed and return (and
-the counters documented as thread-safe where they are kept).
+The rule (docs/architecture.md): one store operation = one asyncio coroutine entered once from Trio,
+so a transaction begins and ends inside that coroutine and a cancellation never
+leaves a connection mid-transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-import trio
+import trio_asyncio
 
-from chatd_trio._cleanup import bounded_cleanup
+from chatd_trio._groups import unwrapped
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# How long leaving the bridge waits for the loop's thread to finish what it holds
-# (the adapters close their pools first, within their own timeouts).
-_STOP_TIMEOUT = 10.0
-# How long a cancelled caller waits for its coroutine to unwind (roll back, return
-# the connection) before it stops waiting; the coroutine still finishes on its loop.
-_UNWIND_TIMEOUT = 5.0
+
+def bind_psycopg_loop_lookup() -> None:
+    """Make psycopg find the trio-asyncio loop.
+
+    psycopg.waiting binds `asyncio.get_running_loop` by name at import, while
+    trio-asyncio replaces that function when it is imported: if psycopg came first
+    (a test helper, another module) it would see "no running event loop".
+    Idempotent; `asyncio_bridge` calls it when a store or pubsub opens (never at
+    import: importing the package imports no psycopg).
+    """
+    import psycopg.waiting
+
+    namespace = vars(psycopg.waiting)
+    if namespace.get("get_running_loop") is not asyncio.get_running_loop:
+        namespace["get_running_loop"] = asyncio.get_running_loop
 
 
 class Bridge:
-    """Runs asyncio coroutine functions on one asyncio loop thread, from any Trio task."""
+    """Runs asyncio coroutine functions on one trio-asyncio loop, from any Trio task."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, loop: Any) -> None:
         self._loop = loop
-        self._token = token
         # Crossings into asyncio so far: a store operation is one, whatever its statements.
         self.crossings = 0
 
     async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Call `fn(*args, **kwargs)` as one asyncio coroutine and return its result.
-
-        Cancelling the caller cancels the coroutine and waits (shielded, bounded) for
-        it to unwind, so the caller goes on only once its connection is back; if the
-        coroutine had already finished, its result stands.
-        """
+        """Call `fn(*args, **kwargs)` as one asyncio coroutine and return its result."""
         self.crossings += 1
-        done = trio.Event()
-        token = self._token
-        tasks: list[asyncio.Task[T]] = []
-
-        def start() -> None:  # on the loop's thread
-            task = self._loop.create_task(_coroutine(fn, *args, **kwargs))
-            task.add_done_callback(lambda _: token.run_sync_soon(done.set))
-            tasks.append(task)
-
-        self._loop.call_soon_threadsafe(start)
-        try:
-            await done.wait()
-        except trio.Cancelled:
-            # Runs after `start` (the loop runs its callbacks in order): the task exists.
-            self._loop.call_soon_threadsafe(lambda: tasks[0].cancel())
-            with bounded_cleanup(_UNWIND_TIMEOUT):
-                await done.wait()
-            if not done.is_set() or tasks[0].cancelled():
-                raise
-            # The coroutine finished before the cancellation reached it: what it did
-            # happened (a commit, notifications read off the socket), so it is returned
-            # or raised rather than lost; the cancellation comes at the next checkpoint.
-        return tasks[0].result()
-
-
-async def _coroutine(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-    return await fn(*args, **kwargs)
-
-
-def _serve(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-        # Whatever is left (a coroutine whose caller stopped waiting) is cancelled and
-        # allowed to unwind before the loop closes.
-        left = asyncio.all_tasks(loop)
-        for task in left:
-            task.cancel()
-        if left:
-            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
+        result: T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args, **kwargs)
+        return result
 
 
 @asynccontextmanager
 async def asyncio_bridge() -> AsyncIterator[Bridge]:
-    """Start an asyncio loop on its own thread for this block; stop it on exit."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=_serve, args=(loop,), name="chatd-asyncio", daemon=True)
-    thread.start()
-    try:
-        yield Bridge(loop, trio.lowlevel.current_trio_token())
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        with bounded_cleanup(_STOP_TIMEOUT):
-            await trio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+    """Reuse the trio-asyncio loop of the current context, or open one for this block.
+
+    The loop's nurseries are the bridge's business: an exception of the block leaves
+    as itself, not in an exception group (`chatd_trio._groups.unwrapped`), whether or
+    not a loop was opened here. A store that fails to open raises its `StoreError`.
+    """
+    bind_psycopg_loop_lookup()
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None:
+        yield Bridge(loop)
+        return
+    async with unwrapped(trio_asyncio.open_loop()) as opened:
+        yield Bridge(opened)

@@ -40,8 +40,6 @@ WORKER = "worker"
 
 #: Young-generation threshold of the cyclic GC in a replica process (Python's default: 700).
 GC_YOUNG_THRESHOLD = 50_000
-#: The GIL switch interval of a replica process, seconds (Python's default: 0.005).
-SWITCH_INTERVAL = 0.0005
 
 
 def replica_process_settings() -> None:
@@ -51,13 +49,10 @@ def replica_process_settings() -> None:
     thresholds the cyclic GC ran a young collection every few hundred allocations and
     scanned the whole heap (caches, streams, charts) a dozen times a minute, about a
     tenth of its CPU in the scale test. Freezing what the imports left and raising the
-    young threshold cut that to under 1 %. The shorter switch interval lets the
-    store's asyncio thread (`chatd_trio._aio`) take the GIL soon after its socket is
-    readable, so a connection goes back to the pool sooner.
+    young threshold cut that to under 1 %.
     """
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def worker_command(app: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""PubSub over PostgreSQL LISTEN/NOTIFY, driven from Trio through the asyncio bridge.
+"""PubSub over PostgreSQL LISTEN/NOTIFY, driven from Trio through trio-asyncio.
 
 One dedicated LISTEN connection per instance serves every subscription. Its
 notifications cross into Trio as return values of one asyncio coroutine per
@@ -7,9 +7,8 @@ subscriptions' queues. psycopg's `notifies()` holds the connection lock while it
 waits, so LISTEN/UNLISTEN cannot run beside it: a subscription change cancels
 the pending wait, the listener applies the change, then waits again. Cancelling
 that wait is safe: the connection is idle (no query to cancel) and a batch
-that was already read is returned, never dropped (the bridge returns the
-result of a coroutine that finished before the cancellation reached it, and nothing
-awaits after the batch is collected);
+that was already read is returned, never dropped (trio-asyncio keeps waiting
+for the coroutine's result, and nothing awaits after the batch is collected);
 notifications that arrive while LISTEN runs wait in psycopg's backlog.
 
 Publishing uses a separate small pool, so it never waits behind the listener.

@@ -8,7 +8,6 @@ many times each ran, counted where the statement executes.
 from __future__ import annotations
 
 import enum
-import threading
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -233,62 +232,53 @@ class PromptCache:
     def __init__(self, max_chats: int | None = None) -> None:
         self._max = max_chats
         self._entries: OrderedDict[uuid.UUID, _CachedPrompt] = OrderedDict()
-        # The PostgreSQL store fills and forgets entries inside its operations, on the
-        # asyncio bridge's thread, while Trio tasks read them (`chatd_trio._aio`).
-        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def valid(self, chat_id: uuid.UUID, anchor: int) -> tuple[Message, ...] | None:
         """The entry when its last message is `anchor`; else forget it."""
-        with self._lock:
-            entry = self._entries.get(chat_id)
-            if entry is None:
-                return None
-            if entry.last != anchor:
-                del self._entries[chat_id]
-                return None
-            self._entries.move_to_end(chat_id)
-            return entry.messages
+        entry = self._entries.get(chat_id)
+        if entry is None:
+            return None
+        if entry.last != anchor:
+            del self._entries[chat_id]
+            return None
+        self._entries.move_to_end(chat_id)
+        return entry.messages
 
     def put(self, chat_id: uuid.UUID, messages: Sequence[Message], token: int | None) -> None:
-        with self._lock:
-            self._entries[chat_id] = _CachedPrompt(tuple(messages), token)
-            self._entries.move_to_end(chat_id)
-            while self._max is not None and len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+        self._entries[chat_id] = _CachedPrompt(tuple(messages), token)
+        self._entries.move_to_end(chat_id)
+        while self._max is not None and len(self._entries) > self._max:
+            self._entries.popitem(last=False)
 
     def refresh(self, chat_id: uuid.UUID, messages: Sequence[Message]) -> None:
         """A whole read of the prompt: it replaces the entry (for the same run)."""
-        with self._lock:
-            entry = self._entries.get(chat_id)
-            self.put(chat_id, messages, entry.token if entry is not None else None)
+        entry = self._entries.get(chat_id)
+        self.put(chat_id, messages, entry.token if entry is not None else None)
 
     def extend(self, chat_id: uuid.UUID, prev: int, messages: Sequence[Message]) -> None:
         """A run wrote `messages`; `prev` is the chat's last model-visible message before."""
-        with self._lock:
-            entry = self._entries.get(chat_id)
-            if entry is None:
-                return
-            if entry.last != prev or any(m.compressed for m in messages):
-                # Someone else wrote in between, or a compaction moved the boundary.
-                del self._entries[chat_id]
-                return
-            added = tuple(m for m in messages if m.model_visible and not m.deleted)
-            self._entries[chat_id] = _CachedPrompt(entry.messages + added, entry.token)
+        entry = self._entries.get(chat_id)
+        if entry is None:
+            return
+        if entry.last != prev or any(m.compressed for m in messages):
+            # Someone else wrote in between, or a compaction moved the boundary.
+            del self._entries[chat_id]
+            return
+        added = tuple(m for m in messages if m.model_visible and not m.deleted)
+        self._entries[chat_id] = _CachedPrompt(entry.messages + added, entry.token)
 
     def forget(self, chat_id: uuid.UUID) -> None:
-        with self._lock:
-            self._entries.pop(chat_id, None)
+        self._entries.pop(chat_id, None)
 
     def get(self, lease: Lease) -> list[Message] | None:
         """The prompt of the turn holding `lease`, when its acquisition loaded it."""
-        with self._lock:
-            entry = self._entries.get(lease.chat_id)
-            if entry is None or entry.token != lease.token:
-                return None
-            return list(entry.messages)
+        entry = self._entries.get(lease.chat_id)
+        if entry is None or entry.token != lease.token:
+            return None
+        return list(entry.messages)
 
 
 def prompt_tail_plan(

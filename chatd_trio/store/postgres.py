@@ -1,6 +1,6 @@
 """The PostgreSQL Store: the production store and the coordination engine between replicas.
 
-psycopg's async API runs on an asyncio loop thread (`chatd_trio._aio`). Each store
+psycopg's async API runs on a trio-asyncio loop (`chatd_trio._aio`). Each store
 operation is ONE asyncio coroutine entered once from Trio: it borrows a pooled
 connection, runs its statements (inside one transaction when there are several)
 and returns the connection before it ends, so a cancelled Trio task never leaves

@@ -8,10 +8,9 @@ drop accounting and the replica's stream counters.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -152,11 +151,6 @@ class ChatStreams:
         self._decode_errors = 0
         self._publish_failures = 0
         self._announced = 0
-        # The announcer runs inside the store's writing transaction, on the asyncio
-        # bridge's thread (`chatd_trio._aio`): the counters it shares with Trio tasks
-        # are locked, and a local delivery it asks for is handed to the Trio thread.
-        self._stats_lock = threading.Lock()
-        self._token: trio.lowlevel.TrioToken | None = None
         announces = (
             pubsub is not None
             and strategies.announce is Announce.IN_TRANSACTION
@@ -176,32 +170,15 @@ class ChatStreams:
         writing transaction; the messages are then published with `announced=True`,
         and the status, queue and owner events of the write are not published again.
         """
-        if self._token is None and self._announcer is not None:
-            self._token = trio.lowlevel.current_trio_token()
         return self._announcer
 
     def _count(
         self, kind: EventType | None = None, *, announced: int = 0, failures: int = 0
     ) -> None:
-        with self._stats_lock:
-            if kind is not None:
-                self._published[kind] += 1
-            self._announced += announced
-            self._publish_failures += failures
-
-    def _published_snapshot(self) -> dict[EventType, int]:
-        with self._stats_lock:
-            return dict(self._published)
-
-    def _on_trio_thread(self, fn: Callable[..., object], *args: object) -> None:
-        """Call `fn(*args)` now on the Trio thread, or soon from another thread."""
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            assert self._token is not None, "the announcer was handed out by a Trio task"
-            self._token.run_sync_soon(fn, *args)
-        else:
-            fn(*args)
+        if kind is not None:
+            self._published[kind] += 1
+        self._announced += announced
+        self._publish_failures += failures
 
     def _announce(
         self, messages: Sequence[Message], *, refresh: bool = False
@@ -236,7 +213,7 @@ class ChatStreams:
             )
             state = self._chats.get(chat_id)
             if state is not None:
-                self._on_trio_thread(self._publish_local, state, NotifyItem(payload))
+                self._publish_local(state, NotifyItem(payload))
             return []
         self._count(announced=1)
         channel = stream_channel(chat_id)
@@ -634,7 +611,7 @@ class ChatStreams:
         """A frozen snapshot of this replica's stream counters."""
         chats = tuple(self._chat_stats(s) for s in self._chats.values())
         return StreamStatistics(
-            events_published=self._published_snapshot(),
+            events_published=dict(self._published),
             dropped_buffer=self._dropped_buffer,
             dropped_subscriber=self._dropped_subscriber,
             overflow_resyncs=self._overflow_resyncs,
