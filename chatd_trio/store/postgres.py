@@ -677,13 +677,10 @@ class PostgresStore(StoreOps):
         self._prompts = PromptCache(config.prompt_cache_chats)
         self._in_use = 0
         self._max_in_use = 0
-        # Connection-seconds in use since the high-water mark was last reset, and when
-        # that was: their ratio is the mean number of connections in use.
-        self._in_use_area = 0.0
         # Seconds spent with n connections in use, n = 0..max_size (a time-weighted
         # distribution: how long the pool was that busy, not only its peak).
         self._in_use_time = [0.0] * (config.max_size + 1)
-        self._in_use_changed = self._in_use_since = time.monotonic()
+        self._in_use_changed = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -749,14 +746,13 @@ class PostgresStore(StoreOps):
         """Restart `pool_stats()["max_in_use"]` and `["mean_in_use"]` from the connections
         in use now (a benchmark's steady phase)."""
         self._max_in_use = self._in_use
-        self._in_use_area = 0.0
         self._in_use_time = [0.0] * len(self._in_use_time)
-        self._in_use_changed = self._in_use_since = time.monotonic()
+        self._in_use_changed = time.monotonic()
 
     def _mean_in_use(self) -> float:
-        now = time.monotonic()
-        area = self._in_use_area + self._in_use * (now - self._in_use_changed)
-        return area / (now - self._in_use_since) if now > self._in_use_since else 0.0
+        times = self._in_use_times()
+        total = sum(times)
+        return sum(n * spent for n, spent in enumerate(times)) / total if total > 0 else 0.0
 
     def _in_use_times(self) -> list[float]:
         times = list(self._in_use_time)
@@ -786,7 +782,6 @@ class PostgresStore(StoreOps):
         self._in_use_time[min(self._in_use, len(self._in_use_time) - 1)] += (
             now - self._in_use_changed
         )
-        self._in_use_area += self._in_use * (now - self._in_use_changed)
         self._in_use_changed = now
         self._in_use += delta
         self._max_in_use = max(self._max_in_use, self._in_use)
