@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 import trio
 
-from chatd_trio._aio import asyncio_bridge, bind_psycopg_loop_lookup
+from chatd_trio._aio import asyncio_bridge
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
 
 DSN = os.environ.get("CHATD_BENCH_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -90,8 +90,6 @@ def native(dsn: str, n: int, statements: int) -> dict[str, Any]:
 
 
 def bridged(dsn: str, n: int, statements: int) -> dict[str, Any]:
-    bind_psycopg_loop_lookup()
-
     async def main() -> dict[str, Any]:
         trips = RoundTrips()
         async with asyncio_bridge() as bridge:
