@@ -216,7 +216,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     trips = RoundTrips()
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         args.dsn,
-        connection_class=counting_connection_class(trips),
+        connection_class=counting_connection_class(trips, psycopg.AsyncConnection),
         kwargs={"autocommit": True, "row_factory": dict_row},
         min_size=args.concurrency,
         max_size=args.concurrency,

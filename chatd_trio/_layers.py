@@ -109,7 +109,7 @@ ROOMS: tuple[Room, ...] = (
             "chatd_trio.models.*",
             "chatd_trio.agent",
             "chatd_trio.agent.*",
-            "chatd_trio._aio",
+            "chatd_trio._pgtrio",
             "chatd_trio._pgtrace",
             "chatd_trio._pg",
         ),

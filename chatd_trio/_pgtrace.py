@@ -17,12 +17,14 @@ pushes those; nothing was asked).
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.waiting import Ready
 
 __all__ = ["RoundTrips", "counting_connection_class"]
+
+C = TypeVar("C", bound=psycopg.AsyncConnection[Any])
 
 # psycopg's generator waiting for notifications on a LISTEN connection: pushed, not asked.
 _PUSHED = frozenset({"notifies"})
@@ -52,10 +54,7 @@ def _counted(gen: Generator[Any, Any, Any], trips: RoundTrips) -> Generator[Any,
         return stop.value
 
 
-def counting_connection_class(
-    trips: RoundTrips,
-    base: type[psycopg.AsyncConnection[Any]] = psycopg.AsyncConnection,
-) -> type[psycopg.AsyncConnection[Any]]:
+def counting_connection_class(trips: RoundTrips, base: type[C]) -> type[C]:
     """A subclass of `base` whose connections add their round trips to `trips`
     (pass it as a pool's `connection_class`, or call its `connect`)."""
 

@@ -326,6 +326,7 @@ class PostgresConfig(Checked):
 
     rules = {
         "min_size": NON_NEGATIVE,
+        "answer_wait": NON_NEGATIVE,
         "connect_timeout": NON_NEGATIVE,
         "close_timeout": NON_NEGATIVE,
         "migration_lock_key": ANY,
@@ -336,6 +337,11 @@ class PostgresConfig(Checked):
     # from the server's max_connections when many turns persist at once.
     min_size: int = 1
     max_size: int = 10
+    # A store operation waits up to 5 ms on its socket for the server's answer before
+    # parking its task: on a busy replica a parked task resumes only after a whole
+    # scheduling round, holding its connection meanwhile (docs/architecture.md). 0 parks
+    # at once; it stops trying by itself while most answers come later than this.
+    answer_wait: float = 0.005
     # Recycle idle connections after 5 min and every connection after 30 min, before a
     # managed database's idle or lifetime limit kills one silently.
     max_idle: float = 300.0

@@ -114,11 +114,11 @@ async def test_a_steady_turn_is_one_batch_per_write_plus_one_for_its_notifies(
         spent: dict[str, int] = {}
 
         async def cost(name: str, op: Awaitable[T], attempts: int = 1) -> T:
-            before, crossed = trips(store), store.bridge_crossings()
+            before, borrowed = trips(store), store.pool_stats()["requests_num"]
             result = await op
             spent[name] = trips(store) - before
-            # One crossing into asyncio per attempt, however many batches it sends.
-            assert store.bridge_crossings() - crossed == attempts, name
+            # One connection borrowed per attempt, however many batches it sends.
+            assert store.pool_stats()["requests_num"] - borrowed == attempts, name
             return result
 
         (running,) = await cost("acquire", store.acquire(W, 1, announce=announce))

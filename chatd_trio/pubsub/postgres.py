@@ -1,15 +1,15 @@
-"""PubSub over PostgreSQL LISTEN/NOTIFY, driven from Trio through trio-asyncio.
+"""PubSub over PostgreSQL LISTEN/NOTIFY, on psycopg driven natively by Trio.
 
-One dedicated LISTEN connection per instance serves every subscription. Its
-notifications cross into Trio as return values of one asyncio coroutine per
-batch (`notifies(stop_after=1)`), and the listener task dispatches them to the
+One dedicated LISTEN connection per instance serves every subscription
+(`chatd_trio._pgtrio`: its socket waits are Trio's). The listener task reads one
+batch at a time (`notifies(stop_after=1)`) and dispatches it to the
 subscriptions' queues. psycopg's `notifies()` holds the connection lock while it
 waits, so LISTEN/UNLISTEN cannot run beside it: a subscription change cancels
 the pending wait, the listener applies the change, then waits again. Cancelling
-that wait is safe: the connection is idle (no query to cancel) and a batch
-that was already read is returned, never dropped (trio-asyncio keeps waiting
-for the coroutine's result, and nothing awaits after the batch is collected);
-notifications that arrive while LISTEN runs wait in psycopg's backlog.
+that wait is safe: the connection is idle (no query to cancel, so it stays
+open) and a batch that was read is never dropped (nothing awaits between
+reading it and handing it back); notifications that arrive while LISTEN runs
+wait in psycopg's backlog.
 
 Publishing uses a separate small pool, so it never waits behind the listener.
 On connection loss the listener reconnects with exponential backoff,
@@ -35,13 +35,11 @@ from typing import Any
 import psycopg
 import trio
 from psycopg import sql
-from psycopg_pool import AsyncConnectionPool
 
-from chatd_trio._aio import Bridge, asyncio_bridge
-from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._groups import unwrapped
 from chatd_trio._pg import database_address
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
+from chatd_trio._pgtrio import AnswerWait, PoolSettings, TrioConnection, TrioPool, connect
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
 from chatd_trio.pubsub._shared import QueueSubscription, check_channel, check_publish
@@ -53,18 +51,12 @@ __all__ = ["PostgresPubSub"]
 log = logging.getLogger(__name__)
 
 _NOTIFY = "SELECT pg_notify(%s, %s)"
+# The publish pool's connections are few and busy: recycle them as the store's are.
+_PUBLISH_MAX_IDLE = 300.0
+_PUBLISH_MAX_LIFETIME = 1800.0
 
 
-# -- asyncio side: each function is one coroutine entered once from Trio --------------
-
-
-async def _connect(
-    conninfo: str, kwargs: dict[str, Any], cls: type[psycopg.AsyncConnection[Any]]
-) -> psycopg.AsyncConnection[Any]:
-    return await cls.connect(conninfo, autocommit=True, **kwargs)
-
-
-async def _fetch_batch(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, str]]:
+async def _fetch_batch(conn: TrioConnection) -> list[tuple[str, str]]:
     """Wait for the next batch of notifications (those of one network packet)."""
     batch: list[tuple[str, str]] = []
     # stop_after=1 ends the generator by itself after the first batch: breaking out of
@@ -72,27 +64,6 @@ async def _fetch_batch(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, st
     async for note in conn.notifies(stop_after=1):
         batch.append((note.channel, note.payload))
     return batch
-
-
-async def _execute(conn: psycopg.AsyncConnection[Any], query: sql.Composed) -> None:
-    await conn.execute(query)
-
-
-async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
-    await conn.close()
-
-
-async def _open_pool(pool: AsyncConnectionPool[Any], wait_s: float) -> None:
-    await pool.open(wait=True, timeout=wait_s)
-
-
-async def _close_pool(pool: AsyncConnectionPool[Any], wait_s: float) -> None:
-    await pool.close(timeout=wait_s)
-
-
-async def _notify(pool: AsyncConnectionPool[Any], channel: str, payload: str) -> None:
-    async with pool.connection() as conn:
-        await conn.execute(_NOTIFY, (channel, payload))
 
 
 # -- Trio side ------------------------------------------------------------------------------
@@ -103,20 +74,18 @@ class PostgresPubSub:
 
     def __init__(
         self,
-        bridge: Bridge,
         dsn: str,
         config: PubSubConfig,
-        pool: AsyncConnectionPool[Any],
+        pool: TrioPool[TrioConnection],
         instance: str,
         auth: NotifyAuth,
         round_trips: RoundTrips | None = None,
     ) -> None:
-        self._bridge = bridge
         self._round_trips = round_trips
-        self._connection_class: type[psycopg.AsyncConnection[Any]] = (
-            psycopg.AsyncConnection
+        self._connection_class: type[TrioConnection] = (
+            TrioConnection
             if round_trips is None
-            else counting_connection_class(round_trips)
+            else counting_connection_class(round_trips, TrioConnection)
         )
         self._dsn = dsn
         self._config = config
@@ -180,51 +149,56 @@ class PostgresPubSub:
             cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
         instance = uuid.uuid4().hex[:8]
         trips = RoundTrips() if cfg.count_round_trips else None
-        # What the block raises, and a failure to connect, leave as themselves: the bridge
-        # and the listener's nursery are `unwrapped` (as the memory adapter raises them).
-        async with asyncio_bridge() as bridge:
-            pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-                dsn,
-                connection_class=(
-                    psycopg.AsyncConnection if trips is None else counting_connection_class(trips)
-                ),
+        publish_kwargs = _conn_kwargs(cfg, f"{cfg.application_name}-publish-{instance}")
+        publish_class = (
+            TrioConnection if trips is None else counting_connection_class(trips, TrioConnection)
+        )
+
+        async def open_publisher() -> TrioConnection:
+            return await connect(dsn, cls=publish_class, **publish_kwargs)
+
+        pool: TrioPool[TrioConnection] = TrioPool(
+            open_publisher,
+            # A NOTIFY alone: its task parks for the answer (nothing waits behind it).
+            AnswerWait(0.0),
+            PoolSettings(
                 min_size=cfg.publish_pool_min_size,
                 max_size=cfg.publish_pool_max_size,
+                max_idle=_PUBLISH_MAX_IDLE,
+                max_lifetime=_PUBLISH_MAX_LIFETIME,
                 timeout=cfg.publish_timeout,
-                kwargs={
-                    "autocommit": True,
-                    **_conn_kwargs(cfg, f"{cfg.application_name}-publish-{instance}"),
-                },
-                open=False,
-            )
-            pubsub = cls(bridge, dsn, cfg, pool, instance, auth, trips)
-            conn: psycopg.AsyncConnection[Any] | None = None
-            try:
-                # The listener first: a refused connection fails at once, while the pool
-                # would retry until its timeout.
-                conn = await pubsub._connect()
-                await bridge.run(_open_pool, pool, float(cfg.connect_timeout))
-            except (psycopg.Error, OSError) as exc:
-                if conn is not None:
-                    await pubsub._close_conn(conn)
-                await pubsub._close_pool()
-                raise PubSubError(f"cannot connect the pubsub: {exc}") from exc
-            except BaseException:
-                if conn is not None:
-                    await pubsub._close_conn(conn)
-                await pubsub._close_pool()
-                raise
-            try:
-                async with unwrapped(trio.open_nursery()) as nursery:
-                    # start(): no subscriber may arrive before the first LISTEN round.
-                    await nursery.start(pubsub._listen_forever, conn)
-                    try:
-                        yield pubsub
-                    finally:
-                        nursery.cancel_scope.cancel()
-            finally:
-                pubsub._shutdown()
-                await pubsub._close_pool()
+            ),
+        )
+        pubsub = cls(dsn, cfg, pool, instance, auth, trips)
+        conn: TrioConnection | None = None
+        try:
+            # The listener first: a refused connection fails at once.
+            conn = await pubsub._connect()
+            with trio.fail_after(cfg.connect_timeout):
+                await pool.open()
+        except (psycopg.Error, OSError, trio.TooSlowError) as exc:
+            if conn is not None:
+                await conn.close()
+            pool.close()
+            raise PubSubError(f"cannot connect the pubsub: {exc!r}") from exc
+        except BaseException:
+            if conn is not None:
+                await conn.close()
+            pool.close()
+            raise
+        # What the block raises leaves as itself: the listener's nursery is `unwrapped`
+        # (as the memory adapter raises it).
+        try:
+            async with unwrapped(trio.open_nursery()) as nursery:
+                # start(): no subscriber may arrive before the first LISTEN round.
+                await nursery.start(pubsub._listen_forever, conn)
+                try:
+                    yield pubsub
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            pubsub._shutdown()
+            pool.close()
 
     # -- the PubSub port --------------------------------------------------------------
 
@@ -251,7 +225,8 @@ class PostgresPubSub:
             raise PubSubError("the pubsub is closed")
         try:
             with trio.fail_after(self._config.publish_timeout):
-                await self._bridge.run(_notify, self._pool, channel, wire)
+                async with self._pool.connection() as conn:
+                    await conn.execute(_NOTIFY, (channel, wire))
         except psycopg.Error as exc:
             raise PubSubError(f"publish on {channel!r} failed: {exc}") from exc
         except trio.TooSlowError:
@@ -376,18 +351,21 @@ class PostgresPubSub:
 
     # -- the listener ----------------------------------------------------------------------
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        return await self._bridge.run(
-            _connect, self._dsn, _conn_kwargs(self._config, self._app_name), self._connection_class
-        )
+    async def _connect(self) -> TrioConnection:
+        with trio.fail_after(self._config.connect_timeout + 1):
+            return await connect(
+                self._dsn,
+                cls=self._connection_class,
+                **_conn_kwargs(self._config, self._app_name),
+            )
 
-    async def _reconnect(self) -> psycopg.AsyncConnection[Any]:
+    async def _reconnect(self) -> TrioConnection:
         delay = self._config.reconnect_backoff_initial
         while True:
             await trio.sleep(delay)
             try:
                 return await self._connect()
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError, trio.TooSlowError) as exc:
                 log.warning(
                     "pubsub listener reconnect failed",
                     extra={"error": str(exc), "retry_in": delay, "app": self._app_name},
@@ -396,7 +374,7 @@ class PostgresPubSub:
 
     async def _listen_forever(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: TrioConnection,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -432,7 +410,7 @@ class PostgresPubSub:
 
     async def _serve(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: TrioConnection,
         *,
         resync: bool,
         started: Callable[[], None],
@@ -457,7 +435,7 @@ class PostgresPubSub:
             with trio.CancelScope() as scope:
                 self._fetch_scope = scope
                 try:
-                    batch = await self._bridge.run(_fetch_batch, conn)
+                    batch = await _fetch_batch(conn)
                 finally:
                     self._fetch_scope = None
             if scope.cancelled_caught:
@@ -473,16 +451,16 @@ class PostgresPubSub:
                     if sub.deliver(payload):
                         self._delivered += 1
 
-    async def _apply(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _apply(self, conn: TrioConnection) -> None:
         """LISTEN/UNLISTEN until the connection listens to exactly the subscribed channels."""
         desired = self._desired()
         for channel in sorted(self._listening - desired):
             self._listening.discard(channel)
-            await self._bridge.run(_execute, conn, _statement("UNLISTEN", channel))
+            await conn.execute(_statement("UNLISTEN", channel))
             self._unlistens += 1
         for channel in sorted(desired - self._listening):
             try:
-                await self._bridge.run(_execute, conn, _statement("LISTEN", channel))
+                await conn.execute(_statement("LISTEN", channel))
             except psycopg.Error as exc:
                 if conn.closed:
                     raise
@@ -507,13 +485,8 @@ class PostgresPubSub:
                 if sub.deliver(Resync()):
                     self._resyncs += 1
 
-    async def _close_conn(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        with bounded_cleanup(self._config.close_timeout):
-            await self._bridge.run(_close, conn)
-
-    async def _close_pool(self) -> None:
-        with bounded_cleanup(self._config.close_timeout):
-            await self._bridge.run(_close_pool, self._pool, self._config.close_timeout)
+    async def _close_conn(self, conn: TrioConnection) -> None:
+        await conn.close()
 
 
 def _statement(verb: str, channel: str) -> sql.Composed:

@@ -1,11 +1,12 @@
 """The PostgreSQL Store: the production store and the coordination engine between replicas.
 
-psycopg's async API runs on a trio-asyncio loop (`chatd_trio._aio`). Each store
-operation is ONE asyncio coroutine entered once from Trio: it borrows a pooled
-connection, runs its statements (inside one transaction when there are several)
-and returns the connection before it ends, so a cancelled Trio task never leaves
-a connection mid-transaction and no connection is held between operations
-(docs/architecture.md).
+psycopg's async API runs natively on Trio (`chatd_trio._pgtrio`: its socket
+waits are Trio's). Each store operation runs in the calling task: it borrows a
+pooled connection, runs its statements (inside one transaction when there are
+several) and returns the connection before it ends. A task cancelled mid-exchange
+closes its connection (the server rolls the transaction back) and the pool never
+lends a connection that is not idle, so no connection is held between operations
+or reused mid-transaction (docs/architecture.md).
 
 Semantics and statement accounting are those of `chatd_trio.store.memory`
 (its module docstring tabulates the statements per operation and the decisions
@@ -40,12 +41,10 @@ import trio
 from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
 
-from chatd_trio._aio import Bridge, asyncio_bridge
-from chatd_trio._cleanup import bounded_cleanup
 from chatd_trio._pg import database_address
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
+from chatd_trio._pgtrio import AnswerWait, PoolSettings, TrioConnection, TrioPool, connect
 from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
     Chat,
@@ -99,8 +98,8 @@ __all__ = ["PostgresStore", "load_migrations"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Conn: TypeAlias = psycopg.AsyncConnection[DictRow]
-_Pool: TypeAlias = AsyncConnectionPool[psycopg.AsyncConnection[DictRow]]
+_Conn: TypeAlias = TrioConnection
+_Pool: TypeAlias = TrioPool[TrioConnection]
 _Body: TypeAlias = Callable[[_Conn], Awaitable[T]]
 _Params: TypeAlias = Sequence[object] | Mapping[str, object]
 _Cursor: TypeAlias = psycopg.AsyncCursor[DictRow]
@@ -661,7 +660,6 @@ class PostgresStore(StoreOps):
     def __init__(
         self,
         pool: _Pool,
-        bridge: Bridge,
         config: PostgresConfig,
         limits: LimitsConfig,
         database: str = "",
@@ -670,7 +668,6 @@ class PostgresStore(StoreOps):
         self._database = database
         self._round_trips = round_trips
         self._pool = pool
-        self._bridge = bridge
         self._config = config
         self._limits = limits
         self._counter = StatementCounter.new()
@@ -711,20 +708,15 @@ class PostgresStore(StoreOps):
         )
         migrations = await trio.to_thread.run_sync(load_migrations)
         trips = RoundTrips() if cfg.count_round_trips else None
-        # The bridge raises what its block raises as itself: a StoreError of the open, or
-        # the caller's own exception, never the loop nursery's exception group.
-        async with asyncio_bridge() as bridge:
-            pool = await bridge.run(_open_pool, dsn, cfg, migrations, trips)
-            store = cls(pool, bridge, cfg, limits or LimitsConfig(), database_address(dsn), trips)
-            try:
-                yield store
-            finally:
-                with bounded_cleanup(cfg.close_timeout):
-                    await bridge.run(pool.close, cfg.close_timeout)
+        pool = await _open_pool(dsn, cfg, migrations, trips)
+        try:
+            yield cls(pool, cfg, limits or LimitsConfig(), database_address(dsn), trips)
+        finally:
+            pool.close()
 
     def pool_stats(self) -> dict[str, float]:
         """Pool size, connections in use and their high-water mark, recycling settings,
-        and psycopg_pool's own counters."""
+        and the pool's own counters (`chatd_trio._pgtrio.TrioPool.get_stats`)."""
         stats: dict[str, float] = dict(self._pool.get_stats())
         stats.update(
             size=stats.get("pool_size", 0),
@@ -737,6 +729,10 @@ class PostgresStore(StoreOps):
             min_size=self._pool.min_size,
             max_size=self._pool.max_size,
             max_idle=self._pool.max_idle,
+            answer_wait=self._pool.answers.budget,
+            answers_in_time=self._pool.answers.answered,
+            answers_parked=self._pool.answers.parked,
+            answers_unwaited=self._pool.answers.skipped,
             max_lifetime=self._pool.max_lifetime,
             timeout=self._pool.timeout,
         )
@@ -790,10 +786,6 @@ class PostgresStore(StoreOps):
         """Executions per statement name since the store was opened."""
         return self._counter.snapshot()
 
-    def bridge_crossings(self) -> int:
-        """Trio -> asyncio crossings of this store's operations: one per operation."""
-        return self._bridge.crossings
-
     def round_trips(self) -> int | None:
         """Network round trips of the pool's connections since the store was opened
         (statements, BEGIN, COMMIT, pipelined batches: `chatd_trio._pgtrace`), or None
@@ -807,11 +799,7 @@ class PostgresStore(StoreOps):
 
     # -- operation plumbing ---------------------------------------------------------
     async def _run(self, op: str, body: _Body[T], *, transaction: bool = False) -> T:
-        """Run `body` as one asyncio coroutine on one pooled connection."""
-        return await self._bridge.run(self._in_pool, op, body, transaction)
-
-    async def _in_pool(self, op: str, body: _Body[T], transaction: bool) -> T:
-        # Runs on the asyncio side: everything from borrow to return happens here.
+        """Run `body` on one pooled connection, from borrow to return in this task."""
         borrowed: _Conn | None = None
         try:
             async with self._pool.connection() as conn:
@@ -837,7 +825,7 @@ class PostgresStore(StoreOps):
             if lost:
                 # The server dropped this connection; its siblings are probably dead too
                 # (restart, failover, terminate): replace them all.
-                await self._pool.drain()
+                self._pool.drain()
             raise StoreUnavailable(f"PostgreSQL unavailable during {op}: {exc}") from exc
         except psycopg.Error as exc:
             logger.warning("PostgreSQL statement failed", extra={"op": op, "error": str(exc)})
@@ -1594,46 +1582,61 @@ async def _open_pool(
     migrations: Sequence[tuple[str, str]],
     trips: RoundTrips | None = None,
 ) -> _Pool:
-    """asyncio side of `PostgresStore.open`: migrate on a direct connection, open the pool.
+    """`PostgresStore.open`'s work: migrate on a direct connection, then open the pool.
 
-    The direct connection fails fast on a refused or unreachable server, where the
-    pool would keep retrying until its timeout.
+    The direct connection fails fast on a refused or unreachable server.
     """
     where = database_address(dsn)
     connect_kwargs: dict[str, Any] = {
         "connect_timeout": cfg.connect_timeout,
         "application_name": cfg.application_name,
     }
+    connection_class: type[_Conn] = TrioConnection
+    if trips is not None:
+        connection_class = counting_connection_class(trips, TrioConnection)
     try:
-        conn = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, row_factory=dict_row, **connect_kwargs
-        )
-        async with conn:
-            await _apply_migrations(conn, migrations, cfg.migration_lock_key)
+        with trio.fail_after(cfg.open_timeout):
+            conn = await connect(dsn, cls=TrioConnection, row_factory=dict_row, **connect_kwargs)
+            try:
+                await _apply_migrations(conn, migrations, cfg.migration_lock_key)
+            finally:
+                await conn.close()
+    except trio.TooSlowError:
+        raise StoreUnavailable(
+            f"opening PostgreSQL at {where} took over {cfg.open_timeout} s"
+        ) from None
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(f"cannot reach PostgreSQL at {where}: {exc}") from exc
     except psycopg.Error as exc:
         raise StoreError(f"migrating PostgreSQL at {where} failed: {exc}") from exc
 
-    connection_class: type[_Conn] = psycopg.AsyncConnection[DictRow]
-    if trips is not None:
-        connection_class = counting_connection_class(trips)
-    pool: _Pool = AsyncConnectionPool(
-        dsn,
-        connection_class=connection_class,
-        kwargs={"autocommit": True, "row_factory": dict_row, **connect_kwargs},
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        max_idle=cfg.max_idle,
-        max_lifetime=cfg.max_lifetime,
-        timeout=cfg.pool_timeout,
-        name=cfg.application_name,
-        open=False,
+    answers = AnswerWait(cfg.answer_wait)
+
+    async def open_connection() -> _Conn:
+        return await connect(
+            dsn, cls=connection_class, row_factory=dict_row, answers=answers, **connect_kwargs
+        )
+
+    pool: _Pool = TrioPool(
+        open_connection,
+        answers,
+        PoolSettings(
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
+            max_idle=cfg.max_idle,
+            max_lifetime=cfg.max_lifetime,
+            timeout=cfg.pool_timeout,
+        ),
     )
     try:
-        await pool.open(wait=True, timeout=cfg.open_timeout)
+        with trio.fail_after(cfg.open_timeout):
+            await pool.open()
     except BaseException as exc:
-        await pool.close()
+        pool.close()
+        if isinstance(exc, trio.TooSlowError):
+            raise StoreUnavailable(
+                f"cannot open a pool to PostgreSQL at {where} in {cfg.open_timeout} s"
+            ) from None
         if isinstance(exc, psycopg.OperationalError):
             raise StoreUnavailable(f"cannot open a pool to PostgreSQL at {where}: {exc}") from exc
         raise

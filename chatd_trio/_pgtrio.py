@@ -1,0 +1,526 @@
+"""psycopg on Trio, natively: a connection whose waits are Trio's, and a small pool.
+
+psycopg drives every exchange with the server through `AsyncConnection.wait(gen)`:
+`gen` sends and reads without blocking and yields what the socket must become
+(readable, writable) before it can go on. `TrioConnection.wait` answers those
+yields with `trio.lowlevel.wait_readable` / `wait_writable`, so a store operation
+runs in the calling Trio task from borrow to return: no asyncio loop, no task
+hand-off, one scheduling round per server answer. psycopg's connection lock is
+replaced by one that costs nothing when free (a connection is borrowed by one
+task at a time) and parks on a Trio `ParkingLot` when it is not.
+
+A Trio task cancelled while a statement is in flight cannot leave the protocol
+half-read: the connection is closed at once (the server rolls its transaction
+back), and the pool never lends a closed or non-idle connection again.
+
+Waiting for an answer. On a busy Trio loop a parked task runs again only after
+every other runnable task has had its step (tens of milliseconds on a saturated
+replica), and the connection stays borrowed all that time, although the server
+answered in well under a millisecond. So a task first waits on the socket itself
+for up to `AnswerWait.budget` (a `select` with that timeout: the loop is blocked,
+the CPU is free for the database) and parks only if the answer is later than
+that. When most answers miss the budget (a distant or overloaded server), the
+wait stops trying for a while, doubling the pause each time, so a slow link costs
+the loop little (`AnswerWait`).
+
+Connections open in a worker thread through libpq's blocking connect (which
+resolves host names and honours `connect_timeout` itself); opening is rare (pool
+start, recycling), the exchanges that follow never leave the Trio thread.
+
+Only public psycopg names are used: `AsyncConnection` and its `wait`, `lock`,
+`set_autocommit`; `psycopg.pq.PGconn.connect`; `psycopg.waiting.Wait`/`Ready`.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import select
+from collections.abc import AsyncIterator, Callable, Generator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import psycopg
+import trio
+from psycopg import errors, pq
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import AsyncRowFactory
+from psycopg.waiting import Ready, Wait
+
+from chatd_trio._cleanup import bounded_cleanup
+
+__all__ = [
+    "AnswerWait",
+    "PoolSettings",
+    "PoolTimeout",
+    "TrioConnection",
+    "TrioPool",
+    "connect",
+]
+
+RV = TypeVar("RV")
+C = TypeVar("C", bound="TrioConnection")
+
+_WAIT_R = int(Wait.R)
+_WAIT_W = int(Wait.W)
+_READY_R = int(Ready.R)
+_READY_W = int(Ready.W)
+_IDLE = pq.TransactionStatus.IDLE
+# How long a cancelled operation waits for the server to accept its cancel request.
+CANCEL_TIMEOUT = 5.0
+
+
+class AnswerWait:
+    """How long a connection waits on its socket for an answer before parking.
+
+    Shared by the connections of one pool. `budget` 0 always parks. Counts every
+    wait: `answered` within the budget, `parked` after it, `skipped` while paused.
+    After each `window` tries, if fewer than half were answered in time, tries pause
+    for `window` x 2**k waits (k = consecutive failing windows, at most 6).
+    """
+
+    __slots__ = (
+        "_hits",
+        "_pause",
+        "_strikes",
+        "_tries",
+        "answered",
+        "budget",
+        "parked",
+        "skipped",
+        "window",
+    )
+
+    def __init__(self, budget: float, window: int = 64) -> None:
+        self.budget = budget
+        self.window = window
+        self.answered = 0
+        self.parked = 0
+        self.skipped = 0
+        self._tries = 0
+        self._hits = 0
+        self._pause = 0
+        self._strikes = 0
+
+    def now(self) -> float:
+        """The budget for the next wait: 0 while paused."""
+        if self.budget <= 0:
+            return 0.0
+        if self._pause > 0:
+            self._pause -= 1
+            self.skipped += 1
+            return 0.0
+        return self.budget
+
+    def tried(self, hit: bool) -> None:
+        """Record a wait that tried the budget."""
+        if hit:
+            self.answered += 1
+            self._hits += 1
+        else:
+            self.parked += 1
+        self._tries += 1
+        if self._tries < self.window:
+            return
+        if 2 * self._hits < self._tries:
+            self._pause = self.window << self._strikes
+            self._strikes = min(self._strikes + 1, 6)
+        else:
+            self._strikes = 0
+        self._tries = self._hits = 0
+
+
+_NEVER = AnswerWait(0.0)
+
+
+class _ConnectionLock:
+    """psycopg's per-connection lock for Trio: free costs nothing, held parks the caller.
+
+    Ownership passes straight to the first parked task on release, so a task that
+    was woken never finds the lock taken again.
+    """
+
+    __slots__ = ("_held", "_lot")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def __aenter__(self) -> None:
+        if not self._held:
+            self._held = True
+            return
+        await self._lot.park()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._lot:
+            self._lot.unpark()
+        else:
+            self._held = False
+
+
+def _ready_now(fileno: int, wanted: int) -> int:
+    """What the socket is ready for right now (a poll with zero timeout)."""
+    poller = select.poll()
+    mask = (select.POLLIN if wanted & _WAIT_R else 0) | (select.POLLOUT if wanted & _WAIT_W else 0)
+    poller.register(fileno, mask)
+    ready = 0
+    for _, events in poller.poll(0):
+        if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            ready |= _READY_R if wanted & _WAIT_R else 0
+        if events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+            ready |= _READY_W if wanted & _WAIT_W else 0
+    return ready
+
+
+async def _readable_or_writable(fileno: int) -> int:
+    """Wait until the socket is readable or writable (psycopg flushing a large send
+    must also read, or the server could block writing to us)."""
+    ready = 0
+
+    async def until(waiter: Callable[[int], Any], flag: int, scope: trio.CancelScope) -> None:
+        nonlocal ready
+        await waiter(fileno)
+        ready |= flag
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(until, trio.lowlevel.wait_readable, _READY_R, nursery.cancel_scope)
+        nursery.start_soon(until, trio.lowlevel.wait_writable, _READY_W, nursery.cancel_scope)
+    return ready
+
+
+async def wait_trio(gen: Generator[Any, Any, RV], fileno: int, answers: AnswerWait = _NEVER) -> RV:
+    """Run one of psycopg's generators to completion, waiting on the socket with Trio.
+
+    A generator that completes without blocking (statements queued in a pipeline,
+    results already read) does not yield to the scheduler: the round trip it is
+    part of has a wait of its own. A wait for an answer first waits on the socket
+    for `answers`' budget (module docstring).
+    """
+    try:
+        wanted = next(gen)
+        while True:
+            if wanted & _WAIT_W:
+                # A socket asked for writing nearly always is: a poll is cheaper than a
+                # scheduling round.
+                ready = _ready_now(fileno, wanted)
+                if not ready:
+                    if wanted & _WAIT_R:
+                        ready = await _readable_or_writable(fileno)
+                    else:
+                        await trio.lowlevel.wait_writable(fileno)
+                        ready = _READY_W
+            else:
+                budget = answers.now()
+                if budget:
+                    answered = bool(select.select([fileno], (), (), budget)[0])
+                    answers.tried(answered)
+                    if answered:
+                        wanted = gen.send(_READY_R)
+                        continue
+                await trio.lowlevel.wait_readable(fileno)
+                ready = _READY_R
+            wanted = gen.send(ready)
+    except StopIteration as stop:
+        result: RV = stop.value
+        return result
+    except OSError as exc:
+        raise psycopg.OperationalError("connection socket closed") from exc
+
+
+class TrioConnection(psycopg.AsyncConnection[Any]):
+    """A psycopg `AsyncConnection` whose waits run on Trio. Open one with `connect`."""
+
+    def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = None) -> None:
+        if row_factory is None:
+            super().__init__(pgconn)
+        else:
+            super().__init__(pgconn, row_factory)
+        self.lock = _ConnectionLock()  # type: ignore[assignment]
+        # Set by `connect`: shared by the connections of one pool.
+        self.answers = _NEVER
+        # Set by `TrioPool`: when the connection must be retired, and the pool's drain
+        # generation it belongs to.
+        self.retire_at = float("inf")
+        self.generation = 0
+
+    async def wait(
+        self,
+        gen: Generator[Any, Any, RV],
+        interval: float = 0.0,
+        timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature)
+    ) -> RV:
+        """Consume a psycopg generator on this connection's socket, on Trio.
+
+        `timeout` (psycopg passes one only for `notifies(timeout=...)` and query
+        cancellation) raises psycopg's wait timeout when it expires. A cancellation
+        or any other interruption while an exchange is unfinished closes the
+        connection: what the server was sending cannot be read any more.
+        """
+        try:
+            if timeout is None:
+                return await wait_trio(gen, self.pgconn.socket, self.answers)
+            try:
+                with trio.fail_after(timeout):
+                    return await wait_trio(gen, self.pgconn.socket)
+            except trio.TooSlowError:
+                expired = getattr(errors, "_WaitTimeout", TimeoutError)
+                raise expired("wait timeout expired") from None
+        except psycopg.Error:
+            raise
+        except BaseException:
+            pgconn = self.pgconn
+            if pgconn.status == pq.ConnStatus.OK and (
+                pgconn.transaction_status != _IDLE or pgconn.pipeline_status
+            ):
+                await self._abandon()
+            raise
+
+    async def _abandon(self) -> None:
+        """Close the connection mid-exchange and ask the server to cancel what it runs.
+
+        Closing alone would not stop a statement waiting for a lock: the server notices
+        a vanished client only when it next writes to it, and could still commit a
+        transaction whose COMMIT was already sent. The cancel request (a connection of
+        its own, in a worker thread) is bounded by `CANCEL_TIMEOUT`.
+        """
+        pgconn = self.pgconn
+        cancel = pgconn.get_cancel()
+        trio.lowlevel.notify_closing(pgconn.socket)
+        pgconn.finish()
+        with bounded_cleanup(CANCEL_TIMEOUT):
+            await trio.to_thread.run_sync(cancel.cancel, abandon_on_cancel=True)
+
+
+async def connect(
+    conninfo: str,
+    *,
+    cls: type[C],
+    row_factory: AsyncRowFactory[Any] | None = None,
+    autocommit: bool = True,
+    answers: AnswerWait = _NEVER,
+    **kwargs: Any,
+) -> C:
+    """Open a connection of class `cls` (a `TrioConnection`) to `conninfo` + `kwargs`,
+    waiting for answers as `answers` says.
+
+    libpq connects in a worker thread (host names, `connect_timeout`, several hosts
+    are its business); a cancelled connect abandons the thread, whose connection is
+    closed when it finishes. Raises `psycopg.OperationalError` when it fails.
+    """
+    dsn = make_conninfo(conninfo, **kwargs)
+    pgconn = await trio.to_thread.run_sync(pq.PGconn.connect, dsn.encode(), abandon_on_cancel=True)
+    if pgconn.status != pq.ConnStatus.OK:
+        message = pgconn.get_error_message()
+        pgconn.finish()
+        raise psycopg.OperationalError(f"connection failed: {message}")
+    pgconn.nonblocking = 1
+    conn = cls(pgconn, row_factory)
+    conn.answers = answers
+    if autocommit:
+        await conn.set_autocommit(True)
+    return conn
+
+
+class PoolTimeout(psycopg.OperationalError):
+    """No connection of the pool became free within its timeout."""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Sizes and ages of a `TrioPool` (seconds)."""
+
+    min_size: int
+    max_size: int
+    max_idle: float
+    max_lifetime: float
+    timeout: float
+
+
+class TrioPool(Generic[C]):
+    """A connection pool on Trio: at most `max_size` connections lent at once.
+
+    Connections open on demand up to `max_size`; `min_size` of them open with the
+    pool and are never closed for idleness. An idle connection above `min_size`
+    is closed when it has waited `max_idle`, and every connection is retired
+    after about `max_lifetime` (minus up to 5 %, so they do not all expire
+    together). A returned connection that is closed, broken or not idle (a
+    cancelled operation) is closed instead of lent again; `drain()` retires every
+    connection, the borrowed ones when they come back (after a server restart).
+    The most recently returned connection is lent first.
+    """
+
+    def __init__(
+        self,
+        open_connection: Callable[[], Any],
+        answers: AnswerWait,
+        settings: PoolSettings,
+    ) -> None:
+        self._open_connection = open_connection
+        # What `open_connection` gives its connections (for statistics).
+        self.answers = answers
+        self.settings = settings
+        self._slots = trio.Semaphore(settings.max_size)
+        # (connection, returned at), most recent last.
+        self._idle: collections.deque[tuple[C, float]] = collections.deque()
+        self._size = 0
+        self._generation = 0
+        self._closed = False
+        self._opened = 0
+        self._lent = 0
+        self._timeouts = 0
+        self._retired = 0
+
+    @property
+    def min_size(self) -> int:
+        return self.settings.min_size
+
+    @property
+    def max_size(self) -> int:
+        return self.settings.max_size
+
+    @property
+    def max_idle(self) -> float:
+        return self.settings.max_idle
+
+    @property
+    def max_lifetime(self) -> float:
+        return self.settings.max_lifetime
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
+
+    async def open(self) -> None:
+        """Open `min_size` connections, one after the other; raise what a failure raised."""
+        for _ in range(self.settings.min_size):
+            conn = await self._new()
+            self._idle.append((conn, trio.current_time()))
+
+    async def _new(self) -> C:
+        self._size += 1
+        try:
+            conn: C = await self._open_connection()
+        except BaseException:
+            self._size -= 1
+            raise
+        conn.generation = self._generation
+        lifetime = self.settings.max_lifetime
+        conn.retire_at = trio.current_time() + lifetime * (1 - 0.05 * random.random())
+        self._opened += 1
+        return conn
+
+    async def getconn(self) -> C:
+        """Borrow a connection; raise `PoolTimeout` after `timeout` seconds without one."""
+        if self._closed:
+            raise psycopg.OperationalError("the pool is closed")
+        try:
+            # A free slot is taken without a scheduling round: holding it through one
+            # would keep an idle connection from every other borrower meanwhile.
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._wait_for_slot()
+        try:
+            now = trio.current_time()
+            while self._idle:
+                conn, _ = self._idle.pop()
+                if self._usable(conn, now):
+                    self._lent += 1
+                    return conn
+                self._retire(conn)
+            conn = await self._new()
+            self._lent += 1
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _wait_for_slot(self) -> None:
+        try:
+            with trio.fail_after(self.settings.timeout):
+                await self._slots.acquire()
+        except trio.TooSlowError:
+            self._timeouts += 1
+            raise PoolTimeout(
+                f"no connection free in {self.settings.timeout} s ({self.settings.max_size} in use)"
+            ) from None
+
+    def putconn(self, conn: C) -> None:
+        """Give a borrowed connection back (it is closed if it may not be lent again)."""
+        try:
+            now = trio.current_time()
+            if self._closed or not self._usable(conn, now):
+                self._retire(conn)
+            else:
+                self._idle.append((conn, now))
+                self._close_idle_ones(now)
+        finally:
+            self._slots.release()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[C]:
+        """Borrow a connection for the block."""
+        conn = await self.getconn()
+        try:
+            yield conn
+        finally:
+            self.putconn(conn)
+
+    def drain(self) -> None:
+        """Retire every connection: the idle ones now, the borrowed ones on return."""
+        self._generation += 1
+        while self._idle:
+            self._retire(self._idle.popleft()[0])
+
+    def close(self) -> None:
+        """Close the idle connections; borrowed ones are closed when they come back."""
+        self._closed = True
+        self.drain()
+
+    def _usable(self, conn: C, now: float) -> bool:
+        pgconn = conn.pgconn
+        return (
+            not conn.closed
+            and pgconn.transaction_status == _IDLE
+            and not pgconn.pipeline_status
+            and conn.generation == self._generation
+            and conn.retire_at > now
+        )
+
+    def _close_idle_ones(self, now: float) -> None:
+        # The oldest-returned connections sit at the left: retire those idle too long.
+        while (
+            self._idle
+            and self._size > self.settings.min_size
+            and now - self._idle[0][1] > self.settings.max_idle
+        ):
+            self._retire(self._idle.popleft()[0])
+
+    def _retire(self, conn: C) -> None:
+        self._size -= 1
+        self._retired += 1
+        if not conn.closed:
+            trio.lowlevel.notify_closing(conn.pgconn.socket)
+            conn.pgconn.finish()
+
+    def get_stats(self) -> dict[str, int]:
+        """Open and idle connections, waiting borrowers, and counters since the start."""
+        return {
+            "pool_min": self.settings.min_size,
+            "pool_max": self.settings.max_size,
+            "pool_size": self._size,
+            "pool_available": len(self._idle),
+            "requests_waiting": self._slots.statistics().tasks_waiting,
+            "connections_num": self._opened,
+            "connections_retired": self._retired,
+            "requests_num": self._lent,
+            "requests_errors": self._timeouts,
+        }

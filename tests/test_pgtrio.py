@@ -1,0 +1,305 @@
+"""psycopg on Trio (`chatd_trio._pgtrio`): the connection's waits, cancellation, the pool.
+
+Real PostgreSQL, real sockets. Waiting for a server-side state polls
+pg_stat_activity under a deadline (tests/test_postgres_store.py's `wait_until`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+import pytest
+import trio
+import trio.testing
+
+from chatd_trio._pgtrio import (
+    AnswerWait,
+    PoolSettings,
+    PoolTimeout,
+    TrioConnection,
+    TrioPool,
+    connect,
+)
+from tests.test_postgres_store import _query, wait_until
+
+pytestmark = pytest.mark.postgres
+
+
+def _settings(**overrides: float) -> PoolSettings:
+    base = {"min_size": 1, "max_size": 3, "max_idle": 300.0, "max_lifetime": 1800.0, "timeout": 5.0}
+    base.update(overrides)
+    return PoolSettings(
+        min_size=int(base["min_size"]),
+        max_size=int(base["max_size"]),
+        max_idle=base["max_idle"],
+        max_lifetime=base["max_lifetime"],
+        timeout=base["timeout"],
+    )
+
+
+@asynccontextmanager
+async def _pool(
+    dsn: str, app: str, answers: AnswerWait | None = None, **overrides: float
+) -> AsyncIterator[TrioPool[TrioConnection]]:
+    waits = answers or AnswerWait(0.0)
+
+    async def open_connection() -> TrioConnection:
+        return await connect(dsn, cls=TrioConnection, answers=waits, application_name=app)
+
+    pool: TrioPool[TrioConnection] = TrioPool(open_connection, waits, _settings(**overrides))
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _backends(dsn: str, app: str, state: str | None = None) -> int:
+    rows = _query(
+        dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        " AND (%s::text IS NULL OR state = %s)",
+        (app, state, state),
+    )
+    return int(rows[0][0])
+
+
+# -- the connection ---------------------------------------------------------------------
+
+
+async def test_statements_pipelines_and_transactions_run_on_trio(pg_dsn: str) -> None:
+    conn = await connect(pg_dsn, cls=TrioConnection)
+    try:
+        assert (await (await conn.execute("SELECT 1 + %s", (1,))).fetchall()) == [(2,)]
+        async with conn.pipeline():
+            cursors = [await conn.execute("SELECT %s::int", (i,)) for i in range(5)]
+        assert [(await c.fetchall())[0][0] for c in cursors] == [0, 1, 2, 3, 4]
+        async with conn.transaction():
+            await conn.execute("CREATE TEMP TABLE t (x int)")
+            await conn.execute("INSERT INTO t VALUES (1), (2)")
+        assert (await (await conn.execute("SELECT sum(x) FROM t")).fetchall()) == [(3,)]
+    finally:
+        await conn.close()
+
+
+async def test_a_payload_larger_than_the_socket_buffers_goes_out_and_comes_back(
+    pg_dsn: str,
+) -> None:
+    """A send that fills the socket makes psycopg wait for readable-or-writable."""
+    conn = await connect(pg_dsn, cls=TrioConnection)
+    big = "x" * (24 * 1024 * 1024)
+    try:
+        async with conn.pipeline():
+            first = await conn.execute("SELECT length(%s)", (big,))
+            second = await conn.execute("SELECT %s::text", (big,))
+        assert await first.fetchall() == [(len(big),)]
+        assert (await second.fetchall())[0][0] == big
+    finally:
+        await conn.close()
+
+
+async def test_a_connect_to_a_closed_port_is_an_operational_error() -> None:
+    with pytest.raises(psycopg.OperationalError):
+        await connect("postgresql://postgres@127.0.0.1:1/postgres", cls=TrioConnection)
+
+
+async def test_cancelling_a_running_statement_closes_the_connection_and_stops_the_server(
+    pg_dsn: str,
+) -> None:
+    """The server must not go on running (or commit) what a cancelled task sent."""
+    app = f"pgtrio-cancel-{uuid.uuid4().hex[:8]}"
+    conn = await connect(pg_dsn, cls=TrioConnection, application_name=app)
+    with trio.CancelScope() as scope:
+
+        async def cancel_when_running() -> None:
+            await wait_until(lambda: _backends(pg_dsn, app, "active") == 1)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_when_running)
+            await conn.execute("SELECT pg_sleep(60)")
+    assert scope.cancelled_caught
+    assert conn.closed
+    await wait_until(lambda: _backends(pg_dsn, app) == 0)
+
+
+async def test_cancelling_a_wait_with_nothing_in_flight_keeps_the_connection(pg_dsn: str) -> None:
+    """A LISTEN connection waiting for notifications is idle: cancelling it is harmless."""
+    conn = await connect(pg_dsn, cls=TrioConnection)
+    try:
+        await conn.execute("LISTEN pgtrio_test")
+        with trio.move_on_after(0.05):
+            async for _ in conn.notifies():
+                pass  # pragma: no cover
+        assert not conn.closed
+        await conn.execute("NOTIFY pgtrio_test, 'hi'")
+        got = [n.payload async for n in conn.notifies(stop_after=1)]
+        assert got == ["hi"]
+    finally:
+        await conn.close()
+
+
+async def test_two_tasks_on_one_connection_take_turns(pg_dsn: str) -> None:
+    """The connection lock parks the second task instead of interleaving the protocol."""
+    conn = await connect(pg_dsn, cls=TrioConnection)
+    results: list[int] = []
+
+    async def query(i: int) -> None:
+        cur = await conn.execute("SELECT %s::int FROM pg_sleep(0.01)", (i,))
+        results.append((await cur.fetchall())[0][0])
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(query, i)
+        assert sorted(results) == [0, 1, 2, 3, 4]
+    finally:
+        await conn.close()
+
+
+# -- waiting for answers ----------------------------------------------------------------
+
+
+async def test_a_quick_answer_is_read_within_the_budget_a_slow_one_parks(pg_dsn: str) -> None:
+    answers = AnswerWait(0.5)
+    conn = await connect(pg_dsn, cls=TrioConnection, answers=answers)
+    try:
+        await conn.execute("SELECT 1")
+        assert (answers.answered, answers.parked) == (1, 0)
+        answers.budget = 0.001
+        await conn.execute("SELECT pg_sleep(0.2)")
+        assert answers.parked == 1
+    finally:
+        await conn.close()
+
+
+def test_answer_wait_pauses_after_a_window_of_misses_doubling_each_time() -> None:
+    answers = AnswerWait(0.005, window=4)
+    for _ in range(4):
+        assert answers.now() == 0.005
+        answers.tried(False)
+    # Paused for one window...
+    assert [answers.now() for _ in range(4)] == [0.0] * 4
+    for _ in range(4):
+        answers.now()
+        answers.tried(False)
+    # ...then for two after a second failing window.
+    assert [answers.now() for _ in range(8)] == [0.0] * 8
+    assert answers.now() == 0.005
+    assert answers.skipped == 12
+
+
+def test_answer_wait_keeps_trying_while_most_answers_come_in_time() -> None:
+    answers = AnswerWait(0.005, window=4)
+    for hit in [True, True, False, False] * 10:
+        assert answers.now() == 0.005
+        answers.tried(hit)
+    assert (answers.answered, answers.parked, answers.skipped) == (20, 20, 0)
+
+
+def test_a_zero_budget_never_waits_on_the_socket() -> None:
+    answers = AnswerWait(0.0)
+    assert answers.now() == 0.0
+    assert answers.skipped == 0
+
+
+# -- the pool ---------------------------------------------------------------------------
+
+
+async def test_the_pool_lends_at_most_max_size_and_the_next_borrower_waits(
+    pg_dsn: str,
+) -> None:
+    app = f"pgtrio-pool-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app, max_size=2) as pool:
+        first = await pool.getconn()
+        second = await pool.getconn()
+        assert first is not second
+        got: list[TrioConnection] = []
+
+        async def third() -> None:
+            got.append(await pool.getconn())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            assert pool.get_stats()["requests_waiting"] == 1
+            pool.putconn(first)
+        assert got == [first]
+        pool.putconn(second)
+        pool.putconn(got[0])
+        assert pool.get_stats()["pool_size"] == 2
+
+
+async def test_a_borrower_gives_up_after_the_pool_timeout(pg_dsn: str) -> None:
+    app = f"pgtrio-timeout-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app, max_size=1, timeout=0.05) as pool:
+        held = await pool.getconn()
+        with pytest.raises(PoolTimeout):
+            await pool.getconn()
+        assert pool.get_stats()["requests_errors"] == 1
+        pool.putconn(held)
+        pool.putconn(await pool.getconn())
+
+
+async def test_the_most_recently_returned_connection_is_lent_first(pg_dsn: str) -> None:
+    app = f"pgtrio-lifo-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app) as pool:
+        a = await pool.getconn()
+        b = await pool.getconn()
+        pool.putconn(a)
+        pool.putconn(b)
+        assert await pool.getconn() is b
+
+
+async def test_a_connection_returned_mid_transaction_is_closed_not_lent(pg_dsn: str) -> None:
+    app = f"pgtrio-dirty-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app) as pool:
+        conn = await pool.getconn()
+        await conn.execute("BEGIN")
+        pool.putconn(conn)
+        assert conn.closed
+        again = await pool.getconn()
+        assert again is not conn
+        assert (await (await again.execute("SELECT 1")).fetchall()) == [(1,)]
+        pool.putconn(again)
+
+
+async def test_drain_retires_idle_connections_now_and_borrowed_ones_on_return(
+    pg_dsn: str,
+) -> None:
+    app = f"pgtrio-drain-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app) as pool:
+        borrowed = await pool.getconn()
+        idle = await pool.getconn()
+        pool.putconn(idle)
+        pool.drain()
+        assert idle.closed and not borrowed.closed
+        pool.putconn(borrowed)
+        assert borrowed.closed
+        assert pool.get_stats()["pool_size"] == 0
+        fresh = await pool.getconn()
+        assert fresh not in (idle, borrowed) and not fresh.closed
+        pool.putconn(fresh)
+    await wait_until(lambda: _backends(pg_dsn, app) == 0)
+
+
+async def test_connections_are_retired_after_their_lifetime_and_idle_ones_after_max_idle(
+    pg_dsn: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    app = f"pgtrio-age-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app, min_size=1, max_idle=10.0, max_lifetime=100.0) as pool:
+        first = await pool.getconn()
+        second = await pool.getconn()
+        pool.putconn(first)
+        autojump_clock.jump(11.0)
+        # Returning `second` finds `first` idle for 11 s, above min_size: closed.
+        pool.putconn(second)
+        assert first.closed and not second.closed
+        autojump_clock.jump(100.0)
+        again = await pool.getconn()
+        assert second.closed and again is not second
+        pool.putconn(again)
