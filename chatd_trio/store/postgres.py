@@ -800,6 +800,11 @@ class PostgresStore(StoreOps):
     # -- operation plumbing ---------------------------------------------------------
     async def _run(self, op: str, body: _Body[T], *, transaction: bool = False) -> T:
         """Run `body` on one pooled connection, from borrow to return in this task."""
+        # A store operation is a checkpoint, as every Trio operation is: an answer read
+        # within the answer wait would otherwise let it finish without ever letting a
+        # cancellation or another task in. Taken before the borrow, so no connection
+        # waits through the scheduling round.
+        await trio.lowlevel.checkpoint()
         borrowed: _Conn | None = None
         try:
             async with self._pool.connection() as conn:
