@@ -211,8 +211,16 @@ def summarise(
             "steady_share_at_half_or_more_per_replica": [
                 r["pool"].get("share_at_half_or_more", 0.0) for r in reports
             ],
+            # The whole run, per replica: the share of the waits for an answer that the
+            # answer wait served without parking the task.
+            "answers_in_time_share_per_replica": [_in_time_share(r["pool"]) for r in reports],
         },
         "reliability": reliability(
             plan, facts, counts, durable, progress, outcome, workers, reports, faults, crashes
         ),
     }
+
+
+def _in_time_share(pool: dict[str, Any]) -> float | None:
+    waited = pool.get("answers_in_time", 0) + pool.get("answers_parked", 0)
+    return round(pool.get("answers_in_time", 0) / waited, 4) if waited else None

@@ -455,6 +455,10 @@ class ReplicaRunner:
                 "mean_in_use": round(pool.get("mean_in_use", 0.0), 2),
                 "p99_in_use": pool.get("p99_in_use", 0),
                 "share_at_half_or_more": pool.get("share_at_half_or_more", 0.0),
+                # The whole run: answers read within the answer wait, and waits that
+                # parked the task (PostgresConfig.answer_wait).
+                "answers_in_time": pool.get("answers_in_time", 0),
+                "answers_parked": pool.get("answers_parked", 0),
             },
             "pid": os.getpid(),
             "worker_id": str(self.server.worker_id),
