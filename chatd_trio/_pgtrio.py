@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import random
 import select
+import time
 from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -77,30 +78,38 @@ class AnswerWait:
 
     Shared by the connections of one pool. `budget` 0 always parks. Counts every
     wait: `answered` within the budget, `parked` after it, `skipped` while paused.
-    After each `window` tries, if fewer than half were answered in time, tries pause
-    for `window` x 2**k waits (k = consecutive failing windows, at most 6).
+    Judged every `window` tries: if fewer than half were answered in time (the
+    server is slow or far), or the tries blocked the loop for more than `max_share`
+    of the window's time (answers in time, but not quick), tries pause for
+    `window` x 2**k waits (k = consecutive failing windows, at most 6).
     """
 
     __slots__ = (
+        "_blocked",
         "_hits",
         "_pause",
+        "_since",
         "_strikes",
         "_tries",
         "answered",
         "budget",
+        "max_share",
         "parked",
         "skipped",
         "window",
     )
 
-    def __init__(self, budget: float, window: int = 64) -> None:
+    def __init__(self, budget: float, window: int = 64, max_share: float = 0.5) -> None:
         self.budget = budget
         self.window = window
+        self.max_share = max_share
         self.answered = 0
         self.parked = 0
         self.skipped = 0
         self._tries = 0
         self._hits = 0
+        self._blocked = 0.0
+        self._since = 0.0
         self._pause = 0
         self._strikes = 0
 
@@ -114,22 +123,28 @@ class AnswerWait:
             return 0.0
         return self.budget
 
-    def tried(self, hit: bool) -> None:
-        """Record a wait that tried the budget."""
+    def tried(self, hit: bool, blocked: float, now: float) -> None:
+        """Record a wait that tried the budget: answered in time or not, the seconds it
+        blocked the loop, and the `time.perf_counter()` when it ended."""
         if hit:
             self.answered += 1
             self._hits += 1
         else:
             self.parked += 1
+        if self._tries == 0:
+            self._since = now - blocked
         self._tries += 1
+        self._blocked += blocked
         if self._tries < self.window:
             return
-        if 2 * self._hits < self._tries:
+        elapsed = now - self._since
+        if 2 * self._hits < self._tries or self._blocked > self.max_share * elapsed:
             self._pause = self.window << self._strikes
             self._strikes = min(self._strikes + 1, 6)
         else:
             self._strikes = 0
         self._tries = self._hits = 0
+        self._blocked = 0.0
 
 
 _NEVER = AnswerWait(0.0)
@@ -221,8 +236,10 @@ async def wait_trio(gen: Generator[Any, Any, RV], fileno: int, answers: AnswerWa
             else:
                 budget = answers.now()
                 if budget:
+                    started = time.perf_counter()
                     answered = bool(select.select([fileno], (), (), budget)[0])
-                    answers.tried(answered)
+                    ended = time.perf_counter()
+                    answers.tried(answered, ended - started, ended)
                     if answered:
                         wanted = gen.send(_READY_R)
                         continue

@@ -178,26 +178,47 @@ async def test_a_quick_answer_is_read_within_the_budget_a_slow_one_parks(pg_dsn:
 
 def test_answer_wait_pauses_after_a_window_of_misses_doubling_each_time() -> None:
     answers = AnswerWait(0.005, window=4)
+    clock = 0.0
+
+    def miss() -> None:
+        nonlocal clock
+        clock += 1.0
+        answers.tried(False, 0.005, clock)
+
     for _ in range(4):
         assert answers.now() == 0.005
-        answers.tried(False)
+        miss()
     # Paused for one window...
     assert [answers.now() for _ in range(4)] == [0.0] * 4
     for _ in range(4):
         answers.now()
-        answers.tried(False)
+        miss()
     # ...then for two after a second failing window.
     assert [answers.now() for _ in range(8)] == [0.0] * 8
     assert answers.now() == 0.005
     assert answers.skipped == 12
 
 
-def test_answer_wait_keeps_trying_while_most_answers_come_in_time() -> None:
+def test_answer_wait_keeps_trying_while_most_answers_come_in_time_and_quickly() -> None:
     answers = AnswerWait(0.005, window=4)
+    clock = 0.0
     for hit in [True, True, False, False] * 10:
         assert answers.now() == 0.005
-        answers.tried(hit)
+        clock += 1.0
+        answers.tried(hit, 0.001, clock)
     assert (answers.answered, answers.parked, answers.skipped) == (20, 20, 0)
+
+
+def test_answer_wait_pauses_when_answers_in_time_block_the_loop_too_long() -> None:
+    """A far server answering within the budget would still stall the loop on every
+    round trip: more than `max_share` of the time blocked pauses the tries."""
+    answers = AnswerWait(0.005, window=4, max_share=0.25)
+    clock = 0.0
+    for _ in range(4):
+        assert answers.now() == 0.005
+        clock += 0.01  # one wait every 10 ms, each blocking 4 ms: 40 % of the time
+        answers.tried(True, 0.004, clock)
+    assert answers.now() == 0.0
 
 
 def test_a_zero_budget_never_waits_on_the_socket() -> None:
