@@ -218,7 +218,8 @@ async def wait_trio(gen: Generator[Any, Any, RV], fileno: int, answers: AnswerWa
     A generator that completes without blocking (statements queued in a pipeline,
     results already read) does not yield to the scheduler: the round trip it is
     part of has a wait of its own. A wait for an answer first waits on the socket
-    for `answers`' budget (module docstring).
+    for `answers`' budget (module docstring); without one, an answer that is already
+    there is read at once.
     """
     try:
         wanted = next(gen)
@@ -243,6 +244,11 @@ async def wait_trio(gen: Generator[Any, Any, RV], fileno: int, answers: AnswerWa
                     if answered:
                         wanted = gen.send(_READY_R)
                         continue
+                elif _ready_now(fileno, _WAIT_R):
+                    # Already there (a LISTEN connection behind on its notifications):
+                    # read it now; the caller decides when to let others in.
+                    wanted = gen.send(_READY_R)
+                    continue
                 await trio.lowlevel.wait_readable(fileno)
                 ready = _READY_R
             wanted = gen.send(ready)

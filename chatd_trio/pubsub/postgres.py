@@ -51,6 +51,8 @@ __all__ = ["PostgresPubSub"]
 log = logging.getLogger(__name__)
 
 _NOTIFY = "SELECT pg_notify(%s, %s)"
+# A listener reading batch after batch without waiting yields to the others after this many.
+_BATCHES_PER_STEP = 32
 # The publish pool's connections are few and busy: recycle them as the store's are.
 _PUBLISH_MAX_IDLE = 300.0
 _PUBLISH_MAX_LIFETIME = 1800.0
@@ -425,6 +427,7 @@ class PostgresPubSub:
             self._resync_all()
         self._end_round()
         started()
+        drained = 0
         while True:
             if self._dirty:
                 self._dirty = False
@@ -450,6 +453,12 @@ class PostgresPubSub:
                 for sub in list(subs):
                     if sub.deliver(payload):
                         self._delivered += 1
+            # A batch that was already waiting is read without a scheduling round (the
+            # driver polls first), so a listener behind on its notifications catches up
+            # in one step; every few batches (delivered first) it lets the others run.
+            drained += 1
+            if drained % _BATCHES_PER_STEP == 0:
+                await trio.lowlevel.checkpoint()
 
     async def _apply(self, conn: TrioConnection) -> None:
         """LISTEN/UNLISTEN until the connection listens to exactly the subscribed channels."""
