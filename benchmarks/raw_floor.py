@@ -16,6 +16,9 @@ batch, with the same SQL texts (imported from it) and the same pipelining:
   update (-> waiting); then its notifies (the answer, `waiting`, the owner's list) +
   COMMIT.
 
+Each batch goes out in one write, as the store sends it (`chatd_trio._pgtrio.
+BatchingPipeline`, on asyncio here).
+
 Notify payloads are real: the same JSON the replicas send (a carried message), sealed
 with `chatd_trio.pubsub.auth` under a random key. Workers are asyncio tasks on one
 psycopg pool (`--concurrency` connections, as many as the replicas' pools together):
@@ -44,6 +47,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from chatd_trio._pgtrace import RoundTrips, counting_connection_class
+from chatd_trio._pgtrio import BatchedPipelines
 from chatd_trio.domain import (
     ChatStatus,
     NewMessage,
@@ -216,7 +220,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     trips = RoundTrips()
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         args.dsn,
-        connection_class=counting_connection_class(trips, psycopg.AsyncConnection),
+        connection_class=counting_connection_class(trips, BatchedPipelines),
         kwargs={"autocommit": True, "row_factory": dict_row},
         min_size=args.concurrency,
         max_size=args.concurrency,

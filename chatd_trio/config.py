@@ -337,11 +337,13 @@ class PostgresConfig(Checked):
     # from the server's max_connections when many turns persist at once.
     min_size: int = 1
     max_size: int = 10
-    # A store operation waits up to 5 ms on its socket for the server's answer before
+    # A store operation waits up to 10 ms on its socket for the server's answer before
     # parking its task: on a busy replica a parked task resumes only after a whole
-    # scheduling round, holding its connection meanwhile (docs/architecture.md). 0 parks
-    # at once; it stops trying by itself while most answers come later than this.
-    answer_wait: float = 0.005
+    # scheduling round, holding its connection meanwhile (docs/architecture.md). Most
+    # answers take well under 1 ms; 10 ms also rides out the server's short stalls (a
+    # commit waiting for the WAL), which otherwise pile borrowers up. 0 parks at once; it
+    # stops trying by itself while answers come late or its waits take the loop's time.
+    answer_wait: float = 0.010
     # Recycle idle connections after 5 min and every connection after 30 min, before a
     # managed database's idle or lifetime limit kills one silently.
     max_idle: float = 300.0

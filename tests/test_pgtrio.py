@@ -324,3 +324,62 @@ async def test_connections_are_retired_after_their_lifetime_and_idle_ones_after_
         again = await pool.getconn()
         assert second.closed and again is not second
         pool.putconn(again)
+
+
+# -- batching pipelines -----------------------------------------------------------------
+
+
+async def test_a_batching_pipeline_queues_statements_until_the_batch_ends(pg_dsn: str) -> None:
+    conn = await connect(pg_dsn, cls=TrioConnection)
+    try:
+        async with conn.pipeline() as pipeline:
+            cursors = [await conn.execute("SELECT %s::int", (i,)) for i in range(3)]
+            # Nothing written yet: the statements wait for the batch's end.
+            assert len(pipeline.command_queue) == 3
+            await pipeline.sync()
+            assert len(pipeline.command_queue) == 0
+            assert [(await c.fetchall())[0][0] for c in cursors] == [0, 1, 2]
+            late = await conn.execute("SELECT 'late'")
+            # A result read before the batch's end sends what is queued first.
+            assert await late.fetchall() == [("late",)]
+    finally:
+        await conn.close()
+
+
+class _PlainPipelines(TrioConnection):
+    """psycopg's own pipeline, for comparison."""
+
+    pipeline = psycopg.AsyncConnection.pipeline
+
+
+async def _failing_batch(conn: TrioConnection) -> list[str]:
+    seen: list[str] = []
+    try:
+        async with conn.pipeline() as pipeline:
+            first = await conn.execute("SELECT 1")
+            await conn.execute("SELECT 1 / 0")
+            after = await conn.execute("SELECT 2")
+            await pipeline.sync()
+    except psycopg.Error as exc:
+        seen.append(type(exc).__name__)
+    for cursor in (first, after):
+        try:
+            seen.append(repr(await cursor.fetchall()))
+        except psycopg.Error as exc:
+            seen.append(type(exc).__name__)
+    seen.append(repr(await (await conn.execute("SELECT 3")).fetchall()))
+    return seen
+
+
+async def test_a_failing_statement_in_a_batch_fails_as_in_psycopgs_pipeline(pg_dsn: str) -> None:
+    """The same errors, the same results and a usable connection afterwards."""
+    outcomes = []
+    for cls in (TrioConnection, _PlainPipelines):
+        conn = await connect(pg_dsn, cls=cls)
+        try:
+            outcomes.append(await _failing_batch(conn))
+        finally:
+            await conn.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == "DivisionByZero"
+    assert outcomes[0][-1] == "[(3,)]"
