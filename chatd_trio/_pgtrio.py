@@ -34,6 +34,7 @@ Only public psycopg names are used: `AsyncConnection` and its `wait`, `lock`,
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import select
 import time
@@ -393,7 +394,16 @@ async def connect(
     closed when it finishes. Raises `psycopg.OperationalError` when it fails.
     """
     dsn = make_conninfo(conninfo, **kwargs)
-    pgconn = await trio.to_thread.run_sync(pq.PGconn.connect, dsn.encode(), abandon_on_cancel=True)
+    # libpq's connect_timeout (0: none) bounds each attempt; this bounds the thread too,
+    # a second later, should name resolution hang.
+    limit = float(kwargs.get("connect_timeout") or 0)
+    try:
+        with trio.fail_after(limit + 1) if limit > 0 else contextlib.nullcontext():
+            pgconn = await trio.to_thread.run_sync(
+                pq.PGconn.connect, dsn.encode(), abandon_on_cancel=True
+            )
+    except trio.TooSlowError:
+        raise psycopg.OperationalError("connection timeout expired") from None
     if pgconn.status != pq.ConnStatus.OK:
         message = pgconn.get_error_message()
         pgconn.finish()
