@@ -10,8 +10,9 @@ replaced by one that costs nothing when free (a connection is borrowed by one
 task at a time) and parks on a Trio `ParkingLot` when it is not.
 
 A Trio task cancelled while a statement is in flight cannot leave the protocol
-half-read: the connection is closed at once (the server rolls its transaction
-back), and the pool never lends a closed or non-idle connection again.
+half-read: the connection is closed at once and the server asked to cancel what
+it runs (its transaction rolls back), and the pool never lends a closed or
+non-idle connection again.
 
 Waiting for an answer. On a busy Trio loop a parked task runs again only after
 every other runnable task has had its step (tens of milliseconds on a saturated
@@ -19,16 +20,22 @@ replica), and the connection stays borrowed all that time, although the server
 answered in well under a millisecond. So a task first waits on the socket itself
 for up to `AnswerWait.budget` (a `select` with that timeout: the loop is blocked,
 the CPU is free for the database) and parks only if the answer is later than
-that. When most answers miss the budget (a distant or overloaded server), the
-wait stops trying for a while, doubling the pause each time, so a slow link costs
-the loop little (`AnswerWait`).
+that. When most answers miss the budget (a distant or overloaded server), or the
+waits take more than half the loop's time, it stops trying for a while, doubling
+the pause each time, so a slow link costs the loop little (`AnswerWait`).
+
+A pipeline sends each batch in one write (`BatchingPipeline`), where psycopg's
+writes every statement as it is queued.
 
 Connections open in a worker thread through libpq's blocking connect (which
 resolves host names and honours `connect_timeout` itself); opening is rare (pool
 start, recycling), the exchanges that follow never leave the Trio thread.
 
-Only public psycopg names are used: `AsyncConnection` and its `wait`, `lock`,
-`set_autocommit`; `psycopg.pq.PGconn.connect`; `psycopg.waiting.Wait`/`Ready`.
+psycopg names used: `AsyncConnection` and its `wait`, `lock`, `set_autocommit`;
+`psycopg.pq.PGconn.connect`; `psycopg.waiting.Wait`/`Ready`; and, for the
+batching pipeline, the pipeline's internals (`command_queue`, `_communicate_gen`,
+`_fetch_gen`, the connection's `_pipeline` and `_check_connection_ok`). pyproject
+pins psycopg to the minor version tests/test_pgtrio.py holds all of it to.
 """
 
 from __future__ import annotations
