@@ -68,6 +68,10 @@ class FaultConfig:
     # A driver whose chat streamed nothing for 5 s asks the database whether the turn
     # ended (healthy turns here take milliseconds; a lost status notify never arrives).
     confirm_after_s: float = 5.0
+    # ...unless the last status it streamed was `pending`: a chat queued for a free
+    # replica is quiet for as long as the queue ahead of it (several seconds at 600 chats
+    # and 100 running turns per replica), so it asks after 30 s.
+    confirm_pending_after_s: float = 30.0
     # Driver retries: 50 ms doubling to 2 s, so a 15 s outage costs ~12 attempts per chat.
     retry_initial_s: float = 0.05
     retry_max_s: float = 2.0

@@ -88,6 +88,8 @@ class _SubState:
     changed: trio.Event = field(default_factory=trio.Event)
     saw_first: bool = False
     done: bool = False
+    # The last status streamed was `pending`: the chat waits for a free replica.
+    pending: bool = False
 
 
 @dataclass
@@ -276,6 +278,7 @@ class ReplicaRunner:
 
     def _apply(self, sub: _SubState, view: _ChatView, event: object) -> bool:
         if isinstance(event, StatusEvent):
+            sub.pending = event.status is ChatStatus.PENDING
             if event.status is ChatStatus.WAITING:
                 sub.waited = sub.answered_user
             if event.status in (ChatStatus.WAITING, ChatStatus.ERROR):
@@ -364,7 +367,10 @@ class ReplicaRunner:
                 if verdict is not None:
                     return verdict
                 continue
-            with trio.move_on_after(self._fc.confirm_after_s) as quiet:
+            # A chat streamed `pending` waits for a free replica: quiet is expected there.
+            fc = self._fc
+            quiet_for = fc.confirm_pending_after_s if sub.pending else fc.confirm_after_s
+            with trio.move_on_after(quiet_for) as quiet:
                 await sub.changed.wait()
             if quiet.cancelled_caught and sub.users == turn:
                 # Nothing streamed for a while: a status published after its commit is
