@@ -472,26 +472,6 @@ class TrioPool(Generic[C]):
         self._timeouts = 0
         self._retired = 0
 
-    @property
-    def min_size(self) -> int:
-        return self.settings.min_size
-
-    @property
-    def max_size(self) -> int:
-        return self.settings.max_size
-
-    @property
-    def max_idle(self) -> float:
-        return self.settings.max_idle
-
-    @property
-    def max_lifetime(self) -> float:
-        return self.settings.max_lifetime
-
-    @property
-    def timeout(self) -> float:
-        return self.settings.timeout
-
     async def open(self) -> None:
         """Open `min_size` connections, one after the other; raise what a failure raised."""
         for _ in range(self.settings.min_size):

@@ -717,6 +717,7 @@ class PostgresStore(StoreOps):
     def pool_stats(self) -> dict[str, float]:
         """Pool size, connections in use and their high-water mark, recycling settings,
         and the pool's own counters (`chatd_trio._pgtrio.TrioPool.get_stats`)."""
+        settings = self._pool.settings
         stats: dict[str, float] = dict(self._pool.get_stats())
         stats.update(
             size=stats.get("pool_size", 0),
@@ -725,16 +726,16 @@ class PostgresStore(StoreOps):
             max_in_use=self._max_in_use,
             mean_in_use=self._mean_in_use(),
             p99_in_use=self._in_use_quantile(0.99),
-            share_at_half_or_more=self._share_at_least((self._pool.max_size + 1) // 2),
-            min_size=self._pool.min_size,
-            max_size=self._pool.max_size,
-            max_idle=self._pool.max_idle,
+            share_at_half_or_more=self._share_at_least((settings.max_size + 1) // 2),
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            max_idle=settings.max_idle,
             answer_wait=self._pool.answers.budget,
             answers_in_time=self._pool.answers.answered,
             answers_parked=self._pool.answers.parked,
             answers_unwaited=self._pool.answers.skipped,
-            max_lifetime=self._pool.max_lifetime,
-            timeout=self._pool.timeout,
+            max_lifetime=settings.max_lifetime,
+            timeout=settings.timeout,
         )
         return stats
 
