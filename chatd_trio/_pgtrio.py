@@ -368,6 +368,12 @@ class TrioConnection(BatchedPipelines):
                 await self._abandon()
             raise
 
+    def hang_up(self) -> None:
+        """Close the socket now (no await), telling Trio first: a task may wait on it."""
+        if not self.closed:
+            trio.lowlevel.notify_closing(self.pgconn.socket)
+            self.pgconn.finish()
+
     async def _abandon(self) -> None:
         """Close the connection mid-exchange and ask the server to cancel what it runs.
 
@@ -376,10 +382,8 @@ class TrioConnection(BatchedPipelines):
         transaction whose COMMIT was already sent. The cancel request (a connection of
         its own, in a worker thread) is bounded by `CANCEL_TIMEOUT`.
         """
-        pgconn = self.pgconn
-        cancel = pgconn.get_cancel()
-        trio.lowlevel.notify_closing(pgconn.socket)
-        pgconn.finish()
+        cancel = self.pgconn.get_cancel()
+        self.hang_up()
         with bounded_cleanup(CANCEL_TIMEOUT):
             await trio.to_thread.run_sync(cancel.cancel, abandon_on_cancel=True)
 
@@ -580,9 +584,7 @@ class TrioPool(Generic[C]):
     def _retire(self, conn: C) -> None:
         self._size -= 1
         self._retired += 1
-        if not conn.closed:
-            trio.lowlevel.notify_closing(conn.pgconn.socket)
-            conn.pgconn.finish()
+        conn.hang_up()
 
     def get_stats(self) -> dict[str, int]:
         """Open and idle connections, waiting borrowers, and counters since the start."""

@@ -398,7 +398,7 @@ class PostgresPubSub:
                 self._backend_pid = None
                 self._listening.clear()
                 self._end_round()
-                await self._close_conn(conn)
+                await conn.close()
             # Subscribers arriving from now on enter at once; the reconnect resyncs them.
             mark_started()
             first = False
@@ -489,9 +489,6 @@ class PostgresPubSub:
             for sub in subs:
                 if sub.deliver(Resync()):
                     self._resyncs += 1
-
-    async def _close_conn(self, conn: TrioConnection) -> None:
-        await conn.close()
 
 
 def _statement(verb: str, channel: str) -> sql.Composed:
