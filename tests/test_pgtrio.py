@@ -23,7 +23,7 @@ from chatd_trio._pgtrio import (
     TrioPool,
     connect,
 )
-from tests.test_postgres_store import _query, wait_until
+from tests.test_postgres_store import _store_backends, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -55,16 +55,6 @@ async def _pool(
         yield pool
     finally:
         pool.close()
-
-
-def _backends(dsn: str, app: str, state: str | None = None) -> int:
-    rows = _query(
-        dsn,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-        " AND (%s::text IS NULL OR state = %s)",
-        (app, state, state),
-    )
-    return int(rows[0][0])
 
 
 # -- the connection ---------------------------------------------------------------------
@@ -115,7 +105,7 @@ async def test_cancelling_a_running_statement_closes_the_connection_and_stops_th
     with trio.CancelScope() as scope:
 
         async def cancel_when_running() -> None:
-            await wait_until(lambda: _backends(pg_dsn, app, "active") == 1)
+            await wait_until(lambda: _store_backends(pg_dsn, "active", app) == 1)
             scope.cancel()
 
         async with trio.open_nursery() as nursery:
@@ -123,7 +113,7 @@ async def test_cancelling_a_running_statement_closes_the_connection_and_stops_th
             await conn.execute("SELECT pg_sleep(60)")
     assert scope.cancelled_caught
     assert conn.closed
-    await wait_until(lambda: _backends(pg_dsn, app) == 0)
+    await wait_until(lambda: _store_backends(pg_dsn, app=app) == 0)
 
 
 async def test_cancelling_a_wait_with_nothing_in_flight_keeps_the_connection(pg_dsn: str) -> None:
@@ -305,7 +295,7 @@ async def test_drain_retires_idle_connections_now_and_borrowed_ones_on_return(
         fresh = await pool.getconn()
         assert fresh not in (idle, borrowed) and not fresh.closed
         pool.putconn(fresh)
-    await wait_until(lambda: _backends(pg_dsn, app) == 0)
+    await wait_until(lambda: _store_backends(pg_dsn, app=app) == 0)
 
 
 async def test_connections_are_retired_after_their_lifetime_and_idle_ones_after_max_idle(

@@ -58,12 +58,13 @@ async def wait_until(check: Callable[[], bool]) -> None:
             await trio.sleep(0.02)
 
 
-def _store_backends(dsn: str, state: str | None = None) -> int:
+def _store_backends(dsn: str, state: str | None = None, app: str = APP) -> int:
+    """Sessions of this database tagged `app` (the store's by default), in `state`."""
     rows = _query(
         dsn,
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND application_name = %s AND (%s::text IS NULL OR state = %s)",
-        (APP, state, state),
+        (app, state, state),
     )
     return int(rows[0][0])
 
