@@ -89,7 +89,10 @@ class AnswerWait:
     Judged every `window` tries: if fewer than half were answered in time (the
     server is slow or far), or the tries blocked the loop for more than `max_share`
     of the window's time (answers in time, but not quick), tries pause for
-    `window` x 2**k waits (k = consecutive failing windows, at most 6).
+    `window` x 2**k waits (k = consecutive failing windows, at most 6). A paused
+    wait still uses the budget while `max_parked` answers are already awaited parked
+    (`parked_now`): a pause lets other tasks run beside a few outstanding answers,
+    it does not open an exchange (and lend a connection) per task with a statement.
     """
 
     __slots__ = (
@@ -101,16 +104,22 @@ class AnswerWait:
         "_tries",
         "answered",
         "budget",
+        "max_parked",
         "max_share",
         "parked",
+        "parked_now",
         "skipped",
         "window",
     )
 
-    def __init__(self, budget: float, window: int = 64, max_share: float = 0.5) -> None:
+    def __init__(
+        self, budget: float, window: int = 64, max_share: float = 0.5, max_parked: int = 2
+    ) -> None:
         self.budget = budget
         self.window = window
         self.max_share = max_share
+        self.max_parked = max_parked
+        self.parked_now = 0
         self.answered = 0
         self.parked = 0
         self.skipped = 0
@@ -125,7 +134,7 @@ class AnswerWait:
         """The budget for the next wait: 0 while paused."""
         if self.budget <= 0:
             return 0.0
-        if self._pause > 0:
+        if self._pause > 0 and self.parked_now < self.max_parked:
             self._pause -= 1
             self.skipped += 1
             return 0.0
@@ -257,7 +266,11 @@ async def wait_trio(gen: Generator[Any, Any, RV], fileno: int, answers: AnswerWa
                     # read it now; the caller decides when to let others in.
                     wanted = gen.send(_READY_R)
                     continue
-                await trio.lowlevel.wait_readable(fileno)
+                answers.parked_now += 1
+                try:
+                    await trio.lowlevel.wait_readable(fileno)
+                finally:
+                    answers.parked_now -= 1
                 ready = _READY_R
             wanted = gen.send(ready)
     except StopIteration as stop:

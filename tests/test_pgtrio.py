@@ -211,6 +211,41 @@ def test_answer_wait_pauses_when_answers_in_time_block_the_loop_too_long() -> No
     assert answers.now() == 0.0
 
 
+def test_a_paused_wait_parks_only_while_fewer_than_max_parked_answers_are_awaited() -> None:
+    answers = AnswerWait(0.005, window=4, max_parked=2)
+    for clock in range(4):
+        answers.now()
+        answers.tried(False, 0.005, float(clock))
+    answers.parked_now = 2
+    assert answers.now() == 0.005
+    answers.parked_now = 1
+    assert answers.now() == 0.0
+    assert answers.skipped == 1
+
+
+async def test_past_max_parked_a_paused_wait_reads_its_answer_on_the_socket(
+    pg_dsn: str,
+) -> None:
+    """The pool's connections in use stay bounded while answers wait paused: one answer
+    awaited parked, the next wait uses its budget instead of parking beside it."""
+    answers = AnswerWait(0.5, window=1, max_parked=1)
+    for clock in range(3):
+        answers.tried(False, 0.5, float(clock))  # three missed windows: paused for four waits
+    slow = await connect(pg_dsn, cls=TrioConnection, answers=answers)
+    quick = await connect(pg_dsn, cls=TrioConnection, answers=answers)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow.execute, "SELECT pg_sleep(0.2)")
+            await trio.testing.wait_all_tasks_blocked()
+            assert (answers.parked_now, answers.skipped) == (1, 1)
+            await quick.execute("SELECT 1")
+            assert (answers.answered, answers.skipped) == (1, 1)
+        assert answers.parked_now == 0
+    finally:
+        await slow.close()
+        await quick.close()
+
+
 def test_a_zero_budget_never_waits_on_the_socket() -> None:
     answers = AnswerWait(0.0)
     assert answers.now() == 0.0
