@@ -89,14 +89,18 @@ class AnswerWait:
     Judged every `window` tries: if fewer than half were answered in time (the
     server is slow or far), or the tries blocked the loop for more than `max_share`
     of the window's time (answers in time, but not quick), tries pause for
-    `window` x 2**k waits (k = consecutive failing windows, at most 6). A paused
-    wait still uses the budget while `max_parked` answers are already awaited parked
-    (`parked_now`): a pause lets other tasks run beside a few outstanding answers,
-    it does not open an exchange (and lend a connection) per task with a statement.
+    `window` x 2**k waits (k = consecutive failing windows, at most 6). A pause for
+    answers that were quick (a quarter of the budget on average) but so many that
+    they blocked the loop is bounded: its waits park only while fewer than
+    `max_parked` answers are awaited parked (`parked_now`), past that they use the
+    budget, so the pause lets tasks run beside a few outstanding answers instead of
+    lending a connection to every task with a statement. A pause for late or distant
+    answers parks every wait: that time is the server's, not the loop's.
     """
 
     __slots__ = (
         "_blocked",
+        "_bounded",
         "_hits",
         "_pause",
         "_since",
@@ -128,13 +132,14 @@ class AnswerWait:
         self._blocked = 0.0
         self._since = 0.0
         self._pause = 0
+        self._bounded = False
         self._strikes = 0
 
     def now(self) -> float:
         """The budget for the next wait: 0 while paused."""
         if self.budget <= 0:
             return 0.0
-        if self._pause > 0 and self.parked_now < self.max_parked:
+        if self._pause > 0 and not (self._bounded and self.parked_now >= self.max_parked):
             self._pause -= 1
             self.skipped += 1
             return 0.0
@@ -155,9 +160,11 @@ class AnswerWait:
         if self._tries < self.window:
             return
         elapsed = now - self._since
-        if 2 * self._hits < self._tries or self._blocked > self.max_share * elapsed:
+        late = 2 * self._hits < self._tries
+        if late or self._blocked > self.max_share * elapsed:
             self._pause = self.window << self._strikes
             self._strikes = min(self._strikes + 1, 6)
+            self._bounded = not late and 4 * self._blocked < self._tries * self.budget
         else:
             self._strikes = 0
         self._tries = self._hits = 0

@@ -211,11 +211,18 @@ def test_answer_wait_pauses_when_answers_in_time_block_the_loop_too_long() -> No
     assert answers.now() == 0.0
 
 
-def test_a_paused_wait_parks_only_while_fewer_than_max_parked_answers_are_awaited() -> None:
+def _pause_for_a_busy_loop(answers: AnswerWait, windows: int = 1) -> None:
+    """Judge `windows` windows of quick answers (a fifth of the budget) that blocked
+    the loop all the time."""
+    clock = 0.0
+    for _ in range(windows * answers.window):
+        clock += answers.budget / 5
+        answers.tried(True, answers.budget / 5, clock)
+
+
+def test_a_pause_for_a_busy_loop_parks_only_while_fewer_than_max_parked_answers_wait() -> None:
     answers = AnswerWait(0.005, window=4, max_parked=2)
-    for clock in range(4):
-        answers.now()
-        answers.tried(False, 0.005, float(clock))
+    _pause_for_a_busy_loop(answers)
     answers.parked_now = 2
     assert answers.now() == 0.005
     answers.parked_now = 1
@@ -223,23 +230,36 @@ def test_a_paused_wait_parks_only_while_fewer_than_max_parked_answers_are_awaite
     assert answers.skipped == 1
 
 
+def test_a_pause_for_late_or_distant_answers_parks_every_wait() -> None:
+    late = AnswerWait(0.005, window=4, max_parked=2)
+    for clock in range(4):
+        late.tried(False, 0.005, float(clock))
+    distant = AnswerWait(0.005, window=4, max_parked=2)
+    clock = 0.0
+    for _ in range(4):  # in time, but half the budget each: a far server
+        clock += 0.0025
+        distant.tried(True, 0.0025, clock)
+    for answers in (late, distant):
+        answers.parked_now = 5
+        assert answers.now() == 0.0
+
+
 async def test_past_max_parked_a_paused_wait_reads_its_answer_on_the_socket(
     pg_dsn: str,
 ) -> None:
-    """The pool's connections in use stay bounded while answers wait paused: one answer
-    awaited parked, the next wait uses its budget instead of parking beside it."""
+    """The pool's connections in use stay bounded while a busy loop's waits are paused:
+    one answer awaited parked, the next wait uses its budget instead of parking beside it."""
     answers = AnswerWait(0.5, window=1, max_parked=1)
-    for clock in range(3):
-        answers.tried(False, 0.5, float(clock))  # three missed windows: paused for four waits
+    _pause_for_a_busy_loop(answers, windows=3)  # paused for four waits
     slow = await connect(pg_dsn, cls=TrioConnection, answers=answers)
     quick = await connect(pg_dsn, cls=TrioConnection, answers=answers)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow.execute, "SELECT pg_sleep(0.2)")
             await trio.testing.wait_all_tasks_blocked()
-            assert (answers.parked_now, answers.skipped) == (1, 1)
+            assert (answers.parked_now, answers.skipped, answers.answered) == (1, 1, 3)
             await quick.execute("SELECT 1")
-            assert (answers.answered, answers.skipped) == (1, 1)
+            assert (answers.answered, answers.skipped) == (4, 1)
         assert answers.parked_now == 0
     finally:
         await slow.close()
