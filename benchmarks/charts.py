@@ -65,11 +65,13 @@ TURNS: dict[str, tuple[type[TracedChart], tuple[Any, ...], Events]] = {
             ("dial_ok", {}),
         ],
     ),
-    # The scale test's turn: one step calling tools, the final answer, the post-run check.
+    # The scale test's turn: the prompt loaded, one step calling tools, the final answer,
+    # the post-run check.
     "compaction": (
         CompactionChart,
         (50, 3),
         [
+            ("loaded", {"answered": False}),
             ("step_persisted", {"tool_calls": True, "over_threshold": False}),
             ("step_persisted", {"tool_calls": False, "over_threshold": False}),
             ("post_run_check", {"over_threshold": False}),
@@ -78,7 +80,7 @@ TURNS: dict[str, tuple[type[TracedChart], tuple[Any, ...], Events]] = {
     "lifecycle": (
         ChatLifecycleChart,
         (),
-        [("create", {}), ("acquire", {}), ("finish_done", {})],
+        [("create", {}), ("acquire", {}), ("finish_done", {"queued": 0, "token_matches": True})],
     ),
 }
 

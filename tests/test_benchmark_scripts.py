@@ -1,4 +1,4 @@
-"""The benchmark scripts that replay the store's SQL keep up with its schema."""
+"""The benchmark scripts keep up with what they replay: the store's schema, the charts' events."""
 
 from __future__ import annotations
 
@@ -25,3 +25,24 @@ def test_raw_floor_replays_turns_on_the_current_schema(pg_dsn: str) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["turns_done"] == 8
     assert result["round_trips_per_turn"] > 0
+
+
+def test_chart_benchmark_drives_each_chart_as_a_turn_does() -> None:
+    """The chart benchmark sends each chart a turn's events with their data: a chart that
+    gains an event or a guard's argument (as the turn's `loaded` did) must not break it
+    unnoticed."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/charts.py", "--turns", "2", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    charts = json.loads(done.stdout)["charts"]
+    assert {name: chart["events"] for name, chart in charts.items()} == {
+        "dial": 1,
+        "dial_switch": 3,
+        "compaction": 4,
+        "lifecycle": 3,
+    }
