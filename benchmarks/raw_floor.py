@@ -311,6 +311,10 @@ def main() -> None:
         framework = framework.get("optimised", framework)
         out["framework_turns_per_s"] = framework["turns_per_s"]
         out["framework_over_floor"] = round(framework["turns_per_s"] / out["floor_turns_per_s"], 3)
+        if "steady_turns_per_s" in framework:
+            out["steady_framework_over_floor"] = round(
+                framework["steady_turns_per_s"] / out["floor_turns_per_s"], 3
+            )
     print(json.dumps(out))
 
 

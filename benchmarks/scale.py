@@ -161,6 +161,10 @@ def main() -> None:
         out["framework_over_floor"] = round(
             optimised["turns_per_s"] / floor["floor_turns_per_s"], 3
         )
+        # Steady turns against steady turns: the floor replays turn 2 onwards only.
+        out["steady_framework_over_floor"] = round(
+            optimised["steady_turns_per_s"] / floor["floor_turns_per_s"], 3
+        )
     if not args.no_baseline:
         baseline = run_variant(args, baseline=True)
         out["baseline"] = baseline

@@ -76,6 +76,14 @@ def check_clean(result: dict[str, Any]) -> None:
     assert all(w["reported"] for w in rel["workers"])
 
 
+def check_steady_throughput(result: dict[str, Any], chats: int, turns: int) -> None:
+    """The steady throughput counts turns 2.. over the time from the `go` to the last
+    of them, a part of the run's wall time."""
+    assert 0 < result["steady_wall_s"] < result["wall_s"]
+    steady_turns = result["steady_turns_per_s"] * result["steady_wall_s"]
+    assert steady_turns == pytest.approx(chats * (turns - 1), rel=0.02)  # both rounded
+
+
 async def test_memory_optimised_vs_baseline() -> None:
     fast = await run(plan("memory", chats=5, turns=3))
     slow = await run(plan("memory", chats=5, turns=3, baseline=True))
@@ -83,6 +91,7 @@ async def test_memory_optimised_vs_baseline() -> None:
         check_lossless(result, 5, 3)
         check_clean(result)
         assert result["reliability"]["stale_token_writes"] is None
+        check_steady_throughput(result, 5, 3)
     steady, base = fast["steady_per_turn"], slow["steady_per_turn"]
     # The persisted binding: no latest-build lookup and one dial per steady turn.
     assert steady["latest_build_agent_lookups"] == 0
@@ -149,6 +158,7 @@ async def test_postgres_two_replica_processes_in_a_database_of_their_own(pg_dsn:
     assert not _database_exists(pg_dsn, database["name"])
     check_lossless(result, 6, 3)
     check_clean(result)
+    check_steady_throughput(result, 6, 3)
     # Stopped by SIGTERM: each replica closed its Server and reported before exiting 0.
     assert [w["exit_code"] for w in result["reliability"]["workers"]] == [0, 0]
     steady = result["steady_per_turn"]

@@ -140,6 +140,7 @@ async def run_memory(plan: Plan, *, progress: bool = False) -> dict[str, Any]:
                     for r in runners:
                         await r.phase1.wait()
                     steady_base = store.statement_counts()
+                    tracker.went()
                     for r in runners:
                         r.start_steady()
 

@@ -34,6 +34,10 @@ class Progress:
         self.changed = trio.Event()
         self.last_progress = trio.current_time()
         self.started = time.monotonic()
+        # The steady phase on the wall clock: from the `go` to the last turn reported
+        # over (None until then).
+        self.go_at: float | None = None
+        self.last_turn_at: float | None = None
 
     def bump(self) -> None:
         self.last_progress = trio.current_time()
@@ -44,6 +48,7 @@ class Progress:
         if (chat_id, turn) in self.turns:
             return
         self.turns[(chat_id, turn)] = outcome
+        self.last_turn_at = time.monotonic()
         self._tick()
         self.bump()
 
@@ -54,6 +59,19 @@ class Progress:
         self.finals[chat_id] = last_id
         self.bump()
         return True
+
+    def went(self) -> None:
+        """The replicas were told to go on to turn 2: the steady phase starts."""
+        if self.go_at is None:
+            self.go_at = time.monotonic()
+
+    def steady(self) -> tuple[int, float]:
+        """Turns 2.. reported answered and the seconds from the `go` to the last turn
+        reported over."""
+        turns = sum(1 for (_, t), outcome in self.turns.items() if t >= 2 and outcome == "answered")
+        if self.go_at is None or self.last_turn_at is None:
+            return turns, 0.0
+        return turns, max(0.0, self.last_turn_at - self.go_at)
 
     async def wait_turns(self, count: int) -> None:
         while len(self.turns) < count:

@@ -223,6 +223,7 @@ class ReplicaProcesses:
                 logger.warning("phase 1 not seen by every subscriber: going on")
                 break
         self.go_sent = True
+        self.progress.went()
         self.broadcast({"kind": "go"})
 
     async def stop_all(self) -> None:

@@ -158,6 +158,7 @@ def summarise(
     start_flat = sum_dicts(r["steady_start"]["flat"] for r in reports)
     total_turns = plan.chats * plan.turns
     steady_turns = plan.chats * (plan.turns - 1)
+    steady_answered, steady_wall = progress.steady()
 
     def per_turn(statements: dict[str, int], flat: dict[str, int], turns: int) -> dict[str, float]:
         out = {"statements": sum(statements.values())}
@@ -183,6 +184,10 @@ def summarise(
         "turns_completed": turns_completed,
         "wall_s": round(wall_s, 3),
         "turns_per_s": round(turns_completed / wall_s, 3) if wall_s > 0 else 0.0,
+        # Turns 2.. alone, from the `go` to the last turn over: what the raw floor
+        # replays (no process start, no first turn, no wait for the slowest first turn).
+        "steady_wall_s": round(steady_wall, 3),
+        "steady_turns_per_s": round(steady_answered / steady_wall, 3) if steady_wall > 0 else 0.0,
         "statements": statements_end,
         "steady_statements": statements_steady,
         "per_turn": per_turn(statements_end, end_flat, total_turns),
