@@ -136,7 +136,8 @@ class AnswerWait:
         self._strikes = 0
 
     def now(self) -> float:
-        """The budget for the next wait: 0 while paused."""
+        """The budget for the next wait: 0 while paused, unless the pause is bounded and
+        `max_parked` answers are already awaited parked."""
         if self.budget <= 0:
             return 0.0
         if self._pause > 0 and not (self._bounded and self.parked_now >= self.max_parked):
