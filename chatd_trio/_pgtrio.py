@@ -167,6 +167,9 @@ class AnswerWait:
             self._strikes = min(self._strikes + 1, 6)
             self._bounded = not late and 4 * self._blocked < self._tries * self.budget
         else:
+            # Waits past `max_parked` try the budget during a bounded pause: a window of
+            # them that passes ends it.
+            self._pause = 0
             self._strikes = 0
         self._tries = self._hits = 0
         self._blocked = 0.0

@@ -230,6 +230,20 @@ def test_a_pause_for_a_busy_loop_parks_only_while_fewer_than_max_parked_answers_
     assert answers.skipped == 1
 
 
+def test_a_window_that_passes_during_a_bounded_pause_ends_it() -> None:
+    answers = AnswerWait(0.005, window=4, max_parked=1)
+    _pause_for_a_busy_loop(answers)
+    answers.parked_now = 1
+    clock = 100.0
+    for _ in range(4):  # past max_parked: quick answers, a tenth of the loop's time
+        assert answers.now() == 0.005
+        clock += 0.01
+        answers.tried(True, 0.001, clock)
+    answers.parked_now = 0
+    assert answers.now() == 0.005
+    assert answers.skipped == 0
+
+
 def test_a_pause_for_late_or_distant_answers_parks_every_wait() -> None:
     late = AnswerWait(0.005, window=4, max_parked=2)
     for clock in range(4):
