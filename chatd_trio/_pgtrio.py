@@ -466,6 +466,63 @@ class PoolSettings:
     timeout: float
 
 
+class Lending:
+    """How many connections a pool has lent, over time: now, the high-water mark, and
+    the seconds spent with n lent, n = 0..max_size (how long the pool was that busy,
+    not only its peak), since the pool opened or the last `reset`."""
+
+    __slots__ = ("_changed", "_seconds", "high", "now")
+
+    def __init__(self, max_size: int) -> None:
+        self.now = 0
+        self.high = 0
+        self._seconds = [0.0] * (max_size + 1)
+        self._changed = time.monotonic()
+
+    def change(self, delta: int) -> None:
+        """One more connection lent (+1) or one back (-1)."""
+        at = time.monotonic()
+        self._seconds[min(self.now, len(self._seconds) - 1)] += at - self._changed
+        self._changed = at
+        self.now += delta
+        self.high = max(self.high, self.now)
+
+    def reset(self) -> None:
+        """Restart the high-water mark and the distribution from what is lent now."""
+        self.high = self.now
+        self._seconds = [0.0] * len(self._seconds)
+        self._changed = time.monotonic()
+
+    def mean(self) -> float:
+        """The time-weighted mean of connections lent."""
+        seconds = self._seconds_so_far()
+        total = sum(seconds)
+        return sum(n * spent for n, spent in enumerate(seconds)) / total if total > 0 else 0.0
+
+    def quantile(self, q: float) -> int:
+        """The smallest n such that at most n connections were lent for at least `q` of
+        the time."""
+        seconds = self._seconds_so_far()
+        total = sum(seconds)
+        seen = 0.0
+        for n, spent in enumerate(seconds):
+            seen += spent
+            if total > 0 and seen >= q * total:
+                return n
+        return self.high
+
+    def share_at_least(self, n: int) -> float:
+        """The share of the time with `n` or more connections lent."""
+        seconds = self._seconds_so_far()
+        total = sum(seconds)
+        return round(sum(seconds[n:]) / total, 4) if total > 0 else 0.0
+
+    def _seconds_so_far(self) -> list[float]:
+        seconds = list(self._seconds)
+        seconds[min(self.now, len(seconds) - 1)] += time.monotonic() - self._changed
+        return seconds
+
+
 class TrioPool(Generic[C]):
     """A connection pool on Trio: at most `max_size` connections lent at once.
 
@@ -476,7 +533,8 @@ class TrioPool(Generic[C]):
     together). A returned connection that is closed, broken or not idle (a
     cancelled operation) is closed instead of lent again; `drain()` retires every
     connection, the borrowed ones when they come back (after a server restart).
-    The most recently returned connection is lent first.
+    The most recently returned connection is lent first; `lending` tells how many
+    are lent, over time.
     """
 
     def __init__(
@@ -489,6 +547,7 @@ class TrioPool(Generic[C]):
         # What `open_connection` gives its connections (for statistics).
         self.answers = answers
         self.settings = settings
+        self.lending = Lending(settings.max_size)
         self._slots = trio.Semaphore(settings.max_size)
         # (connection, returned at), most recent last.
         self._idle: collections.deque[tuple[C, float]] = collections.deque()
@@ -530,19 +589,22 @@ class TrioPool(Generic[C]):
         except trio.WouldBlock:
             await self._wait_for_slot()
         try:
-            now = trio.current_time()
-            while self._idle:
-                conn, _ = self._idle.pop()
-                if self._usable(conn, now):
-                    self._lent += 1
-                    return conn
-                self._retire(conn)
-            conn = await self._new()
-            self._lent += 1
-            return conn
+            conn = await self._idle_or_new()
         except BaseException:
             self._slots.release()
             raise
+        self._lent += 1
+        self.lending.change(1)
+        return conn
+
+    async def _idle_or_new(self) -> C:
+        now = trio.current_time()
+        while self._idle:
+            conn, _ = self._idle.pop()
+            if self._usable(conn, now):
+                return conn
+            self._retire(conn)
+        return await self._new()
 
     async def _wait_for_slot(self) -> None:
         try:
@@ -556,6 +618,7 @@ class TrioPool(Generic[C]):
 
     def putconn(self, conn: C) -> None:
         """Give a borrowed connection back (it is closed if it may not be lent again)."""
+        self.lending.change(-1)
         try:
             now = trio.current_time()
             if self._closed or not self._usable(conn, now):

@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import importlib.resources
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -672,12 +671,6 @@ class PostgresStore(StoreOps):
         self._limits = limits
         self._counter = StatementCounter.new()
         self._prompts = PromptCache(config.prompt_cache_chats)
-        self._in_use = 0
-        self._max_in_use = 0
-        # Seconds spent with n connections in use, n = 0..max_size (a time-weighted
-        # distribution: how long the pool was that busy, not only its peak).
-        self._in_use_time = [0.0] * (config.max_size + 1)
-        self._in_use_changed = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------
     @classmethod
@@ -718,15 +711,16 @@ class PostgresStore(StoreOps):
         """Pool size, connections in use and their high-water mark, recycling settings,
         and the pool's own counters (`chatd_trio._pgtrio.TrioPool.get_stats`)."""
         settings = self._pool.settings
+        lending = self._pool.lending
         stats: dict[str, float] = dict(self._pool.get_stats())
         stats.update(
             size=stats.get("pool_size", 0),
             available=stats.get("pool_available", 0),
-            in_use=self._in_use,
-            max_in_use=self._max_in_use,
-            mean_in_use=self._mean_in_use(),
-            p99_in_use=self._in_use_quantile(0.99),
-            share_at_half_or_more=self._share_at_least((settings.max_size + 1) // 2),
+            in_use=lending.now,
+            max_in_use=lending.high,
+            mean_in_use=lending.mean(),
+            p99_in_use=lending.quantile(0.99),
+            share_at_half_or_more=lending.share_at_least((settings.max_size + 1) // 2),
             min_size=settings.min_size,
             max_size=settings.max_size,
             max_idle=settings.max_idle,
@@ -742,46 +736,7 @@ class PostgresStore(StoreOps):
     def reset_pool_high_water(self) -> None:
         """Restart `pool_stats()["max_in_use"]` and `["mean_in_use"]` from the connections
         in use now (a benchmark's steady phase)."""
-        self._max_in_use = self._in_use
-        self._in_use_time = [0.0] * len(self._in_use_time)
-        self._in_use_changed = time.monotonic()
-
-    def _mean_in_use(self) -> float:
-        times = self._in_use_times()
-        total = sum(times)
-        return sum(n * spent for n, spent in enumerate(times)) / total if total > 0 else 0.0
-
-    def _in_use_times(self) -> list[float]:
-        times = list(self._in_use_time)
-        times[min(self._in_use, len(times) - 1)] += time.monotonic() - self._in_use_changed
-        return times
-
-    def _in_use_quantile(self, q: float) -> int:
-        """The smallest n such that the pool had at most n connections in use for at
-        least `q` of the time since the last reset."""
-        times = self._in_use_times()
-        total = sum(times)
-        seen = 0.0
-        for n, spent in enumerate(times):
-            seen += spent
-            if total > 0 and seen >= q * total:
-                return n
-        return self._max_in_use
-
-    def _share_at_least(self, n: int) -> float:
-        """The share of the time since the last reset with `n` or more connections in use."""
-        times = self._in_use_times()
-        total = sum(times)
-        return round(sum(times[n:]) / total, 4) if total > 0 else 0.0
-
-    def _count_in_use(self, delta: int) -> None:
-        now = time.monotonic()
-        self._in_use_time[min(self._in_use, len(self._in_use_time) - 1)] += (
-            now - self._in_use_changed
-        )
-        self._in_use_changed = now
-        self._in_use += delta
-        self._max_in_use = max(self._max_in_use, self._in_use)
+        self._pool.lending.reset()
 
     def statement_counts(self) -> dict[str, int]:
         """Executions per statement name since the store was opened."""
@@ -810,14 +765,10 @@ class PostgresStore(StoreOps):
         try:
             async with self._pool.connection() as conn:
                 borrowed = conn
-                self._count_in_use(1)
-                try:
-                    if transaction:
-                        async with conn.transaction():
-                            return await body(conn)
-                    return await body(conn)
-                finally:
-                    self._count_in_use(-1)
+                if transaction:
+                    async with conn.transaction():
+                        return await body(conn)
+                return await body(conn)
         except DecodeError as exc:
             raise StoreError(f"{op}: a stored row does not decode: {exc}") from exc
         except ChatdError:
