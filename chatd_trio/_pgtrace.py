@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.waiting import Ready
 
-__all__ = ["RoundTrips", "counting_connection_class"]
+__all__ = ["RoundTrips", "counting_connection_class", "traced_class"]
 
 C = TypeVar("C", bound=psycopg.AsyncConnection[Any])
 
@@ -65,3 +65,8 @@ def counting_connection_class(trips: RoundTrips, base: type[C]) -> type[C]:
             return await super().wait(gen, *args, **kwargs)
 
     return CountingConnection
+
+
+def traced_class(base: type[C], trips: RoundTrips | None) -> type[C]:
+    """`base` itself, or with `trips` its subclass counting round trips into them."""
+    return base if trips is None else counting_connection_class(trips, base)

@@ -38,7 +38,7 @@ from psycopg import sql
 
 from chatd_trio._groups import unwrapped
 from chatd_trio._pg import database_address
-from chatd_trio._pgtrace import RoundTrips, counting_connection_class
+from chatd_trio._pgtrace import RoundTrips, traced_class
 from chatd_trio._pgtrio import AnswerWait, PoolSettings, TrioConnection, TrioPool, connect
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
@@ -84,11 +84,7 @@ class PostgresPubSub:
         round_trips: RoundTrips | None = None,
     ) -> None:
         self._round_trips = round_trips
-        self._connection_class: type[TrioConnection] = (
-            TrioConnection
-            if round_trips is None
-            else counting_connection_class(round_trips, TrioConnection)
-        )
+        self._connection_class = traced_class(TrioConnection, round_trips)
         self._dsn = dsn
         self._config = config
         self._pool = pool
@@ -152,9 +148,7 @@ class PostgresPubSub:
         instance = uuid.uuid4().hex[:8]
         trips = RoundTrips() if cfg.count_round_trips else None
         publish_kwargs = _conn_kwargs(cfg, f"{cfg.application_name}-publish-{instance}")
-        publish_class = (
-            TrioConnection if trips is None else counting_connection_class(trips, TrioConnection)
-        )
+        publish_class = traced_class(TrioConnection, trips)
 
         async def open_publisher() -> TrioConnection:
             return await connect(dsn, cls=publish_class, **publish_kwargs)

@@ -42,7 +42,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 
 from chatd_trio._pg import database_address
-from chatd_trio._pgtrace import RoundTrips, counting_connection_class
+from chatd_trio._pgtrace import RoundTrips, traced_class
 from chatd_trio._pgtrio import AnswerWait, PoolSettings, TrioConnection, TrioPool, connect
 from chatd_trio.config import LimitsConfig, PostgresConfig, RequestOptions
 from chatd_trio.domain import (
@@ -1548,9 +1548,7 @@ async def _open_pool(
         "connect_timeout": cfg.connect_timeout,
         "application_name": cfg.application_name,
     }
-    connection_class: type[_Conn] = TrioConnection
-    if trips is not None:
-        connection_class = counting_connection_class(trips, TrioConnection)
+    connection_class = traced_class(TrioConnection, trips)
     try:
         with trio.fail_after(cfg.open_timeout):
             conn = await connect(dsn, cls=TrioConnection, row_factory=dict_row, **connect_kwargs)
