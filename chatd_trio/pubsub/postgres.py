@@ -171,15 +171,12 @@ class PostgresPubSub:
             # The listener first: a refused connection fails at once.
             conn = await pubsub._connect()
             await pool.open()
-        except (psycopg.Error, OSError) as exc:
+        except BaseException as exc:
             if conn is not None:
                 await conn.close()
             pool.close()
-            raise PubSubError(f"cannot connect the pubsub: {exc}") from exc
-        except BaseException:
-            if conn is not None:
-                await conn.close()
-            pool.close()
+            if isinstance(exc, psycopg.Error | OSError):
+                raise PubSubError(f"cannot connect the pubsub: {exc}") from exc
             raise
         # What the block raises leaves as itself: the listener's nursery is `unwrapped`
         # (as the memory adapter raises it).
