@@ -6,7 +6,9 @@
 The first form builds and drives each chart the way one turn does, `--turns` times per
 batch, `--repeats` batches, and prints microseconds per turn (median and best batch,
 CPU time of this process): `before` builds each chart with its constructor,
-`after` takes it from the pool (`TracedChart.fresh`) and releases it. `build_us` /
+`after` takes it from the pool (`TracedChart.fresh`) and releases it, its events
+replayed from the chart's memo of its decisions, and `pool_only` is `after` with
+the memo off (python-statemachine runs every event). `build_us` /
 `fresh_us` is that part alone; `options` measures other ways of getting a chart
 that were considered.
 
@@ -118,6 +120,11 @@ def _after(cls: type[TracedChart], args: tuple[Any, ...], events: Events) -> Non
     chart.release()
 
 
+def _asking(cls: type[TracedChart]) -> type[TracedChart]:
+    """`cls` with nothing remembered (`TracedChart.memo_size` 0)."""
+    return type(f"Asking{cls.__name__}", (cls,), {"memo_size": 0})
+
+
 def _per_chart_turn_us(
     cls: type[TracedChart],
     args: tuple[Any, ...],
@@ -130,15 +137,24 @@ def _per_chart_turn_us(
 
 
 def measure(turns: int, repeats: int) -> dict[str, Any]:
-    """Microseconds per turn for every chart, before (constructor) and after (pool)."""
+    """Microseconds per turn for every chart: before (constructor), after (pool and
+    memo), pool only (memo off)."""
     out: dict[str, Any] = {"turns_per_batch": turns, "repeats": repeats, "charts": {}}
     for name, (cls, args, events) in TURNS.items():
         per_turn = functools.partial(_per_chart_turn_us, cls, args, events, turns, repeats)
         _fresh(cls, args, events)  # the pool holds one released chart from here on
+        asking = _asking(cls)
+        _fresh(asking, args, events)
         result: dict[str, Any] = {
             "events": len(events),
             "before": {"build_us": per_turn(_build), "turn_us": per_turn(_before)},
             "after": {"fresh_us": per_turn(_fresh), "turn_us": per_turn(_after)},
+            # The pool without the memo: python-statemachine runs every event.
+            "pool_only": {
+                "turn_us": _per_turn_us(
+                    functools.partial(_after, asking, args, events), turns, repeats
+                )
+            },
         }
         result["speedup"] = round(
             result["before"]["turn_us"]["median"] / result["after"]["turn_us"]["median"], 2

@@ -15,15 +15,26 @@ misspelt argument raises `EventDataError` before anything runs.
 Cheap: building a python-statemachine instance resolves every callback of the
 class (hundreds of microseconds); `TracedChart.fresh` hands out a released
 instance instead, re-initialised through the library, and `release` (or leaving
-a `with` block) gives it back.
+a `with` block) gives it back. An event costs python-statemachine about a hundred
+microseconds too, so a chart remembers its own answers: the first time an event
+meets a configuration (state, the event's data, every per-run attribute) the
+library runs it; what it did (the target, the attributes after, the steps) is
+kept and replayed the next time the same configuration meets the same event
+(`TracedChart.memo_size`). Only plain immutable values take part (booleans,
+numbers, strings, None, UUIDs, enums); an event whose data or chart holds
+anything else, a chart with listeners, and an event that raised always go
+through the library.
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
 import logging
 import re
+import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, MutableSet
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -39,10 +50,12 @@ __all__ = [
     "ChartError",
     "ChartUnusable",
     "EventDataError",
+    "MemoStats",
     "Step",
     "TracedChart",
     "event_data_of",
     "guard_of",
+    "memo_stats",
     "transitions_of",
 ]
 
@@ -171,6 +184,32 @@ class _ChartInfo:
     pool: list[Any] = field(default_factory=list)
     # Per start state value: entering it runs no callback at all (see `_quiet_start`).
     quiet_start: dict[Any, bool] = field(default_factory=dict)
+    # The per-run attributes a subclass sets before `TracedChart.__init__` (the chart's
+    # own state beside its configuration), and the decisions remembered (`_Decision`).
+    fields: tuple[str, ...] | None = None
+    memo: OrderedDict[tuple[Any, ...], _Decision] = field(default_factory=OrderedDict)
+    hits: int = 0
+    misses: int = 0
+
+
+class _Decision(NamedTuple):
+    """What one event did to a chart: replayed on the same configuration and event."""
+
+    state: Any
+    values: tuple[Any, ...]
+    running: bool
+    steps: tuple[Step, ...]
+    result: Any
+    # The library answers a list of the callbacks' results for some events: a fresh copy each time.
+    result_is_list: bool
+
+
+# Immutable values whose equality is their identity for a chart: safe in a memo key.
+_PLAIN: frozenset[type] = frozenset({bool, int, float, str, type(None), uuid.UUID})
+
+
+def _plain(values: Iterable[Any]) -> bool:
+    return all(type(v) in _PLAIN or isinstance(v, enum.Enum) for v in values)
 
 
 _INFO: dict[type[StateChart[Any]], _ChartInfo] = {}
@@ -206,6 +245,21 @@ def _info(chart: type[StateChart[Any]]) -> _ChartInfo:
 def transitions_of(chart: type[StateChart[Any]]) -> set[Step]:
     """Every (source, event, target, guard) a chart class declares: the coverage universe."""
     return set(_info(chart).steps.values())
+
+
+class MemoStats(NamedTuple):
+    """A chart class's remembered decisions: events replayed, events the library ran and
+    remembered, and how many decisions are kept now (see `TracedChart.memo_size`)."""
+
+    hits: int
+    misses: int
+    entries: int
+
+
+def memo_stats(chart: type[StateChart[Any]]) -> MemoStats:
+    """How often `chart`'s events were replayed from its memo, in this process."""
+    info = _info(chart)
+    return MemoStats(info.hits, info.misses, len(info.memo))
 
 
 def event_data_of(chart: type[StateChart[Any]]) -> dict[str, frozenset[str] | None]:
@@ -296,7 +350,14 @@ class TracedChart(StateChart[Any]):
     pool_size: ClassVar[int] = 256
     """Released instances kept per class; more are left to the garbage collector."""
 
+    memo_size: ClassVar[int] = 4096
+    """Decisions remembered per class, least recently used dropped first (0: none)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        info = _info(type(self))
+        if info.fields is None and "_engine" not in vars(self):
+            # First construction: what the subclass set so far is its per-run state.
+            info.fields = tuple(vars(self))
         self.trace: list[Step] = []
         self._released = False
         # Counts the hand-outs, so an owner's late finaliser never releases a later lease.
@@ -438,14 +499,69 @@ class TracedChart(StateChart[Any]):
         if args:
             raise EventDataError(f"{event}: event data are keyword arguments, got {args!r}")
         self._check_event_data(event, kwargs)
+        key = None
+        if delay is None and send_id is None and internal is None:
+            key = self._memo_key(event, kwargs)
+            if key is not None:
+                decision = _info(type(self)).memo.get(key)
+                if decision is not None:
+                    return self._replay(key, decision)
+        seen = len(self.trace)
         try:
-            return super().send(event, delay=delay, send_id=send_id, internal=internal, **kwargs)
+            result = super().send(event, delay=delay, send_id=send_id, internal=internal, **kwargs)
         except TransitionNotAllowed:
             raise
         except BaseException as exc:
             # A callback failed half-way: counters and configuration may disagree.
             self._broken = exc
             raise
+        if key is not None:
+            self._remember(key, seen, result)
+        return result
+
+    def _memo_key(self, event: str, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+        info = _info(type(self))
+        fields = info.fields
+        if fields is None or not self.memo_size or self._class_listeners or self._listeners:
+            return None  # a listener sees every callback: the library must run them
+        attrs = vars(self)
+        values = tuple(attrs[name] for name in fields)
+        data = tuple(sorted(kwargs.items()))
+        state = self.current_state_value
+        if not (_plain(values) and _plain(kwargs.values()) and _plain((state,))):
+            return None
+        # Types too: 1 and True are equal keys, yet an attribute keeps the type it had.
+        types = tuple(map(type, values)) + tuple(type(v) for _, v in data)
+        return (state, event, data, values, types)
+
+    def _replay(self, key: tuple[Any, ...], decision: _Decision) -> Any:
+        info = _info(type(self))
+        info.hits += 1
+        info.memo.move_to_end(key)
+        self.current_state_value = decision.state
+        attrs = vars(self)
+        for name, value in zip(info.fields or (), decision.values, strict=True):
+            attrs[name] = value
+        self._engine.running = decision.running
+        self.trace.extend(decision.steps)
+        return list(decision.result) if decision.result_is_list else decision.result
+
+    def _remember(self, key: tuple[Any, ...], seen: int, result: Any) -> None:
+        info = _info(type(self))
+        attrs = vars(self)
+        values = tuple(attrs[name] for name in info.fields or ())
+        state = self.current_state_value
+        is_list = type(result) is list
+        if is_list:
+            result = tuple(result)
+        if not (_plain(values) and _plain((state,)) and _plain(result if is_list else (result,))):
+            return
+        info.misses += 1
+        memo = info.memo
+        steps = tuple(self.trace[seen:])
+        memo[key] = _Decision(state, values, self._engine.running, steps, result, is_list)
+        if len(memo) > self.memo_size:
+            memo.popitem(last=False)
 
     def _check_event_data(self, event: str, kwargs: dict[str, Any]) -> None:
         data = _info(type(self)).event_data

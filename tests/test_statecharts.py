@@ -24,10 +24,12 @@ from statecharts.base import (
     ChartError,
     ChartUnusable,
     EventDataError,
+    MemoStats,
     Step,
     TracedChart,
     _PoolEngine,
     event_data_of,
+    memo_stats,
     transitions_of,
 )
 from statecharts.compaction import CompactionChart
@@ -491,6 +493,104 @@ def test_a_reused_chart_behaves_as_a_new_one_whatever_its_last_lease_did(
     assert _play(reused, script) == _play(built, script)
     assert _public(reused) == _public(built)
     reused.release()
+
+
+# The same charts, asking python-statemachine for every event (nothing remembered).
+_ASKING: dict[type[TracedChart], type[TracedChart]] = {
+    cls: type(f"Asking{cls.__name__}", (cls,), {"memo_size": 0}) for cls in _ARGS
+}
+
+
+def _step_by_step(chart: TracedChart, events: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    seen = []
+    for event, data in events:
+        try:
+            result: Any = chart.send(event, **data)
+        except TransitionNotAllowed:
+            result = "refused"
+        seen.append((event, result, _public(chart)))
+    return seen
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), chart_class=st.sampled_from(list(_ARGS)))
+def test_a_remembered_decision_is_what_the_library_decides(
+    data: st.DataObject, chart_class: type[TracedChart]
+) -> None:
+    """Invariant: a chart that replays its remembered decisions cannot be told from one
+    that asks python-statemachine for every event: after each event the same result or
+    refusal, state, attributes and trace, whatever ran before (the memo persists across
+    examples, so later examples replay what earlier ones remembered)."""
+    events = st.lists(_RANDOM_EVENTS[chart_class], max_size=10)
+    args = _ARGS[chart_class]
+    for script in (data.draw(events, label="first"), data.draw(events, label="again")):
+        remembering = chart_class.fresh(*args)
+        asking = _ASKING[chart_class](*args)
+        assert _step_by_step(remembering, script) == _step_by_step(asking, script)
+        remembering.release()
+
+
+def test_a_steady_run_replays_and_only_plain_data_is_remembered() -> None:
+    class Counted(CompactionChart):
+        pass
+
+    def run() -> None:
+        with Counted.fresh(5, 1) as chart:
+            chart.send("loaded", answered=False)
+            chart.send("step_persisted", tool_calls=True, over_threshold=False)
+            chart.send("step_persisted", tool_calls=False, over_threshold=False)
+            chart.send("post_run_check", over_threshold=False)
+            assert (chart.state_id, chart.steps_used, len(chart.trace)) == ("done", 2, 4)
+
+    run()
+    assert memo_stats(Counted) == MemoStats(hits=0, misses=4, entries=4)
+    run()
+    assert memo_stats(Counted) == MemoStats(hits=4, misses=4, entries=4)
+
+    # An exception as data is never a key (every one differs): the library runs it.
+    class Dial(DialChart):
+        pass
+
+    for _ in range(2):
+        with Dial.fresh(BOUND) as dial:
+            dial.send("dial_failed", cause=OSError("refused"))
+            dial.send("validated", agent=OTHER)
+            assert (dial.state_id, dial.target_agent) == ("dialing_other", OTHER)
+    assert memo_stats(Dial) == MemoStats(hits=1, misses=1, entries=1)
+
+
+def test_the_memo_keeps_the_most_recent_decisions_only() -> None:
+    class Small(DialChart):
+        memo_size = 3
+
+    agents = [uuid.UUID(int=n) for n in range(10, 16)]
+    for agent in agents:
+        with Small.fresh(agent) as chart:
+            chart.send("dial_ok")
+    assert memo_stats(Small).entries == 3
+    with Small.fresh(agents[-1]) as chart:
+        chart.send("dial_ok")  # among the last three: replayed
+    assert memo_stats(Small).hits == 1
+    with Small.fresh(agents[0]) as chart:
+        chart.send("dial_ok")  # dropped long ago: the library again
+    assert memo_stats(Small) == MemoStats(hits=1, misses=7, entries=3)
+
+
+def test_a_chart_with_a_listener_asks_the_library_every_time() -> None:
+    calls: list[str] = []
+
+    class Listener:
+        def after_transition(self, event: Any) -> None:
+            calls.append(str(event))
+
+    class Heard(DialChart):
+        pass
+
+    for _ in range(2):
+        chart = Heard(BOUND, listeners=[Listener()])
+        chart.send("dial_ok")
+    assert calls == ["dial_ok", "dial_ok"]
+    assert memo_stats(Heard).hits == 0
 
 
 # --- ChatLifecycleChart: decisions (chatd_trio.lifecycle.decide) ------------------------
