@@ -269,8 +269,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         before = trips.count
         started = time.monotonic()
+        cpu_started = time.process_time()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         wall = time.monotonic() - started
+        cpu = time.process_time() - cpu_started
         round_trips = trips.count - before
     return {
         "chats": args.chats,
@@ -281,6 +283,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "round_trips_per_turn": round(round_trips / floor.turns, 3),
         "wall_s": round(wall, 3),
         "floor_turns_per_s": round(floor.turns / wall, 3),
+        # This client's CPU (psycopg, asyncio, sealing) per turn; PostgreSQL's is apart.
+        "client_cpu_ms_per_turn": round(cpu / floor.turns * 1000, 3),
     }
 
 

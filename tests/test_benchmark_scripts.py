@@ -25,6 +25,7 @@ def test_raw_floor_replays_turns_on_the_current_schema(pg_dsn: str) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["turns_done"] == 8
     assert result["round_trips_per_turn"] > 0
+    assert result["client_cpu_ms_per_turn"] > 0
 
 
 def test_chart_benchmark_drives_each_chart_as_a_turn_does() -> None:

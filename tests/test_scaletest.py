@@ -82,6 +82,11 @@ def check_steady_throughput(result: dict[str, Any], chats: int, turns: int) -> N
     assert 0 < result["steady_wall_s"] < result["wall_s"]
     steady_turns = result["steady_turns_per_s"] * result["steady_wall_s"]
     assert steady_turns == pytest.approx(chats * (turns - 1), rel=0.02)  # both rounded
+    # The replicas' CPU over the steady phase, per steady turn: some, and less than the
+    # steady wall time of all replicas (a process cannot spend more than it ran).
+    cpu_ms = result["steady_replica_cpu_ms_per_turn"]
+    replicas = max(result["replicas"], 1)
+    assert 0 < cpu_ms * chats * (turns - 1) <= result["steady_wall_s"] * 1000 * replicas * 1.05
 
 
 async def test_memory_optimised_vs_baseline() -> None:

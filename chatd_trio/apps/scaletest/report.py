@@ -188,6 +188,8 @@ def summarise(
         # replays (no process start, no first turn, no wait for the slowest first turn).
         "steady_wall_s": round(steady_wall, 3),
         "steady_turns_per_s": round(steady_answered / steady_wall, 3) if steady_wall > 0 else 0.0,
+        # Replica processes' CPU (server, drivers, subscribers) per steady turn.
+        "steady_replica_cpu_ms_per_turn": _cpu_per_turn(reports, steady_turns),
         "statements": statements_end,
         "steady_statements": statements_steady,
         "per_turn": per_turn(statements_end, end_flat, total_turns),
@@ -224,6 +226,13 @@ def summarise(
             plan, facts, counts, durable, progress, outcome, workers, reports, faults, crashes
         ),
     }
+
+
+def _cpu_per_turn(reports: Sequence[dict[str, Any]], turns: int) -> float | None:
+    spent: list[float] = [r["steady_cpu_s"] for r in reports if r.get("steady_cpu_s") is not None]
+    if not turns or not spent or len(spent) < len(reports):
+        return None  # a replica started after the steady phase, or stopped before its end
+    return round(sum(spent) / turns * 1000, 3)
 
 
 def _in_time_share(pool: dict[str, Any]) -> float | None:

@@ -155,6 +155,9 @@ class ReplicaRunner:
         self.go = trio.Event()
         self.done = trio.Event()
         self.steady_start: Counters | None = None
+        # This process's CPU seconds when the steady phase started and when it was done.
+        self.cpu_steady_start: float | None = None
+        self.cpu_done: float | None = None
         self._first_count = 0
         self._done_count = 0
         for i, raw in enumerate(plan.chat_ids):
@@ -332,6 +335,8 @@ class ReplicaRunner:
 
     def _check_done(self) -> None:
         if self._done_count == len(self.subs):
+            if not self.done.is_set():
+                self.cpu_done = time.process_time()
             self.done.set()
 
     @staticmethod
@@ -434,6 +439,7 @@ class ReplicaRunner:
         """Snapshot the counters and let the drivers send turn 2."""
         if not self.go.is_set():
             self.steady_start = self.counters()
+            self.cpu_steady_start = time.process_time()
             reset = getattr(self.server.store, "reset_pool_high_water", None)
             if callable(reset):
                 reset()
@@ -467,6 +473,13 @@ class ReplicaRunner:
                 "answers_parked": pool.get("answers_parked", 0),
             },
             "pid": os.getpid(),
+            # CPU seconds of this replica process (the server, its drivers and subscribers)
+            # from the steady phase's start to this replica's last subscriber done.
+            "steady_cpu_s": (
+                round(self.cpu_done - self.cpu_steady_start, 3)
+                if self.cpu_done is not None and self.cpu_steady_start is not None
+                else None
+            ),
             "worker_id": str(self.server.worker_id),
             "turns_finished": self.server.stats().turns_finished,
             "driver": asdict(self.stats),
