@@ -205,11 +205,22 @@ class _Decision(NamedTuple):
 
 
 # Immutable values whose equality is their identity for a chart: safe in a memo key.
-_PLAIN: frozenset[type] = frozenset({bool, int, float, str, type(None), uuid.UUID})
+_PLAIN: set[type] = {bool, int, float, str, type(None), uuid.UUID}
+
+
+def _plain_types(types: Iterable[type]) -> bool:
+    if _PLAIN.issuperset(types):
+        return True
+    for kind in types:
+        if kind not in _PLAIN:
+            if not issubclass(kind, enum.Enum):
+                return False
+            _PLAIN.add(kind)  # an enum member is immutable and hashable too
+    return True
 
 
 def _plain(values: Iterable[Any]) -> bool:
-    return all(type(v) in _PLAIN or isinstance(v, enum.Enum) for v in values)
+    return _plain_types([type(v) for v in values])
 
 
 _INFO: dict[type[StateChart[Any]], _ChartInfo] = {}
@@ -525,13 +536,13 @@ class TracedChart(StateChart[Any]):
         if fields is None or not self.memo_size or self._class_listeners or self._listeners:
             return None  # a listener sees every callback: the library must run them
         attrs = vars(self)
-        values = tuple(attrs[name] for name in fields)
-        data = tuple(sorted(kwargs.items()))
+        values = tuple([attrs[name] for name in fields])
+        data = tuple(sorted(kwargs.items())) if len(kwargs) > 1 else tuple(kwargs.items())
         state = self.current_state_value
-        if not (_plain(values) and _plain(kwargs.values()) and _plain((state,))):
+        # Types in the key too: 1 and True are equal, yet an attribute keeps its type.
+        types = (type(state), *map(type, values), *[type(v) for _, v in data])
+        if not _plain_types(types):
             return None
-        # Types too: 1 and True are equal keys, yet an attribute keeps the type it had.
-        types = tuple(map(type, values)) + tuple(type(v) for _, v in data)
         return (state, event, data, values, types)
 
     def _replay(self, key: tuple[Any, ...], decision: _Decision) -> Any:

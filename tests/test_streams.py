@@ -245,9 +245,11 @@ async def test_message_published_by_another_replica_reads_after_the_cursor() -> 
         await a.publish_messages(msgs)
         await sentinel(a, chat_id)
         live = await until(sub, is_sentinel)
+        assert b.catchup_reads(chat_id) == 1 == b.chat_statistics(chat_id).db_catchup_reads  # type: ignore[union-attr]
     assert message_ids(live) == [msgs[0].id]
     assert store.reads == [(chat_id, first.id)]
     assert b.statistics().db_catchup_reads == 1
+    assert b.catchup_reads(uuid.uuid4()) is None
 
 
 async def test_edit_full_refresh_rereads_from_zero() -> None:

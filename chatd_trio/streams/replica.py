@@ -591,6 +591,12 @@ class ChatStreams:
         state = self._chats.get(chat_id)
         return None if state is None else self._chat_stats(state)
 
+    def catchup_reads(self, chat_id: uuid.UUID) -> int | None:
+        """`chat_statistics(chat_id).db_catchup_reads` without building the statistics
+        (cheap enough to ask per event); None when the chat has no state here."""
+        state = self._chats.get(chat_id)
+        return None if state is None else state.db_catchup_reads
+
     @staticmethod
     def _chat_stats(state: ChatStreamState) -> ChatStreamStatistics:
         return ChatStreamStatistics(

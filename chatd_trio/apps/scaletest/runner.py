@@ -266,12 +266,12 @@ class ReplicaRunner:
         raise _Resubscribe
 
     def _attribute_reads(self, chat_id: uuid.UUID) -> None:
-        chat_stats = self.server.streams.chat_statistics(chat_id)
-        view = self.views[chat_id]
-        if chat_stats is None:
+        reads = self.server.streams.catchup_reads(chat_id)
+        if reads is None:
             return
-        new = chat_stats.db_catchup_reads - view.attributed_reads
-        view.attributed_reads = chat_stats.db_catchup_reads
+        view = self.views[chat_id]
+        new = reads - view.attributed_reads
+        view.attributed_reads = reads
         if new <= 0:
             return
         if view.running_worker == str(self.server.worker_id):
