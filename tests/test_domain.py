@@ -200,6 +200,19 @@ def test_notify_round_trip(notify: d.NotifyPayload) -> None:
     assert d.NotifyPayload.from_json(notify.to_json()) == notify
 
 
+@given(notify=notifies)
+def test_a_payload_with_a_status_may_hold_one(notify: d.NotifyPayload) -> None:
+    """Invariant: the cheap test never rules out a status an encoded payload holds."""
+    if notify.status is not None:
+        assert d.NotifyPayload.may_hold_status(notify.encode())
+
+
+def test_a_message_payload_holds_no_status() -> None:
+    message = d.Message(1, uuid.uuid4(), d.Role.ASSISTANT, (d.TextPart("done"),))
+    assert not d.NotifyPayload.may_hold_status(d.NotifyPayload(message=message).encode())
+    assert not d.NotifyPayload.may_hold_status('{"\\u0073tatus":"running"}')
+
+
 def test_notify_omits_unset_fields() -> None:
     assert d.NotifyPayload().to_json() == {}
     assert d.NotifyPayload.decode("{}") == d.NotifyPayload()

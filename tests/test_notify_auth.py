@@ -68,6 +68,8 @@ def test_open_returns_exactly_what_was_sealed_on_that_channel(channel: str, payl
     wire = auth.seal(channel, payload)
     assert wire.startswith(PREFIX) and wire.isascii()
     assert len(wire) == sealed_size(len(payload.encode()))
+    # Another replica opens it with the cipher; this one remembers what it sealed.
+    assert NotifyAuth([KEY_A]).open(channel, wire) == payload
     assert auth.open(channel, wire) == payload
 
 
@@ -123,18 +125,43 @@ def test_the_payload_is_not_readable_in_the_sealed_form() -> None:
 def test_sealing_time_window() -> None:
     clock = Clock()
     auth = NotifyAuth([KEY_A], max_age=300.0, clock=clock)
+    other = NotifyAuth([KEY_A], max_age=300.0, clock=clock)
     wire = auth.seal("c", "p")
     clock.now += 300.0
-    assert auth.open("c", wire) == "p"
+    # The sealer (remembering the payload) and another replica (opening it) alike.
+    assert auth.open("c", wire) == "p" == other.open("c", wire)
     clock.now += 1.5
     with pytest.raises(NotifyRejected, match="ago"):
         auth.open("c", wire)
+    with pytest.raises(NotifyRejected, match="ago"):
+        other.open("c", wire)
     # Sealed by a replica whose clock runs ahead: accepted within max_age, not beyond.
     ahead = NotifyAuth([KEY_A], max_age=300.0, clock=Clock(clock.now + 299.0))
     assert auth.open("c", ahead.seal("c", "p")) == "p"
     further = NotifyAuth([KEY_A], max_age=300.0, clock=Clock(clock.now + 302.0))
     with pytest.raises(NotifyRejected, match="future"):
         auth.open("c", further.seal("c", "p"))
+
+
+def test_the_echo_of_an_own_payload_opens_without_the_cipher() -> None:
+    """A replica hears its own notifies back through LISTEN: the exact wire it sealed, on
+    the channel it sealed it for, gives the payload back from memory; anything else
+    (another channel, one changed character, a wire forgotten) goes through the cipher."""
+
+    class Small(NotifyAuth):
+        remembered = 2
+
+    auth = Small([KEY_A])
+    wires = [auth.seal("c", f"p{i}") for i in range(3)]
+    assert auth.open("c", wires[2]) == "p2"
+    assert auth.opened_from_memory == 1
+    with pytest.raises(NotifyRejected, match="MAC"):
+        auth.open("d", wires[2])
+    assert auth.open("c", wires[0]) == "p0"  # forgotten (oldest of three): opened
+    assert auth.opened_from_memory == 1
+    assert auth.open("c", wires[1]) == "p1"
+    assert auth.opened_from_memory == 2
+    assert NotifyAuth.unauthenticated().open("c", "plain") == "plain"
 
 
 def test_rotation_first_key_seals_every_key_opens() -> None:

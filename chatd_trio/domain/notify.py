@@ -116,6 +116,14 @@ class NotifyPayload:
             resync=bool_field(d, "resync", path, default=False),
         )
 
+    @staticmethod
+    def may_hold_status(raw: str) -> bool:
+        """False when `raw` (an encoded payload) certainly holds no `status`: cheaper than
+        decoding, for a reader that acts on statuses only. `encode` writes keys as plain
+        ASCII, so a payload with a status holds the text `"status"`; one that spells the
+        key with escapes did not come from `encode` and is skipped."""
+        return '"status"' in raw
+
     @classmethod
     def decode(cls, raw: str | bytes, *, limit: int = MAX_JSON_BYTES) -> NotifyPayload:
         """Parse a raw notify; malformed or oversized input raises `DecodeError`."""

@@ -25,7 +25,9 @@ means a nonce never repeats under one key whatever the number of payloads or
 replicas, so a key needs no rotation for volume. The MAC is checked first, in
 constant time, under each verification key in turn (rotation), then the sealing
 time against `max_age`, then the ciphertext is decrypted (its Poly1305 tag checked
-again). Sealing adds 73 bytes, base64 another third: a 7999-byte NOTIFY carries
+again). The echo of a replica's own notify (the exact text it sealed, on that
+channel) opens from memory, its age checked (`NotifyAuth.remembered`). Sealing adds
+73 bytes, base64 another third: a 7999-byte NOTIFY carries
 5923 bytes of payload (`NotifyAuth.max_payload`).
 
 ``python -m chatd_trio.pubsub.auth`` prints a fresh key.
@@ -43,6 +45,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -203,6 +206,12 @@ class NotifyAuth:
         self._keys = tuple(_Key(k) for k in self._secrets)
         self._max_age = max_age
         self._clock = clock
+        self._sealed: dict[tuple[str, str], tuple[str, int]] = {}
+        self.opened_from_memory = 0
+
+    remembered: ClassVar[int] = 1024
+    """Payloads this instance sealed that `open` recognises without the cipher (the
+    echo of a replica's own notify comes back through LISTEN); oldest dropped first."""
 
     @classmethod
     def unauthenticated(cls) -> NotifyAuth:
@@ -213,6 +222,8 @@ class NotifyAuth:
         auth._keys = ()
         auth._max_age = NotifyAuthConfig.max_age
         auth._clock = time.time
+        auth._sealed = {}
+        auth.opened_from_memory = 0
         return auth
 
     @classmethod
@@ -279,18 +290,32 @@ class NotifyAuth:
             data = payload.encode("utf-8")
         except UnicodeEncodeError:
             raise DecodeError("payload", "not encodable as UTF-8") from None
-        header = _HEADER.pack(_VERSION, max(0, int(self._clock() * 1000)))
+        sealed_ms = max(0, int(self._clock() * 1000))
+        header = _HEADER.pack(_VERSION, sealed_ms)
         context = _context(channel, header)
         salt = secrets.token_bytes(_SALT)
         key = self._keys[0]
         ciphertext = key.cipher(salt).encrypt(_NONCE, data, context)
         mac = key.tag(context + salt + ciphertext)
-        return PREFIX + _b64(header + salt + ciphertext + mac)
+        wire = PREFIX + _b64(header + salt + ciphertext + mac)
+        # Opening these exact characters on this channel can only give `payload` back:
+        # remembered, the echo skips the cipher (the age is still checked).
+        sealed = self._sealed
+        sealed[(channel, wire)] = (payload, sealed_ms)
+        if len(sealed) > self.remembered:
+            del sealed[next(iter(sealed))]
+        return wire
 
     def open(self, channel: str, wire: str) -> str:
         """The payload sealed in `wire` for `channel`; raises `NotifyRejected`."""
         if not self._keys:
             return wire
+        mine = self._sealed.get((channel, wire))
+        if mine is not None:
+            payload, sealed_ms = mine
+            self._check_age(sealed_ms)
+            self.opened_from_memory += 1
+            return payload
         if not wire.startswith(PREFIX):
             raise NotifyRejected("not sealed")
         raw = _unb64(wire[len(PREFIX) :])
@@ -314,6 +339,14 @@ class NotifyAuth:
         version, sealed_ms = _HEADER.unpack(header)
         if version != _VERSION:
             raise NotifyRejected(f"unknown version {version}")
+        self._check_age(sealed_ms)
+        try:
+            data = key.cipher(salt).decrypt(_NONCE, ciphertext, context)
+            return data.decode("utf-8")
+        except (InvalidTag, UnicodeDecodeError):
+            raise NotifyRejected("does not decrypt") from None
+
+    def _check_age(self, sealed_ms: int) -> None:
         age = self._clock() - sealed_ms / 1000
         if age > self._max_age:
             raise NotifyRejected(f"sealed {age:.0f} s ago, beyond max_age {self._max_age:g} s")
@@ -322,11 +355,6 @@ class NotifyAuth:
                 f"sealed {-age:.0f} s in the future: the replicas' clocks differ by more than "
                 f"max_age {self._max_age:g} s"
             )
-        try:
-            data = key.cipher(salt).decrypt(_NONCE, ciphertext, context)
-            return data.decode("utf-8")
-        except (InvalidTag, UnicodeDecodeError):
-            raise NotifyRejected("does not decrypt") from None
 
     def __repr__(self) -> str:
         return f"NotifyAuth(keys={len(self._keys)}, max_age={self._max_age:g})"

@@ -479,6 +479,8 @@ class TurnSupervisor:
                 started = True
                 async for delivery in sub:
                     if not isinstance(delivery, Resync):
+                        if not NotifyPayload.may_hold_status(delivery):
+                            continue  # a message or a part: only statuses stop a turn
                         try:
                             payload = NotifyPayload.decode(delivery)
                         except DecodeError:
