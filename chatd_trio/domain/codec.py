@@ -84,13 +84,23 @@ def _is_int(v: JSON) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# Each reader first takes the common case (the field present with exactly its type), as
+# cheaply as Python allows: a replica decodes a dozen fields per message it hears about.
+
+
 def str_field(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     """A string field."""
+    v = d.get(key)
+    if type(v) is str:
+        return v
     return _typed(d, key, path, optional, lambda v: isinstance(v, str), "a string")
 
 
 def int_field(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     """An integer field (not a boolean)."""
+    v = d.get(key)
+    if type(v) is int:
+        return v
     return _typed(d, key, path, optional, _is_int, "an integer")
 
 
@@ -107,6 +117,9 @@ def float_field(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = 
 
 def bool_field(d: Mapping[str, JSON], key: str, path: str, *, default: bool | None = None) -> bool:
     """A boolean field; absent or null, `default` when there is one."""
+    v = d.get(key)
+    if type(v) is bool:
+        return v
     if default is not None and d.get(key) is None:
         return default
     value: bool = _typed(d, key, path, False, lambda v: isinstance(v, bool), "a boolean")
@@ -139,6 +152,12 @@ def parse_row_id(value: object, path: str = "id") -> int:
 
 def uuid_field(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False) -> Any:
     """A UUID field, from its text."""
+    v = d.get(key)
+    if type(v) is str:
+        try:
+            return uuid.UUID(v)
+        except ValueError:
+            pass  # the slow path names the field
     if optional and d.get(key) is None:
         return None
     return parse_uuid(required(d, key, path), f"{path}.{key}")
@@ -148,6 +167,12 @@ def enum_field(
     cls: type[E], d: Mapping[str, JSON], key: str, path: str, *, optional: bool = False
 ) -> Any:
     """A member of the enum `cls`, from its value."""
+    v = d.get(key)
+    if type(v) is str:
+        try:
+            return cls(v)
+        except ValueError:
+            pass  # the slow path names the field and the values allowed
     if optional and d.get(key) is None:
         return None
     v = str_field(d, key, path)
