@@ -7,8 +7,9 @@ events, and reads the outcome from the final state. The chart comes from
 `DialChart.fresh` and goes back to its pool when the dial returns; the tasks
 that may outlive the dial never touch it.
 
-Every dial, validation and the delay timer runs as a task in the caller's
-`nursery`, each inside its own cancel scope. Leaving a state cancels the
+Every dial and validation runs as a task in the caller's `nursery`, each inside
+its own cancel scope; the validation delay is the driver's own deadline while it
+waits for their reports. Leaving a state cancels the
 activities the next state does not list; a dial that ignores cancellation
 finishes there in the background and, if it connects after all, releases its
 connection itself. The caller therefore never waits for a stale dial and never
@@ -166,11 +167,12 @@ class _Driver(Generic[ConnT]):
         self._attempts: dict[Activity, _Attempt] = {}
         # Unbounded so a task's report never blocks; at most one report per attempt.
         self._send, self._receive = trio.open_memory_channel[_Report[ConnT]](math.inf)
-        self._starters: dict[Activity, Callable[[_Attempt], Awaitable[None]]] = {
+        self._starters: dict[Activity, Callable[[_Attempt], Awaitable[None]] | None] = {
             Activity.BOUND_DIAL: self._dial_task,
             Activity.SECOND_DIAL: self._dial_task,
             Activity.VALIDATION: self._validate_task,
-            Activity.DELAY: self._delay_task,
+            # No task: the driver awaits the delay itself (`_next_report`).
+            Activity.DELAY: None,
         }
 
     async def run(self) -> DialResult[ConnT]:
@@ -186,7 +188,7 @@ class _Driver(Generic[ConnT]):
         try:
             while not chart.is_terminated:
                 self._reconcile()
-                report = await self._receive.receive()
+                report = await self._next_report()
                 if not report.attempt.wanted:
                     await self._discard(report)
                     continue
@@ -200,6 +202,25 @@ class _Driver(Generic[ConnT]):
         finally:
             await self._stop_all()
         return won
+
+    async def _next_report(self) -> _Report[ConnT]:
+        """The next report; `delay_elapsed` when the validation delay runs and passes first.
+
+        The delay is the driver's own deadline, not a task: a dial that answers in time
+        (almost every one) then costs no timer task started and cancelled. A report
+        already queued when the deadline passes is taken first.
+        """
+        timer = self._attempts.get(Activity.DELAY)
+        if timer is None or not timer.wanted or timer.reported:
+            return await self._receive.receive()
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_at(self._deadline):
+            return await self._receive.receive()
+        timer.reported = True
+        return _Report(timer, "delay_elapsed")
 
     def _feed(self, event: str, **kwargs: Any) -> None:
         seen = len(self._chart.trace)
@@ -245,8 +266,11 @@ class _Driver(Generic[ConnT]):
             target = _DIALS.get(activity)
             attempt = _Attempt(activity, target(self._chart) if target is not None else None)
             self._attempts[activity] = attempt
+            starter = self._starters[activity]
+            if starter is None:
+                continue
             try:
-                self._nursery.start_soon(self._starters[activity], attempt)
+                self._nursery.start_soon(starter, attempt)
             except RuntimeError:
                 # The background nursery has closed: the activity can never report.
                 self._report_abandoned(attempt)
@@ -311,8 +335,7 @@ class _Driver(Generic[ConnT]):
 
     def _report_abandoned(self, attempt: _Attempt) -> None:
         # Only a background nursery that was cancelled or has closed gets here:
-        # tell the driver rather than leave it waiting forever. The timer needs no
-        # report: the bound dial it races is stopped by the same nursery.
+        # tell the driver rather than leave it waiting forever.
         event = _ABANDONED_EVENT[attempt.activity]
         if event is not None and attempt.wanted and not attempt.reported:
             cause = ChatdError(f"{attempt.activity.value} was stopped by its nursery")
@@ -339,11 +362,6 @@ class _Driver(Generic[ConnT]):
             return _Report(attempt, "validated_error", {"cause": exc})
         # Same agent or another one: the chart's `same_agent` guard decides.
         return _Report(attempt, "validated", {"agent": agent})
-
-    async def _delay_task(self, attempt: _Attempt) -> None:
-        with attempt.scope:
-            await trio.sleep_until(self._deadline)
-            self._report(_Report(attempt, "delay_elapsed"))
 
     async def _release(self, release: Release, agent_id: uuid.UUID | None) -> None:
         await release_logged(
@@ -388,7 +406,7 @@ async def dial_with_lazy_validation(
 
     Follows the docs/spec.md §5.1 table. Raises `NoWorkspaceAgent` (unwrapped) when
     the workspace has no agent, else `DialError` wrapping the deciding error.
-    Dials, validations and the timer run in `nursery`; a stale dial that
+    Dials and validations run in `nursery`; a stale dial that
     ignores cancellation finishes there and its late connection is released
     there. `observer` sees every dial, validation and switch (`DialCounter`
     counts them; `on_step` reports the chart's path). `release_timeout`

@@ -466,6 +466,29 @@ async def test_dialing_a_closed_port_fails_with_agent_unavailable(root: Path) ->
         await dial_agent(make_agent(f"127.0.0.1:{port}", root), connect_timeout=GUARD)
 
 
+async def test_an_ip_address_is_dialled_directly_a_name_through_the_resolver(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolved: list[str] = []
+    real = trio.open_tcp_stream
+
+    async def spy(host: str, port: int) -> trio.SocketStream:
+        resolved.append(host)
+        return await real(host, port)
+
+    monkeypatch.setattr(trio, "open_tcp_stream", spy)
+    (root / "seen").write_text("x")
+    async with running_agent(root) as agent:
+        port = agent.address.rsplit(":", 1)[1]
+        for address in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            conn, release = await dial_agent(make_agent(address, root))
+            try:
+                assert "seen" in str(await conn.list_dir("."))
+            finally:
+                await release()
+    assert resolved == ["localhost"]
+
+
 async def test_invalid_address_fails_with_agent_unavailable(root: Path) -> None:
     with pytest.raises(AgentUnavailable, match="invalid agent address"):
         await dial_agent(make_agent("no-port-here", root))

@@ -22,8 +22,10 @@ loses nothing: the next reader resumes the same frame.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,7 +328,7 @@ async def dial_agent(
         raise AgentUnavailable(f"agent {agent.id}: {exc}") from None
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
+            stream = await _connect(host, port)
     except trio.TooSlowError:
         raise AgentUnavailable(
             f"agent {agent.id} at {agent.address}: connect timed out after {timeout} s"
@@ -349,6 +351,27 @@ async def dial_agent(
         await conn.aclose()
         raise
     return conn, conn.aclose
+
+
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    """A TCP stream to `host`: an IP address is connected to directly, a name (or an
+    address with an IPv6 zone) through `trio.open_tcp_stream` (resolution, then each
+    address in turn). A turn dials its agent once; the direct way spares the resolver
+    call and the happy-eyeballs nursery a literal address does not need."""
+    try:
+        ip = ipaddress.ip_address(host) if "%" not in host else None
+    except ValueError:
+        ip = None
+    if ip is None:
+        return await trio.open_tcp_stream(host, port)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def _split_address(address: str) -> tuple[str, int]:
