@@ -29,6 +29,7 @@ __all__ = [
     "JsonLines",
     "emit",
     "encode",
+    "flush_every",
     "replica_process_settings",
     "stdin_lines",
     "worker_command",
@@ -97,8 +98,18 @@ def stdin_lines() -> JsonLines:
     return JsonLines(trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())))
 
 
-def emit(message: Mapping[str, Any]) -> None:
+def emit(message: Mapping[str, Any], *, flush: bool = True) -> None:
     """The worker's end: write one message to stdout, flushed at once (the parent is
-    waiting for it)."""
+    waiting for it) unless `flush=False`: a message nobody waits for, left for the next
+    flush (`flush_every`, or a later message that is flushed; order is kept)."""
     sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    if flush:
+        sys.stdout.flush()
+
+
+async def flush_every(seconds: float) -> None:
+    """Flush stdout every `seconds`, for messages emitted with `flush=False`: each
+    flushed line wakes the parent, so frequent progress goes out in batches."""
+    while True:
+        await trio.sleep(seconds)
+        sys.stdout.flush()
