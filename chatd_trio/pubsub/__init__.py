@@ -4,6 +4,7 @@ from chatd_trio.pubsub.auth import NotifyAuth, NotifyRejected
 from chatd_trio.pubsub.base import (
     DatabaseChannels,
     Delivery,
+    HandlerDelivery,
     InlineDelivery,
     PubSub,
     PubSubStatistics,
@@ -14,6 +15,7 @@ from chatd_trio.pubsub.base import (
 __all__ = [
     "DatabaseChannels",
     "Delivery",
+    "HandlerDelivery",
     "InlineDelivery",
     "NotifyAuth",
     "NotifyRejected",

@@ -8,8 +8,9 @@ port, not in either adapter) means neither adapter imports the other.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -17,7 +18,9 @@ from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
 from chatd_trio.pubsub.base import Delivery
 
-__all__ = ["QueueSubscription", "check_channel", "check_publish"]
+__all__ = ["HandlerSubscription", "QueueSubscription", "check_channel", "check_publish"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_publish(channel: str, payload: str, config: PubSubConfig, limit: int) -> None:
@@ -103,3 +106,44 @@ class QueueSubscription:
 
     async def __anext__(self) -> Delivery:
         return await self.receive()
+
+
+class HandlerSubscription(QueueSubscription):
+    """A subscription that hands each delivery to a function instead of queueing it.
+
+    `handler` runs in the adapter's delivering task, synchronously, and must not block;
+    an exception from it ends this subscription (`on_end` is told), never the adapter's
+    other subscriptions. `on_end` runs once when the adapter fails the subscription,
+    not when its context is left (`close`).
+    """
+
+    def __init__(
+        self,
+        channel: str,
+        handler: Callable[[Delivery], None],
+        on_end: Callable[[PubSubError], None],
+    ) -> None:
+        super().__init__(channel)
+        self._handler = handler
+        self._on_end = on_end
+
+    def deliver(self, item: Delivery) -> bool:
+        if self._error is not None:
+            return False
+        try:
+            self._handler(item)
+        except Exception as exc:
+            logger.exception("subscription handler failed", extra={"channel": self.channel})
+            error = PubSubError(f"the handler of {self.channel!r} failed: {exc!r}")
+            error.__cause__ = exc
+            self.fail(error)
+        return True
+
+    def fail(self, error: PubSubError) -> None:
+        if self._error is None:
+            super().fail(error)
+            self._on_end(error)
+
+    def close(self) -> None:
+        if self._error is None:
+            super().fail(PubSubError(f"subscription to {self.channel!r} is closed"))

@@ -13,10 +13,12 @@ dropped and counted in `PubSubStatistics.rejected` (chatd_trio.pubsub.auth).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
+
+from chatd_trio.errors import PubSubError
 
 
 @dataclass(frozen=True)
@@ -130,4 +132,23 @@ class InlineDelivery(Protocol):
 
     def check_nowait(self, channel: str, wire: str) -> None:
         """Raise what `publish_nowait(channel, wire)` would raise, delivering nothing."""
+        ...
+
+
+@runtime_checkable
+class HandlerDelivery(Protocol):
+    """A pubsub that can hand a subscription's deliveries to a function as they arrive,
+    in its own delivering task, instead of queueing them for a reader task: one
+    scheduling round less per delivery. `PostgresPubSub` has this capability.
+    """
+
+    def subscribe_handler(
+        self,
+        channel: str,
+        handler: Callable[[Delivery], None],
+        on_end: Callable[[PubSubError], None],
+    ) -> AbstractAsyncContextManager[None]:
+        """Like `PubSub.subscribe`, but each payload or `Resync` goes to `handler`
+        (synchronous, never blocking; an exception ends the subscription), and the
+        failure that ends the subscription to `on_end`, once."""
         ...

@@ -42,9 +42,14 @@ from chatd_trio._pgtrace import RoundTrips, traced_class
 from chatd_trio._pgtrio import AnswerWait, PoolSettings, TrioConnection, TrioPool, connect
 from chatd_trio.config import PubSubConfig
 from chatd_trio.errors import PubSubError
-from chatd_trio.pubsub._shared import QueueSubscription, check_channel, check_publish
+from chatd_trio.pubsub._shared import (
+    HandlerSubscription,
+    QueueSubscription,
+    check_channel,
+    check_publish,
+)
 from chatd_trio.pubsub.auth import NotifyAuth, NotifyGate
-from chatd_trio.pubsub.base import PubSubStatistics, Resync
+from chatd_trio.pubsub.base import Delivery, PubSubStatistics, Resync
 
 __all__ = ["PostgresPubSub"]
 
@@ -233,11 +238,27 @@ class PostgresPubSub:
         a `Resync` is guaranteed to follow the reconnect). Raises `PubSubError`
         when the pubsub is closed or the LISTEN does not complete in time.
         """
-        check_channel(channel, self._config)
+        async with self._subscribed(QueueSubscription(channel)) as sub:
+            yield sub
+
+    @asynccontextmanager
+    async def subscribe_handler(
+        self,
+        channel: str,
+        handler: Callable[[Delivery], None],
+        on_end: Callable[[PubSubError], None],
+    ) -> AsyncIterator[None]:
+        """`subscribe`, each delivery handed to `handler` by the listener task as it is
+        read (`HandlerDelivery`): no reader task, no queue."""
+        async with self._subscribed(HandlerSubscription(channel, handler, on_end)):
+            yield
+
+    @asynccontextmanager
+    async def _subscribed(self, sub: QueueSubscription) -> AsyncIterator[QueueSubscription]:
+        check_channel(sub.channel, self._config)
         if self._closed:
             raise PubSubError("the pubsub is closed")
-        sub = QueueSubscription(channel)
-        self._subs.setdefault(channel, set()).add(sub)
+        self._subs.setdefault(sub.channel, set()).add(sub)
         try:
             await self._until_listening(sub)
             yield sub

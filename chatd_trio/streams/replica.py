@@ -7,6 +7,7 @@ drop accounting and the replica's stream counters.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections import Counter
@@ -39,7 +40,7 @@ from chatd_trio.domain import (
 )
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
 from chatd_trio.lifecycle import Event
-from chatd_trio.pubsub.base import PubSub, Resync
+from chatd_trio.pubsub.base import Delivery, HandlerDelivery, PubSub, Resync
 from chatd_trio.pubsub.base import Subscription as PubSubSubscription
 from chatd_trio.store.base import Applied, Store
 from chatd_trio.strategies import Announce, Strategies
@@ -520,10 +521,20 @@ class ChatStreams:
                 psub: PubSubSubscription | None = None
                 subscribed = True
                 if self._pubsub is not None:
+                    channel = stream_channel(chat_id)
                     try:
-                        psub = await stack.enter_async_context(
-                            self._pubsub.subscribe(stream_channel(chat_id))
-                        )
+                        if isinstance(self._pubsub, HandlerDelivery):
+                            # Each notify goes to the subscriber's queue in the listener's
+                            # own task: no pump task, one scheduling round less.
+                            await stack.enter_async_context(
+                                self._pubsub.subscribe_handler(
+                                    channel,
+                                    functools.partial(self._on_delivery, state, sub),
+                                    functools.partial(self._on_pubsub_end, sub),
+                                )
+                            )
+                        else:
+                            psub = await stack.enter_async_context(self._pubsub.subscribe(channel))
                     except PubSubError as exc:
                         # Not raised: the subscription delivers the failure as its one
                         # event and ends (`StreamSubscription`).
@@ -546,29 +557,38 @@ class ChatStreams:
     async def _pump(
         self, state: ChatStreamState, sub: Subscriber, psub: PubSubSubscription
     ) -> None:
-        """Move pubsub deliveries into the subscriber's queue, never blocking on it."""
+        """Move pubsub deliveries into the subscriber's queue, never blocking on it (a
+        pubsub without `HandlerDelivery`)."""
         while True:
             try:
                 delivery = await psub.receive()
             except (PubSubError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
-                sub.inbox.force(Failure(exc))
+                self._on_pubsub_end(sub, exc)
                 return
-            if isinstance(delivery, Resync):
-                self._pubsub_resyncs += 1
-                if sub.pending_resync is None:
-                    sub.pending_resync = ResyncMarker(delivery.reason)
-                    sub.inbox.force(sub.pending_resync)
-                continue
-            try:
-                payload = NotifyPayload.decode(delivery)
-            except DecodeError as exc:
-                self._decode_errors += 1
-                logger.warning(
-                    "malformed stream notify skipped",
-                    extra={"chat_id": str(state.chat_id), "error": str(exc)},
-                )
-                continue
-            self._deliver(state, sub, NotifyItem(payload))
+            self._on_delivery(state, sub, delivery)
+
+    def _on_delivery(self, state: ChatStreamState, sub: Subscriber, delivery: Delivery) -> None:
+        """One pubsub delivery into the subscriber's queue (synchronous, never blocks)."""
+        if isinstance(delivery, Resync):
+            self._pubsub_resyncs += 1
+            if sub.pending_resync is None:
+                sub.pending_resync = ResyncMarker(delivery.reason)
+                sub.inbox.force(sub.pending_resync)
+            return
+        try:
+            payload = NotifyPayload.decode(delivery)
+        except DecodeError as exc:
+            self._decode_errors += 1
+            logger.warning(
+                "malformed stream notify skipped",
+                extra={"chat_id": str(state.chat_id), "error": str(exc)},
+            )
+            return
+        self._deliver(state, sub, NotifyItem(payload))
+
+    @staticmethod
+    def _on_pubsub_end(sub: Subscriber, exc: BaseException) -> None:
+        sub.inbox.force(Failure(exc))
 
     # -- accounting ----------------------------------------------------------------------
     def _count_snapshot(self) -> None:

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from chatd_trio.config import NotifyAuthConfig, PubSubConfig
 from chatd_trio.errors import DecodeError, PayloadTooLarge, PubSubError
 from chatd_trio.pubsub.auth import PREFIX, NotifyAuth, parse_keys, sealed_size
-from chatd_trio.pubsub.base import Delivery, PubSub, Resync, Subscription
+from chatd_trio.pubsub.base import Delivery, HandlerDelivery, PubSub, Resync, Subscription
 from chatd_trio.pubsub.memory import MemoryPubSub
 from chatd_trio.pubsub.postgres import PostgresPubSub
 
@@ -636,3 +636,67 @@ async def test_postgres_body_error_propagates_unwrapped(pg_dsn: str) -> None:
     with pytest.raises(Boom):
         async with open_pubsub("postgres", pg_dsn) as ps, ps.subscribe(new_channel()):
             raise Boom
+
+
+class Handled:
+    """What a handler subscription was handed, and how it ended."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.got: list[Delivery] = []
+        self.ended: list[PubSubError] = []
+        self.fail_on = fail_on
+        self.changed = trio.Event()
+
+    def handler(self, delivery: Delivery) -> None:
+        if delivery == self.fail_on:
+            raise RuntimeError("handler broke")
+        self.got.append(delivery)
+        self.changed.set()
+
+    def on_end(self, error: PubSubError) -> None:
+        self.ended.append(error)
+        self.changed.set()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        with trio.fail_after(GUARD):
+            while not done():
+                self.changed = trio.Event()
+                await self.changed.wait()
+
+
+@pytest.mark.postgres
+async def test_postgres_handler_subscription_is_handed_what_a_queue_would_receive(
+    pg_dsn: str,
+) -> None:
+    """In publish order, a Resync after the listener's reconnect; a handler that raises
+    ends its own subscription only; closing the pubsub ends the others, once each;
+    leaving the context ends nothing (no `on_end`)."""
+    ch = new_channel()
+    left, kept, broken = Handled(), Handled(), Handled(fail_on="two")
+    async with AsyncExitStack() as outer:
+        async with open_pubsub("postgres", pg_dsn) as ps:
+            assert isinstance(ps, PostgresPubSub) and isinstance(ps, HandlerDelivery)
+            await outer.enter_async_context(ps.subscribe_handler(ch, kept.handler, kept.on_end))
+            await outer.enter_async_context(ps.subscribe_handler(ch, broken.handler, broken.on_end))
+            async with ps.subscribe_handler(ch, left.handler, left.on_end):
+                await ps.publish(ch, "one")
+                await left.until(lambda: left.got == ["one"])
+            for payload in ("two", "three"):
+                await ps.publish(ch, payload)
+            await kept.until(lambda: kept.got == ["one", "two", "three"])
+            assert broken.got == ["one"]
+            assert [str(e) for e in broken.ended] == [
+                f"the handler of {ch!r} failed: RuntimeError('handler broke')"
+            ]
+            assert left.got == ["one"] and left.ended == []
+            pid = ps.listener_pid
+            assert pid is not None
+            assert await trio.to_thread.run_sync(_terminate, pg_dsn, pid)
+            await kept.until(lambda: kept.got[-1:] == [Resync()])
+            await ps.publish(ch, "after")
+            await kept.until(lambda: kept.got[-1:] == ["after"])
+            assert kept.ended == []
+        # The pubsub closed under its subscriptions.
+        assert [str(e) for e in kept.ended] == ["the pubsub is closed"]
+        assert broken.got == ["one"] and len(broken.ended) == 1
+    assert left.ended == [] and len(kept.ended) == 1
