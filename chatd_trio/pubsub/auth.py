@@ -44,6 +44,7 @@ import os
 import secrets
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
@@ -206,7 +207,9 @@ class NotifyAuth:
         self._keys = tuple(_Key(k) for k in self._secrets)
         self._max_age = max_age
         self._clock = clock
-        self._sealed: dict[tuple[str, str], tuple[str, int]] = {}
+        # Insertion order; an OrderedDict drops its oldest in O(1) (a dict's first key is
+        # found by scanning past the slots its earlier deletions left).
+        self._sealed: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
         self.opened_from_memory = 0
 
     remembered: ClassVar[int] = 1024
@@ -222,7 +225,7 @@ class NotifyAuth:
         auth._keys = ()
         auth._max_age = NotifyAuthConfig.max_age
         auth._clock = time.time
-        auth._sealed = {}
+        auth._sealed = OrderedDict()
         auth.opened_from_memory = 0
         return auth
 
@@ -303,7 +306,7 @@ class NotifyAuth:
         sealed = self._sealed
         sealed[(channel, wire)] = (payload, sealed_ms)
         if len(sealed) > self.remembered:
-            del sealed[next(iter(sealed))]
+            sealed.popitem(last=False)
         return wire
 
     def open(self, channel: str, wire: str) -> str:
