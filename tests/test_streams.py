@@ -212,6 +212,23 @@ async def test_cached_but_undelivered_messages_are_served_from_the_cache() -> No
     assert stats.db_catchup_reads == 0
 
 
+async def test_an_announced_message_is_cached_at_once_unless_a_publish_is_in_flight() -> None:
+    store = SpyStore(MemoryStore())
+    streams = ChatStreams(store, MemoryPubSub(), StreamConfig(notify_carries_messages=False))
+    chat_id, _first, lease = await running_chat(store)
+    streams.start_turn(chat_id)
+    (a, b) = await persist(store, lease, "a", "b")
+    assert streams.cache_announced(a)
+    state = streams._chats[chat_id]
+    assert state.cache_ids == [a.id]
+    async with state.lock:  # a publish of the chat in flight: the caller must wait
+        assert not streams.cache_announced(b)
+    assert state.cache_ids == [a.id]
+    assert streams.cache_announced(b)
+    assert state.cache_ids == [a.id, b.id]
+    assert streams.statistics().notifies_in_transaction == 2
+
+
 async def test_cache_miss_reads_the_database_after_the_cursor() -> None:
     store = SpyStore(MemoryStore())
     config = StreamConfig(durable_cache_size=2, notify_carries_messages=False)

@@ -34,6 +34,8 @@ class Publisher:
     async def message(self, message: Message) -> None:
         """Publish a message a store operation inserted with `announce=streams.announcer`."""
         announced = self._streams.announcer is not None
+        if announced and self._streams.cache_announced(message):
+            return  # the store sent its notify; the cache took it without waiting
         await self.committed(self._streams.publish_message(message, announced=announced))
 
     async def committed(self, publish: Awaitable[None]) -> None:

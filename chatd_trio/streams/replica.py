@@ -381,6 +381,20 @@ class ChatStreams:
             payload = self._message_notify(message, entry.prev)
             await self._send(state, payload, MessageEvent(message.chat_id, message))
 
+    def cache_announced(self, message: Message) -> bool:
+        """`publish_message(message, announced=True)` done at once, without a scheduling
+        round, when no publish of the chat is in flight (its lock is free): True. False
+        when one is: the caller awaits `publish_message`, which keeps the chat's order."""
+        if not message.user_visible or message.deleted:
+            return True
+        state = self._state(message.chat_id)
+        if state.lock.locked():
+            return False
+        state.cache_add(message, self._config.durable_cache_size)
+        self._count(MessageEvent.type, announced=1)
+        self._maybe_remove(state)
+        return True
+
     async def publish_messages(self, messages: Sequence[Message]) -> None:
         """Publish several persisted messages (one step) in order."""
         for m in messages:
