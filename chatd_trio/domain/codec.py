@@ -120,7 +120,7 @@ def bool_field(d: Mapping[str, JSON], key: str, path: str, *, default: bool | No
     v = d.get(key)
     if type(v) is bool:
         return v
-    if default is not None and d.get(key) is None:
+    if default is not None and v is None:
         return default
     value: bool = _typed(d, key, path, False, lambda v: isinstance(v, bool), "a boolean")
     return value
@@ -158,7 +158,7 @@ def uuid_field(d: Mapping[str, JSON], key: str, path: str, *, optional: bool = F
             return uuid.UUID(v)
         except ValueError:
             pass  # the slow path names the field
-    if optional and d.get(key) is None:
+    if optional and v is None:
         return None
     return parse_uuid(required(d, key, path), f"{path}.{key}")
 
@@ -173,7 +173,7 @@ def enum_field(
             return cls(v)
         except ValueError:
             pass  # the slow path names the field and the values allowed
-    if optional and d.get(key) is None:
+    if optional and v is None:
         return None
     v = str_field(d, key, path)
     try:

@@ -46,6 +46,7 @@ from chatd_trio.store.base import Applied, Store
 from chatd_trio.strategies import Announce, Strategies
 from chatd_trio.streams.announce import OwnerNotice, StreamAnnouncer, change_notices
 from chatd_trio.streams.state import (
+    CacheEntry,
     ChatStreamState,
     Failure,
     Inbox,
@@ -372,10 +373,8 @@ class ChatStreams:
             await trio.lowlevel.checkpoint()
             return
         async with self._locked(message.chat_id) as state:
-            entry = state.cache_add(message, self._config.durable_cache_size)
-            self._count(MessageEvent.type)
+            entry = self._cache(state, message, announced=announced)
             if announced:
-                self._count(announced=1)
                 await trio.lowlevel.checkpoint()
                 return
             payload = self._message_notify(message, entry.prev)
@@ -390,10 +389,16 @@ class ChatStreams:
         state = self._state(message.chat_id)
         if state.lock.locked():
             return False
-        state.cache_add(message, self._config.durable_cache_size)
-        self._count(MessageEvent.type, announced=1)
+        self._cache(state, message, announced=True)
         self._maybe_remove(state)
         return True
+
+    def _cache(self, state: ChatStreamState, message: Message, *, announced: bool) -> CacheEntry:
+        """Add a published message to the chat's cache and count it (and its notify, when
+        the store sent it)."""
+        entry = state.cache_add(message, self._config.durable_cache_size)
+        self._count(MessageEvent.type, announced=int(announced))
+        return entry
 
     async def publish_messages(self, messages: Sequence[Message]) -> None:
         """Publish several persisted messages (one step) in order."""
