@@ -359,6 +359,8 @@ class TrioConnection(BatchedPipelines):
         # generation it belongs to.
         self.retire_at = float("inf")
         self.generation = 0
+        # Set by `TrioPool.getconn`: lent for a write (it holds one of the write slots).
+        self.lent_for_writing = False
 
     async def wait(
         self,
@@ -457,13 +459,20 @@ class PoolTimeout(psycopg.OperationalError):
 
 @dataclass(frozen=True)
 class PoolSettings:
-    """Sizes and ages of a `TrioPool` (seconds)."""
+    """Sizes and ages of a `TrioPool` (seconds). `max_writing`: at most this many
+    connections lent for writes at once (None: `max_size`)."""
 
     min_size: int
     max_size: int
     max_idle: float
     max_lifetime: float
     timeout: float
+    max_writing: int | None = None
+
+    @property
+    def write_slots(self) -> int:
+        """How many connections writes may hold at once."""
+        return self.max_size if self.max_writing is None else min(self.max_writing, self.max_size)
 
 
 class Lending:
@@ -524,7 +533,8 @@ class Lending:
 
 
 class TrioPool(Generic[C]):
-    """A connection pool on Trio: at most `max_size` connections lent at once.
+    """A connection pool on Trio: at most `max_size` connections lent at once, at most
+    `max_writing` of them to writers (`getconn(writing=True)`).
 
     Connections open on demand up to `max_size`; `min_size` of them open with the
     pool and are never closed for idleness. An idle connection above `min_size`
@@ -534,7 +544,8 @@ class TrioPool(Generic[C]):
     cancelled operation) is closed instead of lent again; `drain()` retires every
     connection, the borrowed ones when they come back (after a server restart).
     The most recently returned connection is lent first; `lending` tells how many
-    are lent, over time.
+    are lent, over time. A writer waits for a write slot before it waits for a
+    connection, both within one `timeout`; the other connections stay for readers.
     """
 
     def __init__(
@@ -549,6 +560,7 @@ class TrioPool(Generic[C]):
         self.settings = settings
         self.lending = Lending(settings.max_size)
         self._slots = trio.Semaphore(settings.max_size)
+        self._write_slots = trio.Semaphore(settings.write_slots)
         # (connection, returned at), most recent last.
         self._idle: collections.deque[tuple[C, float]] = collections.deque()
         self._size = 0
@@ -558,6 +570,7 @@ class TrioPool(Generic[C]):
         self._lent = 0
         self._timeouts = 0
         self._retired = 0
+        self._write_waits = 0
 
     async def open(self) -> None:
         """Open `min_size` connections, one after the other; raise what a failure raised."""
@@ -578,21 +591,28 @@ class TrioPool(Generic[C]):
         self._opened += 1
         return conn
 
-    async def getconn(self) -> C:
-        """Borrow a connection; raise `PoolTimeout` after `timeout` seconds without one."""
+    async def getconn(self, *, writing: bool = False) -> C:
+        """Borrow a connection (for a write: within the write slots); raise `PoolTimeout`
+        after `timeout` seconds without one."""
         if self._closed:
             raise psycopg.OperationalError("the pool is closed")
+        deadline = None
+        if writing:
+            deadline = await self._take(self._write_slots, deadline)
         try:
-            # A free slot is taken without a scheduling round: holding it through one
-            # would keep an idle connection from every other borrower meanwhile.
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._wait_for_slot()
+            await self._take(self._slots, deadline)
+        except BaseException:
+            if writing:
+                self._write_slots.release()
+            raise
         try:
             conn = await self._idle_or_new()
         except BaseException:
             self._slots.release()
+            if writing:
+                self._write_slots.release()
             raise
+        conn.lent_for_writing = writing
         self._lent += 1
         self.lending.change(1)
         return conn
@@ -606,15 +626,30 @@ class TrioPool(Generic[C]):
             self._retire(conn)
         return await self._new()
 
-    async def _wait_for_slot(self) -> None:
+    async def _take(self, slots: trio.Semaphore, deadline: float | None) -> float | None:
+        """Take one of `slots` by `deadline` (None: `timeout` from the first wait); the
+        deadline, for the next wait of the same borrow."""
         try:
-            with trio.fail_after(self.settings.timeout):
-                await self._slots.acquire()
+            # A free slot is taken without a scheduling round: holding it through one
+            # would keep an idle connection from every other borrower meanwhile.
+            slots.acquire_nowait()
+            return deadline
+        except trio.WouldBlock:
+            pass
+        if slots is self._write_slots:
+            self._write_waits += 1
+        if deadline is None:
+            deadline = trio.current_time() + self.settings.timeout
+        try:
+            with trio.fail_at(deadline):
+                await slots.acquire()
         except trio.TooSlowError:
             self._timeouts += 1
             raise PoolTimeout(
-                f"no connection free in {self.settings.timeout} s ({self.settings.max_size} in use)"
+                f"no connection free in {self.settings.timeout} s ({self.settings.max_size} in"
+                f" use, {self.settings.write_slots} of them at most for writes)"
             ) from None
+        return deadline
 
     def putconn(self, conn: C) -> None:
         """Give a borrowed connection back (it is closed if it may not be lent again)."""
@@ -628,11 +663,14 @@ class TrioPool(Generic[C]):
                 self._close_idle_ones(now)
         finally:
             self._slots.release()
+            if conn.lent_for_writing:
+                conn.lent_for_writing = False
+                self._write_slots.release()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[C]:
-        """Borrow a connection for the block."""
-        conn = await self.getconn()
+    async def connection(self, *, writing: bool = False) -> AsyncIterator[C]:
+        """Borrow a connection for the block (`writing`: in a write slot)."""
+        conn = await self.getconn(writing=writing)
         try:
             yield conn
         finally:
@@ -685,4 +723,7 @@ class TrioPool(Generic[C]):
             "connections_retired": self._retired,
             "requests_num": self._lent,
             "requests_errors": self._timeouts,
+            "max_writing": self.settings.write_slots,
+            "writers_waiting": self._write_slots.statistics().tasks_waiting,
+            "write_waits": self._write_waits,
         }

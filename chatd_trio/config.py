@@ -330,13 +330,21 @@ class PostgresConfig(Checked):
         "connect_timeout": NON_NEGATIVE,
         "close_timeout": NON_NEGATIVE,
         "migration_lock_key": ANY,
+        "max_writing": NON_NEGATIVE,
     }
-    ordered = (("min_size", "max_size"),)
+    ordered = (("min_size", "max_size"), ("max_writing", "max_size"))
 
     # One idle connection keeps a quiet replica cheap; 10 bounds what one replica takes
     # from the server's max_connections when many turns persist at once.
     min_size: int = 1
     max_size: int = 10
+    # Writes hold at most this many of the connections at once (0: half of max_size, at
+    # least 1); reads may use the rest. Every commit waits for the server's WAL flush,
+    # and PostgreSQL commits the transactions that NOTIFY one at a time (a lock held
+    # through the flush), so more writes in flight add waiting connections, not commits:
+    # when a flush stalls, the writes past this bound wait in the replica and reads
+    # (catch-up, history, the API's) still find a connection.
+    max_writing: int = 0
     # A store operation waits up to 10 ms on its socket for the server's answer before
     # parking its task: on a busy replica a parked task resumes only after a whole
     # scheduling round, holding its connection meanwhile (docs/architecture.md). Most
@@ -367,6 +375,12 @@ class PostgresConfig(Checked):
     # Count every network round trip of the pool's connections (`PostgresStore.round_trips`):
     # for benchmarks and tests; off, a connection pays nothing for it.
     count_round_trips: bool = False
+
+    @property
+    def write_slots(self) -> int:
+        """How many pooled connections writes may hold at once (`max_writing`, or half
+        of `max_size` when it is 0)."""
+        return self.max_writing or max(1, self.max_size // 2)
 
 
 @dataclass(frozen=True)

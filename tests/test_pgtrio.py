@@ -31,12 +31,14 @@ pytestmark = pytest.mark.postgres
 def _settings(**overrides: float) -> PoolSettings:
     base = {"min_size": 1, "max_size": 3, "max_idle": 300.0, "max_lifetime": 1800.0, "timeout": 5.0}
     base.update(overrides)
+    writing = overrides.get("max_writing")
     return PoolSettings(
         min_size=int(base["min_size"]),
         max_size=int(base["max_size"]),
         max_idle=base["max_idle"],
         max_lifetime=base["max_lifetime"],
         timeout=base["timeout"],
+        max_writing=None if writing is None else int(writing),
     )
 
 
@@ -312,6 +314,40 @@ async def test_the_pool_lends_at_most_max_size_and_the_next_borrower_waits(
         pool.putconn(second)
         pool.putconn(got[0])
         assert pool.get_stats()["pool_size"] == 2
+
+
+async def test_writers_take_at_most_max_writing_connections_readers_the_rest(
+    pg_dsn: str,
+) -> None:
+    app = f"pgtrio-writing-{uuid.uuid4().hex[:8]}"
+    async with _pool(pg_dsn, app, max_size=3, max_writing=1, timeout=0.5) as pool:
+        writer = await pool.getconn(writing=True)
+        # A second writer waits for the write slot, not for a connection: two are free.
+        with pytest.raises(PoolTimeout, match="1 of them at most for writes"):
+            await pool.getconn(writing=True)
+        stats = pool.get_stats()
+        assert (stats["write_waits"], stats["requests_errors"], stats["max_writing"]) == (1, 1, 1)
+        readers = [await pool.getconn(), await pool.getconn()]
+        # A connection returned by a reader is not a write slot.
+        pool.putconn(readers.pop())
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(writing=True)
+        got: list[TrioConnection] = []
+
+        async def second_writer() -> None:
+            got.append(await pool.getconn(writing=True))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second_writer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []
+            assert pool.get_stats()["writers_waiting"] == 1
+            pool.putconn(writer)
+        assert got == [writer]
+        assert pool.lending.now == 2
+        pool.putconn(got[0])
+        pool.putconn(readers[0])
+        assert pool.get_stats()["writers_waiting"] == 0
 
 
 async def test_a_borrower_gives_up_after_the_pool_timeout(pg_dsn: str) -> None:

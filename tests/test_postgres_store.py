@@ -8,6 +8,7 @@ deadline: it waits for an observable state, not for time to pass.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,11 +19,18 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+import trio.testing
 
 from chatd_trio.apps._pgcluster import Cluster, ClusterError
 from chatd_trio.config import PostgresConfig
 from chatd_trio.domain import ChatStatus, Message, NewMessage, Role, TextPart, parse_uuid, text_of
-from chatd_trio.errors import ChatNotFound, DecodeError, StoreError, StoreUnavailable
+from chatd_trio.errors import (
+    ChatNotFound,
+    ConfigError,
+    DecodeError,
+    StoreError,
+    StoreUnavailable,
+)
 from chatd_trio.store.base import FinishResult, Lease, Store, TurnOutcome
 from chatd_trio.store.postgres import PostgresStore, load_migrations
 from tests.pgcluster import create_database, drop_database, truncate_all
@@ -196,7 +204,9 @@ async def test_pool_options_are_passed(pg_dsn: str) -> None:
 
 
 async def test_max_in_use_tracks_the_high_water_mark(pg_dsn: str) -> None:
-    async with PostgresStore.open(pg_dsn, min_size=1, max_size=3) as s:
+    # Writes may hold the whole pool here, so all three sends borrow at once.
+    every_write = PostgresConfig(max_writing=3)
+    async with PostgresStore.open(pg_dsn, min_size=1, max_size=3, config=every_write) as s:
         chat, _ = await s.create_chat(uuid.uuid4(), "t", _text("hi"))
         assert s.pool_stats()["max_in_use"] == 1
         # The lock is released inside the nursery, so the blocked sends can finish.
@@ -225,6 +235,50 @@ async def test_max_in_use_tracks_the_high_water_mark(pg_dsn: str) -> None:
         assert s.pool_stats()["p99_in_use"] == 0
         await s.get_chat(chat.id)
         assert s.pool_stats()["max_in_use"] == 1
+
+
+async def test_stalled_writes_hold_at_most_the_write_slots_and_reads_still_get_a_connection(
+    pg_dsn: str,
+) -> None:
+    """Writes that cannot commit (here: blocked on row locks, as in a WAL-flush stall)
+    hold at most `max_writing` connections; the writers past it wait in the replica,
+    a read borrows one of the rest, and every write lands once the stall ends."""
+    config = PostgresConfig(max_writing=2)
+    async with PostgresStore.open(pg_dsn, min_size=1, max_size=4, config=config) as s:
+        assert s.pool_stats()["max_writing"] == 2
+        chats = [(await s.create_chat(uuid.uuid4(), "t", _text("hi")))[0] for _ in range(4)]
+        locks = [RowLock(pg_dsn, chat.id) for chat in chats]
+        async with trio.open_nursery() as nursery, contextlib.AsyncExitStack() as stack:
+            for lock in locks:
+                await stack.enter_async_context(lock.held())
+            for chat in chats:
+                nursery.start_soon(
+                    partial(s.send_message, max_queued=MAX_QUEUED), chat.id, _text("m")
+                )
+            await wait_until(lambda: _blocked_on_lock(pg_dsn, 2))
+            await trio.testing.wait_all_tasks_blocked()
+            stats = s.pool_stats()
+            assert stats["in_use"] == 2
+            assert stats["writers_waiting"] == 2
+            assert stats["write_waits"] == 2
+            # Reads do not queue behind the stalled writes.
+            with trio.fail_after(STATE_DEADLINE):
+                assert (await s.get_chat(chats[0].id)).id == chats[0].id
+                assert len(await s.messages_after(chats[1].id, 0)) == 1
+            assert s.pool_stats()["max_in_use"] == 3
+        stats = s.pool_stats()
+        assert stats["in_use"] == 0
+        assert stats["writers_waiting"] == 0
+        for chat in chats:
+            assert len(await s.list_queued(chat.id)) == 1
+
+
+def test_max_writing_defaults_to_half_the_pool_and_may_not_exceed_it() -> None:
+    assert PostgresConfig(max_size=10).write_slots == 5
+    assert PostgresConfig(max_size=1).write_slots == 1
+    assert PostgresConfig(max_size=10, max_writing=10).write_slots == 10
+    with pytest.raises(ConfigError, match="max_writing"):
+        PostgresConfig(max_size=4, max_writing=5)
 
 
 # -- failures -----------------------------------------------------------------------------

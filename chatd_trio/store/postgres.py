@@ -754,8 +754,11 @@ class PostgresStore(StoreOps):
         return isinstance(pubsub, DatabaseChannels) and pubsub.database == self._database
 
     # -- operation plumbing ---------------------------------------------------------
-    async def _run(self, op: str, body: _Body[T], *, transaction: bool = False) -> T:
-        """Run `body` on one pooled connection, from borrow to return in this task."""
+    async def _run(
+        self, op: str, body: _Body[T], *, transaction: bool = False, writes: bool = True
+    ) -> T:
+        """Run `body` on one pooled connection, from borrow to return in this task; an
+        operation that `writes` borrows within the pool's write slots."""
         # A store operation is a checkpoint, as every Trio operation is: an answer read
         # within the answer wait would otherwise let it finish without ever letting a
         # cancellation or another task in. Taken before the borrow, so no connection
@@ -763,7 +766,7 @@ class PostgresStore(StoreOps):
         await trio.lowlevel.checkpoint()
         borrowed: _Conn | None = None
         try:
-            async with self._pool.connection() as conn:
+            async with self._pool.connection(writing=writes) as conn:
                 borrowed = conn
                 if transaction:
                     async with conn.transaction():
@@ -914,7 +917,7 @@ class PostgresStore(StoreOps):
                 raise ChatNotFound(f"chat {chat_id} not found")
             return _chat(row)
 
-        return await self._run("get_chat", body)
+        return await self._run("get_chat", body, writes=False)
 
     async def list_chats(self, owner_id: uuid.UUID) -> list[Chat]:
         """The owner's chats, newest first."""
@@ -924,7 +927,7 @@ class PostgresStore(StoreOps):
             rows = await self._fetch(conn, "GetChatsByOwner", _SQL_CHATS_BY_OWNER, (owner_id,))
             return [_chat(r) for r in rows]
 
-        return await self._run("list_chats", body)
+        return await self._run("list_chats", body, writes=False)
 
     async def messages_after(self, chat_id: uuid.UUID, after_id: int) -> list[Message]:
         """User-visible, non-deleted messages with id > after_id, in id order."""
@@ -937,7 +940,7 @@ class PostgresStore(StoreOps):
             )
             return [_message(r) for r in rows]
 
-        return await self._run("messages_after", body)
+        return await self._run("messages_after", body, writes=False)
 
     async def prompt_messages(self, chat_id: uuid.UUID) -> list[Message]:
         """Model-visible, non-deleted history after the compaction boundary (docs/spec.md §3.1)."""
@@ -947,7 +950,7 @@ class PostgresStore(StoreOps):
             rows = await self._fetch(conn, "GetPromptMessages", _SQL_PROMPT_MESSAGES, ([chat_id],))
             return [_message(r) for r in rows]
 
-        prompt = await self._run("prompt_messages", body)
+        prompt = await self._run("prompt_messages", body, writes=False)
         self._prompts.refresh(chat_id, prompt)
         return prompt
 
@@ -964,13 +967,13 @@ class PostgresStore(StoreOps):
             )
             return None if row is None else str(row["txt"])
 
-        return await self._run("latest_assistant_text", body)
+        return await self._run("latest_assistant_text", body, writes=False)
 
     # -- the queue ------------------------------------------------------------------
     async def list_queued(self, chat_id: uuid.UUID) -> list[QueuedMessage]:
         """The chat's queue, front first."""
         chat_id = parse_uuid(chat_id, "chat_id")
-        return await self._run("list_queued", lambda conn: self._queue(conn, chat_id))
+        return await self._run("list_queued", lambda conn: self._queue(conn, chat_id), writes=False)
 
     async def delete_queued(
         self,
@@ -1448,7 +1451,7 @@ class PostgresStore(StoreOps):
             )
             return None if row is None else _workspace(row)
 
-        return await self._run("get_workspace", body)
+        return await self._run("get_workspace", body, writes=False)
 
     async def create_build(self, workspace_id: uuid.UUID) -> WorkspaceBuild:
         """A new latest build (no agents yet: the workspace looks stopped)."""
@@ -1496,7 +1499,7 @@ class PostgresStore(StoreOps):
             )
             return [_agent(r) for r in rows]
 
-        return await self._run("latest_build_agents", body)
+        return await self._run("latest_build_agents", body, writes=False)
 
     async def agent_by_id(self, agent_id: uuid.UUID) -> WorkspaceAgent | None:
         """The agent, or None."""
@@ -1506,7 +1509,7 @@ class PostgresStore(StoreOps):
             row = await self._fetchone(conn, "GetWorkspaceAgentByID", _SQL_GET_AGENT, (agent_id,))
             return None if row is None else _agent(row)
 
-        return await self._run("agent_by_id", body)
+        return await self._run("agent_by_id", body, writes=False)
 
     # -- subagents ------------------------------------------------------------------
     async def child_chats(self, parent_chat_id: uuid.UUID) -> list[Chat]:
@@ -1517,7 +1520,7 @@ class PostgresStore(StoreOps):
             rows = await self._fetch(conn, "GetChildChats", _SQL_CHILD_CHATS, (parent_chat_id,))
             return [_chat(r) for r in rows]
 
-        return await self._run("child_chats", body)
+        return await self._run("child_chats", body, writes=False)
 
     async def parent_of(self, chat_id: uuid.UUID) -> uuid.UUID | None:
         """The chat's parent id; ChatNotFound when the row is missing."""
@@ -1530,7 +1533,7 @@ class PostgresStore(StoreOps):
             parent: uuid.UUID | None = row["parent_chat_id"]
             return parent
 
-        return await self._run("parent_of", body)
+        return await self._run("parent_of", body, writes=False)
 
 
 async def _open_pool(
@@ -1581,6 +1584,7 @@ async def _open_pool(
             max_idle=cfg.max_idle,
             max_lifetime=cfg.max_lifetime,
             timeout=cfg.pool_timeout,
+            max_writing=cfg.write_slots,
         ),
     )
     try:
