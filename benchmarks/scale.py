@@ -31,7 +31,16 @@ from typing import Any
 from chatd_trio.config import ScaleTestConfig
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-FAULTS = ("none", "sigkill", "sigstop", "pg_restart", "pool_kill", "listen_kill", "outage")
+FAULTS = (
+    "none",
+    "sigkill",
+    "sigstop",
+    "pg_restart",
+    "pool_kill",
+    "listen_kill",
+    "outage",
+    "commit_stall",
+)
 
 
 def _scaletest(argv: list[str]) -> dict[str, Any]:
@@ -52,7 +61,7 @@ def _workload(args: argparse.Namespace) -> list[str]:
         "--tools-per-turn", str(args.tools_per_turn),
         "--subscribers-per-chat", str(args.subscribers_per_chat),
         "--model-latency-ms", str(args.model_latency_ms),
-    ]  # fmt: skip
+    ] + (["--max-writing", str(args.max_writing)] if args.max_writing else [])  # fmt: skip
 
 
 def run_variant(args: argparse.Namespace, baseline: bool) -> dict[str, Any]:
@@ -89,6 +98,8 @@ def run_fault(args: argparse.Namespace, fault: str) -> dict[str, Any]:
         "replica_crashes": len(rel["replica_crashes"]),
         "turn_ends_from_database": rel["turn_ends_from_database"],
         "writes_after_finish": rel["writes_after_finish"],
+        "pool_high_water": result["db_pool"]["steady_max_in_use_per_replica"],
+        "write_waits": result["db_pool"]["steady_write_waits_per_replica"],
         "reliability": rel,
     }
 
@@ -135,6 +146,9 @@ def main() -> None:
     parser.add_argument("--stale-after", type=float, default=6.0)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--outage-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--max-writing", type=int, default=0, help="replicas' max_writing (0: half the pool)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="the optimised variant only")
     parser.add_argument(
         "--no-floor", action="store_true", help="skip the raw SQL floor (benchmarks/raw_floor.py)"

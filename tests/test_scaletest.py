@@ -82,11 +82,19 @@ def check_steady_throughput(result: dict[str, Any], chats: int, turns: int) -> N
     assert 0 < result["steady_wall_s"] < result["wall_s"]
     steady_turns = result["steady_turns_per_s"] * result["steady_wall_s"]
     assert steady_turns == pytest.approx(chats * (turns - 1), rel=0.02)  # both rounded
-    # The replicas' CPU over the steady phase, per steady turn: some, and less than the
-    # steady wall time of all replicas (a process cannot spend more than it ran).
+    # The replicas' CPU over the steady phase: each replica's no more than the wall time
+    # of its window (a process cannot spend more than it ran, give or take a thread),
+    # and per steady turn the sum over the processes, each counted once.
+    windows = result["steady_cpu_per_replica"]
+    for w in windows:
+        assert 0 < w["steady_cpu_s"] <= w["steady_cpu_window_s"] * 1.05 + 0.002
+    per_process: dict[int, float] = {}
+    for w in windows:
+        per_process[w["pid"]] = max(per_process.get(w["pid"], 0.0), w["steady_cpu_s"])
     cpu_ms = result["steady_replica_cpu_ms_per_turn"]
-    replicas = max(result["replicas"], 1)
-    assert 0 < cpu_ms * chats * (turns - 1) <= result["steady_wall_s"] * 1000 * replicas * 1.05
+    assert cpu_ms * chats * (turns - 1) == pytest.approx(
+        sum(per_process.values()) * 1000, rel=0.01, abs=0.5
+    )
 
 
 async def test_memory_optimised_vs_baseline() -> None:

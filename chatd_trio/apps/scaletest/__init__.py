@@ -39,9 +39,11 @@ restart it: the coordinator starts a replacement at once), `sigstop` pauses it p
 `stale_after` and resumes it, `pool_kill` terminates its store pool's sessions (found
 by `application_name`: each replica has its own), `listen_kill` terminates every
 replica's LISTEN session, `pg_restart` restarts the cluster, `outage` stops it for
-`--outage-seconds`. The run ends when every chat's last turn is over, or when no turn
-ended for `--stall-timeout` seconds, or at `--deadline`; then the workers stop and the
-counts are read from the database (`reliability`): turns errored, duplicate answers
+`--outage-seconds`, `commit_stall` holds every chat row locked for a second from
+an outside session (no write commits meanwhile, as in a WAL-flush stall). The run
+ends when every chat's last turn is over, or when no turn ended for
+`--stall-timeout` seconds, or at `--deadline`; then the workers stop and the counts
+are read from the database (`reliability`): turns errored, duplicate answers
 (`answer_counts`), writes by a stale ownership token (a trigger installed in the
 run's own database: `install_witness`), chats left running, and what each fault did.
 

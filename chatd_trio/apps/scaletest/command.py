@@ -127,6 +127,13 @@ def add_scaletest_command(sub: Any) -> None:
         help="seconds without any turn ending after which the run stops waiting; "
         "0: 2 x --stale-after + 30 (+ --outage-seconds with --fault outage)",
     )
+    p.add_argument(
+        "--max-writing",
+        type=int,
+        default=0,
+        help="replicas' PostgresConfig.max_writing: connections writes may hold at once; "
+        "0: the default, half the pool",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -151,6 +158,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         keep=args.keep,
         deadline_s=args.deadline,
         stall_s=args.stall_timeout,
+        max_writing=args.max_writing,
     )
 
 

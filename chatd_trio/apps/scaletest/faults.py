@@ -1,5 +1,5 @@
-"""Fault injection (`--fault`, PostgreSQL only): kill, pause or cut off a replica, or
-restart or stop PostgreSQL, once a third of the turns are over."""
+"""Fault injection (`--fault`, PostgreSQL only): kill, pause or cut off a replica,
+restart or stop PostgreSQL, or stall every write, once a third of the turns are over."""
 
 from __future__ import annotations
 
@@ -126,6 +126,27 @@ class FaultInjector:
             (f"{FaultConfig.application_prefix}-{self.plan.run_id}-",),
         )
         return {"terminated": sum(1 for r in rows if r[1])}
+
+    async def _fault_commit_stall(self) -> dict[str, Any]:
+        return await trio.to_thread.run_sync(self._lock_every_chat, self.fc.commit_stall_s)
+
+    def _lock_every_chat(self, seconds: float) -> dict[str, Any]:
+        """Hold every chat row locked for `seconds` (in a thread): each write waits."""
+        with psycopg.connect(self.db.dsn) as conn:
+            locked = len(conn.execute("SELECT id FROM chats FOR UPDATE").fetchall())
+            began = time.monotonic()
+            # The stall is the fault itself: its length is wall time, not synchronisation.
+            time.sleep(seconds)
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()
+            conn.rollback()
+            return {
+                "locked_chats": locked,
+                "held_s": round(time.monotonic() - began, 3),
+                "writes_waiting_at_end": int(waiting[0]) if waiting else 0,
+            }
 
     async def _fault_pg_restart(self) -> dict[str, Any]:
         began = time.monotonic()

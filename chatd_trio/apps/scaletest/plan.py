@@ -49,7 +49,15 @@ __all__ = [
 ]
 
 
-FAULTS = ("sigkill", "sigstop", "pg_restart", "pool_kill", "listen_kill", "outage")
+FAULTS = (
+    "sigkill",
+    "sigstop",
+    "pg_restart",
+    "pool_kill",
+    "listen_kill",
+    "outage",
+    "commit_stall",
+)
 # Faults that stop or restart PostgreSQL itself: never on a server the command did not start.
 CLUSTER_FAULTS = frozenset({"pg_restart", "outage"})
 CLUSTERS = ("auto", "throwaway", "dsn")
@@ -78,6 +86,9 @@ class FaultConfig:
     # SIGSTOP lasts 1.5 x stale_after + one heartbeat: past the stale threshold plus at
     # least two recovery passes of the other replica (every stale_after / 5).
     pause_factor: float = 1.5
+    # `commit_stall` holds every chat row locked this long: no write commits meanwhile,
+    # as when the server's WAL flush stalls (measured stalls: up to ~0.4 s).
+    commit_stall_s: float = 1.0
     # The default stall timeout: 2 x stale_after + 30 s (+ the outage): a killed
     # replica's chats are recovered after stale_after, plus slack for the turn itself.
     stall_factor: float = 2.0
@@ -130,6 +141,8 @@ class Plan:
     deadline_s: float = ScaleTestConfig.run_timeout_s
     # 0: the default, `stall_timeout(plan)`.
     stall_s: float = 0.0
+    # The replicas' PostgresConfig.max_writing (0: the store's default, half the pool).
+    max_writing: int = 0
     # Names this run's sessions (application_name) so faults find one replica's.
     run_id: str = ""
 
@@ -167,6 +180,11 @@ class Plan:
             )
         if self.throwaway and self.store != "postgres":
             raise ScaleTestError("--cluster throwaway needs --store postgres")
+        if not 0 <= self.max_writing <= ScaleTestConfig.pool_max_size:
+            raise ScaleTestError(
+                f"--max-writing must be between 0 and the pool size"
+                f" ({ScaleTestConfig.pool_max_size})"
+            )
         if self.outage_s <= 0 or self.deadline_s <= 0 or self.stall_s < 0:
             raise ScaleTestError(
                 "--outage-seconds and --deadline must be > 0, --stall-timeout >= 0"

@@ -190,6 +190,11 @@ def summarise(
         "steady_turns_per_s": round(steady_answered / steady_wall, 3) if steady_wall > 0 else 0.0,
         # Replica processes' CPU (server, drivers, subscribers) per steady turn.
         "steady_replica_cpu_ms_per_turn": _cpu_per_turn(reports, steady_turns),
+        # Per replica: its process, the CPU seconds it spent in the steady phase and the
+        # wall seconds of that window.
+        "steady_cpu_per_replica": [
+            {k: r.get(k) for k in ("pid", "steady_cpu_s", "steady_cpu_window_s")} for r in reports
+        ],
         "statements": statements_end,
         "steady_statements": statements_steady,
         "per_turn": per_turn(statements_end, end_flat, total_turns),
@@ -218,6 +223,10 @@ def summarise(
             "steady_share_at_half_or_more_per_replica": [
                 r["pool"].get("share_at_half_or_more", 0.0) for r in reports
             ],
+            # How many connections writes may hold at once (PostgresConfig.max_writing) and
+            # how many writes waited for one of them, per replica, in the steady phase.
+            "max_writing_per_replica": [r["pool"].get("max_writing", 0) for r in reports],
+            "steady_write_waits_per_replica": [r["pool"].get("write_waits", 0) for r in reports],
             # The whole run, per replica: the share of the waits for an answer that the
             # answer wait served without parking the task.
             "answers_in_time_share_per_replica": [_in_time_share(r["pool"]) for r in reports],
@@ -229,10 +238,16 @@ def summarise(
 
 
 def _cpu_per_turn(reports: Sequence[dict[str, Any]], turns: int) -> float | None:
-    spent: list[float] = [r["steady_cpu_s"] for r in reports if r.get("steady_cpu_s") is not None]
-    if not turns or not spent or len(spent) < len(reports):
-        return None  # a replica started after the steady phase, or stopped before its end
-    return round(sum(spent) / turns * 1000, 3)
+    spent: dict[int, float] = {}
+    for r in reports:
+        if r.get("steady_cpu_s") is None:
+            return None  # a replica started after the steady phase, or stopped before its end
+        # Replicas in one process (the memory store) each measured that process: count it
+        # once, over the longest window.
+        spent[r["pid"]] = max(spent.get(r["pid"], 0.0), r["steady_cpu_s"])
+    if not turns or not spent:
+        return None
+    return round(sum(spent.values()) / turns * 1000, 3)
 
 
 def _in_time_share(pool: dict[str, Any]) -> float | None:

@@ -157,7 +157,11 @@ class ReplicaRunner:
         self.steady_start: Counters | None = None
         # This process's CPU seconds when the steady phase started and when it was done.
         self.cpu_steady_start: float | None = None
+        self.write_waits_at_go = 0.0
         self.cpu_done: float | None = None
+        # The same two moments in wall time: the window the CPU was spent in.
+        self.wall_steady_start: float | None = None
+        self.wall_done: float | None = None
         self._first_count = 0
         self._done_count = 0
         for i, raw in enumerate(plan.chat_ids):
@@ -337,6 +341,7 @@ class ReplicaRunner:
         if self._done_count == len(self.subs):
             if not self.done.is_set():
                 self.cpu_done = time.process_time()
+                self.wall_done = time.perf_counter()
             self.done.set()
 
     @staticmethod
@@ -440,19 +445,22 @@ class ReplicaRunner:
         if not self.go.is_set():
             self.steady_start = self.counters()
             self.cpu_steady_start = time.process_time()
+            self.wall_steady_start = time.perf_counter()
             reset = getattr(self.server.store, "reset_pool_high_water", None)
             if callable(reset):
                 reset()
+                self.write_waits_at_go = self._pool_stats().get("write_waits", 0)
             self.go.set()
+
+    def _pool_stats(self) -> dict[str, float]:
+        pool_stats = getattr(self.server.store, "pool_stats", None)
+        return dict(pool_stats()) if callable(pool_stats) else {}
 
     def report(self) -> dict[str, Any]:
         """Everything the coordinator needs, JSON-ready."""
         end = self.counters()
         start = self.steady_start or Counters({}, {})
-        pool: dict[str, float] = {}
-        pool_stats = getattr(self.server.store, "pool_stats", None)
-        if callable(pool_stats):
-            pool = dict(pool_stats())
+        pool = self._pool_stats()
         return {
             "end": asdict(end),
             "steady_start": asdict(start),
@@ -467,6 +475,9 @@ class ReplicaRunner:
                 "mean_in_use": round(pool.get("mean_in_use", 0.0), 2),
                 "p99_in_use": pool.get("p99_in_use", 0),
                 "share_at_half_or_more": pool.get("share_at_half_or_more", 0.0),
+                # Writes that waited for one of the pool's write slots since the `go`.
+                "write_waits": pool.get("write_waits", 0) - self.write_waits_at_go,
+                "max_writing": pool.get("max_writing", 0),
                 # The whole run: answers read within the answer wait, and waits that
                 # parked the task (PostgresConfig.answer_wait).
                 "answers_in_time": pool.get("answers_in_time", 0),
@@ -478,6 +489,11 @@ class ReplicaRunner:
             "steady_cpu_s": (
                 round(self.cpu_done - self.cpu_steady_start, 3)
                 if self.cpu_done is not None and self.cpu_steady_start is not None
+                else None
+            ),
+            "steady_cpu_window_s": (
+                round(self.wall_done - self.wall_steady_start, 3)
+                if self.wall_done is not None and self.wall_steady_start is not None
                 else None
             ),
             "worker_id": str(self.server.worker_id),

@@ -77,7 +77,9 @@ async def worker_main() -> None:
                 plan.dsn,
                 max_size=st.pool_max_size,
                 config=PostgresConfig(
-                    application_name=store_application_name(plan, index), count_round_trips=True
+                    application_name=store_application_name(plan, index),
+                    count_round_trips=True,
+                    max_writing=plan.max_writing,
                 ),
             ) as store,
             PostgresPubSub.open(
