@@ -209,6 +209,83 @@ class _ConnectionLock:
             self._held = False
 
 
+class _Waiter:
+    __slots__ = ("event", "granted", "since")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.event = trio.Event()
+        self.granted = False
+
+
+class Slots:
+    """At most `total` holders at once (`take`, `give`).
+
+    A free slot goes to whichever task asks first: handed to a parked waiter, it would
+    sit unused until that task runs, a whole scheduling round on a busy loop, while
+    tasks that could use it queue behind. Woken waiters ask again (at the head of the
+    queue if a runner took the slot first); one that has waited `fair_after` seconds
+    is handed the next slot outright, so no waiter starves.
+    """
+
+    __slots__ = ("_waiters", "fair_after", "free", "total")
+
+    def __init__(self, total: int, fair_after: float = 0.05) -> None:
+        self.total = total
+        self.free = total
+        self.fair_after = fair_after
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Tasks parked in `take`."""
+        return len(self._waiters)
+
+    def take_nowait(self) -> bool:
+        """Take a free slot if there is one."""
+        if self.free > 0:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take a slot, waiting for one; a cancelled wait leaves none taken."""
+        if self.take_nowait():
+            return
+        waiter = _Waiter(trio.current_time())
+        self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter.event.wait()
+                if waiter.granted or self.take_nowait():
+                    return
+                waiter.event = trio.Event()
+                self._waiters.appendleft(waiter)
+        except BaseException:
+            if waiter.granted:
+                self.give()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            else:
+                # Woken for a free slot it will not take: the next waiter may.
+                self._wake()
+            raise
+
+    def give(self) -> None:
+        """Give a slot back."""
+        if self._waiters and trio.current_time() - self._waiters[0].since >= self.fair_after:
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            waiter.event.set()
+            return
+        self.free += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.free > 0 and self._waiters:
+            self._waiters.popleft().event.set()
+
+
 def _ready_now(fileno: int, wanted: int) -> int:
     """What the socket is ready for right now (a poll with zero timeout)."""
     poller = select.poll()
@@ -560,7 +637,7 @@ class TrioPool(Generic[C]):
         self.settings = settings
         self.lending = Lending(settings.max_size)
         self._slots = trio.Semaphore(settings.max_size)
-        self._write_slots = trio.Semaphore(settings.write_slots)
+        self._write_slots = Slots(settings.write_slots)
         # (connection, returned at), most recent last.
         self._idle: collections.deque[tuple[C, float]] = collections.deque()
         self._size = 0
@@ -571,6 +648,7 @@ class TrioPool(Generic[C]):
         self._timeouts = 0
         self._retired = 0
         self._write_waits = 0
+        self._write_wait_s = 0.0
 
     async def open(self) -> None:
         """Open `min_size` connections, one after the other; raise what a failure raised."""
@@ -597,20 +675,32 @@ class TrioPool(Generic[C]):
         if self._closed:
             raise psycopg.OperationalError("the pool is closed")
         deadline = None
-        if writing:
-            deadline = await self._take(self._write_slots, deadline)
+        if writing and not self._write_slots.take_nowait():
+            began = trio.current_time()
+            deadline = began + self.settings.timeout
+            self._write_waits += 1
+            with trio.move_on_at(deadline) as waited:
+                await self._write_slots.take()
+            if waited.cancelled_caught:
+                raise self._timed_out()
+            self._write_wait_s += trio.current_time() - began
         try:
-            await self._take(self._slots, deadline)
-        except BaseException:
-            if writing:
-                self._write_slots.release()
-            raise
+            # A free slot is taken without a scheduling round: holding it through one
+            # would keep an idle connection from every other borrower meanwhile.
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                await self._wait_for_slot(deadline)
+            except BaseException:
+                if writing:
+                    self._write_slots.give()
+                raise
         try:
             conn = await self._idle_or_new()
         except BaseException:
             self._slots.release()
             if writing:
-                self._write_slots.release()
+                self._write_slots.give()
             raise
         conn.lent_for_writing = writing
         self._lent += 1
@@ -626,30 +716,20 @@ class TrioPool(Generic[C]):
             self._retire(conn)
         return await self._new()
 
-    async def _take(self, slots: trio.Semaphore, deadline: float | None) -> float | None:
-        """Take one of `slots` by `deadline` (None: `timeout` from the first wait); the
-        deadline, for the next wait of the same borrow."""
-        try:
-            # A free slot is taken without a scheduling round: holding it through one
-            # would keep an idle connection from every other borrower meanwhile.
-            slots.acquire_nowait()
-            return deadline
-        except trio.WouldBlock:
-            pass
-        if slots is self._write_slots:
-            self._write_waits += 1
-        if deadline is None:
-            deadline = trio.current_time() + self.settings.timeout
-        try:
-            with trio.fail_at(deadline):
-                await slots.acquire()
-        except trio.TooSlowError:
-            self._timeouts += 1
-            raise PoolTimeout(
-                f"no connection free in {self.settings.timeout} s ({self.settings.max_size} in"
-                f" use, {self.settings.write_slots} of them at most for writes)"
-            ) from None
-        return deadline
+    async def _wait_for_slot(self, deadline: float | None) -> None:
+        with trio.move_on_at(
+            trio.current_time() + self.settings.timeout if deadline is None else deadline
+        ) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            raise self._timed_out()
+
+    def _timed_out(self) -> PoolTimeout:
+        self._timeouts += 1
+        return PoolTimeout(
+            f"no connection free in {self.settings.timeout} s ({self.settings.max_size} in"
+            f" use, {self.settings.write_slots} of them at most for writes)"
+        )
 
     def putconn(self, conn: C) -> None:
         """Give a borrowed connection back (it is closed if it may not be lent again)."""
@@ -665,7 +745,7 @@ class TrioPool(Generic[C]):
             self._slots.release()
             if conn.lent_for_writing:
                 conn.lent_for_writing = False
-                self._write_slots.release()
+                self._write_slots.give()
 
     @asynccontextmanager
     async def connection(self, *, writing: bool = False) -> AsyncIterator[C]:
@@ -724,6 +804,7 @@ class TrioPool(Generic[C]):
             "requests_num": self._lent,
             "requests_errors": self._timeouts,
             "max_writing": self.settings.write_slots,
-            "writers_waiting": self._write_slots.statistics().tasks_waiting,
+            "writers_waiting": self._write_slots.waiting,
             "write_waits": self._write_waits,
+            "write_wait_ms": round(self._write_wait_s * 1000),
         }

@@ -227,6 +227,14 @@ def summarise(
             # how many writes waited for one of them, per replica, in the steady phase.
             "max_writing_per_replica": [r["pool"].get("max_writing", 0) for r in reports],
             "steady_write_waits_per_replica": [r["pool"].get("write_waits", 0) for r in reports],
+            "write_wait_ms_per_replica": [r["pool"].get("write_wait_ms", 0) for r in reports],
+            # The whole run, per replica: connections the pool opened and retired.
+            "connections_opened_per_replica": [
+                r["pool"].get("connections_opened", 0) for r in reports
+            ],
+            "connections_retired_per_replica": [
+                r["pool"].get("connections_retired", 0) for r in reports
+            ],
             # The whole run, per replica: the share of the waits for an answer that the
             # answer wait served without parking the task.
             "answers_in_time_share_per_replica": [_in_time_share(r["pool"]) for r in reports],

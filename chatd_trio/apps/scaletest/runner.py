@@ -477,7 +477,11 @@ class ReplicaRunner:
                 "share_at_half_or_more": pool.get("share_at_half_or_more", 0.0),
                 # Writes that waited for one of the pool's write slots since the `go`.
                 "write_waits": pool.get("write_waits", 0) - self.write_waits_at_go,
+                "write_wait_ms": pool.get("write_wait_ms", 0),
                 "max_writing": pool.get("max_writing", 0),
+                # The whole run: connections the pool opened and retired.
+                "connections_opened": pool.get("connections_num", 0),
+                "connections_retired": pool.get("connections_retired", 0),
                 # The whole run: answers read within the answer wait, and waits that
                 # parked the task (PostgresConfig.answer_wait).
                 "answers_in_time": pool.get("answers_in_time", 0),
