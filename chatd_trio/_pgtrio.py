@@ -225,12 +225,16 @@ class Slots:
     sit unused until that task runs, a whole scheduling round on a busy loop, while
     tasks that could use it queue behind. Woken waiters ask again (at the head of the
     queue if a runner took the slot first); one that has waited `fair_after` seconds
-    is handed the next slot outright, so no waiter starves.
+    is handed the next slot outright, so no waiter starves. Handing over is the
+    exception: at 50 ms, shorter than a busy loop's scheduling round, nearly every
+    slot was handed over once a few writers queued, and a scale-test replica counted
+    about 200 write waits per steady phase with at most 3 connections lent; at 0.5 s,
+    none.
     """
 
     __slots__ = ("_waiters", "fair_after", "free", "total")
 
-    def __init__(self, total: int, fair_after: float = 0.05) -> None:
+    def __init__(self, total: int, fair_after: float = 0.5) -> None:
         self.total = total
         self.free = total
         self.fair_after = fair_after
@@ -805,6 +809,7 @@ class TrioPool(Generic[C]):
             "requests_errors": self._timeouts,
             "max_writing": self.settings.write_slots,
             "writers_waiting": self._write_slots.waiting,
+            "write_slots_free": self._write_slots.free,
             "write_waits": self._write_waits,
             "write_wait_ms": round(self._write_wait_s * 1000),
         }

@@ -189,6 +189,10 @@ async def test_postgres_two_replica_processes_in_a_database_of_their_own(pg_dsn:
     steady_pool = result["db_pool"]["steady_max_in_use_per_replica"]
     assert len(steady_pool) == 2
     assert all(0 < n <= result["db_pool"]["size"] for n in steady_pool)
+    # Writes hold half the pool at most, and every connection and write slot came back.
+    assert result["db_pool"]["max_writing_per_replica"] == [5, 5]
+    assert result["db_pool"]["end_write_slots_free_per_replica"] == [5, 5]
+    assert result["db_pool"]["end_in_use_per_replica"] == [0, 0]
     # Round trips are counted at the connections of both workers.
     assert result["steady_per_turn"]["round_trips"] > 0
     assert result["latency_ms"]["cross_replica_fanout_p50"] is not None
@@ -374,6 +378,7 @@ def test_the_dsn_default_comes_from_the_environment_without_showing_it(
         (["--store", "postgres", "--fault", "outage", "--cluster", "dsn"], "throwaway"),
         (["--turns", "1"], "turns >= 2"),
         (["--heartbeat", "400"], "--heartbeat"),
+        (["--max-writing", "11"], "--max-writing"),
     ],
 )
 def test_bad_flags_are_refused_before_anything_runs(
@@ -449,6 +454,26 @@ async def test_sigkill_replaces_the_replica_and_its_chats_are_recovered() -> Non
         (fault["replica"], 0, True)
     ]
     assert rel["replica_crashes"] == []
+
+
+async def test_commit_stall_holds_every_chat_and_writes_wait_for_their_slots() -> None:
+    """Every chat row locked for a second: the writes of both replicas stall; with one
+    write slot per replica the writers past it wait in the replica, and every turn
+    still ends once the stall does."""
+    stall = {**FAULT_RUN, "fault": "commit_stall", "max_writing": 1}
+    result = await run(plan("postgres", chats=6, turns=4, **stall))
+    check_every_turn_ended(result, 6, 4)
+    assert result["turns_completed"] == 24
+    (fault,) = result["reliability"]["faults"]
+    assert fault["kind"] == "commit_stall"
+    assert fault["locked_chats"] == 6
+    assert fault["held_s"] >= 1.0
+    # The replicas' writes queued on the row locks while they were held.
+    assert fault["writes_waiting_at_end"] >= 1
+    pool = result["db_pool"]
+    assert pool["max_writing_per_replica"] == [1, 1]
+    assert sum(pool["steady_write_waits_per_replica"]) >= 1
+    assert pool["end_write_slots_free_per_replica"] == [1, 1]
 
 
 def test_baseline_flag_reaches_the_strategies_and_the_configuration() -> None:

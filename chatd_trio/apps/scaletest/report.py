@@ -228,6 +228,10 @@ def summarise(
             "max_writing_per_replica": [r["pool"].get("max_writing", 0) for r in reports],
             "steady_write_waits_per_replica": [r["pool"].get("write_waits", 0) for r in reports],
             "write_wait_ms_per_replica": [r["pool"].get("write_wait_ms", 0) for r in reports],
+            "end_write_slots_free_per_replica": [
+                r["pool"].get("write_slots_free", 0) for r in reports
+            ],
+            "end_in_use_per_replica": [r["pool"].get("in_use_at_end", 0) for r in reports],
             # The whole run, per replica: connections the pool opened and retired.
             "connections_opened_per_replica": [
                 r["pool"].get("connections_opened", 0) for r in reports

@@ -478,6 +478,8 @@ class ReplicaRunner:
                 # Writes that waited for one of the pool's write slots since the `go`.
                 "write_waits": pool.get("write_waits", 0) - self.write_waits_at_go,
                 "write_wait_ms": pool.get("write_wait_ms", 0),
+                "write_slots_free": pool.get("write_slots_free", 0),
+                "in_use_at_end": pool.get("in_use", 0),
                 "max_writing": pool.get("max_writing", 0),
                 # The whole run: connections the pool opened and retired.
                 "connections_opened": pool.get("connections_num", 0),
