@@ -731,8 +731,8 @@ class TrioPool(Generic[C]):
     def _timed_out(self) -> PoolTimeout:
         self._timeouts += 1
         return PoolTimeout(
-            f"no connection free in {self.settings.timeout} s ({self.settings.max_size} in"
-            f" use, {self.settings.write_slots} of them at most for writes)"
+            f"no connection free in {self.settings.timeout} s (a pool of"
+            f" {self.settings.max_size}, at most {self.settings.write_slots} for writes)"
         )
 
     def putconn(self, conn: C) -> None:

@@ -323,7 +323,7 @@ async def test_writers_take_at_most_max_writing_connections_readers_the_rest(
     async with _pool(pg_dsn, app, max_size=3, max_writing=1, timeout=0.5) as pool:
         writer = await pool.getconn(writing=True)
         # A second writer waits for the write slot, not for a connection: two are free.
-        with pytest.raises(PoolTimeout, match="1 of them at most for writes"):
+        with pytest.raises(PoolTimeout, match="at most 1 for writes"):
             await pool.getconn(writing=True)
         stats = pool.get_stats()
         assert (stats["write_waits"], stats["requests_errors"], stats["max_writing"]) == (1, 1, 1)
