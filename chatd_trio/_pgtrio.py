@@ -640,7 +640,7 @@ class TrioPool(Generic[C]):
         self.answers = answers
         self.settings = settings
         self.lending = Lending(settings.max_size)
-        self._slots = trio.Semaphore(settings.max_size)
+        self._slots = Slots(settings.max_size)
         self._write_slots = Slots(settings.write_slots)
         # (connection, returned at), most recent last.
         self._idle: collections.deque[tuple[C, float]] = collections.deque()
@@ -688,11 +688,9 @@ class TrioPool(Generic[C]):
             if waited.cancelled_caught:
                 raise self._timed_out()
             self._write_wait_s += trio.current_time() - began
-        try:
-            # A free slot is taken without a scheduling round: holding it through one
-            # would keep an idle connection from every other borrower meanwhile.
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
+        # A free slot is taken without a scheduling round: holding it through one would
+        # keep an idle connection from every other borrower meanwhile.
+        if not self._slots.take_nowait():
             try:
                 await self._wait_for_slot(deadline)
             except BaseException:
@@ -702,7 +700,7 @@ class TrioPool(Generic[C]):
         try:
             conn = await self._idle_or_new()
         except BaseException:
-            self._slots.release()
+            self._slots.give()
             if writing:
                 self._write_slots.give()
             raise
@@ -724,7 +722,7 @@ class TrioPool(Generic[C]):
         with trio.move_on_at(
             trio.current_time() + self.settings.timeout if deadline is None else deadline
         ) as waited:
-            await self._slots.acquire()
+            await self._slots.take()
         if waited.cancelled_caught:
             raise self._timed_out()
 
@@ -746,7 +744,7 @@ class TrioPool(Generic[C]):
                 self._idle.append((conn, now))
                 self._close_idle_ones(now)
         finally:
-            self._slots.release()
+            self._slots.give()
             if conn.lent_for_writing:
                 conn.lent_for_writing = False
                 self._write_slots.give()
@@ -802,7 +800,7 @@ class TrioPool(Generic[C]):
             "pool_max": self.settings.max_size,
             "pool_size": self._size,
             "pool_available": len(self._idle),
-            "requests_waiting": self._slots.statistics().tasks_waiting,
+            "requests_waiting": self._slots.waiting,
             "connections_num": self._opened,
             "connections_retired": self._retired,
             "requests_num": self._lent,

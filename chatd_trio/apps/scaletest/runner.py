@@ -157,7 +157,7 @@ class ReplicaRunner:
         self.steady_start: Counters | None = None
         # This process's CPU seconds when the steady phase started and when it was done.
         self.cpu_steady_start: float | None = None
-        self.write_waits_at_go = 0.0
+        self.write_waits_at_go = 0
         self.cpu_done: float | None = None
         # The same two moments in wall time: the window the CPU was spent in.
         self.wall_steady_start: float | None = None
@@ -449,7 +449,7 @@ class ReplicaRunner:
             reset = getattr(self.server.store, "reset_pool_high_water", None)
             if callable(reset):
                 reset()
-                self.write_waits_at_go = self._pool_stats().get("write_waits", 0)
+                self.write_waits_at_go = int(self._pool_stats().get("write_waits", 0))
             self.go.set()
 
     def _pool_stats(self) -> dict[str, float]:
