@@ -28,19 +28,11 @@ import subprocess
 import sys
 from typing import Any
 
+from chatd_trio.apps.scaletest.plan import FAULTS as SCALETEST_FAULTS
 from chatd_trio.config import ScaleTestConfig
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-FAULTS = (
-    "none",
-    "sigkill",
-    "sigstop",
-    "pg_restart",
-    "pool_kill",
-    "listen_kill",
-    "outage",
-    "commit_stall",
-)
+FAULTS = ("none", *SCALETEST_FAULTS)
 
 
 def _scaletest(argv: list[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ mock clock, so a schedule of dozens of takers runs in milliseconds.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -87,6 +88,16 @@ def _run(total: int, schedule: list[Taker]) -> list[float | None]:
     return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def _on_mock_clock(body: Callable[[], Awaitable[None]]) -> None:
+    """Run `body` in virtual time; a wait that never ends fails at the deadline."""
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            await body()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(total=st.integers(1, 4), schedule=schedules)
 def test_slots_are_bounded_never_lost_and_every_patient_taker_gets_one(
@@ -109,10 +120,6 @@ def test_slots_are_bounded_never_lost_and_every_patient_taker_gets_one(
 
 
 def test_a_free_slot_goes_to_a_runner_before_a_woken_waiter_runs() -> None:
-    async def main() -> None:
-        with trio.fail_after(60):
-            await body()
-
     async def body() -> None:
         slots = Slots(1, fair_after=FAIR_AFTER)
         assert slots.take_nowait()
@@ -139,14 +146,10 @@ def test_a_free_slot_goes_to_a_runner_before_a_woken_waiter_runs() -> None:
         assert order == ["runner", "waiter"]
         assert slots.free == 1
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    _on_mock_clock(body)
 
 
 def test_a_waiter_passed_over_for_fair_after_is_handed_the_next_slot() -> None:
-    async def main() -> None:
-        with trio.fail_after(60):
-            await body()
-
     async def body() -> None:
         slots = Slots(1, fair_after=FAIR_AFTER)
         assert slots.take_nowait()
@@ -167,14 +170,10 @@ def test_a_waiter_passed_over_for_fair_after_is_handed_the_next_slot() -> None:
         slots.give()
         assert slots.free == 1
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    _on_mock_clock(body)
 
 
 def test_a_waiter_cancelled_after_being_woken_wakes_the_next_one() -> None:
-    async def main() -> None:
-        with trio.fail_after(60):
-            await body()
-
     async def body() -> None:
         slots = Slots(1, fair_after=FAIR_AFTER)
         assert slots.take_nowait()
@@ -200,4 +199,4 @@ def test_a_waiter_cancelled_after_being_woken_wakes_the_next_one() -> None:
         assert slots.free == 0
         assert slots.waiting == 0
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    _on_mock_clock(body)
