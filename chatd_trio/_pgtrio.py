@@ -234,10 +234,9 @@ class Slots:
     meanwhile.
     """
 
-    __slots__ = ("_waiters", "fair_after", "free", "total")
+    __slots__ = ("_waiters", "fair_after", "free")
 
     def __init__(self, total: int, fair_after: float = 0.5) -> None:
-        self.total = total
         self.free = total
         self.fair_after = fair_after
         self._waiters: collections.deque[_Waiter] = collections.deque()
@@ -685,24 +684,21 @@ class TrioPool(Generic[C]):
             began = trio.current_time()
             deadline = began + self.settings.timeout
             self._write_waits += 1
-            with trio.move_on_at(deadline) as waited:
-                await self._write_slots.take()
-            if waited.cancelled_caught:
-                raise self._timed_out()
+            await self._wait(self._write_slots, deadline)
             self._write_wait_s += trio.current_time() - began
-        # A free slot is taken without a scheduling round: holding it through one would
-        # keep an idle connection from every other borrower meanwhile.
-        if not self._slots.take_nowait():
-            try:
-                await self._wait_for_slot(deadline)
-            except BaseException:
-                if writing:
-                    self._write_slots.give()
-                raise
         try:
-            conn = await self._idle_or_new()
+            # A free slot is taken without a scheduling round: holding it through one
+            # would keep an idle connection from every other borrower meanwhile.
+            if not self._slots.take_nowait():
+                if deadline is None:
+                    deadline = trio.current_time() + self.settings.timeout
+                await self._wait(self._slots, deadline)
+            try:
+                conn = await self._idle_or_new()
+            except BaseException:
+                self._slots.give()
+                raise
         except BaseException:
-            self._slots.give()
             if writing:
                 self._write_slots.give()
             raise
@@ -720,11 +716,10 @@ class TrioPool(Generic[C]):
             self._retire(conn)
         return await self._new()
 
-    async def _wait_for_slot(self, deadline: float | None) -> None:
-        with trio.move_on_at(
-            trio.current_time() + self.settings.timeout if deadline is None else deadline
-        ) as waited:
-            await self._slots.take()
+    async def _wait(self, slots: Slots, deadline: float) -> None:
+        """Take one of `slots` by `deadline`, else raise `PoolTimeout`."""
+        with trio.move_on_at(deadline) as waited:
+            await slots.take()
         if waited.cancelled_caught:
             raise self._timed_out()
 
